@@ -1,0 +1,2288 @@
+#!/usr/bin/env python3
+"""poussetaches: an HTTP push task queue that runs beside a small web app.
+
+The app POSTs a task (a URL of its own and an opaque payload) to the daemon;
+the daemon keeps it on disk and POSTs it back to that URL until the app
+answers with the expected status, retrying with exponential backoff, then
+parks it in a dead-letter table.  Cron tasks too.  One file, stdlib only,
+a drop-in replacement for the Go poussetaches 0.0.2.
+
+Run it::
+
+    python3 poussetaches.py            # serves on 127.0.0.1:7991, ./poussetaches_data
+    python3 poussetaches.py --help
+
+The HTTP calls (JSON in, JSON out; every error is {"error": "..."}):
+
+    GET    /                      status: paused, in_flight, table counts
+    POST   /                      enqueue {"url", "payload", "expected", "schedule", "delay", ...}
+    GET    /waiting|success|dead|cron   {"tasks": [...], "total": n}, by next_run
+    DELETE /cron                  remove every cron task
+    POST   /pause, /resume        stop / restart dispatching
+    GET    /tasks/<id>            one task and its state
+    DELETE /tasks/<id>            cancel a task or drop a record
+    POST   /tasks/<id>/run        run a waiting task now, or redrive a dead one
+    POST   /dead/retry            requeue dead tasks (?url_prefix=)
+    DELETE /dead                  purge the dead table
+    GET    /cron/preview          ?schedule=SPEC&n=5: the next run times
+
+Threads: one ThreadingHTTPServer (a thread per connection) validates and
+stores tasks; N worker threads take due tasks from a due-time priority queue
+and deliver them with urllib; one journal writer appends and fsyncs records
+(group commit) and one persister thread writes periodic snapshots.
+"""
+
+__version__ = "1.0.0"
+
+import argparse
+import base64
+import binascii
+import bisect
+import collections
+import email.utils
+import errno
+import hashlib
+import heapq
+import hmac
+import http.client
+import http.server
+import itertools
+import json
+import logging
+import math
+import os
+import queue
+import random
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import datetime, timedelta, timezone
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows
+    fcntl = None
+
+try:
+    import zoneinfo
+except ImportError:  # pragma: no cover - Python < 3.9
+    zoneinfo = None
+
+logger = logging.getLogger("poussetaches")
+
+
+# --------------------------------------------------------------------------
+# Constants and defaults
+# --------------------------------------------------------------------------
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7991
+DEFAULT_DATA_DIR = "./poussetaches_data"
+DEFAULT_WORKERS = 4
+DEFAULT_MAX_TRIES = 12
+DEFAULT_MIN_BACKOFF = 1.0          # seconds; attempt k waits min * 4**(k-1)
+DEFAULT_MAX_BACKOFF = 86400.0      # seconds
+DEFAULT_TIMEOUT = 30.0             # seconds per delivery attempt
+DEFAULT_KEEP_SUCCESS = 1000
+DEFAULT_MAX_BODY = 1 << 20         # bytes of an API request body
+DEFAULT_LIST_LIMIT = 1000
+MAX_LIST_LIMIT = 100_000
+DEFAULT_SNAPSHOT_INTERVAL = 60.0   # seconds between snapshots
+SNAPSHOT_AFTER_RECORDS = 100_000   # ... or after this many journal records
+DEFAULT_GRACE = 10.0               # seconds for in-flight attempts at stop
+
+JITTER = 0.30                      # +/- 30 % on every backoff
+RESPONSE_READ_LIMIT = 64 * 1024    # bytes of a delivery answer we read
+ERROR_BODY_LIMIT = 4 * 1024        # bytes of it we keep
+ATTEMPTS_KEPT = 10
+ATTEMPT_ERROR_LIMIT = 200          # chars of error text per attempt record
+CRON_HORIZON_YEARS = 5
+MAX_FIRST_RUN_S = 10 * 366 * 86400  # a first run more than ~10 years ahead is a 400
+
+TABLES = ("waiting", "success", "dead")
+SNAPSHOT_NAME = "snapshot.json"
+JOURNAL_PREFIX = "journal."
+LOCK_NAME = "lock"
+
+USER_AGENT = "poussetaches/" + __version__
+RESERVED_HEADERS = ("host", "content-length", "transfer-encoding", "connection")
+
+
+# --------------------------------------------------------------------------
+# Exceptions
+# --------------------------------------------------------------------------
+
+class PousseTachesError(Exception):
+    """Root of every error this module raises on purpose."""
+
+
+class CronError(PousseTachesError, ValueError):
+    """A cron spec that cannot be parsed or never fires; the message says why."""
+
+
+class PersistError(PousseTachesError):
+    """The journal could not be written: the disk is full or read-only."""
+
+
+class LockedError(PousseTachesError):
+    """Another daemon holds the data directory; stop it or use another --data-dir."""
+
+
+class ConfigError(PousseTachesError, ValueError):
+    """A configuration value is out of range; the message names the option."""
+
+
+class HTTPError(PousseTachesError):
+    """An API answer other than success: raised anywhere, turned into JSON once."""
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+# --------------------------------------------------------------------------
+# The task model
+# --------------------------------------------------------------------------
+
+def new_id(nbytes=16):
+    """Random lowercase hex id: 32 chars for tasks, 12 for request ids."""
+    return binascii.hexlify(os.urandom(nbytes)).decode()
+
+
+def cron_id(url, payload, schedule):
+    """The original's dedup id: sha1 of url + raw payload bytes + schedule."""
+    return hashlib.sha1(url.encode() + payload + schedule.encode()).hexdigest()
+
+
+def b64(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+class Task:
+    """One task and everything the tables keep about it.
+
+    Mutated only by the Store, under its lock.  ``version`` changes whenever
+    the task is rescheduled, cancelled or redriven, so that stale entries of
+    the due-time queue are recognised and skipped.
+    """
+
+    __slots__ = (
+        "id", "url", "payload", "expected", "schedule",
+        "next_scheduled_run", "next_run", "tries", "last_run",
+        "last_error_body", "last_error_status_code",
+        "created", "max_tries", "timeout_s", "headers",
+        "idempotency_key", "cron_id", "attempts", "version",
+    )
+
+    def __init__(self, id, url, payload=b"", expected=200, schedule="",
+                 next_run=0, next_scheduled_run=None, tries=0, last_run=0,
+                 last_error_body=None, last_error_status_code=0, created=0,
+                 max_tries=None, timeout_s=None, headers=None,
+                 idempotency_key=None, cron_id=None, attempts=None):
+        self.id = id
+        self.url = url
+        self.payload = payload
+        self.expected = expected
+        self.schedule = schedule
+        self.next_run = next_run
+        self.next_scheduled_run = next_run if next_scheduled_run is None else next_scheduled_run
+        self.tries = tries
+        self.last_run = last_run
+        self.last_error_body = last_error_body
+        self.last_error_status_code = last_error_status_code
+        self.created = created
+        self.max_tries = max_tries
+        self.timeout_s = timeout_s
+        self.headers = headers
+        self.idempotency_key = idempotency_key
+        self.cron_id = cron_id
+        self.attempts = attempts if attempts is not None else []
+        self.version = 0
+
+    def __repr__(self):
+        return "<Task %s %s tries=%d>" % (self.id, self.url, self.tries)
+
+    def to_json(self):
+        """The task's JSON form: the original's keys first, then ours."""
+        body = self.last_error_body
+        return {
+            "id": self.id,
+            "url": self.url,
+            "payload": b64(self.payload),
+            "expected": self.expected,
+            "schedule": self.schedule,
+            "next_scheduled_run": self.next_scheduled_run,
+            "next_run": self.next_run,
+            "tries": self.tries,
+            "last_run": self.last_run,
+            "last_error_body": None if body is None else b64(body),
+            "last_error_status_code": self.last_error_status_code,
+            "created": self.created,
+            "max_tries": self.max_tries,
+            "timeout_s": self.timeout_s,
+            "headers": self.headers,
+            "idempotency_key": self.idempotency_key,
+            "cron_id": self.cron_id,
+            "attempts": list(self.attempts),
+        }
+
+    @classmethod
+    def from_json(cls, d):
+        """Build a task from its JSON form (ours or the original's files).
+
+        Raises KeyError, TypeError or ValueError on a malformed record.
+        """
+        body = d.get("last_error_body")
+        task = cls(
+            id=str(d["id"]),
+            url=str(d["url"]),
+            payload=base64.b64decode(d.get("payload") or ""),
+            expected=int(d.get("expected") or 200),
+            schedule=d.get("schedule") or "",
+            next_run=int(d.get("next_run") or 0),
+            next_scheduled_run=d.get("next_scheduled_run"),
+            tries=int(d.get("tries") or 0),
+            last_run=int(d.get("last_run") or 0),
+            last_error_body=None if body is None else base64.b64decode(body),
+            last_error_status_code=int(d.get("last_error_status_code") or 0),
+            created=int(d.get("created") or 0),
+            max_tries=d.get("max_tries"),
+            timeout_s=d.get("timeout_s"),
+            headers=d.get("headers"),
+            idempotency_key=d.get("idempotency_key"),
+            cron_id=d.get("cron_id"),
+            attempts=list(d.get("attempts") or []),
+        )
+        if task.next_scheduled_run is None:
+            task.next_scheduled_run = task.next_run
+        return task
+
+    def copy(self, **changes):
+        """A detached copy (used for the dead/success records of cron runs)."""
+        twin = Task.from_json(self.to_json())
+        for name, value in changes.items():
+            setattr(twin, name, value)
+        return twin
+
+
+# --------------------------------------------------------------------------
+# Cron: parsing and "next time after t"
+# --------------------------------------------------------------------------
+
+_MONTHS = {n: i for i, n in enumerate(
+    "jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
+_DAYS = {n: i for i, n in enumerate("sun mon tue wed thu fri sat".split())}
+_DESCRIPTORS = {
+    "@yearly": "0 0 0 1 1 *", "@annually": "0 0 0 1 1 *",
+    "@monthly": "0 0 0 1 * *", "@weekly": "0 0 0 * * 0",
+    "@daily": "0 0 0 * * *", "@midnight": "0 0 0 * * *",
+    "@hourly": "0 0 * * * *",
+}
+_DURATION_UNITS = {"ns": 1, "us": 1_000, "\u00b5s": 1_000, "ms": 1_000_000,
+                   "s": 10 ** 9, "m": 60 * 10 ** 9, "h": 3600 * 10 ** 9}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|ms|s|m|h)")
+# name, low, high, names
+_CRON_FIELDS = (
+    ("second", 0, 59, None), ("minute", 0, 59, None), ("hour", 0, 23, None),
+    ("day of month", 1, 31, None), ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _DAYS),
+)
+
+
+def parse_duration(text):
+    """Go's time.ParseDuration for positive values ("90s", "1h30m"), in ns."""
+    if not text or _DURATION_PART.sub("", text) != "":
+        raise CronError("invalid duration %r: use Go syntax such as 90s, 5m or 1h30m" % text)
+    total = 0.0
+    for number, unit in _DURATION_PART.findall(text):
+        total += float(number) * _DURATION_UNITS[unit]
+    return int(total)
+
+
+def _parse_cron_field(text, name, lo, hi, names):
+    """One cron field into a sorted tuple of allowed values."""
+    def value(word):
+        word = word.lower()
+        if names and word in names:
+            return names[word]
+        if not word.isdigit():
+            raise CronError("%s field: %r is not a number%s" % (
+                name, word, " or a name" if names else ""))
+        number = int(word)
+        if not lo <= number <= hi:
+            raise CronError("%s field: %d is out of range %d-%d" % (name, number, lo, hi))
+        return number
+
+    values = set()
+    for part in text.split(","):
+        if not part:
+            raise CronError("%s field %r has an empty list item" % (name, text))
+        span, slash, step_text = part.partition("/")
+        step = 1
+        if slash:
+            if not step_text.isdigit() or int(step_text) == 0:
+                raise CronError("%s field: step %r must be a positive number" % (name, step_text))
+            step = int(step_text)
+        if span in ("*", "?"):
+            start, end = lo, hi
+        elif "-" in span:
+            first, _, last = span.partition("-")
+            start, end = value(first), value(last)
+            if start > end:
+                raise CronError("%s field: range %s goes backwards" % (name, span))
+        else:
+            start = value(span)
+            end = hi if slash else start
+        values.update(range(start, end + 1, step))
+    if name == "day of week" and 7 in values:
+        values.discard(7)
+        values.add(0)
+    return tuple(sorted(values))
+
+
+class CronSpec:
+    """A parsed cron spec; immutable.  ``next_after(t)`` gives the next run.
+
+    Grammars: 5 fields (minute hour day-of-month month day-of-week), 6 fields
+    (seconds first), the @descriptors, and ``@every <Go duration>``; an
+    optional ``CRON_TZ=<zone> `` prefix, otherwise ``tz`` (None: local time).
+    A wall time skipped by a DST change does not run; a repeated one runs once,
+    at its first instant.
+    """
+
+    def __init__(self, spec, tz=None):
+        self.spec = spec
+        self.tz = tz
+        self.every_ns = None
+        text = spec.strip()
+        if text.startswith("CRON_TZ=") or text.startswith("TZ="):
+            zone, _, text = text.partition("=")[2].partition(" ")
+            self.tz = _load_zone(zone)
+            text = text.strip()
+        if not text:
+            raise CronError("empty cron spec")
+        if text.startswith("@every"):
+            self.every_ns = parse_duration(text[len("@every"):].strip())
+            if self.every_ns < 10 ** 9:
+                raise CronError("@every needs at least 1s, got %r" % text[6:].strip())
+            return
+        if text.startswith("@"):
+            if text.lower() not in _DESCRIPTORS:
+                raise CronError("unknown descriptor %r: use one of %s or @every <duration>"
+                                % (text, ", ".join(sorted(_DESCRIPTORS))))
+            text = _DESCRIPTORS[text.lower()]
+        fields = text.split()
+        if len(fields) == 5:
+            fields.insert(0, "0")
+        elif len(fields) != 6:
+            raise CronError("expected 5 fields (minute hour day month weekday) or 6 "
+                            "(seconds first), got %d in %r" % (len(fields), text))
+        parsed = [_parse_cron_field(f, *meta) for f, meta in zip(fields, _CRON_FIELDS)]
+        (self.seconds, self.minutes, self.hours, self.days,
+         self.months, self.weekdays) = parsed
+        self._day_set = frozenset(self.days)
+        self._weekday_set = frozenset(self.weekdays)
+        # Vixie cron: when both day fields are restricted, either may match.
+        self._days_or = fields[3][0] not in "*?" and fields[5][0] not in "*?"
+
+    def __repr__(self):
+        return "CronSpec(%r)" % self.spec
+
+    def _day_matches(self, day):
+        dom = day.day in self._day_set
+        dow = (day.weekday() + 1) % 7 in self._weekday_set
+        return (dom or dow) if self._days_or else (dom and dow)
+
+    def next_after(self, t_ns):
+        """First run time strictly after ``t_ns`` (Unix ns), or None within 5 years."""
+        if self.every_ns is not None:
+            return t_ns + self.every_ns
+        t = t_ns // 10 ** 9
+        wall = _wall(t, self.tz) + timedelta(seconds=1)
+        horizon = wall.year + CRON_HORIZON_YEARS + 1
+        while wall.year < horizon:
+            if wall.month not in self.months:
+                i = bisect.bisect_left(self.months, wall.month)
+                year = wall.year + (i == len(self.months))
+                wall = datetime(year, self.months[i % len(self.months)], 1)
+                continue
+            if not self._day_matches(wall):
+                wall = datetime(wall.year, wall.month, wall.day) + timedelta(days=1)
+                continue
+            nxt = _next_in(self.hours, wall.hour)
+            if nxt is None:
+                wall = datetime(wall.year, wall.month, wall.day) + timedelta(days=1)
+                continue
+            if nxt != wall.hour:
+                wall = wall.replace(hour=nxt, minute=0, second=0)
+            nxt = _next_in(self.minutes, wall.minute)
+            if nxt is None:
+                wall = wall.replace(minute=0, second=0) + timedelta(hours=1)
+                continue
+            if nxt != wall.minute:
+                wall = wall.replace(minute=nxt, second=0)
+            nxt = _next_in(self.seconds, wall.second)
+            if nxt is None:
+                wall = wall.replace(second=0) + timedelta(minutes=1)
+                continue
+            wall = wall.replace(second=nxt)
+            instant = _instant(wall, self.tz)
+            if instant is not None and instant > t:
+                return instant * 10 ** 9
+            wall += timedelta(seconds=1)  # skipped by DST, or the repeated hour's second pass
+        return None
+
+    def preview(self, t_ns, n):
+        """The next ``n`` run times after ``t_ns``, as Unix ns."""
+        out = []
+        for _ in range(n):
+            t_ns = self.next_after(t_ns)
+            if t_ns is None:
+                break
+            out.append(t_ns)
+        return out
+
+
+def _next_in(values, current):
+    """Smallest allowed value >= current, or None."""
+    i = bisect.bisect_left(values, current)
+    return values[i] if i < len(values) else None
+
+
+def _load_zone(name):
+    if zoneinfo is None:
+        raise CronError("CRON_TZ needs Python's zoneinfo module")
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise CronError("unknown time zone %r in CRON_TZ (an IANA name such as "
+                        "Europe/Paris)" % name) from None
+
+
+def _wall(t, tz):
+    """Unix seconds -> naive wall-clock datetime in tz (None: local time)."""
+    return datetime.fromtimestamp(t, tz).replace(tzinfo=None)
+
+
+def _instant(wall, tz):
+    """Naive wall time in tz -> Unix seconds at its first occurrence, or None if skipped."""
+    t = int(wall.replace(tzinfo=tz, fold=0).timestamp())
+    return t if _wall(t, tz) == wall else None
+
+
+# --------------------------------------------------------------------------
+# Storage: tables, journal, snapshot, recovery
+# --------------------------------------------------------------------------
+
+class Ticket:
+    """A journal record waiting for its group commit; ``wait()`` blocks until written."""
+
+    __slots__ = ("data", "done", "error")
+
+    def __init__(self, data):
+        self.data = data
+        self.done = threading.Event()
+        self.error = None
+
+    def wait(self):
+        """Block until the record is written (and fsync'ed); raise PersistError if not."""
+        self.done.wait()
+        if self.error is not None:
+            raise PersistError(self.error)
+
+
+_ROTATE = object()  # marker in the journal's queue: start a new file here
+
+
+class Journal:
+    """The append-only journal and the thread that writes it (group commit).
+
+    Callers ``append()`` encoded records (cheap, never blocks on I/O) and wait
+    on the returned Ticket outside their locks.  The writer thread takes every
+    record queued at that moment, writes them with one ``os.write`` and one
+    ``fsync`` (when ``fsync`` is true), then wakes their callers.  A failed
+    write is cut back off the file so later records never follow a torn one.
+
+    Lines: ``<crc32 of json, 8 hex> <json>\\n``.  Files: journal.<seq>.
+    """
+
+    def __init__(self, directory, seq, fsync=True, on_error=None, opener=os.open):
+        self.directory = directory
+        self.fsync = fsync
+        self.seq = seq
+        self.errors = 0              # write/fsync failures, for /metrics and GET /
+        self.healthy = True
+        self.records = 0             # records written since the last rotation
+        self.commits = 0             # write (+ fsync) batches: group commit at work
+        self._on_error = on_error
+        self._opener = opener
+        self._cond = threading.Condition()   # guards _pending and _closing
+        self._pending = []
+        self._closing = False
+        self._fd = None
+        self._size = 0
+        self._thread = threading.Thread(target=self._run, name="poussetaches-journal", daemon=True)
+
+    def path(self, seq=None):
+        return os.path.join(self.directory, "%s%06d" % (JOURNAL_PREFIX, self.seq if seq is None else seq))
+
+    def start(self):
+        self._open()
+        self._thread.start()
+
+    def append(self, record):
+        """Queue one record (a dict); return its Ticket.  Order is call order."""
+        data = json.dumps(record, separators=(",", ":")).encode()
+        ticket = Ticket(b"%08x %s\n" % (binascii.crc32(data), data))
+        with self._cond:
+            if self._closing:
+                ticket.error = "the daemon is stopping"
+                ticket.done.set()
+                return ticket
+            self._pending.append(ticket)
+            self._cond.notify()
+        return ticket
+
+    def rotate(self):
+        """Queue a switch to a new journal file; return (new seq, Ticket)."""
+        ticket = Ticket(_ROTATE)
+        with self._cond:
+            self.seq += 1
+            self._pending.append(ticket)
+            self._cond.notify()
+            return self.seq, ticket
+
+    def close(self):
+        """Write what is queued, then stop the writer thread and close the file."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _open(self):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        self._fd = self._opener(self.path(), flags, 0o600)
+        self._size = os.fstat(self._fd).st_size
+        self.records = 0
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                batch, self._pending = self._pending, []
+                if not batch and self._closing:
+                    break
+            group = []
+            for ticket in batch:
+                if ticket.data is _ROTATE:
+                    self._commit(group)
+                    group = []
+                    self._switch(ticket)
+                else:
+                    group.append(ticket)
+            self._commit(group)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _commit(self, group):
+        if not group:
+            return
+        data = b"".join(t.data for t in group)
+        error = None
+        try:
+            if self._fd is None:
+                self._open()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            if self.fsync:
+                os.fsync(self._fd)
+            self._size += len(data)
+            self.records += len(group)
+            self.commits += 1
+            if not self.healthy:
+                logger.warning("journal writes succeed again")
+            self.healthy = True
+        except OSError as exc:
+            error = "cannot write the journal: %s" % (exc.strerror or exc)
+            self._fail(exc)
+        for ticket in group:
+            ticket.error = error
+            ticket.done.set()
+
+    def _fail(self, exc):
+        self.errors += 1
+        if self.healthy:
+            logger.error("journal write failed: %s", exc)
+        self.healthy = False
+        try:  # cut the partial write off, so the next record starts on a fresh line
+            os.ftruncate(self._fd, self._size)
+        except (OSError, TypeError):
+            self._close_quietly()
+        if self._on_error is not None:
+            self._on_error()
+
+    def _switch(self, ticket):
+        try:
+            self._close_quietly()
+            self._open()
+        except OSError as exc:
+            ticket.error = "cannot start a new journal: %s" % (exc.strerror or exc)
+            self._fail(exc)
+        ticket.done.set()
+
+    def _close_quietly(self):
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+
+def read_journal(path):
+    """Read one journal file: (records, corrupt count, torn tail?).
+
+    A line whose checksum or JSON fails is corrupt: skipped, counted, logged.
+    A last line without its newline is a torn write: dropped with a warning.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    torn_tail = lines.pop()  # b"" when the file ends with a newline
+    records, corrupt = [], 0
+    for number, line in enumerate(lines, 1):
+        crc, _, body = line.partition(b" ")
+        try:
+            if int(crc, 16) != binascii.crc32(body):
+                raise ValueError("checksum mismatch")
+            records.append(json.loads(body))
+        except ValueError:
+            corrupt += 1
+            logger.warning("journal %s line %d is corrupt; skipped", os.path.basename(path), number)
+    if torn_tail:
+        logger.warning("journal %s ends with a torn record (%d bytes); dropped",
+                       os.path.basename(path), len(torn_tail))
+    return records, corrupt, bool(torn_tail)
+
+
+class Store:
+    """The task tables, their journal and snapshots; the one owner of task state.
+
+    Tables: ``waiting`` (pending tasks, cron included), ``success`` (newest
+    ``keep_success``), ``dead``.  An id lives in at most one table.  Every
+    change is one journal record: ``{"op": "put", "table": T, "task": {...}}``
+    (the task now lives in T, nowhere else) or ``{"op": "del", "id": I}``.
+
+    ``_lock`` guards the tables, the indexes and every Task's fields.  No I/O
+    happens under it: records are handed to the journal writer, and callers
+    that must answer only once the record is durable wait on the Ticket after
+    releasing the lock.  Waiting tasks are pushed to ``due`` (the DueQueue)
+    once their record is durable.
+    """
+
+    def __init__(self, directory, due, fsync=True, keep_success=DEFAULT_KEEP_SUCCESS,
+                 clock=time.time_ns, opener=os.open, on_dirty=None):
+        self.directory = directory
+        self.due = due
+        self.keep_success = keep_success
+        self.clock = clock
+        self.fsync = fsync
+        self.recovery = {}
+        self._lock = threading.Lock()
+        self._tables = {"waiting": {}, "success": collections.OrderedDict(), "dead": {}}
+        self._cron = set()            # ids of waiting tasks with a schedule
+        self._idempotency = {}        # idempotency key -> task id
+        self._inflight = {}           # task id -> version being attempted
+        self._pending = {}            # task id -> Ticket of an enqueue not yet durable
+        self._dirty = threading.Event()  # a journal write failed: snapshot soon
+        self._on_dirty = on_dirty        # called when _dirty is set (wakes the persister)
+        self._snapshot_lock = threading.Lock()  # one snapshot at a time
+        self.snapshot_errors = 0
+        self.last_snapshot = 0
+        self._opener = opener
+        seq = self._recover()
+        self.journal = Journal(directory, seq, fsync=fsync, on_error=self._mark_dirty,
+                               opener=opener)
+
+    # -- start-up ----------------------------------------------------------
+
+    def _journal_files(self):
+        found = []
+        for name in os.listdir(self.directory):
+            if name.startswith(JOURNAL_PREFIX) and name[len(JOURNAL_PREFIX):].isdigit():
+                found.append((int(name[len(JOURNAL_PREFIX):]), name))
+        return sorted(found)
+
+    def _recover(self):
+        """Load snapshot + journal; return the seq of the journal file to write next."""
+        started = time.monotonic()
+        stats = {"snapshot_tasks": 0, "journal_records": 0, "corrupt_records": 0,
+                 "torn_records": 0, "imported": 0}
+        first_seq = 0
+        path = os.path.join(self.directory, SNAPSHOT_NAME)
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    doc = json.load(f)
+                first_seq = int(doc.get("journal", 0))
+                for table in TABLES:
+                    for item in doc.get(table, ()):
+                        self._place(table, Task.from_json(item))
+                        stats["snapshot_tasks"] += 1
+            except (ValueError, KeyError, TypeError) as exc:
+                raise PousseTachesError(
+                    "%s is unreadable (%s); move it aside to start from the journal alone"
+                    % (path, exc)) from None
+        files = self._journal_files()
+        for seq, name in files:
+            if seq < first_seq:
+                continue
+            records, corrupt, torn = read_journal(os.path.join(self.directory, name))
+            stats["corrupt_records"] += corrupt
+            stats["torn_records"] += torn
+            for record in records:
+                try:
+                    self._apply(record)
+                    stats["journal_records"] += 1
+                except (KeyError, TypeError, ValueError):
+                    stats["corrupt_records"] += 1
+        if not files and not os.path.exists(path):
+            stats["imported"] = self._import_original()
+        self._trim_success()
+        self.recovery = stats
+        logger.info(
+            "recovered %d waiting, %d success, %d dead tasks in %.3fs "
+            "(snapshot %d tasks, journal %d records, %d corrupt, %d torn)",
+            len(self._tables["waiting"]), len(self._tables["success"]),
+            len(self._tables["dead"]), time.monotonic() - started,
+            stats["snapshot_tasks"], stats["journal_records"],
+            stats["corrupt_records"], stats["torn_records"])
+        return max([s for s, _ in files] + [first_seq - 1, 0]) + 1
+
+    def _apply(self, record):
+        if record["op"] == "put":
+            self._place(record["table"], Task.from_json(record["task"]))
+        elif record["op"] == "del":
+            self._remove(record["id"])
+        else:
+            raise ValueError("unknown op")
+
+    def _import_original(self):
+        """Import an original-layout data dir (waiting/, dead/, success/) once."""
+        count = 0
+        for table in TABLES:
+            folder = os.path.join(self.directory, table)
+            if not os.path.isdir(folder):
+                continue
+            for name in sorted(os.listdir(folder)):
+                try:
+                    with open(os.path.join(folder, name), "rb") as f:
+                        task = Task.from_json(json.load(f))
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    logger.warning("import: skipped %s/%s: %s", table, name, exc)
+                    continue
+                self._place(table, task)
+                count += 1
+        if count:
+            logger.info("imported %d tasks from the original poussetaches layout in %s "
+                        "(the old folders are left untouched)", count, self.directory)
+            self._dirty.set()  # the persister writes them into a snapshot at once
+        return count
+
+    # -- table primitives (caller holds _lock, or is single-threaded start-up) --
+
+    def _place(self, table, task):
+        self._remove(task.id)
+        self._tables[table][task.id] = task
+        if table == "waiting" and task.schedule:
+            self._cron.add(task.id)
+        if task.idempotency_key:
+            self._idempotency[task.idempotency_key] = task.id
+        if table == "success":
+            self._trim_success()
+
+    def _remove(self, task_id):
+        for table in self._tables.values():
+            task = table.pop(task_id, None)
+            if task is not None:
+                self._cron.discard(task_id)
+                if task.idempotency_key and self._idempotency.get(task.idempotency_key) == task_id:
+                    del self._idempotency[task.idempotency_key]
+                task.version += 1
+                return task
+        return None
+
+    def _trim_success(self):
+        success = self._tables["success"]
+        while len(success) > self.keep_success:
+            _, old = success.popitem(last=False)
+            if old.idempotency_key and self._idempotency.get(old.idempotency_key) == old.id:
+                del self._idempotency[old.idempotency_key]
+
+    def _find(self, task_id):
+        for name, table in self._tables.items():
+            task = table.get(task_id)
+            if task is not None:
+                return name, task
+        return None, None
+
+    def _put(self, table, task):
+        """Place a task and queue its record; returns the Ticket."""
+        self._place(table, task)
+        return self.journal.append({"op": "put", "table": table, "task": task.to_json()})
+
+    def _schedule(self, task):
+        """Push a waiting task on the due-time queue (its current version)."""
+        self.due.put_task(task.next_run, task.id, task.version)
+
+    # -- the API's calls -----------------------------------------------------
+
+    def start(self):
+        self.journal.start()
+        with self._lock:
+            for task in self._tables["waiting"].values():
+                self._schedule(task)
+
+    def add(self, task):
+        """Store a new task durably; returns (task, created).
+
+        An existing task with the same id (cron dedup) or idempotency key is
+        returned instead, with created False.  Raises PersistError (after
+        undoing the change) when the record cannot be written.
+        """
+        while True:
+            with self._lock:
+                existing_id = task.id
+                if task.idempotency_key and task.idempotency_key in self._idempotency:
+                    existing_id = self._idempotency[task.idempotency_key]
+                pending = self._pending.get(existing_id)
+                if pending is None:
+                    table, existing = self._find(existing_id)
+                    if existing is not None:
+                        return existing, False
+                    ticket = self._put("waiting", task)
+                    self._pending[task.id] = ticket
+                    break
+            pending.done.wait()  # a twin request is being written: answer after it
+        try:
+            ticket.wait()
+        except PersistError:
+            with self._lock:
+                del self._pending[task.id]
+                if self._tables["waiting"].get(task.id) is task:
+                    self._remove(task.id)
+            raise
+        with self._lock:
+            del self._pending[task.id]
+            if self._tables["waiting"].get(task.id) is task:
+                self._schedule(task)
+        return task, True
+
+    def get(self, task_id):
+        """(state, task JSON) or (None, None)."""
+        with self._lock:
+            table, task = self._find(task_id)
+            return table, (task.to_json() if task is not None else None)
+
+    def counts(self):
+        with self._lock:
+            out = {name: len(table) for name, table in self._tables.items()}
+            out["cron"] = len(self._cron)
+            return out
+
+    def listing(self, table, limit=DEFAULT_LIST_LIMIT, offset=0):
+        """(total, [task JSON]) of a table by next_run ascending; ``cron`` is a view."""
+        with self._lock:
+            if table == "cron":
+                tasks = [self._tables["waiting"][i] for i in self._cron]
+            else:
+                tasks = list(self._tables[table].values())
+        total = len(tasks)
+        key = lambda t: (t.next_run, t.id)
+        if offset + limit < total // 4:
+            chosen = heapq.nsmallest(offset + limit, tasks, key=key)[offset:]
+        else:
+            chosen = sorted(tasks, key=key)[offset:offset + limit]
+        with self._lock:
+            return total, [t.to_json() for t in chosen]
+
+    def delete(self, task_id):
+        """Cancel a waiting task or drop a record; returns the state it had, or None."""
+        with self._lock:
+            table, task = self._find(task_id)
+            if task is None:
+                return None
+            self._remove(task_id)
+            ticket = self.journal.append({"op": "del", "id": task_id})
+        ticket.wait()
+        return table
+
+    def delete_where(self, table, predicate=lambda task: True):
+        """Delete every task of a table (or ``cron``) matching predicate; returns the count."""
+        with self._lock:
+            ids = list(self._cron) if table == "cron" else list(self._tables[table])
+            source = self._tables["waiting" if table == "cron" else table]
+            ids = [i for i in ids if predicate(source[i])]
+            ticket = None
+            for task_id in ids:
+                self._remove(task_id)
+                ticket = self.journal.append({"op": "del", "id": task_id})
+        if ticket is not None:
+            ticket.wait()
+        return len(ids)
+
+    def run_now(self, task_id, changes=None, now=None):
+        """Make a waiting task due now, or requeue a dead one with tries reset.
+
+        ``changes`` (already validated) overrides fields first.  Returns the
+        task JSON, or None when there is no such waiting or dead task.
+        """
+        now = self.clock() if now is None else now
+        with self._lock:
+            table, task = self._find(task_id)
+            if task is None or table == "success":
+                return None
+            for name, value in (changes or {}).items():
+                setattr(task, name, value)
+            if table == "dead":
+                task.tries = 0
+            task.next_run = now
+            task.version += 1
+            ticket = self._put("waiting", task)
+            version = task.version
+        ticket.wait()
+        with self._lock:
+            if task.version == version and self._tables["waiting"].get(task_id) is task:
+                self._schedule(task)
+            return task.to_json()
+
+    def retry_dead(self, url_prefix="", now=None):
+        """Requeue dead tasks (whose URL starts with url_prefix); returns the count."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            chosen = [t for t in self._tables["dead"].values() if t.url.startswith(url_prefix)]
+            ticket = None
+            for task in chosen:
+                task.tries = 0
+                task.next_run = now
+                ticket = self._put("waiting", task)
+        if ticket is not None:
+            ticket.wait()
+        with self._lock:
+            for task in chosen:
+                if self._tables["waiting"].get(task.id) is task:
+                    self._schedule(task)
+        return len(chosen)
+
+    # -- the workers' calls ---------------------------------------------------
+
+    def claim(self, task_id, version):
+        """Mark a due task in flight; returns a detached copy to deliver, or None if stale."""
+        with self._lock:
+            task = self._tables["waiting"].get(task_id)
+            if task is None or task.version != version or task_id in self._inflight:
+                return None
+            self._inflight[task_id] = version
+            return task.copy(version=version)
+
+    def release(self, task_id):
+        with self._lock:
+            self._inflight.pop(task_id, None)
+
+    def in_flight(self):
+        with self._lock:
+            return len(self._inflight)
+
+    def finish(self, task_id, version, decide):
+        """Record an attempt's outcome.
+
+        ``decide(task)`` runs under the lock with the live task; it mutates
+        the task's fields and returns ``(table, copies)``: where the task now
+        lives (``waiting``, ``success``, ``dead``) and detached records to add
+        (a cron run's success or dead copy as ``(table, task)``).  A task that
+        was cancelled or redriven during the attempt is left alone.  Returns
+        the table the task went to, or None.
+        """
+        with self._lock:
+            self._inflight.pop(task_id, None)
+            task = self._tables["waiting"].get(task_id)
+            if task is None or task.version != version:
+                return None
+            table, copies = decide(task)
+            task.version += 1
+            for copy_table, copy in copies:
+                self._put(copy_table, copy)
+            self._put(table, task)
+            if table == "waiting":
+                self._schedule(task)
+            return table
+
+    # -- snapshots ------------------------------------------------------------
+
+    def _mark_dirty(self):
+        self._dirty.set()
+        if self._on_dirty is not None:
+            self._on_dirty()
+
+    def snapshot_wanted(self):
+        return self._dirty.is_set() or self.journal.records >= SNAPSHOT_AFTER_RECORDS
+
+    def snapshot(self):
+        """Write snapshot.json (temp file, fsync, replace, fsync dir); drop old journals.
+
+        Safe to call from any thread; returns the number of tasks written.
+        Raises OSError when the disk refuses (the old snapshot stays valid).
+        """
+        with self._snapshot_lock:
+            self._dirty.clear()
+            with self._lock:
+                seq, ticket = self.journal.rotate()
+                tables = {name: list(table.values()) for name, table in self._tables.items()}
+            ticket.wait()  # every record before the rotation is in the older files
+            try:
+                count = self._write_snapshot(seq, tables)
+            except OSError:
+                self.snapshot_errors += 1
+                self._dirty.set()  # not _mark_dirty: the persister backs off first
+                raise
+            for old, name in self._journal_files():
+                if old < seq:
+                    os.unlink(os.path.join(self.directory, name))
+            self.last_snapshot = self.clock()
+            return count
+
+    def _write_snapshot(self, seq, tables):
+        path = os.path.join(self.directory, SNAPSHOT_NAME)
+        tmp = path + ".tmp"
+        count = 0
+        fd = self._opener(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write('{"version": 1, "journal": %d, "created": %d' % (seq, self.clock()))
+                for name in TABLES:
+                    f.write(',\n"%s": [' % name)
+                    sep = "\n"
+                    for task in tables[name]:  # one task at a time: the API keeps the GIL
+                        f.write(sep)
+                        f.write(json.dumps(task.to_json(), separators=(",", ":")))
+                        sep = ",\n"
+                        count += 1
+                    f.write("]")
+                f.write("}\n")
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+            if self.fsync:
+                fsync_dir(self.directory)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return count
+
+    def close(self):
+        self.journal.close()
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DirLock:
+    """An exclusive lock on the data directory (flock on ``lock``), for one daemon only."""
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, LOCK_NAME)
+        self._fd = None
+
+    def acquire(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                try:
+                    holder = os.read(fd, 32).decode().strip() or "?"
+                finally:
+                    os.close(fd)
+                raise LockedError(
+                    "another poussetaches (pid %s) is using %s; stop it or choose "
+                    "another --data-dir" % (holder, os.path.dirname(self.path))) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        self._fd = fd
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# --------------------------------------------------------------------------
+# Scheduling and delivery: the due-time queue, workers, rate limit
+# --------------------------------------------------------------------------
+
+class DueQueue(queue.PriorityQueue):
+    """A PriorityQueue of ``(due_ns, seq, task_id, version)`` whose ``get_due``
+    sleeps until the head is due.
+
+    Waits use the queue's own ``not_empty`` Condition against the head's due
+    time: a put of an earlier task notifies a waiter, which recomputes its
+    sleep.  Nothing polls.  ``seq`` breaks ties so that ids never compare.
+    Stale entries (a task cancelled or rescheduled since) are the caller's to
+    skip, by comparing versions.  ``hold()`` pauses dispatch, ``close()`` ends it.
+    """
+
+    def __init__(self, clock=time.time_ns):
+        super().__init__()
+        self.clock = clock
+        self._seq = itertools.count()
+        self._held = False     # guarded by self.mutex
+        self._closed = False   # guarded by self.mutex
+
+    def put_task(self, due_ns, task_id, version):
+        self.put((due_ns, next(self._seq), task_id, version))
+
+    def get_due(self):
+        """Block until an entry is due (and not held); return it, or None once closed."""
+        with self.not_empty:
+            while True:
+                if self._closed:
+                    return None
+                if self._held or not self._qsize():
+                    self.not_empty.wait()
+                    continue
+                delay = self.queue[0][0] - self.clock()
+                if delay > 0:
+                    self.not_empty.wait(delay / 1e9)
+                    continue
+                item = self._get()
+                if self._qsize():
+                    self.not_empty.notify()  # the next head may be due too
+                self.not_full.notify()
+                return item
+
+    @property
+    def held(self):
+        with self.mutex:
+            return self._held
+
+    def hold(self):
+        with self.mutex:
+            self._held = True
+
+    def release(self):
+        with self.mutex:
+            self._held = False
+            self.not_empty.notify_all()
+
+    def close(self):
+        with self.mutex:
+            self._closed = True
+            self.not_empty.notify_all()
+
+
+class RateLimiter:
+    """Token bucket: ``rate`` attempts per second, bursts of ``burst``."""
+
+    def __init__(self, rate, burst=None, clock=time.monotonic):
+        self.rate = float(rate)
+        self.burst = float(burst if burst else max(1.0, rate))
+        self.clock = clock
+        self._lock = threading.Lock()   # guards _tokens and _stamp
+        self._tokens = self.burst
+        self._stamp = clock()
+
+    def acquire(self, stopping):
+        """Take one token, waiting for it; False if ``stopping`` (an Event) was set."""
+        while True:
+            with self._lock:
+                now = self.clock()
+                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+                self._stamp = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return True
+                wait = (1 - self._tokens) / self.rate
+            if stopping.wait(wait):
+                return False
+
+
+def build_opener():
+    """An opener for http and https only: no redirects, proxies, file/ftp/data."""
+    opener = urllib.request.OpenerDirector()
+    opener.add_handler(urllib.request.HTTPHandler())
+    if hasattr(urllib.request, "HTTPSHandler"):
+        opener.add_handler(urllib.request.HTTPSHandler())
+    return opener
+
+
+class Outcome:
+    """What one delivery attempt gave: status (-1 for no answer), body, timing."""
+
+    __slots__ = ("status", "body", "started", "duration", "retry_after", "req_id")
+
+    def __init__(self, status, body, started, duration, retry_after=None, req_id=""):
+        self.status = status
+        self.body = body
+        self.started = started
+        self.duration = duration
+        self.retry_after = retry_after
+        self.req_id = req_id
+
+
+def parse_retry_after(value, now_s):
+    """Retry-After as seconds from now (delta-seconds or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - now_s)
+
+
+def sign(secret, msg_id, timestamp, body):
+    """Standard Webhooks signature: ``v1,`` + base64 HMAC-SHA256 of "id.ts.body"."""
+    if secret.startswith("whsec_"):
+        key = base64.b64decode(secret[len("whsec_"):])
+    else:
+        key = secret.encode()
+    mac = hmac.new(key, b"%s.%d.%s" % (msg_id.encode(), timestamp, body), hashlib.sha256)
+    return "v1," + b64(mac.digest())
+
+
+class Delivery:
+    """Makes one HTTP attempt of a task; knows nothing of tables or retries."""
+
+    def __init__(self, auth_key=None, timeout=DEFAULT_TIMEOUT, allowed=None, clock=time.time_ns):
+        self.auth_key = auth_key
+        self.timeout = timeout
+        self.allowed = allowed          # callable(url) -> bool: may the key go there?
+        self.clock = clock
+        self.opener = build_opener()
+
+    def request(self, task, tries, req_id):
+        """The urllib Request for attempt number ``tries`` of ``task``."""
+        body = json.dumps({"payload": b64(task.payload), "tries": tries,
+                           "req_id": req_id}).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "Poussetaches-Task-ID": task.id,
+            "Poussetaches-Tries": str(tries),
+            "Poussetaches-Req-ID": req_id,
+        }
+        if task.headers:
+            headers.update(task.headers)
+        if self.auth_key and (self.allowed is None or self.allowed(task.url)):
+            stamp = self.clock() // 10 ** 9
+            headers["Poussetaches-Auth-Key"] = self.auth_key
+            headers["webhook-id"] = task.id
+            headers["webhook-timestamp"] = str(stamp)
+            headers["webhook-signature"] = sign(self.auth_key, task.id, stamp, body)
+        return urllib.request.Request(task.url, data=body, headers=headers, method="POST")
+
+    def attempt(self, task):
+        """POST the task once; return an Outcome.  Never raises for network faults."""
+        tries = task.tries + 1
+        req_id = new_id(6)
+        started = self.clock()
+        t0 = time.monotonic()
+        retry_after = None
+        try:
+            req = self.request(task, tries, req_id)
+            response = self.opener.open(req, timeout=task.timeout_s or self.timeout)
+            if response is None:
+                raise urllib.error.URLError("unsupported URL scheme")
+            with response:
+                status = response.status
+                body = response.read(RESPONSE_READ_LIMIT)
+                if status in (429, 503):
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"),
+                                                    started / 1e9)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            status = -1
+            reason = getattr(exc, "reason", None)
+            body = ("%s: %s" % (type(exc).__name__, reason if reason is not None else exc)).encode()
+        return Outcome(status, body, started, time.monotonic() - t0, retry_after, req_id)
+
+
+class Dispatcher:
+    """The worker threads and the retry policy.
+
+    Each worker takes a due entry from the queue, waits for a rate-limit
+    token, claims the task from the store (skipping stale entries), makes the
+    attempt with no lock held, and hands the outcome to ``Store.finish`` with
+    the decision of what comes next (success, retry after backoff, dead, or a
+    cron task's next occurrence).
+    """
+
+    def __init__(self, store, due, delivery, workers=DEFAULT_WORKERS,
+                 max_tries=DEFAULT_MAX_TRIES, min_backoff=DEFAULT_MIN_BACKOFF,
+                 max_backoff=DEFAULT_MAX_BACKOFF, limiter=None, on_dead=None,
+                 clock=time.time_ns, rng=None, cron_tz=None):
+        self.store = store
+        self.due = due
+        self.delivery = delivery
+        self.workers = workers
+        self.max_tries = max_tries
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.limiter = limiter
+        self.on_dead = on_dead
+        self.clock = clock
+        self.cron_tz = cron_tz
+        self.rng = rng or random.Random()
+        self._rng_lock = threading.Lock()  # random.Random is not documented thread-safe
+        self._stopping = threading.Event()
+        self._threads = []
+        self._specs = {}                     # schedule -> CronSpec; grows with distinct specs
+        self.attempts = collections.Counter()  # outcome class -> count, for /metrics
+
+    def start(self):
+        for n in range(self.workers):
+            thread = threading.Thread(target=self._work, name="poussetaches-worker-%d" % n,
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, grace=DEFAULT_GRACE):
+        """Stop taking tasks; wait up to ``grace`` s for attempts in flight.  Returns
+        the number of workers still busy when the grace period ended."""
+        self._stopping.set()
+        self.due.close()
+        deadline = time.monotonic() + grace
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return sum(t.is_alive() for t in self._threads)
+
+    def spec(self, schedule):
+        spec = self._specs.get(schedule)
+        if spec is None:
+            spec = self._specs[schedule] = CronSpec(schedule, self.cron_tz)
+        return spec
+
+    def backoff(self, tries, retry_after=None):
+        """Seconds before attempt ``tries + 1``: min * 4**(tries-1), jittered, capped."""
+        delay = self.min_backoff * 4.0 ** min(tries - 1, 64)
+        with self._rng_lock:
+            delay *= self.rng.uniform(1 - JITTER, 1 + JITTER)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return min(delay, self.max_backoff)
+
+    def _work(self):
+        while not self._stopping.is_set():
+            item = self.due.get_due()
+            if item is None:
+                return
+            _, _, task_id, version = item
+            if self.limiter is not None and not self.limiter.acquire(self._stopping):
+                return
+            task = self.store.claim(task_id, version)
+            if task is None:
+                continue  # cancelled, redriven or rescheduled since it was queued
+            try:
+                self._deliver(task, version)
+            except Exception:  # a bug here must not kill the worker or lose the task
+                logger.exception("unexpected error delivering task %s", task_id)
+                self.store.release(task_id)
+                self.due.put_task(self.clock() + int(self.min_backoff * 1e9), task_id, version)
+
+    def _deliver(self, task, version):
+        outcome = self.delivery.attempt(task)
+        ok = outcome.status == task.expected
+        self.attempts["success" if ok else ("error" if outcome.status < 0 else "failure")] += 1
+        buried = []
+        table = self.store.finish(task.id, version,
+                                  lambda live: self.decide(live, outcome, buried))
+        level = logging.DEBUG if ok else logging.WARNING
+        logger.log(level, "task %s attempt %d -> %s in %.1f ms (%s)", task.id, task.tries + 1,
+                   outcome.status, outcome.duration * 1000, table or "discarded")
+        for dead in buried:
+            self._notify_dead(dead)
+
+    def decide(self, task, outcome, buried):
+        """Apply an attempt's outcome to the live task (under the store's lock).
+
+        Returns ``(table, copies)`` for Store.finish; dead records go in ``buried``.
+        """
+        now = self.clock()
+        task.tries += 1
+        task.last_run = outcome.started
+        error = None if outcome.status == task.expected else outcome.body
+        task.attempts.append({
+            "at": outcome.started, "duration_ms": round(outcome.duration * 1000, 3),
+            "status": outcome.status, "req_id": outcome.req_id,
+            "error": None if error is None else
+            error[:ATTEMPT_ERROR_LIMIT].decode("utf-8", "replace"),
+        })
+        del task.attempts[:-ATTEMPTS_KEPT]
+        if error is not None:
+            task.last_error_status_code = outcome.status
+            task.last_error_body = error[:ERROR_BODY_LIMIT]
+        if task.schedule:
+            return self._decide_cron(task, outcome, error, now, buried)
+        if error is None:
+            return "success", []
+        gone = outcome.status == 410
+        if gone or task.tries >= (task.max_tries or self.max_tries):
+            buried.append(task.to_json())
+            return "dead", []
+        task.next_run = now + int(self.backoff(task.tries, outcome.retry_after) * 1e9)
+        return "waiting", []
+
+    def _decide_cron(self, task, outcome, error, now, buried):
+        """A cron run: success or a spent run leaves a copy; the schedule goes on."""
+        following = self.spec(task.schedule).next_after(max(now, task.next_scheduled_run))
+        if error is not None and following is not None:
+            retry_at = now + int(self.backoff(task.tries, outcome.retry_after) * 1e9)
+            if (outcome.status != 410 and retry_at < following
+                    and task.tries < (task.max_tries or self.max_tries)):
+                task.next_run = retry_at
+                return "waiting", []
+        record = task.copy(id=new_id(), cron_id=task.id, schedule="")
+        copies = [("success" if error is None else "dead", record)]
+        if error is not None:
+            buried.append(record.to_json())
+        if following is None:  # the spec matches nothing any more: park the schedule itself
+            buried.append(task.to_json())
+            return "dead", copies
+        task.tries = 0
+        task.attempts = []
+        task.next_run = task.next_scheduled_run = following
+        return "waiting", copies
+
+    def _notify_dead(self, task_json):
+        logger.warning("task %s is dead after %d tries (last status %s)", task_json["id"],
+                       task_json["tries"], task_json["last_error_status_code"])
+        if not self.on_dead:
+            return
+        req = urllib.request.Request(self.on_dead, data=json.dumps(task_json).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              "User-Agent": USER_AGENT}, method="POST")
+        try:
+            self.delivery.opener.open(req, timeout=self.delivery.timeout).close()
+        except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
+            logger.warning("--on-dead notification for %s failed: %s", task_json["id"], exc)
+
+
+# --------------------------------------------------------------------------
+# HTTP API: validation, routes and one error boundary
+# --------------------------------------------------------------------------
+
+ENQUEUE_FIELDS = ("url", "payload", "expected", "schedule", "delay", "json", "delay_s",
+                  "eta", "max_tries", "timeout_s", "headers", "idempotency_key")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+_TASK_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def parse_json(body):
+    """Strict JSON: NaN and Infinity are refused.  Raises HTTPError(400)."""
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise HTTPError(400, "the body is not UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        raise HTTPError(400, "invalid JSON: %s" % exc) from None
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def parse_rfc3339(text):
+    """RFC 3339 time with an offset (or Z) -> Unix seconds; ValueError otherwise."""
+    if not isinstance(text, str) or not re.match(
+            r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$", text, re.I):
+        raise ValueError(text)
+    head, frac = text[:19], ""
+    rest = text[19:]
+    if rest.startswith("."):
+        frac, rest = re.match(r"\.(\d+)(.*)$", rest).groups()
+    if rest.upper() == "Z":
+        rest = "+00:00"
+    when = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(
+        tzinfo=datetime.strptime(rest, "%z").tzinfo)
+    return when.timestamp() + (float("0." + frac) if frac else 0.0)
+
+
+class Api:
+    """Routes and validation; one error boundary turns exceptions into JSON.
+
+    Holds no state of its own: tables belong to the Store, dispatch to the
+    DueQueue.  ``handle()`` is called from the server's request threads.
+    """
+
+    # (method, path pattern, handler name); {id} matches a task id
+    ROUTES = (
+        ("GET", "/", "status"),
+        ("POST", "/", "enqueue"),
+        ("GET", "/waiting", "list_waiting"),
+        ("GET", "/success", "list_success"),
+        ("GET", "/dead", "list_dead"),
+        ("DELETE", "/dead", "purge_dead"),
+        ("POST", "/dead/retry", "retry_dead"),
+        ("GET", "/cron", "list_cron"),
+        ("DELETE", "/cron", "purge_cron"),
+        ("GET", "/cron/preview", "cron_preview"),
+        ("POST", "/pause", "pause"),
+        ("POST", "/resume", "resume"),
+        ("GET", "/tasks/{id}", "get_task"),
+        ("DELETE", "/tasks/{id}", "delete_task"),
+        ("POST", "/tasks/{id}/run", "run_task"),
+    )
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.store = daemon.store
+        self._routes = []
+        for method, pattern, name in self.ROUTES:
+            regex = re.compile("^" + re.escape(pattern).replace(r"\{id\}", "(?P<id>[^/]+)") + "$")
+            self._routes.append((method, regex, getattr(self, name)))
+
+    # -- the boundary ----------------------------------------------------------
+
+    def handle(self, method, target, headers, read_body):
+        """Answer one request: returns (status, JSON-able object, extra headers)."""
+        try:
+            parts = urllib.parse.urlsplit(target)
+            try:
+                query = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
+                                              strict_parsing=False, max_num_fields=50)
+            except ValueError as exc:
+                raise HTTPError(400, "bad query string: %s" % exc) from None
+            handler, params = self._route(method, parts.path)
+            self._check_api_key(headers)
+            return handler(params=params, query=query, headers=headers, read_body=read_body)
+        except HTTPError as exc:
+            return exc.status, {"error": exc.message}, exc.headers
+        except PersistError as exc:
+            logger.error("refused a change that cannot be persisted: %s", exc)
+            return 503, {"error": "%s; nothing was stored, retry later" % exc}, {"Retry-After": "1"}
+        except Exception:
+            logger.exception("unexpected error answering %s %s", method, target[:200])
+            return 500, {"error": "internal error; see the daemon's log"}, {}
+
+    def _route(self, method, path):
+        allowed = []
+        for route_method, regex, handler in self._routes:
+            match = regex.match(path)
+            if match:
+                if route_method == method:
+                    return handler, match.groupdict()
+                allowed.append(route_method)
+        if allowed:
+            raise HTTPError(405, "method %s not allowed on %s; use %s"
+                            % (method, path, ", ".join(allowed)), {"Allow": ", ".join(allowed)})
+        raise HTTPError(404, "no such path: %s" % path[:200])
+
+    def _check_api_key(self, headers):
+        key = self.daemon.api_key
+        if not key:
+            return
+        given = headers.get("Authorization") or ""
+        scheme, _, credentials = given.partition(" ")
+        secret = None
+        if scheme.lower() == "bearer":
+            secret = credentials.strip()
+        elif scheme.lower() == "basic":
+            try:
+                secret = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                secret = None
+        if secret is None or not hmac.compare_digest(secret.encode(), key.encode()):
+            raise HTTPError(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                            {"WWW-Authenticate": 'Basic realm="poussetaches"'})
+
+    @staticmethod
+    def _body_json(read_body, required=True):
+        body = read_body()
+        if not body.strip():
+            if required:
+                raise HTTPError(400, "the body must be a JSON object")
+            return {}
+        doc = parse_json(body)
+        if not isinstance(doc, dict):
+            raise HTTPError(400, "the body must be a JSON object, not %s" % type(doc).__name__)
+        return doc
+
+    @staticmethod
+    def _int_param(query, name, default, lo, hi):
+        values = query.get(name)
+        if not values:
+            return default
+        text = values[-1]
+        if not re.match(r"^\d{1,9}$", text) or not lo <= int(text) <= hi:
+            raise HTTPError(400, "%s must be a whole number from %d to %d, got %r"
+                            % (name, lo, hi, text[:50]))
+        return int(text)
+
+    # -- validation ------------------------------------------------------------
+
+    def check_url(self, url, field="url"):
+        if not isinstance(url, str) or not url:
+            raise HTTPError(400, "%s must be a non-empty string" % field)
+        if len(url) > 4096:
+            raise HTTPError(400, "%s is longer than 4096 characters" % field)
+        if re.search(r"[\x00-\x20\x7f]", url):
+            raise HTTPError(400, "%s must not contain spaces or control characters" % field)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # raises ValueError on a bad port
+        except ValueError as exc:
+            raise HTTPError(400, "%s is not a valid URL: %s" % (field, exc)) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise HTTPError(400, "%s must be an absolute http:// or https:// URL" % field)
+        if not self.daemon.url_allowed(url):
+            raise HTTPError(400, "%s is outside the allowed prefixes (--allow-url)" % field)
+        return url
+
+    def check_headers(self, value):
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise HTTPError(400, "headers must be an object of strings")
+        if len(value) > 64:
+            raise HTTPError(400, "headers: at most 64 headers")
+        for name, text in value.items():
+            if not _HEADER_NAME.match(name):
+                raise HTTPError(400, "headers: %r is not a valid header name" % name[:100])
+            lower = name.lower()
+            if lower in RESERVED_HEADERS or lower.startswith("poussetaches-"):
+                raise HTTPError(400, "headers: %s is set by poussetaches and cannot be given" % name)
+            if not isinstance(text, str):
+                raise HTTPError(400, "headers: the value of %s must be a string" % name)
+            if re.search(r"[\r\n\x00]", text) or len(text) > 8192:
+                raise HTTPError(400, "headers: the value of %s has CR, LF or NUL, or is too long"
+                                % name)
+        return dict(value)
+
+    def _payload(self, doc):
+        has_payload = doc.get("payload") is not None
+        if has_payload and "json" in doc:
+            raise HTTPError(400, "payload and json are exclusive: send one of them")
+        if "json" in doc:
+            return json.dumps(doc["json"], separators=(",", ":")).encode()
+        if not has_payload:
+            return b""
+        if not isinstance(doc["payload"], str):
+            raise HTTPError(400, "payload must be a base64 string")
+        try:
+            return base64.b64decode(doc["payload"], validate=True)
+        except (binascii.Error, ValueError):
+            raise HTTPError(400, "payload is not valid standard base64") from None
+
+    def new_task(self, doc, headers, now):
+        """Validate an enqueue body; return an unsaved Task.  Raises HTTPError(400)."""
+        unknown = sorted(set(doc) - set(ENQUEUE_FIELDS))
+        if unknown:
+            raise HTTPError(400, "unknown field(s): %s" % ", ".join(u[:50] for u in unknown[:10]))
+        if "url" not in doc:
+            raise HTTPError(400, "url is required")
+        url = self.check_url(doc["url"])
+        payload = self._payload(doc)
+
+        expected = doc.get("expected")
+        if expected is None or expected == 0:
+            expected = 200
+        if not _is_int(expected) or not 100 <= expected <= 599:
+            raise HTTPError(400, "expected must be an HTTP status from 100 to 599 (or 0 for 200)")
+
+        schedule = doc.get("schedule") or ""
+        if not isinstance(schedule, str):
+            raise HTTPError(400, "schedule must be a cron spec string")
+        if len(schedule) > 256:
+            raise HTTPError(400, "schedule is longer than 256 characters")
+
+        delay = doc.get("delay")
+        if delay is None:
+            delay = 0
+        if not _is_int(delay) or delay < 0:
+            raise HTTPError(400, "delay must be a whole, non-negative number of minutes")
+        start = now + delay * 60 * 10 ** 9
+        given = [name for name in ("delay_s", "eta") if doc.get(name) is not None]
+        if delay:
+            given.append("delay")
+        if len(given) > 1:
+            raise HTTPError(400, "%s are exclusive: send one of them" % " and ".join(given))
+        if doc.get("delay_s") is not None:
+            if not _is_number(doc["delay_s"]) or doc["delay_s"] < 0:
+                raise HTTPError(400, "delay_s must be a non-negative number of seconds")
+            if doc["delay_s"] > MAX_FIRST_RUN_S:
+                raise HTTPError(400, "delay_s puts the first run more than 10 years ahead")
+            start = now + int(doc["delay_s"] * 1e9)
+        if doc.get("eta") is not None:
+            eta = doc["eta"]
+            try:
+                seconds = eta if _is_number(eta) else parse_rfc3339(eta)
+            except (ValueError, OverflowError):
+                raise HTTPError(400, "eta must be Unix seconds or an RFC 3339 time with an "
+                                "offset, such as 2026-01-31T09:00:00Z") from None
+            if seconds < 0 or seconds > 1e11:
+                raise HTTPError(400, "eta is out of range")
+            start = max(now, int(seconds * 1e9))
+        if start - now > MAX_FIRST_RUN_S * 10 ** 9:
+            raise HTTPError(400, "the first run is more than 10 years ahead")
+
+        max_tries = doc.get("max_tries")
+        if max_tries is not None and (not _is_int(max_tries) or not 1 <= max_tries <= 100):
+            raise HTTPError(400, "max_tries must be a whole number from 1 to 100")
+        timeout_s = doc.get("timeout_s")
+        if timeout_s is not None and (not _is_number(timeout_s) or not 0.1 <= timeout_s <= 3600):
+            raise HTTPError(400, "timeout_s must be a number of seconds from 0.1 to 3600")
+        extra_headers = self.check_headers(doc.get("headers"))
+
+        key = doc.get("idempotency_key")
+        if key is None:
+            key = headers.get("Idempotency-Key")
+        if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200):
+            raise HTTPError(400, "idempotency_key must be a string of 1 to 200 characters")
+
+        task = Task(new_id(), url, payload, expected, created=now, next_run=start,
+                    max_tries=max_tries, timeout_s=timeout_s, headers=extra_headers,
+                    idempotency_key=key)
+        if schedule:
+            spec = self.cron_spec(schedule, "schedule")
+            task.schedule = schedule
+            task.id = cron_id(url, payload, schedule)
+            first = spec.next_after(start - 1)
+            if first is None:
+                raise HTTPError(400, "schedule %r matches no time in the next %d years"
+                                % (schedule, CRON_HORIZON_YEARS))
+            task.next_run = task.next_scheduled_run = first
+        return task
+
+    def cron_spec(self, schedule, field):
+        try:
+            spec = CronSpec(schedule, self.daemon.cron_tz)
+        except CronError as exc:
+            raise HTTPError(400, "%s: invalid cron spec %r: %s" % (field, schedule, exc)) from None
+        if spec.next_after(self.daemon.clock()) is None:
+            raise HTTPError(400, "%s %r matches no time in the next %d years"
+                            % (field, schedule, CRON_HORIZON_YEARS))
+        return spec
+
+    # -- handlers (keyword arguments: params, query, headers, read_body) --------
+
+    def status(self, **_):
+        counts = self.store.counts()
+        journal = self.store.journal
+        return 200, {
+            "paused": self.daemon.due.held,
+            "in_flight": self.store.in_flight(),
+            "version": __version__,
+            "waiting": counts["waiting"], "success": counts["success"],
+            "dead": counts["dead"], "cron": counts["cron"],
+            "healthy": journal.healthy,
+            "journal_errors": journal.errors,
+        }, {}
+
+    def enqueue(self, headers, read_body, **_):
+        doc = self._body_json(read_body)
+        task = self.new_task(doc, headers, self.daemon.clock())
+        task, created = self.store.add(task)
+        if created:
+            logger.info("task %s queued for %s%s", task.id, task.url,
+                        " (%s)" % task.schedule if task.schedule else "")
+        _, view = self.store.get(task.id)
+        return (201 if created else 200), view or task.to_json(), {"Poussetaches-Task-ID": task.id}
+
+    def _listing(self, table, query):
+        limit = self._int_param(query, "limit", DEFAULT_LIST_LIMIT, 0, MAX_LIST_LIMIT)
+        offset = self._int_param(query, "offset", 0, 0, 10 ** 9)
+        total, tasks = self.store.listing(table, limit, offset)
+        return 200, {"tasks": tasks, "total": total, "limit": limit, "offset": offset}, {}
+
+    def list_waiting(self, query, **_):
+        return self._listing("waiting", query)
+
+    def list_success(self, query, **_):
+        return self._listing("success", query)
+
+    def list_dead(self, query, **_):
+        return self._listing("dead", query)
+
+    def list_cron(self, query, **_):
+        return self._listing("cron", query)
+
+    def purge_cron(self, **_):
+        return 200, {"deleted": self.store.delete_where("cron")}, {}
+
+    def purge_dead(self, **_):
+        return 200, {"deleted": self.store.delete_where("dead")}, {}
+
+    def retry_dead(self, query, **_):
+        prefix = (query.get("url_prefix") or [""])[-1]
+        return 200, {"requeued": self.store.retry_dead(prefix)}, {}
+
+    def cron_preview(self, query, **_):
+        schedule = (query.get("schedule") or [""])[-1]
+        if not schedule:
+            raise HTTPError(400, "schedule is required: /cron/preview?schedule=*/5+*+*+*+*")
+        n = self._int_param(query, "n", 5, 1, 100)
+        spec = self.cron_spec(schedule, "schedule")
+        runs = spec.preview(self.daemon.clock(), n)
+        tz = spec.tz
+        return 200, {"schedule": schedule, "next_runs": runs,
+                     "next_runs_iso": [datetime.fromtimestamp(r // 10 ** 9, tz).astimezone(tz)
+                                       .isoformat() for r in runs]}, {}
+
+    def pause(self, **_):
+        self.daemon.due.hold()
+        logger.info("dispatch paused")
+        return 200, {"paused": True}, {}
+
+    def resume(self, **_):
+        self.daemon.due.release()
+        logger.info("dispatch resumed")
+        return 200, {"paused": False}, {}
+
+    def _task_id(self, params):
+        task_id = params["id"]
+        if not _TASK_ID.match(task_id):
+            raise HTTPError(404, "no task with id %r" % task_id[:80])
+        return task_id
+
+    def get_task(self, params, **_):
+        state, view = self.store.get(self._task_id(params))
+        if view is None:
+            raise HTTPError(404, "no task with id %r" % params["id"])
+        view["state"] = state
+        return 200, view, {}
+
+    def delete_task(self, params, **_):
+        state = self.store.delete(self._task_id(params))
+        if state is None:
+            raise HTTPError(404, "no task with id %r" % params["id"])
+        return 200, {"deleted": params["id"], "state": state}, {}
+
+    def run_task(self, params, read_body, **_):
+        task_id = self._task_id(params)
+        doc = self._body_json(read_body, required=False)
+        unknown = sorted(set(doc) - {"url", "payload", "json", "headers", "max_tries"})
+        if unknown:
+            raise HTTPError(400, "unknown field(s): %s" % ", ".join(u[:50] for u in unknown[:10]))
+        changes = {}
+        if "url" in doc:
+            changes["url"] = self.check_url(doc["url"])
+        if doc.get("payload") is not None or "json" in doc:
+            changes["payload"] = self._payload(doc)
+        if "headers" in doc:
+            changes["headers"] = self.check_headers(doc["headers"])
+        if "max_tries" in doc:
+            value = doc["max_tries"]
+            if value is not None and (not _is_int(value) or not 1 <= value <= 100):
+                raise HTTPError(400, "max_tries must be a whole number from 1 to 100")
+            changes["max_tries"] = value
+        view = self.store.run_now(task_id, changes)
+        if view is None:
+            raise HTTPError(404, "no waiting or dead task with id %r" % task_id)
+        view["state"] = "waiting"
+        return 200, view, {}
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Speaks HTTP/1.1 keep-alive for the Api; every answer is JSON and one write."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "poussetaches/" + __version__
+    sys_version = ""
+    wbufsize = -1        # buffered: status line, headers and body leave together
+    timeout = 60         # an idle or stalled connection is dropped after this
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle_one_request(self):
+        self._body_state = None  # None: not read; "read"; or "skipped"
+        super().handle_one_request()
+
+    def _dispatch(self):
+        api = self.server.api
+        status, doc, headers = api.handle(self.command, self.path, self.headers, self._read_body)
+        length = self.headers.get("Content-Length")
+        if self._body_state is None and (length not in (None, "0") or
+                                         self.headers.get("Transfer-Encoding")):
+            self.close_connection = True  # an unread body would poison the next request
+        self.send_json(status, doc, headers)
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+
+    def _read_body(self):
+        """The request body; HTTPError for a missing, bad or too large length."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            if self.headers.get("Transfer-Encoding"):
+                self._body_state = "skipped"
+                self.close_connection = True
+                raise HTTPError(411, "send the body with a Content-Length (chunked is not supported)")
+            self._body_state = "read"
+            return b""
+        if not length.strip().isdigit():
+            self.close_connection = True
+            raise HTTPError(400, "Content-Length is not a number")
+        size = int(length)
+        if size > self.server.max_body:
+            self._body_state = "skipped"
+            self.close_connection = True
+            raise HTTPError(413, "the body is %d bytes, more than the %d allowed (--max-body)"
+                            % (size, self.server.max_body))
+        body = self.rfile.read(size)
+        self._body_state = "read"
+        if len(body) != size:
+            self.close_connection = True
+            raise HTTPError(400, "the body ended after %d of %d bytes" % (len(body), size))
+        return body
+
+    def send_json(self, status, doc, headers=None):
+        body = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, headers too long) as JSON."""
+        self.close_connection = True
+        try:
+            self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
+        except OSError:
+            pass
+
+    def log_message(self, format, *args):
+        logger.debug("%s %s", self.address_string(), format % args)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    """The API server: a thread per connection, a deep accept backlog."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024   # bursts of clients must not see resets
+
+    def __init__(self, address, api, max_body):
+        self.api = api
+        self.max_body = max_body
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout)):
+            logger.debug("connection from %s dropped: %s", client_address[0], exc)
+        else:
+            logger.exception("error on a connection from %s", client_address[0])
+
+
+# --------------------------------------------------------------------------
+# Daemon assembly and CLI
+# --------------------------------------------------------------------------
+
+class Daemon:
+    """Builds the store, queue, workers and API server from keyword arguments,
+    and starts and stops them.  Several may run in one process (tests do).
+
+    ``clock`` (Unix ns) and ``rng`` are injectable; ``port=0`` picks a free
+    port (see ``.port`` and ``.url`` after ``start()``).  Use as a context
+    manager, or ``start()`` then ``stop()``.
+    """
+
+    def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR,
+                 workers=DEFAULT_WORKERS, rate=None, burst=None,
+                 max_tries=DEFAULT_MAX_TRIES, min_backoff=DEFAULT_MIN_BACKOFF,
+                 max_backoff=DEFAULT_MAX_BACKOFF, timeout=DEFAULT_TIMEOUT, fsync="always",
+                 keep_success=DEFAULT_KEEP_SUCCESS, max_body=DEFAULT_MAX_BODY,
+                 allow_urls=(), paused=False, auth_key=None, api_key=None, on_dead=None,
+                 snapshot_interval=DEFAULT_SNAPSHOT_INTERVAL, grace=DEFAULT_GRACE,
+                 cron_tz=None, clock=time.time_ns, rng=None, opener=os.open):
+        def need(ok, message):
+            if not ok:
+                raise ConfigError(message)
+        need(isinstance(port, int) and 0 <= port <= 65535, "--port must be 0-65535")
+        need(isinstance(workers, int) and 1 <= workers <= 256, "--workers must be 1-256")
+        need(rate is None or rate > 0, "--rate must be a positive number of attempts per second")
+        need(burst is None or burst >= 1, "--burst must be at least 1")
+        need(isinstance(max_tries, int) and 1 <= max_tries <= 100, "--max-tries must be 1-100")
+        need(0 < min_backoff <= max_backoff, "--min-backoff must be > 0 and <= --max-backoff")
+        need(0 < timeout <= 3600, "--timeout must be > 0 and <= 3600 seconds")
+        need(fsync in ("always", "never"), "--fsync must be 'always' or 'never'")
+        need(isinstance(keep_success, int) and keep_success >= 0, "--keep-success must be >= 0")
+        need(isinstance(max_body, int) and max_body >= 1024, "--max-body must be >= 1024 bytes")
+        need(snapshot_interval > 0, "the snapshot interval must be positive")
+        for prefix in allow_urls:
+            need(re.match(r"^https?://[^/]", prefix or ""),
+                 "--allow-url %r must start with http:// or https://" % prefix)
+        self.host, self.port, self.data_dir = host, port, data_dir
+        self.fsync, self.grace, self.max_body = fsync, grace, max_body
+        self.snapshot_interval = snapshot_interval
+        self.allow_urls = tuple(allow_urls)
+        self.api_key = api_key or None
+        self.cron_tz = cron_tz
+        self.clock = clock
+        self.due = DueQueue(clock)
+        if paused:
+            self.due.hold()
+        self._opener = opener
+        self._settings = dict(workers=workers, max_tries=max_tries, min_backoff=min_backoff,
+                              max_backoff=max_backoff, on_dead=on_dead, rng=rng,
+                              keep_success=keep_success)
+        self._limiter = RateLimiter(rate, burst) if rate else None
+        self._delivery = Delivery(auth_key or None, timeout, self.url_allowed
+                                  if self.allow_urls else None, clock)
+        self._lock = DirLock(data_dir)
+        self._stopping = threading.Event()
+        self._wake = threading.Event()   # the persister: snapshot now
+        self._threads = []
+        self.store = self.dispatcher = self.server = None
+
+    def url_allowed(self, url):
+        return not self.allow_urls or any(url.startswith(p) for p in self.allow_urls)
+
+    @property
+    def url(self):
+        host = self.host if ":" not in self.host else "[%s]" % self.host
+        return "http://%s:%d" % (host, self.port)
+
+    def start(self):
+        """Lock the data dir, recover, bind, and start every thread.
+
+        Raises LockedError if another daemon holds the directory, OSError if
+        the port is taken or the directory cannot be made.
+        """
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        self._lock.acquire()
+        try:
+            s = self._settings
+            self.store = Store(self.data_dir, self.due, fsync=self.fsync == "always",
+                               keep_success=s["keep_success"], clock=self.clock,
+                               opener=self._opener, on_dirty=self._wake.set)
+            self.dispatcher = Dispatcher(
+                self.store, self.due, self._delivery, workers=s["workers"],
+                max_tries=s["max_tries"], min_backoff=s["min_backoff"],
+                max_backoff=s["max_backoff"], limiter=self._limiter, on_dead=s["on_dead"],
+                clock=self.clock, rng=s["rng"], cron_tz=self.cron_tz)
+            self.api = Api(self)
+            self.server = _Server((self.host, self.port), self.api, self.max_body)
+        except BaseException:
+            self._lock.release()
+            raise
+        self.port = self.server.server_address[1]
+        self.store.start()
+        self.dispatcher.start()
+        # socketserver's shutdown() is noticed at the next poll_interval tick
+        serve = lambda: self.server.serve_forever(poll_interval=0.1)
+        for target, name in ((serve, "http"), (self._persist, "persister")):
+            thread = threading.Thread(target=target, name="poussetaches-" + name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        logger.info("poussetaches %s serving on %s with %d workers, data in %s%s",
+                    __version__, self.url, s["workers"], os.path.abspath(self.data_dir),
+                    " (paused)" if self.due.held else "")
+        return self
+
+    def _persist(self):
+        """The persister thread: a snapshot every interval, or sooner when asked."""
+        while not self._stopping.is_set():
+            self._wake.wait(self.snapshot_interval)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            if not (self.store.snapshot_wanted() or self.store.journal.records):
+                continue
+            try:
+                count = self.store.snapshot()
+                logger.debug("snapshot of %d tasks written", count)
+            except (OSError, PersistError) as exc:
+                logger.error("snapshot failed: %s; will retry", exc)
+                self._stopping.wait(1.0)  # back off before the next try
+
+    def stop(self):
+        """Stop accepting, let attempts in flight finish (up to ``grace`` s), write
+        a final snapshot and release the data directory.  Idempotent."""
+        if self.server is None or self._stopping.is_set():
+            return
+        logger.info("stopping: finishing attempts in flight (up to %.0fs)", self.grace)
+        self._stopping.set()
+        self._wake.set()
+        self.server.shutdown()
+        self.server.server_close()
+        busy = self.dispatcher.stop(self.grace)
+        if busy:
+            logger.warning("%d attempts still in flight; they stay queued", busy)
+        for thread in self._threads:
+            thread.join()
+        try:
+            self.store.snapshot()
+        except (OSError, PersistError) as exc:
+            logger.error("final snapshot failed (the journal still has every change): %s", exc)
+        self.store.close()
+        self._lock.release()
+        logger.info("stopped")
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per log line (``--log-json``)."""
+
+    def format(self, record):
+        doc = {"time": self.formatTime(record), "level": record.levelname,
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def _env(name, default=None):
+    value = os.environ.get(name)
+    return default if value in (None, "") else value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="poussetaches",
+        description="An HTTP push task queue for small web apps. With no command, "
+                    "'serve' runs the daemon.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the daemon (the default)",
+                           description="Run the daemon. Flags override environment variables.")
+    serve.add_argument("--host", default=_env("POUSSETACHES_HOST", DEFAULT_HOST),
+                       help="address to listen on (env POUSSETACHES_HOST; default %(default)s)")
+    serve.add_argument("--port", type=int, default=int(_env("POUSSETACHES_PORT", DEFAULT_PORT)),
+                       help="port (env POUSSETACHES_PORT; default %(default)s)")
+    serve.add_argument("--data-dir", default=_env("POUSSETACHES_DATA_DIR", DEFAULT_DATA_DIR),
+                       help="where tasks are kept (env POUSSETACHES_DATA_DIR; default %(default)s)")
+    serve.add_argument("--workers", type=int,
+                       default=int(_env("POUSSETACHES_WORKERS", DEFAULT_WORKERS)),
+                       help="delivery threads (env POUSSETACHES_WORKERS; default %(default)s)")
+    serve.add_argument("--rate", type=float, default=_env("POUSSETACHES_RATE"),
+                       help="attempts per second, all tasks together (env POUSSETACHES_RATE; "
+                            "default unlimited)")
+    serve.add_argument("--burst", type=float, default=_env("POUSSETACHES_BURST"),
+                       help="token bucket size for --rate (env POUSSETACHES_BURST)")
+    serve.add_argument("--max-tries", type=int, default=DEFAULT_MAX_TRIES,
+                       help="attempts before a task is dead (default %(default)s)")
+    serve.add_argument("--min-backoff", type=float, default=DEFAULT_MIN_BACKOFF,
+                       help="seconds before the 2nd attempt; x4 each time (default %(default)s)")
+    serve.add_argument("--max-backoff", type=float, default=DEFAULT_MAX_BACKOFF,
+                       help="cap on any retry delay, seconds (default %(default)s)")
+    serve.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                       help="seconds per delivery attempt (default %(default)s)")
+    serve.add_argument("--fsync", choices=("always", "never"), default="always",
+                       help="fsync the journal before answering 201 (default %(default)s)")
+    serve.add_argument("--keep-success", type=int, default=DEFAULT_KEEP_SUCCESS,
+                       help="successful tasks kept for inspection (default %(default)s)")
+    serve.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
+                       help="largest API request body in bytes (default %(default)s)")
+    serve.add_argument("--allow-url", action="append", metavar="PREFIX",
+                       help="only accept task URLs with this prefix; repeatable "
+                            "(env POUSSETACHES_ALLOWED_URLS, comma-separated)")
+    serve.add_argument("--on-dead", metavar="URL",
+                       help="POST a task's JSON here when it moves to dead")
+    serve.add_argument("--paused", action="store_true", help="start with dispatch paused")
+    serve.add_argument("--grace", type=float, default=DEFAULT_GRACE,
+                       help="seconds to let attempts finish at stop (default %(default)s)")
+    serve.add_argument("--log-level", default="INFO",
+                       choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                       type=str.upper, help="default %(default)s")
+    serve.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    return parser
+
+
+def serve(args):
+    handler = logging.StreamHandler()
+    handler.setFormatter(JSONFormatter() if args.log_json else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(args.log_level)
+    logger.propagate = False
+    allow = args.allow_url
+    if allow is None:
+        allow = [p.strip() for p in _env("POUSSETACHES_ALLOWED_URLS", "").split(",") if p.strip()]
+    try:
+        daemon = Daemon(
+            host=args.host, port=args.port, data_dir=args.data_dir, workers=args.workers,
+            rate=float(args.rate) if args.rate else None,
+            burst=float(args.burst) if args.burst else None,
+            max_tries=args.max_tries, min_backoff=args.min_backoff,
+            max_backoff=args.max_backoff, timeout=args.timeout, fsync=args.fsync,
+            keep_success=args.keep_success, max_body=args.max_body, allow_urls=allow,
+            paused=args.paused, auth_key=_env("POUSSETACHES_AUTH_KEY"),
+            api_key=_env("POUSSETACHES_API_KEY"), on_dead=args.on_dead, grace=args.grace)
+        daemon.start()
+    except (PousseTachesError, OSError) as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()  # only a flag: the main thread logs and cleans up
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(3600):
+        pass
+    daemon.stop()
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["serve"] + argv
+    parser = build_parser()
+    parser.add_argument("--version", action="version", version="poussetaches " + __version__)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

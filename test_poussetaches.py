@@ -1,0 +1,1075 @@
+"""Tests for poussetaches: stdlib unittest, real sockets, real files, real processes.
+
+Run: python3 -m unittest -v
+"""
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import http.client
+import http.server
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from datetime import datetime, timezone
+
+import poussetaches as pt
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WAIT = 15.0  # generous bound for every condition a test waits on
+
+try:
+    import zoneinfo
+    zoneinfo.ZoneInfo("America/New_York")
+    HAVE_TZDATA = True
+except Exception:  # no zoneinfo module or no tz database on this machine
+    HAVE_TZDATA = False
+
+logging.getLogger("poussetaches").addHandler(logging.NullHandler())
+logging.getLogger("poussetaches").propagate = False
+
+
+# --------------------------------------------------------------------------
+# Helpers: a receiver playing the app, a daemon context, a tiny HTTP client
+# --------------------------------------------------------------------------
+
+class Receiver:
+    """A real HTTP server playing the app.  ``answers[path]`` is a list of
+    answers consumed in order (the last one repeats): (status, body, headers,
+    delay_s).  Every request is recorded in ``got``."""
+
+    def __init__(self):
+        self.got = []
+        self.answers = {}
+        self.cond = threading.Condition()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with receiver.cond:
+                    plan = receiver.answers.get(self.path) or [(200, b"", {}, 0)]
+                    answer = plan.pop(0) if len(plan) > 1 else plan[0]
+                answer = tuple(answer)
+                status, text, headers, delay = answer + (200, b"", {}, 0)[len(answer):]
+                if delay:
+                    time.sleep(delay)  # simulates a slow app
+                with receiver.cond:
+                    receiver.got.append({"path": self.path, "headers": self.headers,
+                                         "body": body, "at": time.time(),
+                                         "json": json.loads(body) if body else None})
+                    receiver.cond.notify_all()
+                try:
+                    self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(text)))
+                    self.end_headers()
+                    self.wfile.write(text)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.base = "http://127.0.0.1:%d" % self.server.server_address[1]
+
+    def url(self, path="/task"):
+        return self.base + path
+
+    def wait_for(self, n, path=None, timeout=WAIT):
+        """Block until ``n`` requests (to ``path``) arrived; return them."""
+        def matching():
+            return [g for g in self.got if path is None or g["path"] == path]
+        with self.cond:
+            ok = self.cond.wait_for(lambda: len(matching()) >= n, timeout)
+            got = matching()
+        if not ok:
+            raise AssertionError("receiver got %d of %d requests in %.0fs" % (len(got), n, timeout))
+        return got
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextlib.contextmanager
+def receiver():
+    r = Receiver()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+@contextlib.contextmanager
+def running_daemon(data_dir=None, **kwargs):
+    """A Daemon on 127.0.0.1:0 in a temporary directory; always stopped."""
+    tmp = None
+    if data_dir is None:
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        data_dir = os.path.join(tmp, "data")
+    kwargs.setdefault("min_backoff", 0.05)
+    kwargs.setdefault("max_backoff", 0.2)
+    kwargs.setdefault("grace", 2.0)
+    daemon = pt.Daemon(host="127.0.0.1", port=0, data_dir=data_dir, **kwargs)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def call(base, method, path, body=None, headers=None, raw=None, timeout=WAIT):
+    """One HTTP request: returns (status, headers, parsed JSON or text)."""
+    host, port = base.split("//")[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        hdrs = dict(headers or {})
+        if data is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        text = resp.read()
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = text
+        return resp.status, resp.headers, doc
+    finally:
+        conn.close()
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+def wait_until(predicate, timeout=WAIT, what="condition"):
+    """Wait for a condition observed from outside (an HTTP listing, a file)."""
+    deadline = time.monotonic() + timeout
+    event = threading.Event()
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        event.wait(0.02)
+
+
+def ts(text):
+    """ISO time (with offset) -> Unix ns."""
+    return int(datetime.fromisoformat(text).timestamp()) * 10 ** 9
+
+
+def iso(ns, tz):
+    return datetime.fromtimestamp(ns // 10 ** 9, tz).isoformat()
+
+
+UTC = timezone.utc
+
+
+# --------------------------------------------------------------------------
+# Cron
+# --------------------------------------------------------------------------
+
+class TestCron(unittest.TestCase):
+    # (spec, after, expected next) in UTC; 2026-01-01 is a Thursday
+    TABLE = [
+        ("* * * * *", "2026-01-01T00:00:00+00:00", "2026-01-01T00:01:00+00:00"),
+        ("* * * * *", "2026-01-01T00:00:30+00:00", "2026-01-01T00:01:00+00:00"),
+        ("*/15 * * * *", "2026-01-01T00:07:00+00:00", "2026-01-01T00:15:00+00:00"),
+        ("*/15 * * * *", "2026-01-01T00:45:00+00:00", "2026-01-01T01:00:00+00:00"),
+        ("5 4 * * *", "2026-01-01T04:05:00+00:00", "2026-01-02T04:05:00+00:00"),
+        ("5 4 * * *", "2026-01-01T04:04:59+00:00", "2026-01-01T04:05:00+00:00"),
+        ("0 0 1 * *", "2026-01-15T12:00:00+00:00", "2026-02-01T00:00:00+00:00"),
+        ("0 0 1 1 *", "2026-01-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+        ("0 12 * * mon", "2026-01-01T00:00:00+00:00", "2026-01-05T12:00:00+00:00"),
+        ("0 12 * * MON-FRI", "2026-01-02T13:00:00+00:00", "2026-01-05T12:00:00+00:00"),
+        ("0 12 * * 0", "2026-01-01T00:00:00+00:00", "2026-01-04T12:00:00+00:00"),
+        ("0 12 * * 7", "2026-01-01T00:00:00+00:00", "2026-01-04T12:00:00+00:00"),
+        ("0 0 * jun *", "2026-01-01T00:00:00+00:00", "2026-06-01T00:00:00+00:00"),
+        ("0 0 * JAN-MAR *", "2026-03-31T00:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+        ("0 0 13 * 5", "2026-01-01T00:00:00+00:00", "2026-01-02T00:00:00+00:00"),  # OR: Friday 2nd
+        ("0 0 13 * 5", "2026-01-10T00:00:00+00:00", "2026-01-13T00:00:00+00:00"),  # OR: the 13th
+        ("0 0 13 * *", "2026-01-01T00:00:00+00:00", "2026-01-13T00:00:00+00:00"),
+        ("0 0 * * 5", "2026-01-03T00:00:00+00:00", "2026-01-09T00:00:00+00:00"),
+        ("0 0 */10 * *", "2026-01-01T00:00:00+00:00", "2026-01-11T00:00:00+00:00"),
+        ("0 0 ? * 1", "2026-01-01T00:00:00+00:00", "2026-01-05T00:00:00+00:00"),
+        ("30 9-17/2 * * *", "2026-01-01T10:00:00+00:00", "2026-01-01T11:30:00+00:00"),
+        ("30 9-17/2 * * *", "2026-01-01T17:31:00+00:00", "2026-01-02T09:30:00+00:00"),
+        ("0,30 * * * *", "2026-01-01T00:10:00+00:00", "2026-01-01T00:30:00+00:00"),
+        ("1-3,58 * * * *", "2026-01-01T00:04:00+00:00", "2026-01-01T00:58:00+00:00"),
+        ("10/20 * * * *", "2026-01-01T00:31:00+00:00", "2026-01-01T00:50:00+00:00"),
+        ("0 0 29 2 *", "2026-01-01T00:00:00+00:00", "2028-02-29T00:00:00+00:00"),
+        ("0 0 31 * *", "2026-04-01T00:00:00+00:00", "2026-05-31T00:00:00+00:00"),
+        ("*/10 * * * * *", "2026-01-01T00:00:05+00:00", "2026-01-01T00:00:10+00:00"),
+        ("30 0 0 * * *", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:30+00:00"),
+        ("0 */5 * * * *", "2026-01-01T00:04:59+00:00", "2026-01-01T00:05:00+00:00"),
+        ("@hourly", "2026-01-01T00:00:00+00:00", "2026-01-01T01:00:00+00:00"),
+        ("@daily", "2026-01-01T10:00:00+00:00", "2026-01-02T00:00:00+00:00"),
+        ("@midnight", "2026-01-01T10:00:00+00:00", "2026-01-02T00:00:00+00:00"),
+        ("@weekly", "2026-01-01T10:00:00+00:00", "2026-01-04T00:00:00+00:00"),
+        ("@monthly", "2026-01-01T10:00:00+00:00", "2026-02-01T00:00:00+00:00"),
+        ("@yearly", "2026-01-01T10:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+        ("@annually", "2026-06-01T10:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+        ("@every 90s", "2026-01-01T00:00:00+00:00", "2026-01-01T00:01:30+00:00"),
+        ("@every 1h30m", "2026-01-01T00:00:00+00:00", "2026-01-01T01:30:00+00:00"),
+        ("@every 1.5h", "2026-01-01T00:00:00+00:00", "2026-01-01T01:30:00+00:00"),
+        ("CRON_TZ=UTC 0 9 * * *", "2026-01-01T10:00:00+00:00", "2026-01-02T09:00:00+00:00"),
+    ]
+
+    def test_table(self):
+        self.assertGreaterEqual(len(self.TABLE), 30)
+        for spec, after, expected in self.TABLE:
+            with self.subTest(spec=spec, after=after):
+                got = pt.CronSpec(spec, UTC).next_after(ts(after))
+                self.assertEqual(iso(got, UTC), datetime.fromisoformat(expected).isoformat())
+
+    def test_strictly_after_and_subsecond(self):
+        spec = pt.CronSpec("* * * * *", UTC)
+        t = ts("2026-01-01T00:01:00+00:00")
+        self.assertEqual(spec.next_after(t), t + 60 * 10 ** 9)
+        self.assertEqual(spec.next_after(t - 1), t)
+
+    def test_dom_dow_and_when_one_is_star(self):
+        # both restricted: OR; one a star: AND (the star matches everything)
+        spec = pt.CronSpec("0 0 1 * mon", UTC)
+        runs = [iso(n, UTC)[:10] for n in spec.preview(ts("2026-01-01T00:00:00+00:00"), 4)]
+        self.assertEqual(runs, ["2026-01-05", "2026-01-12", "2026-01-19", "2026-01-26"])
+        runs = [iso(n, UTC)[:10] for n in spec.preview(ts("2026-01-26T00:00:00+00:00"), 2)]
+        self.assertEqual(runs, ["2026-02-01", "2026-02-02"])
+
+    @unittest.skipUnless(HAVE_TZDATA, "no IANA time zone database on this machine")
+    def test_dst_spring_forward_skips_missing_time(self):
+        # America/New_York: 2026-03-08 02:00 EST jumps to 03:00 EDT
+        ny = zoneinfo.ZoneInfo("America/New_York")
+        spec = pt.CronSpec("CRON_TZ=America/New_York 30 2 * * *")
+        runs = [iso(n, ny) for n in spec.preview(ts("2026-03-06T12:00:00-05:00"), 3)]
+        self.assertEqual(runs, ["2026-03-07T02:30:00-05:00", "2026-03-09T02:30:00-04:00",
+                                "2026-03-10T02:30:00-04:00"])
+        hourly = pt.CronSpec("CRON_TZ=America/New_York 0 * * * *")
+        runs = [iso(n, ny) for n in hourly.preview(ts("2026-03-08T00:30:00-05:00"), 3)]
+        self.assertEqual(runs, ["2026-03-08T01:00:00-05:00", "2026-03-08T03:00:00-04:00",
+                                "2026-03-08T04:00:00-04:00"])
+
+    @unittest.skipUnless(HAVE_TZDATA, "no IANA time zone database on this machine")
+    def test_dst_fall_back_runs_repeated_time_once(self):
+        # America/New_York: 2026-11-01 02:00 EDT falls back to 01:00 EST
+        ny = zoneinfo.ZoneInfo("America/New_York")
+        spec = pt.CronSpec("CRON_TZ=America/New_York 30 1 * * *")
+        runs = [iso(n, ny) for n in spec.preview(ts("2026-10-31T12:00:00-04:00"), 3)]
+        self.assertEqual(runs, ["2026-11-01T01:30:00-04:00", "2026-11-02T01:30:00-05:00",
+                                "2026-11-03T01:30:00-05:00"])
+        hourly = pt.CronSpec("CRON_TZ=America/New_York 0 * * * *")
+        runs = hourly.preview(ts("2026-11-01T00:30:00-04:00"), 3)
+        self.assertEqual([iso(n, ny) for n in runs],
+                         ["2026-11-01T01:00:00-04:00", "2026-11-01T02:00:00-05:00",
+                          "2026-11-01T03:00:00-05:00"])
+        self.assertEqual(runs[1] - runs[0], 2 * 3600 * 10 ** 9)  # 01:00 EST did not run
+        # started inside the repeated hour: the next run is the next new wall time
+        self.assertEqual(iso(hourly.next_after(ts("2026-11-01T01:10:00-05:00")), ny),
+                         "2026-11-01T02:00:00-05:00")
+
+    @unittest.skipUnless(HAVE_TZDATA, "no IANA time zone database on this machine")
+    def test_cron_tz_beats_default_zone(self):
+        paris = zoneinfo.ZoneInfo("Europe/Paris")
+        spec = pt.CronSpec("CRON_TZ=Europe/Paris 0 9 * * *", UTC)
+        self.assertEqual(iso(spec.next_after(ts("2026-07-01T00:00:00+00:00")), paris),
+                         "2026-07-01T09:00:00+02:00")
+
+    def test_invalid_specs_say_why(self):
+        cases = [
+            ("", "empty cron spec"),
+            ("* * * *", "expected 5 fields"),
+            ("* * * * * * *", "got 7"),
+            ("60 * * * *", "minute field: 60 is out of range 0-59"),
+            ("* 24 * * *", "hour field: 24 is out of range 0-23"),
+            ("* * 0 * *", "day of month field: 0 is out of range 1-31"),
+            ("* * * 13 *", "month field: 13 is out of range 1-12"),
+            ("* * * * 8", "day of week field: 8 is out of range 0-7"),
+            ("* * * foo *", "month field: 'foo' is not a number or a name"),
+            ("*/0 * * * *", "step '0' must be a positive number"),
+            ("5-1 * * * *", "range 5-1 goes backwards"),
+            ("1,,2 * * * *", "empty list item"),
+            ("@fortnightly", "unknown descriptor"),
+            ("@every 500ms", "at least 1s"),
+            ("@every soon", "invalid duration 'soon'"),
+            ("CRON_TZ=Mars/Olympus 0 * * * *", "unknown time zone 'Mars/Olympus'"),
+        ]
+        for spec, message in cases:
+            with self.subTest(spec=spec):
+                with self.assertRaises(pt.CronError) as ctx:
+                    pt.CronSpec(spec, UTC)
+                self.assertIn(message, str(ctx.exception))
+
+    def test_never_matching_spec_gives_none(self):
+        self.assertIsNone(pt.CronSpec("0 0 30 2 *", UTC).next_after(ts("2026-01-01T00:00:00+00:00")))
+
+    def test_duration(self):
+        self.assertEqual(pt.parse_duration("1h30m"), 5400 * 10 ** 9)
+        self.assertEqual(pt.parse_duration("90s"), 90 * 10 ** 9)
+        self.assertEqual(pt.parse_duration("1.5s"), 1500 * 10 ** 6)
+        for bad in ("", "1", "1d", "-1s", "1s2"):
+            with self.subTest(bad=bad), self.assertRaises(pt.CronError):
+                pt.parse_duration(bad)
+
+
+# --------------------------------------------------------------------------
+# The task model, backoff, the due-time queue
+# --------------------------------------------------------------------------
+
+class TestTaskModel(unittest.TestCase):
+    def test_json_round_trip_and_types(self):
+        task = pt.Task("ab" * 16, "http://x/y", b"\x00\xff", 201, "", next_run=5,
+                       last_error_body=b"oops", last_error_status_code=500, tries=2)
+        doc = task.to_json()
+        self.assertEqual(doc["payload"], b64(b"\x00\xff"))
+        self.assertEqual(doc["last_error_body"], b64(b"oops"))
+        back = pt.Task.from_json(json.loads(json.dumps(doc)))
+        self.assertEqual(back.to_json(), doc)
+
+    def test_original_layout_record(self):
+        original = {"id": "0123456789ab", "url": "http://a/b", "payload": b64(b"{}"),
+                    "expected": 0, "schedule": "", "next_run": 1600000000000000000,
+                    "tries": 3, "last_error_body": None, "last_error_status_code": 0}
+        task = pt.Task.from_json(original)
+        self.assertEqual((task.expected, task.payload, task.tries), (200, b"{}", 3))
+        self.assertEqual(task.next_scheduled_run, 1600000000000000000)
+
+    def test_cron_id_is_sha1_of_url_payload_schedule(self):
+        self.assertEqual(pt.cron_id("http://a/b", b"xyz", "@daily"),
+                         hashlib.sha1(b"http://a/bxyz@daily").hexdigest())
+
+    def test_ids(self):
+        self.assertRegex(pt.new_id(), r"^[0-9a-f]{32}$")
+        self.assertRegex(pt.new_id(6), r"^[0-9a-f]{12}$")
+
+
+class TestBackoff(unittest.TestCase):
+    def dispatcher(self, **kw):
+        return pt.Dispatcher(None, None, None, rng=random.Random(7), **kw)
+
+    def test_exponential_with_jitter_and_cap(self):
+        d = self.dispatcher(min_backoff=1.0, max_backoff=86400.0)
+        for tries in range(1, 12):
+            base = 4.0 ** (tries - 1)
+            for _ in range(20):
+                delay = d.backoff(tries)
+                self.assertGreaterEqual(delay, min(base * 0.7, 86400))
+                self.assertLessEqual(delay, min(base * 1.3, 86400))
+        self.assertEqual(d.backoff(40), 86400.0)
+
+    def test_jitter_goes_both_ways(self):
+        d = self.dispatcher(min_backoff=10.0)
+        delays = [d.backoff(1) for _ in range(200)]
+        self.assertTrue(any(x < 10 for x in delays) and any(x > 10 for x in delays))
+
+    def test_retry_after_is_a_floor_still_capped(self):
+        d = self.dispatcher(min_backoff=1.0, max_backoff=100.0)
+        self.assertGreaterEqual(d.backoff(1, retry_after=30), 30)
+        self.assertEqual(d.backoff(1, retry_after=1000), 100.0)
+
+    def test_parse_retry_after(self):
+        self.assertEqual(pt.parse_retry_after("120", 0), 120.0)
+        self.assertAlmostEqual(pt.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT",
+                                                    1445412470.0), 10.0)
+        self.assertIsNone(pt.parse_retry_after("soon", 0))
+        self.assertIsNone(pt.parse_retry_after(None, 0))
+
+
+class TestDueQueue(unittest.TestCase):
+    def test_order_and_ties(self):
+        q = pt.DueQueue()
+        q.put_task(3, "c", 0)
+        q.put_task(1, "a", 0)
+        q.put_task(1, "b", 0)
+        self.assertEqual([q.get_due()[2] for _ in range(3)], ["a", "b", "c"])
+
+    def test_sleeps_until_due_and_wakes_for_earlier(self):
+        q = pt.DueQueue()
+        now = time.time_ns()
+        q.put_task(now + 30 * 10 ** 9, "late", 0)
+        got = []
+        worker = threading.Thread(target=lambda: got.append(q.get_due()))
+        worker.start()
+        self.assertFalse(got)
+        q.put_task(now + 50 * 10 ** 6, "soon", 0)  # must wake the sleeping worker
+        worker.join(WAIT)
+        self.assertFalse(worker.is_alive())
+        self.assertEqual(got[0][2], "soon")
+        self.assertGreaterEqual(time.time_ns(), now + 50 * 10 ** 6)
+
+    def test_hold_release_close(self):
+        q = pt.DueQueue()
+        q.hold()
+        q.put_task(0, "x", 0)
+        got = []
+        worker = threading.Thread(target=lambda: got.append(q.get_due()))
+        worker.start()
+        worker.join(0.2)
+        self.assertTrue(worker.is_alive(), "a held queue must not hand out tasks")
+        q.release()
+        worker.join(WAIT)
+        self.assertEqual(got[0][2], "x")
+        worker = threading.Thread(target=lambda: got.append(q.get_due()))
+        worker.start()
+        q.close()
+        worker.join(WAIT)
+        self.assertFalse(worker.is_alive())
+        self.assertIsNone(got[1])
+
+
+# --------------------------------------------------------------------------
+# The HTTP API of the original (SPEC 1) and input validation
+# --------------------------------------------------------------------------
+
+TASK_KEYS = {"id": str, "url": str, "payload": str, "expected": int, "schedule": str,
+             "next_scheduled_run": int, "next_run": int, "tries": int, "last_run": int,
+             "last_error_status_code": int}
+
+
+class TestApi(unittest.TestCase):
+    def setUp(self):
+        self.rx = Receiver()
+        self.addCleanup(self.rx.close)
+        self.ctx = running_daemon(paused=True)
+        self.d = self.ctx.__enter__()
+        self.addCleanup(self.ctx.__exit__, None, None, None)
+
+    def push(self, **fields):
+        body = {"url": self.rx.url(), "payload": b64(b"{}"), "expected": 200,
+                "schedule": "", "delay": 0}
+        body.update(fields)
+        return call(self.d.url, "POST", "/", body)
+
+    def assert_task_shape(self, task):
+        for key, kind in TASK_KEYS.items():
+            self.assertIsInstance(task[key], kind, key)
+        self.assertIn("last_error_body", task)
+
+    def test_status(self):
+        status, _, doc = call(self.d.url, "GET", "/")
+        self.assertEqual(status, 200)
+        self.assertIs(doc["paused"], True)
+        self.assertIsInstance(doc["in_flight"], int)
+
+    def test_enqueue_answers_201_with_id_header_and_task(self):
+        status, headers, doc = self.push(payload=b64(b'{"a": 1}'), expected=202, delay=2)
+        self.assertEqual(status, 201)
+        self.assertRegex(headers["Poussetaches-Task-ID"], r"^[0-9a-f]{32}$")
+        self.assertEqual(doc["id"], headers["Poussetaches-Task-ID"])
+        self.assert_task_shape(doc)
+        self.assertEqual((doc["expected"], doc["tries"], doc["last_run"]), (202, 0, 0))
+        self.assertIsNone(doc["last_error_body"])
+        self.assertEqual(doc["last_error_status_code"], 0)
+        self.assertAlmostEqual(doc["next_run"] / 1e9, time.time() + 120, delta=10)
+
+    def test_defaults_of_a_minimal_task(self):
+        status, _, doc = call(self.d.url, "POST", "/", {"url": self.rx.url()})
+        self.assertEqual(status, 201)
+        self.assertEqual((doc["payload"], doc["expected"], doc["schedule"]), ("", 200, ""))
+        status, _, doc = self.push(payload=None, expected=0)
+        self.assertEqual((status, doc["payload"], doc["expected"]), (201, "", 200))
+
+    def test_listings_sorted_by_next_run(self):
+        ids = [self.push(delay=d)[1]["Poussetaches-Task-ID"] for d in (3, 1, 2)]
+        status, _, doc = call(self.d.url, "GET", "/waiting")
+        self.assertEqual(status, 200)
+        self.assertEqual([t["id"] for t in doc["tasks"]], [ids[1], ids[2], ids[0]])
+        self.assertEqual(doc["total"], 3)
+        for task in doc["tasks"]:
+            self.assert_task_shape(task)
+        for table in ("success", "dead", "cron"):
+            status, _, doc = call(self.d.url, "GET", "/" + table)
+            self.assertEqual((status, doc["tasks"]), (200, []))
+
+    def test_paging(self):
+        for d in range(5):
+            self.push(delay=d)
+        _, _, doc = call(self.d.url, "GET", "/waiting?limit=2&offset=1")
+        self.assertEqual((len(doc["tasks"]), doc["total"]), (2, 5))
+        _, _, full = call(self.d.url, "GET", "/waiting")
+        self.assertEqual([t["id"] for t in doc["tasks"]], [t["id"] for t in full["tasks"][1:3]])
+        for bad in ("limit=-1", "limit=abc", "limit=100001", "offset=x"):
+            status, _, doc = call(self.d.url, "GET", "/waiting?" + bad)
+            self.assertEqual(status, 400, bad)
+            self.assertIn(bad.split("=")[0], doc["error"])
+
+    def test_cron_table_dedup_and_delete(self):
+        status, headers, doc = self.push(schedule="*/5 * * * *", payload=b64(b"p"))
+        self.assertEqual(status, 201)
+        expected_id = hashlib.sha1(self.rx.url().encode() + b"p" + b"*/5 * * * *").hexdigest()
+        self.assertEqual(headers["Poussetaches-Task-ID"], expected_id)
+        status, headers, again = self.push(schedule="*/5 * * * *", payload=b64(b"p"))
+        self.assertEqual((status, headers["Poussetaches-Task-ID"]), (200, expected_id))
+        self.push()  # a plain task is in waiting, not in cron
+        _, _, cron = call(self.d.url, "GET", "/cron")
+        self.assertEqual([t["id"] for t in cron["tasks"]], [expected_id])
+        _, _, waiting = call(self.d.url, "GET", "/waiting")
+        self.assertEqual(waiting["total"], 2)
+        self.assertEqual(doc["next_run"] % (300 * 10 ** 9), 0)
+        status, _, doc = call(self.d.url, "DELETE", "/cron")
+        self.assertEqual((status, doc["deleted"]), (200, 1))
+        _, _, waiting = call(self.d.url, "GET", "/waiting")
+        self.assertEqual(waiting["total"], 1)
+
+    def test_pause_resume(self):
+        self.push()
+        self.assertEqual(call(self.d.url, "POST", "/resume")[0], 200)
+        self.rx.wait_for(1)
+        self.assertEqual(call(self.d.url, "POST", "/pause")[0], 200)
+        self.assertIs(call(self.d.url, "GET", "/")[2]["paused"], True)
+        self.push()
+        status, _, waiting = call(self.d.url, "GET", "/waiting")
+        self.assertEqual(waiting["total"], 1)  # held while paused; the API still accepts
+        call(self.d.url, "POST", "/resume")
+        self.rx.wait_for(2)
+
+    def test_unknown_path_and_wrong_method(self):
+        status, _, doc = call(self.d.url, "GET", "/nope")
+        self.assertEqual(status, 404)
+        self.assertIn("/nope", doc["error"])
+        status, headers, doc = call(self.d.url, "PUT", "/waiting")
+        self.assertEqual(status, 405)
+        self.assertEqual(headers["Allow"], "GET")
+        self.assertIn("error", doc)
+        status, headers, _ = call(self.d.url, "GET", "/pause")
+        self.assertEqual((status, headers["Allow"]), (405, "POST"))
+        status, headers, _ = call(self.d.url, "DELETE", "/")
+        self.assertEqual((status, headers["Allow"]), (405, "GET, POST"))
+
+    def test_bad_input_is_a_400_naming_the_field(self):
+        url = self.rx.url()
+        cases = [
+            (b"{not json", "invalid JSON"),
+            (b"[1, 2]", "JSON object"),
+            (b'"text"', "JSON object"),
+            (b"", "JSON object"),
+            (b'{"url": "http://a/", "delay": NaN}', "NaN"),
+            (b'{"url": "http://a/", "delay": Infinity}', "Infinity"),
+            (b"\xff\xfe", "UTF-8"),
+            (json.dumps({}).encode(), "url is required"),
+            (json.dumps({"url": 5}).encode(), "url must be"),
+            (json.dumps({"url": ""}).encode(), "url must be"),
+            (json.dumps({"url": "ftp://x/y"}).encode(), "http:// or https://"),
+            (json.dumps({"url": "file:///etc/passwd"}).encode(), "http:// or https://"),
+            (json.dumps({"url": "/relative"}).encode(), "http:// or https://"),
+            (json.dumps({"url": "http://a b/"}).encode(), "spaces"),
+            (json.dumps({"url": "http://x:99999/"}).encode(), "url is not a valid URL"),
+            (json.dumps({"url": url, "payload": "!!!"}).encode(), "payload is not valid"),
+            (json.dumps({"url": url, "payload": 5}).encode(), "payload must be"),
+            (json.dumps({"url": url, "expected": 99}).encode(), "expected"),
+            (json.dumps({"url": url, "expected": 600}).encode(), "expected"),
+            (json.dumps({"url": url, "expected": "200"}).encode(), "expected"),
+            (json.dumps({"url": url, "expected": True}).encode(), "expected"),
+            (json.dumps({"url": url, "delay": -1}).encode(), "delay must be"),
+            (json.dumps({"url": url, "delay": 1.5}).encode(), "delay must be"),
+            (json.dumps({"url": url, "delay": "5"}).encode(), "delay must be"),
+            (json.dumps({"url": url, "schedule": 5}).encode(), "schedule must be"),
+            (json.dumps({"url": url, "schedule": "61 * * * *"}).encode(),
+             "schedule: invalid cron spec '61 * * * *': minute field: 61 is out of range"),
+            (json.dumps({"url": url, "schedule": "0 0 30 2 *"}).encode(), "matches no time"),
+            (json.dumps({"url": url, "bogus": 1}).encode(), "unknown field(s): bogus"),
+        ]
+        for raw, message in cases:
+            with self.subTest(raw=raw):
+                status, headers, doc = call(self.d.url, "POST", "/", raw=raw)
+                self.assertEqual(status, 400)
+                self.assertEqual(headers["Content-Type"], "application/json")
+                self.assertIn(message, doc["error"])
+        # the daemon carries on
+        self.assertEqual(self.push()[0], 201)
+
+    def test_oversized_body_413_without_reading(self):
+        with socket.create_connection(("127.0.0.1", self.d.port), timeout=WAIT) as s:
+            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n")
+            answer = s.recv(4096)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413"), answer[:40])
+        self.assertIn(b'"error"', answer)
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.d.port, timeout=WAIT)
+        started = time.monotonic()
+        for _ in range(20):
+            conn.request("POST", "/", body=json.dumps({"url": self.rx.url()}),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            self.assertEqual(resp.status, 201)
+        conn.close()
+        # 20 answers stalled by Nagle + delayed ACK would take 20 x 40 ms
+        self.assertLess(time.monotonic() - started, 0.8)
+
+
+# --------------------------------------------------------------------------
+# Delivery and retries, against a real receiver
+# --------------------------------------------------------------------------
+
+class TestDelivery(unittest.TestCase):
+    def setUp(self):
+        self.rx = Receiver()
+        self.addCleanup(self.rx.close)
+
+    def push(self, d, path="/task", **fields):
+        body = {"url": self.rx.url(path), "payload": b64(b'{"n": 1}'), "expected": 200,
+                "schedule": "", "delay": 0}
+        body.update(fields)
+        status, headers, doc = call(d.url, "POST", "/", body)
+        self.assertIn(status, (200, 201), doc)
+        return headers["Poussetaches-Task-ID"]
+
+    def state(self, d, task_id, table):
+        _, _, doc = call(d.url, "GET", "/" + table)
+        return next((t for t in doc["tasks"] if t["id"] == task_id), None)
+
+    def test_envelope_and_headers(self):
+        with running_daemon(auth_key="s3cret") as d:
+            started = time.time()
+            task_id = self.push(d)
+            got = self.rx.wait_for(1)[0]
+            latency = got["at"] - started
+            env = got["json"]
+            self.assertEqual(set(env), {"payload", "tries", "req_id"})
+            self.assertEqual(env["payload"], b64(b'{"n": 1}'))
+            self.assertEqual(env["tries"], 1)
+            self.assertRegex(env["req_id"], r"^[0-9a-f]{12}$")
+            h = got["headers"]
+            self.assertEqual(h["Poussetaches-Auth-Key"], "s3cret")
+            self.assertEqual(h["Content-Type"], "application/json")
+            self.assertTrue(h["User-Agent"].startswith("poussetaches/"))
+            self.assertEqual((h["Poussetaches-Task-ID"], h["Poussetaches-Tries"],
+                              h["Poussetaches-Req-ID"]), (task_id, "1", env["req_id"]))
+            mac = hmac.new(b"s3cret", b"%s.%s.%s" % (task_id.encode(),
+                           h["webhook-timestamp"].encode(), got["body"]), hashlib.sha256)
+            self.assertEqual(h["webhook-signature"], "v1," + b64(mac.digest()))
+            done = wait_until(lambda: self.state(d, task_id, "success"), what="success")
+            self.assertEqual(done["tries"], 1)
+            self.assertGreater(done["last_run"], 0)
+            self.assertLess(latency, 2.0)
+            TestDelivery.latency = latency
+
+    def test_no_auth_header_without_a_key(self):
+        with running_daemon() as d:
+            self.push(d)
+            self.assertNotIn("Poussetaches-Auth-Key", self.rx.wait_for(1)[0]["headers"])
+
+    def test_failure_then_success(self):
+        self.rx.answers["/task"] = [(500, b"boom"), (500, b"boom"), (200, b"")]
+        with running_daemon() as d:
+            task_id = self.push(d)
+            got = self.rx.wait_for(3)
+            self.assertEqual([g["json"]["tries"] for g in got], [1, 2, 3])
+            self.assertEqual(len({g["json"]["req_id"] for g in got}), 3)
+            done = wait_until(lambda: self.state(d, task_id, "success"), what="success")
+            self.assertEqual(done["tries"], 3)
+            self.assertEqual(len(done["attempts"]), 3)
+            self.assertEqual([a["status"] for a in done["attempts"]], [500, 500, 200])
+
+    def test_exhaustion_moves_to_dead_with_status_and_body(self):
+        self.rx.answers["/task"] = [(418, b"I am a teapot")]
+        with running_daemon(max_tries=3) as d:
+            task_id = self.push(d)
+            dead = wait_until(lambda: self.state(d, task_id, "dead"), what="dead")
+            self.assertEqual(dead["tries"], 3)
+            self.assertEqual(dead["last_error_status_code"], 418)
+            self.assertEqual(base64.b64decode(dead["last_error_body"]), b"I am a teapot")
+            self.assertEqual(len(self.rx.got), 3)
+            self.assertIsNone(self.state(d, task_id, "waiting"))
+
+    def test_expected_status_other_than_200(self):
+        self.rx.answers["/task"] = [(200, b""), (204, b"")]
+        with running_daemon() as d:
+            task_id = self.push(d, expected=204)
+            wait_until(lambda: self.state(d, task_id, "success"), what="success")
+            self.assertEqual(len(self.rx.got), 2)
+
+    def test_refused_connection_is_minus_one(self):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()  # nothing listens there now
+        with running_daemon(max_tries=2) as d:
+            status, headers, _ = call(d.url, "POST", "/", {"url": "http://127.0.0.1:%d/x" % port})
+            task_id = headers["Poussetaches-Task-ID"]
+            dead = wait_until(lambda: self.state(d, task_id, "dead"), what="dead")
+            self.assertEqual(dead["last_error_status_code"], -1)
+            self.assertIn(b"refused", base64.b64decode(dead["last_error_body"]).lower())
+
+    def test_timeout_is_minus_one(self):
+        self.rx.answers["/slow"] = [(200, b"", {}, 3.0)]
+        with running_daemon(max_tries=1, timeout=0.3) as d:
+            started = time.monotonic()
+            task_id = self.push(d, path="/slow")
+            dead = wait_until(lambda: self.state(d, task_id, "dead"), what="dead")
+            self.assertLess(time.monotonic() - started, 2.9)
+            self.assertEqual(dead["last_error_status_code"], -1)
+            self.assertIn(b"timed out", base64.b64decode(dead["last_error_body"]))
+
+    def test_per_task_timeout(self):
+        self.rx.answers["/slow"] = [(200, b"", {}, 1.0)]
+        with running_daemon(max_tries=1, timeout=30) as d:
+            task_id = self.push(d, path="/slow", timeout_s=0.2)
+            dead = wait_until(lambda: self.state(d, task_id, "dead"), what="dead")
+            self.assertEqual(dead["last_error_status_code"], -1)
+
+    def test_retry_after_is_honoured(self):
+        self.rx.answers["/busy"] = [(503, b"", {"Retry-After": "1"}), (200, b"")]
+        with running_daemon(min_backoff=0.01, max_backoff=60) as d:
+            self.push(d, path="/busy")
+            first, second = self.rx.wait_for(2)
+            self.assertGreaterEqual(second["at"] - first["at"], 0.95)
+
+    def test_redirect_is_not_followed(self):
+        self.rx.answers["/moved"] = [(302, b"", {"Location": self.rx.url("/target")})]
+        with running_daemon(max_tries=1) as d:
+            task_id = self.push(d, path="/moved")
+            dead = wait_until(lambda: self.state(d, task_id, "dead"), what="dead")
+            self.assertEqual(dead["last_error_status_code"], 302)
+            self.assertEqual([g["path"] for g in self.rx.got], ["/moved"])
+
+    def test_410_is_dead_at_once(self):
+        self.rx.answers["/gone"] = [(410, b"gone")]
+        with running_daemon(max_tries=10) as d:
+            task_id = self.push(d, path="/gone")
+            dead = wait_until(lambda: self.state(d, task_id, "dead"), what="dead")
+            self.assertEqual((dead["tries"], len(self.rx.got)), (1, 1))
+
+    def test_error_body_is_cut(self):
+        self.rx.answers["/big"] = [(500, b"x" * 100_000)]
+        with running_daemon(max_tries=1) as d:
+            task_id = self.push(d, path="/big")
+            dead = wait_until(lambda: self.state(d, task_id, "dead"), what="dead")
+            self.assertEqual(len(base64.b64decode(dead["last_error_body"])), 4096)
+
+    def test_cron_runs_and_keeps_its_schedule(self):
+        with running_daemon() as d:
+            task_id = self.push(d, path="/cron", schedule="@every 1s")
+            self.rx.wait_for(2, path="/cron")
+            cron = self.state(d, task_id, "cron")
+            self.assertEqual(cron["tries"], 0)
+            _, _, success = call(d.url, "GET", "/success")
+            copies = [t for t in success["tasks"] if t["cron_id"] == task_id]
+            self.assertGreaterEqual(len(copies), 2)
+
+    def test_failing_cron_occurrence_is_recorded_dead_and_schedule_goes_on(self):
+        self.rx.answers["/cron"] = [(500, b"nope")]
+        with running_daemon(max_tries=2, min_backoff=0.05, max_backoff=0.1) as d:
+            task_id = self.push(d, path="/cron", schedule="@every 1s")
+            wait_until(lambda: call(d.url, "GET", "/dead")[2]["total"] >= 2, what="2 dead runs")
+            cron = self.state(d, task_id, "cron")
+            self.assertIsNotNone(cron, "the schedule must survive failures")
+            _, _, dead = call(d.url, "GET", "/dead")
+            for run in dead["tasks"]:
+                self.assertEqual((run["cron_id"], run["schedule"], run["tries"]), (task_id, "", 2))
+
+    def test_rate_limit(self):
+        with running_daemon(rate=5, burst=1) as d:
+            for _ in range(4):
+                self.push(d)
+            got = self.rx.wait_for(4)
+            span = got[-1]["at"] - got[0]["at"]
+            self.assertGreaterEqual(span, 0.55)  # 3 gaps of 0.2 s, less clock slack
+
+
+# --------------------------------------------------------------------------
+# Storage: journal, group commit, snapshots, recovery
+# --------------------------------------------------------------------------
+
+class TestStorage(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="pt-store-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def store(self):
+        return pt.Store(self.dir, pt.DueQueue())
+
+    def task(self, n=0):
+        return pt.Task(pt.new_id(), "http://127.0.0.1:1/%d" % n, b"p%d" % n, next_run=n)
+
+    def test_group_commit_writes_queued_records_at_once(self):
+        journal = pt.Journal(self.dir, 1)
+        tickets = [journal.append({"op": "del", "id": str(i)}) for i in range(10)]
+        journal.start()  # the writer finds all ten waiting: one write, one fsync
+        for t in tickets:
+            t.wait()
+        self.assertEqual((journal.records, journal.commits), (10, 1))
+        journal.close()
+
+    def test_concurrent_adds_share_fsyncs(self):
+        s = self.store()
+        s.start()
+        threads = [threading.Thread(target=s.add, args=(self.task(i),)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        self.assertEqual(s.counts()["waiting"], 40)
+        self.assertLessEqual(s.journal.commits, 40)
+        s.close()
+
+    def test_recovery_from_journal_and_snapshot(self):
+        s = self.store()
+        s.start()
+        tasks = [self.task(i) for i in range(5)]
+        for t in tasks:
+            s.add(t)
+        s.snapshot()
+        s.add(self.task(9))
+        s.delete(tasks[0].id)
+        s.close()
+        names = sorted(os.listdir(self.dir))
+        self.assertIn("snapshot.json", names)
+        self.assertEqual(len([n for n in names if n.startswith("journal")]), 1)
+        again = self.store()
+        self.assertEqual(again.counts()["waiting"], 5)
+        self.assertIsNone(again.get(tasks[0].id)[1])
+        self.assertEqual(again.recovery["snapshot_tasks"], 5)
+        self.assertEqual(again.recovery["journal_records"], 2)
+
+    def test_files_are_private(self):
+        s = self.store()
+        s.start()
+        s.add(self.task())
+        s.snapshot()
+        s.close()
+        for name in os.listdir(self.dir):
+            self.assertEqual(os.stat(os.path.join(self.dir, name)).st_mode & 0o077, 0, name)
+
+    def write_journal(self, n):
+        s = self.store()
+        s.start()
+        ids = []
+        for i in range(n):
+            t = self.task(i)
+            s.add(t)
+            ids.append(t.id)
+        s.close()
+        name = [n for n in os.listdir(self.dir) if n.startswith("journal")][0]
+        return os.path.join(self.dir, name), ids
+
+    def test_torn_last_record_is_dropped(self):
+        path, ids = self.write_journal(3)
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            last_len = len(f.read().split(b"\n")[-2]) + 1
+        for cut in (1, last_len // 2, last_len - 1):
+            with self.subTest(cut=cut):
+                with open(path, "r+b") as f:
+                    f.truncate(size - cut)
+                with self.assertLogs("poussetaches", "WARNING") as logs:
+                    s = self.store()
+                self.assertEqual(s.counts()["waiting"], 2)
+                self.assertEqual(s.recovery["torn_records"], 1)
+                self.assertTrue(any("torn" in line for line in logs.output))
+                for task_id in ids[:2]:
+                    self.assertIsNotNone(s.get(task_id)[1])
+
+    def test_corrupt_middle_record_is_skipped_and_counted(self):
+        path, ids = self.write_journal(3)
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+        lines[1] = lines[1][:40] + (b"X" if lines[1][40:41] != b"X" else b"Y") + lines[1][41:]
+        with open(path, "wb") as f:
+            f.write(b"\n".join(lines))
+        with self.assertLogs("poussetaches", "WARNING"):
+            s = self.store()
+        self.assertEqual(s.recovery["corrupt_records"], 1)
+        self.assertIsNotNone(s.get(ids[0])[1])
+        self.assertIsNone(s.get(ids[1])[1])
+        self.assertIsNotNone(s.get(ids[2])[1])
+
+    def test_import_original_layout(self):
+        ns = 1700000000 * 10 ** 9
+        for table, n in (("waiting", 3), ("dead", 2), ("success", 1)):
+            os.makedirs(os.path.join(self.dir, table))
+            for i in range(n):
+                task_id = "%s%02d" % (table[:2], i)
+                with open(os.path.join(self.dir, table, task_id), "w") as f:
+                    json.dump({"id": task_id, "url": "http://127.0.0.1:9/%s" % table,
+                               "payload": b64(b"hello"), "expected": 200,
+                               "schedule": "", "next_run": ns + i, "tries": i,
+                               "last_error_body": b64(b"err") if table == "dead" else None,
+                               "last_error_status_code": 500 if table == "dead" else 0}, f)
+        with open(os.path.join(self.dir, "waiting", "broken"), "w") as f:
+            f.write("{not json")
+        with self.assertLogs("poussetaches", "INFO") as logs:
+            s = self.store()
+        self.assertTrue(any("imported 6 tasks" in line for line in logs.output))
+        self.assertEqual(s.counts(), {"waiting": 3, "success": 1, "dead": 2, "cron": 0})
+        state, doc = s.get("de01")
+        self.assertEqual((state, doc["tries"], doc["last_error_status_code"]), ("dead", 1, 500))
+        self.assertEqual(base64.b64decode(doc["payload"]), b"hello")
+        s.start()
+        s.snapshot()
+        s.close()
+        self.assertTrue(os.path.isdir(os.path.join(self.dir, "waiting")))  # left untouched
+        self.assertEqual(len(os.listdir(os.path.join(self.dir, "waiting"))), 4)
+        again = self.store()  # imported once: the snapshot holds them now
+        self.assertEqual(again.recovery["imported"], 0)
+        self.assertEqual(again.counts()["waiting"], 3)
+
+    def test_second_daemon_is_refused(self):
+        with running_daemon(data_dir=os.path.join(self.dir, "d")):
+            second = pt.Daemon(port=0, data_dir=os.path.join(self.dir, "d"))
+            with self.assertRaises(pt.LockedError) as ctx:
+                second.start()
+            self.assertIn("another poussetaches", str(ctx.exception))
+
+    def test_disk_error_gives_503_and_recovers(self):
+        broken = threading.Event()
+
+        def opener(path, flags, mode=0o777):
+            if broken.is_set():
+                raise OSError(28, "No space left on device")
+            return os.open(path, flags, mode)
+
+        with receiver() as rx, running_daemon(data_dir=os.path.join(self.dir, "d"),
+                                              opener=opener) as d:
+            ok = call(d.url, "POST", "/", {"url": rx.url()})
+            self.assertEqual(ok[0], 201)
+            broken.set()
+            d.store.journal._close_quietly()  # the next write must reopen the file, and fails
+            status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/lost")})
+            self.assertEqual(status, 503)
+            self.assertIn("No space left", doc["error"])
+            self.assertIs(call(d.url, "GET", "/")[2]["healthy"], False)
+            self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 0)
+            broken.clear()
+            status, _, _ = call(d.url, "POST", "/", {"url": rx.url()})
+            self.assertEqual(status, 201)
+            self.assertIs(call(d.url, "GET", "/")[2]["healthy"], True)
+            rx.wait_for(2)
+            self.assertNotIn("/lost", [g["path"] for g in rx.got])
+
+
+# --------------------------------------------------------------------------
+# Crash recovery with a real daemon process
+# --------------------------------------------------------------------------
+
+class DaemonProcess:
+    """``python3 poussetaches.py serve`` in a subprocess, on a free port."""
+
+    def __init__(self, data_dir, *args, env=None):
+        cmd = [sys.executable, os.path.join(HERE, "poussetaches.py"), "serve", "--port", "0",
+               "--data-dir", data_dir, "--min-backoff", "0.05", "--max-backoff", "0.2"]
+        self.proc = subprocess.Popen(cmd + list(args), stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, env=env, cwd=HERE)
+        self.lines = []
+        self.url = None
+        deadline = time.monotonic() + WAIT
+        for line in self.proc.stderr:
+            line = line.decode()
+            self.lines.append(line)
+            match = re.search(r"serving on (http://\S+)", line)
+            if match:
+                self.url = match.group(1)
+                break
+            if time.monotonic() > deadline:
+                break
+        if self.url is None:
+            self.proc.kill()
+            raise AssertionError("daemon did not start:\n" + "".join(self.lines))
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
+
+    def _read_rest(self):
+        for line in self.proc.stderr:
+            self.lines.append(line.decode())
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        return self._reap()
+
+    def terminate(self):
+        self.proc.send_signal(signal.SIGTERM)
+        return self._reap()
+
+    def _reap(self):
+        code = self.proc.wait(WAIT)
+        self._drain.join(WAIT)
+        self.proc.stderr.close()
+        return code
+
+
+class TestCrash(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="pt-crash-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.data = os.path.join(self.dir, "data")
+
+    def test_sigkill_keeps_every_acknowledged_task(self):
+        with receiver() as rx:
+            daemon = DaemonProcess(self.data, "--paused")
+            acked = set()
+            try:
+                def client(n):
+                    for i in range(n):
+                        status, headers, _ = call(daemon.url, "POST", "/",
+                                                  {"url": rx.url("/t"), "delay_s": 0})
+                        if status == 201:
+                            acked.add(headers["Poussetaches-Task-ID"])
+                threads = [threading.Thread(target=client, args=(25,)) for _ in range(4)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(WAIT)
+            finally:
+                daemon.kill()
+            self.assertEqual(len(acked), 100)
+            again = DaemonProcess(self.data, "--paused")
+            try:
+                _, _, doc = call(again.url, "GET", "/waiting?limit=1000")
+                self.assertEqual({t["id"] for t in doc["tasks"]}, acked)
+                call(again.url, "POST", "/resume")
+                rx.wait_for(100)
+                self.assertEqual(again.terminate(), 0)
+            finally:
+                if again.proc.poll() is None:
+                    again.kill()
+            self.assertTrue(any("stopped" in line for line in again.lines))
+
+    def test_sigterm_stops_gracefully_with_a_snapshot(self):
+        with receiver() as rx:
+            daemon = DaemonProcess(self.data, "--paused")
+            call(daemon.url, "POST", "/", {"url": rx.url()})
+            self.assertEqual(daemon.terminate(), 0)
+        with open(os.path.join(self.data, "snapshot.json")) as f:
+            self.assertEqual(len(json.load(f)["waiting"]), 1)
+        self.assertEqual(os.stat(self.data).st_mode & 0o777, 0o700)
+
+    def test_second_process_refused_with_clear_message(self):
+        first = DaemonProcess(self.data)
+        try:
+            proc = subprocess.run([sys.executable, os.path.join(HERE, "poussetaches.py"),
+                                   "--port", "0", "--data-dir", self.data],
+                                  capture_output=True, timeout=WAIT)
+            self.assertEqual(proc.returncode, 1)
+            self.assertIn(b"another poussetaches (pid %d)" % first.proc.pid, proc.stderr)
+        finally:
+            first.terminate()
+
+
+if __name__ == "__main__":
+    unittest.main()
