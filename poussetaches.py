@@ -748,6 +748,9 @@ class Store:
         for seq, name in files:
             if seq < first_seq:
                 continue
+            if os.path.getsize(os.path.join(self.directory, name)) == 0:
+                os.unlink(os.path.join(self.directory, name))  # nothing to lose
+                continue
             records, corrupt, torn = read_journal(os.path.join(self.directory, name))
             stats["corrupt_records"] += corrupt
             stats["torn_records"] += torn
@@ -759,6 +762,8 @@ class Store:
                     stats["corrupt_records"] += 1
         if not files and not os.path.exists(path):
             stats["imported"] = self._import_original()
+        if stats["journal_records"] or stats["corrupt_records"] or stats["torn_records"]:
+            self._dirty.set()  # compact the replayed journal into a snapshot soon
         self._trim_success()
         self.recovery = stats
         logger.info(
@@ -1017,7 +1022,12 @@ class Store:
         with self._lock:
             self._inflight.pop(task_id, None)
             task = self._tables["waiting"].get(task_id)
-            if task is None or task.version != version:
+            if task is None:
+                return None
+            if task.version != version:
+                # redriven during the attempt: its new queue entry may have been
+                # skipped while this attempt was in flight, so queue it again
+                self._schedule(task)
                 return None
             table, copies = decide(task)
             task.version += 1
@@ -1320,7 +1330,10 @@ class Delivery:
                 raise urllib.error.URLError("unsupported URL scheme")
             with response:
                 status = response.status
-                body = response.read(RESPONSE_READ_LIMIT)
+                try:
+                    body = response.read(RESPONSE_READ_LIMIT)
+                except (OSError, http.client.HTTPException) as exc:  # the status still counts
+                    body = ("%s while reading the answer" % type(exc).__name__).encode()
                 if status in (429, 503):
                     retry_after = parse_retry_after(response.headers.get("Retry-After"),
                                                     started / 1e9)
@@ -1465,7 +1478,7 @@ class Dispatcher:
                     and task.tries < (task.max_tries or self.max_tries)):
                 task.next_run = retry_at
                 return "waiting", []
-        record = task.copy(id=new_id(), cron_id=task.id, schedule="")
+        record = task.copy(id=new_id(), cron_id=task.id, schedule="", idempotency_key=None)
         copies = [("success" if error is None else "dead", record)]
         if error is not None:
             buried.append(record.to_json())
@@ -1816,7 +1829,7 @@ class Api:
         task = self.new_task(doc, headers, self.daemon.clock())
         task, created = self.store.add(task)
         if created:
-            logger.info("task %s queued for %s%s", task.id, task.url,
+            logger.debug("task %s queued for %s%s", task.id, task.url,
                         " (%s)" % task.schedule if task.schedule else "")
         _, view = self.store.get(task.id)
         return (201 if created else 200), view or task.to_json(), {"Poussetaches-Task-ID": task.id}
@@ -2109,6 +2122,8 @@ class Daemon:
             raise
         self.port = self.server.server_address[1]
         self.store.start()
+        if self.store.snapshot_wanted():
+            self._wake.set()
         self.dispatcher.start()
         # socketserver's shutdown() is noticed at the next poll_interval tick
         serve = lambda: self.server.serve_forever(poll_interval=0.1)

@@ -399,6 +399,88 @@ class TestBackoff(unittest.TestCase):
         self.assertIsNone(pt.parse_retry_after(None, 0))
 
 
+class FakeClock:
+    """An injected wall clock (Unix ns) that only moves when told."""
+
+    def __init__(self, start):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+
+class TestPolicy(unittest.TestCase):
+    """Dispatcher.decide: what an outcome does to a task, with an injected clock."""
+
+    T0 = ts("2026-01-01T00:00:00+00:00")
+
+    def setUp(self):
+        self.clock = FakeClock(self.T0)
+        self.d = pt.Dispatcher(None, None, None, max_tries=3, min_backoff=1.0,
+                               max_backoff=3600.0, clock=self.clock, rng=random.Random(1),
+                               cron_tz=UTC)
+
+    def outcome(self, status, body=b""):
+        return pt.Outcome(status, body, self.clock.now, 0.01, None, "r" * 12)
+
+    def test_retry_then_dead(self):
+        task = pt.Task("a" * 32, "http://x/", next_run=self.T0)
+        buried = []
+        self.assertEqual(self.d.decide(task, self.outcome(500, b"e"), buried), ("waiting", []))
+        self.assertTrue(0.7e9 <= task.next_run - self.T0 <= 1.3e9)
+        self.assertEqual((task.tries, task.last_error_status_code, task.last_error_body),
+                         (1, 500, b"e"))
+        self.d.decide(task, self.outcome(500), buried)
+        self.assertTrue(2.8e9 <= task.next_run - self.T0 <= 5.2e9)  # 4 s +/- 30 %
+        self.assertEqual(self.d.decide(task, self.outcome(-1, b"refused"), buried), ("dead", []))
+        self.assertEqual(len(buried), 1)
+        self.assertEqual([a["status"] for a in task.attempts], [500, 500, -1])
+
+    def test_per_task_max_tries_and_410(self):
+        task = pt.Task("a" * 32, "http://x/", max_tries=1)
+        self.assertEqual(self.d.decide(task, self.outcome(500), [])[0], "dead")
+        task = pt.Task("b" * 32, "http://x/")
+        self.assertEqual(self.d.decide(task, self.outcome(410), [])[0], "dead")
+        task = pt.Task("c" * 32, "http://x/", expected=410)
+        self.assertEqual(self.d.decide(task, self.outcome(410), [])[0], "success")
+
+    def test_attempt_history_keeps_ten(self):
+        d = pt.Dispatcher(None, None, None, max_tries=50, clock=self.clock, rng=random.Random(1))
+        task = pt.Task("a" * 32, "http://x/")
+        for _ in range(15):
+            d.decide(task, self.outcome(500, b"x" * 1000), [])
+        self.assertEqual(len(task.attempts), 10)
+        self.assertEqual(len(task.attempts[-1]["error"]), pt.ATTEMPT_ERROR_LIMIT)
+
+    def test_cron_success_coalesces_missed_runs(self):
+        occurrence = self.T0
+        task = pt.Task("c" * 40, "http://x/", schedule="*/5 * * * *", next_run=occurrence)
+        self.clock.now = occurrence + 17 * 60 * 10 ** 9  # the daemon was down 17 minutes
+        table, copies = self.d.decide(task, self.outcome(200), [])
+        self.assertEqual(table, "waiting")
+        self.assertEqual(task.next_run, occurrence + 20 * 60 * 10 ** 9)  # one run, then 00:20
+        self.assertEqual((task.tries, task.next_scheduled_run), (0, task.next_run))
+        self.assertEqual(copies[0][0], "success")
+        self.assertEqual((copies[0][1].cron_id, copies[0][1].schedule), (task.id, ""))
+        self.assertNotEqual(copies[0][1].id, task.id)
+
+    def test_cron_failure_retries_but_never_past_next_occurrence(self):
+        task = pt.Task("c" * 40, "http://x/", schedule="* * * * *", next_run=self.T0)
+        d = pt.Dispatcher(None, None, None, max_tries=12, min_backoff=20.0, clock=self.clock,
+                          rng=random.Random(1), cron_tz=UTC)
+        buried = []
+        self.assertEqual(d.decide(task, self.outcome(500), buried), ("waiting", []))
+        self.assertEqual(task.tries, 1)  # a retry 14-26 s later, before 00:01
+        self.clock.now = task.next_run
+        table, copies = d.decide(task, self.outcome(500), buried)  # next: 56-104 s, too late
+        self.assertEqual(table, "waiting")
+        self.assertEqual(copies[0][0], "dead")
+        self.assertEqual(copies[0][1].tries, 2)
+        self.assertEqual(task.next_run, self.T0 + 60 * 10 ** 9)
+        self.assertEqual(task.tries, 0)
+        self.assertEqual(len(buried), 1)
+
+
 class TestDueQueue(unittest.TestCase):
     def test_order_and_ties(self):
         q = pt.DueQueue()
