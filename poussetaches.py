@@ -1236,6 +1236,101 @@ class RateLimiter:
                 return False
 
 
+UNAVAILABLE = frozenset((-1, 429, 502, 503, 504))  # the origin is down, not the task wrong
+BREAKER_THRESHOLD = 5        # consecutive unavailable outcomes that open a breaker
+BREAKER_FIRST_PROBE = 1.0    # seconds; doubles after each failed probe
+BREAKER_MAX_PROBE = 60.0
+
+
+def origin_of(url):
+    """(scheme, host, port) of a URL: the unit a circuit breaker guards."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return "%s://%s:%s" % (parts.scheme, parts.hostname, port or
+                           (443 if parts.scheme == "https" else 80))
+
+
+class _Breaker:
+    __slots__ = ("open_until", "backoff", "probing", "held")
+
+    def __init__(self, now, backoff):
+        self.backoff = backoff
+        self.open_until = now + int(backoff * 1e9)
+        self.probing = False
+        self.held = []       # entries parked while the probe is out
+
+
+class Breakers:
+    """Per-origin circuit breakers, so that an app restart does not burn retries.
+
+    After ``BREAKER_THRESHOLD`` consecutive unavailable outcomes from one
+    origin, its tasks are held without spending tries: a held entry goes back
+    on the DueQueue at the next probe time.  The first of them to come out
+    then is the probe (a real attempt, which counts for its task); the others
+    wait for its outcome.  A failed probe doubles the wait (up to
+    ``BREAKER_MAX_PROBE`` s); any answer that is not "unavailable" closes the
+    breaker and releases everything held.  ``_lock`` guards both dicts.
+    """
+
+    def __init__(self, due, clock=time.time_ns, threshold=BREAKER_THRESHOLD):
+        self.due = due
+        self.clock = clock
+        self.threshold = threshold
+        self._lock = threading.Lock()
+        self._failures = {}   # origin -> consecutive unavailable outcomes
+        self._open = {}       # origin -> _Breaker
+
+    def open_origins(self):
+        with self._lock:
+            return sorted(self._open)
+
+    def admit(self, origin, entry):
+        """May this entry's attempt go now?  If not, it is parked (and re-queued later)."""
+        with self._lock:
+            breaker = self._open.get(origin)
+            if breaker is None:
+                return True
+            if not breaker.probing and self.clock() >= breaker.open_until:
+                breaker.probing = True
+                return True
+            if breaker.probing:
+                breaker.held.append(entry)
+            else:
+                self.due.put_task(breaker.open_until, entry[2], entry[3])
+            return False
+
+    def record(self, origin, unavailable):
+        """Feed one attempt's outcome for ``origin``."""
+        with self._lock:
+            breaker = self._open.get(origin)
+            if not unavailable:
+                self._failures.pop(origin, None)
+                if breaker is not None:
+                    del self._open[origin]
+                    logger.info("%s answers again: circuit closed, %d held tasks released",
+                                origin, len(breaker.held))
+                    for entry in breaker.held:
+                        self.due.put_task(self.clock(), entry[2], entry[3])
+                return
+            count = self._failures[origin] = self._failures.get(origin, 0) + 1
+            now = self.clock()
+            if breaker is None:
+                if count >= self.threshold:
+                    self._open[origin] = _Breaker(now, BREAKER_FIRST_PROBE)
+                    logger.warning("%s failed %d times in a row: circuit open, its tasks "
+                                   "wait without spending tries", origin, count)
+            elif breaker.probing:
+                breaker.probing = False
+                breaker.backoff = min(breaker.backoff * 2, BREAKER_MAX_PROBE)
+                breaker.open_until = now + int(breaker.backoff * 1e9)
+                for entry in breaker.held:
+                    self.due.put_task(breaker.open_until, entry[2], entry[3])
+                breaker.held = []
+
+
 def build_opener():
     """An opener for http and https only: no redirects, proxies, file/ftp/data."""
     opener = urllib.request.OpenerDirector()
@@ -1374,6 +1469,7 @@ class Dispatcher:
         self._stopping = threading.Event()
         self._threads = []
         self._specs = {}                     # schedule -> CronSpec; grows with distinct specs
+        self.breakers = Breakers(due, clock)
         self.attempts = collections.Counter()  # outcome class -> count, for /metrics
 
     def start(self):
@@ -1419,15 +1515,21 @@ class Dispatcher:
             task = self.store.claim(task_id, version)
             if task is None:
                 continue  # cancelled, redriven or rescheduled since it was queued
+            origin = origin_of(task.url)
+            if not self.breakers.admit(origin, item):
+                self.store.release(task_id)
+                continue
             try:
-                self._deliver(task, version)
+                self._deliver(task, version, origin)
             except Exception:  # a bug here must not kill the worker or lose the task
                 logger.exception("unexpected error delivering task %s", task_id)
                 self.store.release(task_id)
                 self.due.put_task(self.clock() + int(self.min_backoff * 1e9), task_id, version)
 
-    def _deliver(self, task, version):
+    def _deliver(self, task, version, origin):
         outcome = self.delivery.attempt(task)
+        self.breakers.record(origin, outcome.status in UNAVAILABLE and
+                             outcome.status != task.expected)
         ok = outcome.status == task.expected
         self.attempts["success" if ok else ("error" if outcome.status < 0 else "failure")] += 1
         buried = []
@@ -1673,6 +1775,9 @@ class Api:
             raise HTTPError(400, "%s is longer than 4096 characters" % field)
         if re.search(r"[\x00-\x20\x7f]", url):
             raise HTTPError(400, "%s must not contain spaces or control characters" % field)
+        if not url.isascii():
+            raise HTTPError(400, "%s must be ASCII: percent-encode the path and use the "
+                            "punycode form of the host" % field)
         try:
             parts = urllib.parse.urlsplit(url)
             parts.port  # raises ValueError on a bad port
@@ -1822,6 +1927,7 @@ class Api:
             "dead": counts["dead"], "cron": counts["cron"],
             "healthy": journal.healthy,
             "journal_errors": journal.errors,
+            "open_breakers": self.daemon.dispatcher.breakers.open_origins(),
         }, {}
 
     def enqueue(self, headers, read_body, **_):

@@ -876,6 +876,465 @@ class TestDelivery(unittest.TestCase):
 
 
 # --------------------------------------------------------------------------
+# The API beyond the original (SPEC 2), extra delivery rules, security (SPEC 5)
+# --------------------------------------------------------------------------
+
+class TestTaskCalls(unittest.TestCase):
+    def setUp(self):
+        self.rx = Receiver()
+        self.addCleanup(self.rx.close)
+        self.ctx = running_daemon(max_tries=1)
+        self.d = self.ctx.__enter__()
+        self.addCleanup(self.ctx.__exit__, None, None, None)
+
+    def push(self, path="/task", expect=201, http_headers=None, **fields):
+        body = {"url": self.rx.url(path)}
+        body.update(fields)
+        status, hdrs, doc = call(self.d.url, "POST", "/", body, headers=http_headers)
+        self.assertEqual(status, expect, doc)
+        return doc
+
+    def get(self, task_id):
+        return call(self.d.url, "GET", "/tasks/" + task_id)
+
+    def test_get_task_in_each_state(self):
+        self.rx.answers["/fail"] = [(500, b"no")]
+        later = self.push(delay_s=3600)
+        ok = self.push()
+        bad = self.push("/fail")
+        self.rx.wait_for(2)
+        wait_until(lambda: self.get(bad["id"])[2].get("state") == "dead", what="dead")
+        wait_until(lambda: self.get(ok["id"])[2].get("state") == "success", what="success")
+        status, _, doc = self.get(later["id"])
+        self.assertEqual((status, doc["state"], doc["id"]), (200, "waiting", later["id"]))
+        status, _, doc = self.get("0" * 32)
+        self.assertEqual(status, 404)
+        self.assertIn("0" * 32, doc["error"])
+
+    def test_delete_task(self):
+        later = self.push(delay_s=3600)
+        status, _, doc = call(self.d.url, "DELETE", "/tasks/" + later["id"])
+        self.assertEqual((status, doc["state"]), (200, "waiting"))
+        self.assertEqual(self.get(later["id"])[0], 404)
+        self.assertEqual(call(self.d.url, "DELETE", "/tasks/" + later["id"])[0], 404)
+        ok = self.push()
+        wait_until(lambda: self.get(ok["id"])[2].get("state") == "success", what="success")
+        self.assertEqual(call(self.d.url, "DELETE", "/tasks/" + ok["id"])[0], 200)
+        self.assertEqual(self.get(ok["id"])[0], 404)
+
+    def test_run_now_and_redrive_with_overrides(self):
+        later = self.push(delay_s=3600, json={"v": 1})
+        status, _, doc = call(self.d.url, "POST", "/tasks/%s/run" % later["id"])
+        self.assertEqual((status, doc["state"]), (200, "waiting"))
+        got = self.rx.wait_for(1)[0]
+        self.assertEqual(base64.b64decode(got["json"]["payload"]), b'{"v":1}')
+        self.rx.answers["/fail"] = [(500, b"no")]
+        bad = self.push("/fail")
+        wait_until(lambda: self.get(bad["id"])[2].get("state") == "dead", what="dead")
+        status, _, doc = call(self.d.url, "POST", "/tasks/%s/run" % bad["id"],
+                              {"url": self.rx.url("/fixed"), "json": {"v": 2},
+                               "headers": {"X-Why": "redrive"}, "max_tries": 3})
+        self.assertEqual((status, doc["tries"], doc["max_tries"]), (200, 0, 3))
+        got = self.rx.wait_for(1, path="/fixed")[0]
+        self.assertEqual(base64.b64decode(got["json"]["payload"]), b'{"v":2}')
+        self.assertEqual(got["headers"]["X-Why"], "redrive")
+        self.assertEqual(got["json"]["tries"], 1)
+        wait_until(lambda: self.get(bad["id"])[2].get("state") == "success", what="success")
+        status, _, doc = call(self.d.url, "POST", "/tasks/%s/run" % bad["id"])
+        self.assertEqual(status, 404)  # a success record cannot be run
+        status, _, doc = call(self.d.url, "POST", "/tasks/%s/run" % bad["id"], {"bogus": 1})
+        self.assertEqual(status, 400)
+
+    def test_retry_dead_with_prefix_and_purge(self):
+        self.rx.answers["/a/1"] = [(500, b""), (200, b"")]
+        self.rx.answers["/b/1"] = [(500, b""), (200, b"")]
+        a, b = self.push("/a/1"), self.push("/b/1")
+        wait_until(lambda: call(self.d.url, "GET", "/dead")[2]["total"] == 2, what="2 dead")
+        status, _, doc = call(self.d.url, "POST", "/dead/retry?url_prefix=" +
+                              urllib_quote(self.rx.url("/a/")))
+        self.assertEqual((status, doc["requeued"]), (200, 1))
+        wait_until(lambda: self.get(a["id"])[2].get("state") == "success", what="a redriven")
+        self.assertEqual(self.get(b["id"])[2]["state"], "dead")
+        status, _, doc = call(self.d.url, "DELETE", "/dead")
+        self.assertEqual((status, doc["deleted"]), (200, 1))
+        self.assertEqual(call(self.d.url, "GET", "/dead")[2]["total"], 0)
+        self.rx.answers["/c/1"] = [(500, b"")]
+        self.push("/c/1")
+        wait_until(lambda: call(self.d.url, "GET", "/dead")[2]["total"] == 1, what="dead")
+        self.assertEqual(call(self.d.url, "POST", "/dead/retry")[2]["requeued"], 1)
+
+    def test_cron_preview(self):
+        status, _, doc = call(self.d.url, "GET",
+                              "/cron/preview?schedule=CRON_TZ%3DUTC+0+9+*+*+mon&n=3")
+        self.assertEqual(status, 200)
+        self.assertEqual(len(doc["next_runs"]), 3)
+        for ns, text in zip(doc["next_runs"], doc["next_runs_iso"]):
+            when = datetime.fromisoformat(text)
+            self.assertEqual((when.weekday(), when.hour, int(when.timestamp()) * 10 ** 9),
+                             (0, 9, ns))
+        status, _, doc = call(self.d.url, "GET", "/cron/preview?schedule=bad")
+        self.assertEqual(status, 400)
+        self.assertIn("invalid cron spec", doc["error"])
+        self.assertEqual(call(self.d.url, "GET", "/cron/preview")[0], 400)
+        self.assertEqual(call(self.d.url, "GET", "/cron/preview?schedule=@daily&n=0")[0], 400)
+
+    def test_idempotency_key_field_and_header(self):
+        first = self.push(delay_s=60, idempotency_key="order-1")
+        status, headers, doc = call(self.d.url, "POST", "/",
+                                    {"url": self.rx.url(), "idempotency_key": "order-1"})
+        self.assertEqual((status, headers["Poussetaches-Task-ID"], doc["id"]),
+                         (200, first["id"], first["id"]))
+        by_header = self.push(delay_s=60, http_headers={"Idempotency-Key": "order-2"})
+        status, headers, _ = call(self.d.url, "POST", "/", {"url": self.rx.url()},
+                                  headers={"Idempotency-Key": "order-2"})
+        self.assertEqual((status, headers["Poussetaches-Task-ID"]), (200, by_header["id"]))
+        self.assertNotEqual(first["id"], by_header["id"])
+        self.assertEqual(call(self.d.url, "GET", "/waiting")[2]["total"], 2)
+
+    def test_json_delay_s_eta_headers(self):
+        now = time.time()
+        doc = self.push(json={"é": [1, None]}, delay_s=30.5)
+        self.assertEqual(json.loads(base64.b64decode(doc["payload"])), {"é": [1, None]})
+        self.assertAlmostEqual(doc["next_run"] / 1e9, now + 30.5, delta=5)
+        doc = self.push(eta=now + 100)
+        self.assertAlmostEqual(doc["next_run"] / 1e9, now + 100, delta=1)
+        doc = self.push(eta="2030-01-02T03:04:05+01:00")
+        self.assertEqual(doc["next_run"], ts("2030-01-02T03:04:05+01:00"))
+        doc = self.push(eta="2030-01-02T03:04:05.5Z")
+        self.assertEqual(doc["next_run"], ts("2030-01-02T03:04:05+00:00") + 5 * 10 ** 8)
+        self.push("/h", headers={"X-Request-Source": "test"}, timeout_s=5, max_tries=2)
+        got = self.rx.wait_for(1, path="/h")[0]
+        self.assertEqual(got["headers"]["X-Request-Source"], "test")
+
+    def test_chunked_body_is_411(self):
+        with socket.create_connection(("127.0.0.1", self.d.port), timeout=WAIT) as s:
+            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"2\r\n{}\r\n0\r\n\r\n")
+            answer = s.recv(4096)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 411"), answer[:40])
+        self.assertIn(b"Content-Length", answer)
+
+
+def urllib_quote(text):
+    import urllib.parse
+    return urllib.parse.quote(text, safe="")
+
+
+class TestMalformed(unittest.TestCase):
+    """At least 60 malformed requests, each with its exact status and a JSON error;
+    then a normal task must still be delivered."""
+
+    def cases(self, url):
+        def task(**fields):
+            body = {"url": url}
+            body.update(fields)
+            return json.dumps(body).encode()
+        long_url = "http://127.0.0.1/" + "a" * 5000
+        return [
+            # the body itself
+            ("POST", "/", b"{", {}, 400),
+            ("POST", "/", b"[]", {}, 400),
+            ("POST", "/", b"42", {}, 400),
+            ("POST", "/", b"null", {}, 400),
+            ("POST", "/", b'"str"', {}, 400),
+            ("POST", "/", b"", {}, 400),
+            ("POST", "/", b"\xff\xfe\xfd", {}, 400),
+            ("POST", "/", b"[" * 100000 + b"]" * 100000, {}, 400),
+            ("POST", "/", b'{"url": "http://a/", "delay_s": NaN}', {}, 400),
+            ("POST", "/", b'{"url": "http://a/", "delay_s": Infinity}', {}, 400),
+            ("POST", "/", b'{"url": "http://a/", "delay_s": -Infinity}', {}, 400),
+            ("POST", "/", task(extra=1), {}, 400),
+            # url
+            ("POST", "/", json.dumps({"payload": ""}).encode(), {}, 400),
+            ("POST", "/", task(url=5), {}, 400),
+            ("POST", "/", task(url=None), {}, 400),
+            ("POST", "/", task(url=["http://a/"]), {}, 400),
+            ("POST", "/", task(url=""), {}, 400),
+            ("POST", "/", task(url="file:///etc/passwd"), {}, 400),
+            ("POST", "/", task(url="ftp://example.com/x"), {}, 400),
+            ("POST", "/", task(url="data:text/plain,hi"), {}, 400),
+            ("POST", "/", task(url="javascript:alert(1)"), {}, 400),
+            ("POST", "/", task(url="gopher://127.0.0.1:70/"), {}, 400),
+            ("POST", "/", task(url="http://"), {}, 400),
+            ("POST", "/", task(url="//127.0.0.1/x"), {}, 400),
+            ("POST", "/", task(url="http://127.0.0.1/\r\nX-Injected: 1"), {}, 400),
+            ("POST", "/", task(url="http://[::1/"), {}, 400),
+            ("POST", "/", task(url="http://ex\u00e4mple.com/"), {}, 400),
+            ("POST", "/", task(url=long_url), {}, 400),
+            # payload and json
+            ("POST", "/", task(payload=5), {}, 400),
+            ("POST", "/", task(payload=["a"]), {}, 400),
+            ("POST", "/", task(payload="not base64!"), {}, 400),
+            ("POST", "/", task(payload="YQ"), {}, 400),
+            ("POST", "/", task(payload="\u00e9\u00e9\u00e9\u00e9"), {}, 400),
+            ("POST", "/", task(payload="YQ==", json={"a": 1}), {}, 400),
+            # expected
+            ("POST", "/", task(expected=-1), {}, 400),
+            ("POST", "/", task(expected=99), {}, 400),
+            ("POST", "/", task(expected=600), {}, 400),
+            ("POST", "/", task(expected=200.5), {}, 400),
+            ("POST", "/", task(expected="200"), {}, 400),
+            ("POST", "/", task(expected=True), {}, 400),
+            ("POST", "/", task(expected=10 ** 30), {}, 400),
+            # delay, delay_s, eta
+            ("POST", "/", task(delay=-1), {}, 400),
+            ("POST", "/", task(delay=1.5), {}, 400),
+            ("POST", "/", task(delay="1"), {}, 400),
+            ("POST", "/", task(delay=True), {}, 400),
+            ("POST", "/", task(delay=10 ** 30), {}, 400),
+            ("POST", "/", task(delay_s=-0.5), {}, 400),
+            ("POST", "/", task(delay_s="1"), {}, 400),
+            ("POST", "/", task(delay_s=1e308), {}, 400),
+            ("POST", "/", task(delay_s=False), {}, 400),
+            ("POST", "/", task(eta="tomorrow"), {}, 400),
+            ("POST", "/", task(eta="2030-01-01 00:00:00"), {}, 400),
+            ("POST", "/", task(eta="2030-01-01T00:00:00"), {}, 400),
+            ("POST", "/", task(eta=-5), {}, 400),
+            ("POST", "/", task(eta=1e20), {}, 400),
+            ("POST", "/", task(eta=[2030]), {}, 400),
+            ("POST", "/", task(eta=time.time() + 20 * 365 * 86400), {}, 400),
+            ("POST", "/", task(eta=time.time() + 60, delay_s=5), {}, 400),
+            ("POST", "/", task(delay=1, delay_s=5), {}, 400),
+            # max_tries, timeout_s
+            ("POST", "/", task(max_tries=0), {}, 400),
+            ("POST", "/", task(max_tries=101), {}, 400),
+            ("POST", "/", task(max_tries=2.5), {}, 400),
+            ("POST", "/", task(max_tries="3"), {}, 400),
+            ("POST", "/", task(timeout_s=0), {}, 400),
+            ("POST", "/", task(timeout_s=0.05), {}, 400),
+            ("POST", "/", task(timeout_s=3601), {}, 400),
+            ("POST", "/", task(timeout_s="5"), {}, 400),
+            # headers
+            ("POST", "/", task(headers=[]), {}, 400),
+            ("POST", "/", task(headers="X-A: b"), {}, 400),
+            ("POST", "/", task(headers={"Host": "evil"}), {}, 400),
+            ("POST", "/", task(headers={"content-length": "1"}), {}, 400),
+            ("POST", "/", task(headers={"Poussetaches-Auth-Key": "x"}), {}, 400),
+            ("POST", "/", task(headers={"X-A": "b\r\nX-B: c"}), {}, 400),
+            ("POST", "/", task(headers={"X-A": "b\nc"}), {}, 400),
+            ("POST", "/", task(headers={"bad name": "x"}), {}, 400),
+            ("POST", "/", task(headers={"": "x"}), {}, 400),
+            ("POST", "/", task(headers={"X-\u00e9": "x"}), {}, 400),
+            ("POST", "/", task(headers={"X-A": 5}), {}, 400),
+            # idempotency key and schedule
+            ("POST", "/", task(idempotency_key=""), {}, 400),
+            ("POST", "/", task(idempotency_key="k" * 201), {}, 400),
+            ("POST", "/", task(idempotency_key=5), {}, 400),
+            ("POST", "/", task(schedule="nonsense"), {}, 400),
+            ("POST", "/", task(schedule="* * *"), {}, 400),
+            ("POST", "/", task(schedule=["@daily"]), {}, 400),
+            ("POST", "/", task(schedule="@every 0s"), {}, 400),
+            ("POST", "/", task(schedule="0 0 30 2 *"), {}, 400),
+            ("POST", "/", task(schedule="*" * 300), {}, 400),
+            # framing
+            ("POST", "/", b"{}", {"Content-Length": "abc"}, 400),
+            ("POST", "/", b"x" * 2048, {"Content-Length": str(10 ** 9)}, 413),
+            # paths and methods
+            ("GET", "/tasks/..%2F..%2Fetc%2Fpasswd", None, {}, 404),
+            ("GET", "/tasks/../../etc/passwd", None, {}, 404),
+            ("GET", "/tasks/%00", None, {}, 404),
+            ("GET", "/tasks/" + "a" * 65, None, {}, 404),
+            ("DELETE", "/tasks/..", None, {}, 404),
+            ("POST", "/tasks/x/run/again", None, {}, 404),
+            ("GET", "/nothing/here", None, {}, 404),
+            ("PATCH", "/", b"{}", {}, 405),
+            ("PUT", "/tasks/abc", b"{}", {}, 405),
+            ("DELETE", "/waiting", None, {}, 405),
+            ("GET", "/waiting?limit=1e3", None, {}, 400),
+            ("GET", "/waiting?offset=-1", None, {}, 400),
+        ]
+
+    def test_malformed_requests(self):
+        with receiver() as rx, running_daemon() as d:
+            cases = self.cases(rx.url())
+            self.assertGreaterEqual(len(cases), 60)
+            host, port = "127.0.0.1", d.port
+            for method, path, raw, headers, status in cases:
+                with self.subTest(method=method, path=path[:60], raw=(raw or b"")[:80],
+                                  headers=headers):
+                    conn = http.client.HTTPConnection(host, port, timeout=WAIT)
+                    try:
+                        conn.putrequest(method, path, skip_accept_encoding=True)
+                        hdrs = {"Content-Type": "application/json"}
+                        if raw is not None:
+                            hdrs["Content-Length"] = str(len(raw))
+                        hdrs.update(headers)
+                        for name, value in hdrs.items():
+                            conn.putheader(name, value)
+                        conn.endheaders()
+                        if raw and status != 413:
+                            conn.send(raw)
+                        resp = conn.getresponse()
+                        body = resp.read()
+                    finally:
+                        conn.close()
+                    self.assertEqual(resp.status, status, body[:300])
+                    self.assertEqual(resp.headers["Content-Type"], "application/json")
+                    self.assertIsInstance(json.loads(body)["error"], str)
+            self.assertEqual(rx.got, [])
+            status, _, _ = call(d.url, "POST", "/", {"url": rx.url("/after")})
+            self.assertEqual(status, 201)
+            rx.wait_for(1, path="/after")
+            self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 0)
+
+
+class TestSecurity(unittest.TestCase):
+    def test_standard_webhooks_published_vector(self):
+        # from the Standard Webhooks reference libraries' test suite
+        self.assertEqual(pt.sign("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                                 "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
+                                 b'{"test": 2432232314}'),
+                         "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=")
+
+    def test_signature_headers_stay_the_same_id_across_retries(self):
+        secret = "whsec_" + b64(b"0123456789abcdef0123456789abcdef")
+        with receiver() as rx, running_daemon(auth_key=secret) as d:
+            rx.answers["/t"] = [(500, b""), (200, b"")]
+            call(d.url, "POST", "/", {"url": rx.url("/t")})
+            got = rx.wait_for(2)
+            for g in got:
+                h = g["headers"]
+                expected = hmac.new(b"0123456789abcdef0123456789abcdef",
+                                    b"%s.%s.%s" % (h["webhook-id"].encode(),
+                                                   h["webhook-timestamp"].encode(), g["body"]),
+                                    hashlib.sha256).digest()
+                self.assertEqual(h["webhook-signature"], "v1," + b64(expected))
+                self.assertLess(abs(int(h["webhook-timestamp"]) - time.time()), 60)
+            self.assertEqual(got[0]["headers"]["webhook-id"], got[1]["headers"]["webhook-id"])
+
+    def test_api_key_bearer_basic_and_401(self):
+        with running_daemon(api_key="k3y") as d:
+            status, headers, doc = call(d.url, "GET", "/")
+            self.assertEqual(status, 401)
+            self.assertIn("API key", doc["error"])
+            self.assertIn("Basic", headers["WWW-Authenticate"])
+            self.assertEqual(call(d.url, "GET", "/", headers={"Authorization": "Bearer nope"})[0], 401)
+            self.assertEqual(call(d.url, "GET", "/", headers={"Authorization": "Bearer k3y"})[0], 200)
+            basic = "Basic " + b64(b":k3y")
+            self.assertEqual(call(d.url, "GET", "/", headers={"Authorization": basic})[0], 200)
+            basic = "Basic " + b64(b"user:wrong")
+            self.assertEqual(call(d.url, "GET", "/", headers={"Authorization": basic})[0], 401)
+            self.assertEqual(call(d.url, "GET", "/", headers={"Authorization": "Basic !!"})[0], 401)
+            self.assertEqual(call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/"})[0], 401)
+
+    def test_allow_url_and_key_never_sent_outside(self):
+        with receiver() as rx, running_daemon(allow_urls=[rx.url("/ok/")]) as d:
+            status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/other")})
+            self.assertEqual(status, 400)
+            self.assertIn("allow", doc["error"])
+            self.assertEqual(call(d.url, "POST", "/", {"url": rx.url("/ok/1")})[0], 201)
+        delivery = pt.Delivery(auth_key="secret", allowed=lambda u: u.startswith("http://in/"))
+        inside = delivery.request(pt.Task("a" * 32, "http://in/x"), 1, "r")
+        outside = delivery.request(pt.Task("a" * 32, "http://out/x"), 1, "r")
+        self.assertEqual(inside.get_header("Poussetaches-auth-key"), "secret")
+        self.assertIsNotNone(inside.get_header("Webhook-signature"))
+        self.assertIsNone(outside.get_header("Poussetaches-auth-key"))
+        self.assertIsNone(outside.get_header("Webhook-signature"))
+
+    def test_bad_config_is_refused(self):
+        for kwargs in ({"workers": 0}, {"fsync": "sometimes"}, {"allow_urls": ["ftp://x"]},
+                       {"max_tries": 0}, {"rate": -1}, {"min_backoff": 5, "max_backoff": 1}):
+            with self.subTest(**kwargs), self.assertRaises(pt.ConfigError):
+                pt.Daemon(port=0, data_dir="unused", **kwargs)
+
+    def test_secrets_never_in_logs_or_answers(self):
+        logger = logging.getLogger("poussetaches")
+        old = logger.level
+        logger.setLevel(logging.DEBUG)
+        self.addCleanup(logger.setLevel, old)
+        with receiver() as rx, self.assertLogs("poussetaches", "DEBUG") as logs:
+            rx.answers["/t"] = [(500, b"")]
+            with running_daemon(auth_key="AUTH-SECRET-1", api_key="API-SECRET-2",
+                                max_tries=2) as d:
+                auth = {"Authorization": "Bearer API-SECRET-2"}
+                answers = [call(d.url, "GET", "/", headers={"Authorization": "Bearer API-SECRET-X"})]
+                status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/t")}, headers=auth)
+                answers.append(doc)
+                wait_until(lambda: call(d.url, "GET", "/dead", headers=auth)[2]["total"], what="dead")
+                for path in ("/", "/dead", "/tasks/" + doc["id"]):
+                    answers.append(call(d.url, "GET", path, headers=auth)[2])
+        text = json.dumps(answers, default=str) + "\n".join(logs.output)
+        self.assertNotIn("AUTH-SECRET-1", text)
+        self.assertNotIn("API-SECRET", text)
+
+    def test_data_dir_private(self):
+        with running_daemon() as d:
+            self.assertEqual(os.stat(d.data_dir).st_mode & 0o777, 0o700)
+            call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/", "delay_s": 60})
+            d.store.snapshot()
+            for name in os.listdir(d.data_dir):
+                mode = os.stat(os.path.join(d.data_dir, name)).st_mode & 0o777
+                self.assertEqual(mode, 0o600, name)
+
+
+class RestartableReceiver(Receiver):
+    """A receiver that can go down and come back on the same port."""
+
+    def down(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def up(self):
+        handler = self.server.RequestHandlerClass
+        port = int(self.base.rsplit(":", 1)[1])
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+
+class TestBreakerAndHooks(unittest.TestCase):
+    def test_app_restart_does_not_burn_retries(self):
+        rx = RestartableReceiver()
+        self.addCleanup(rx.close)
+        rx.down()
+        with running_daemon(max_tries=12, min_backoff=0.2, max_backoff=0.5, workers=4) as d:
+            for i in range(50):
+                call(d.url, "POST", "/", {"url": rx.url("/t/%d" % i)})
+            wait_until(lambda: call(d.url, "GET", "/")[2]["open_breakers"], what="breaker open")
+            self.assertEqual(call(d.url, "GET", "/")[2]["open_breakers"],
+                             ["http://127.0.0.1:%s" % rx.base.rsplit(":", 1)[1]])
+            time.sleep(3.0)  # the app is down for a while (a deploy); probes go out
+            rx.up()
+            rx.wait_for(50, timeout=30)
+            wait_until(lambda: call(d.url, "GET", "/success")[2]["total"] == 50, timeout=30,
+                       what="50 successes")
+            tasks = call(d.url, "GET", "/success")[2]["tasks"]
+            self.assertEqual(call(d.url, "GET", "/dead")[2]["total"], 0)
+            failed = sum(t["tries"] - 1 for t in tasks)
+            # without a breaker, 3 s of 0.2-0.5 s retries would cost ~10 tries per task (~500)
+            self.assertLessEqual(failed, 20, [t["tries"] for t in tasks])
+            self.assertLessEqual(max(t["tries"] for t in tasks), 6)
+            self.assertEqual(call(d.url, "GET", "/")[2]["open_breakers"], [])
+
+    def test_500_does_not_open_the_breaker(self):
+        breakers = pt.Breakers(pt.DueQueue())
+        for _ in range(10):
+            breakers.record("http://a:80", False)
+        self.assertEqual(breakers.open_origins(), [])
+        for _ in range(5):
+            breakers.record("http://a:80", True)
+        self.assertEqual(breakers.open_origins(), ["http://a:80"])
+        self.assertFalse(breakers.admit("http://a:80", (0, 0, "t", 0)))
+        self.assertTrue(breakers.admit("http://b:80", (0, 0, "t", 0)))
+        breakers.record("http://a:80", False)
+        self.assertEqual(breakers.open_origins(), [])
+
+    def test_on_dead_notifies_once_per_dead_task(self):
+        with receiver() as rx:
+            rx.answers["/t"] = [(500, b"")]
+            with running_daemon(max_tries=2, on_dead=rx.url("/hook")) as d:
+                _, _, doc = call(d.url, "POST", "/", {"url": rx.url("/t")})
+                hook = rx.wait_for(1, path="/hook")[0]
+                self.assertEqual(hook["json"]["id"], doc["id"])
+                self.assertEqual(hook["json"]["tries"], 2)
+                call(d.url, "POST", "/", {"url": rx.url("/t2"), "delay_s": 0.3})
+                rx.answers["/t2"] = [(200, b"")]
+                rx.wait_for(1, path="/t2")
+            self.assertEqual(len([g for g in rx.got if g["path"] == "/hook"]), 1)
+
+
+# --------------------------------------------------------------------------
 # Storage: journal, group commit, snapshots, recovery
 # --------------------------------------------------------------------------
 
