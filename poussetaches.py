@@ -54,6 +54,7 @@ import os
 import queue
 import random
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -1439,6 +1440,42 @@ class Delivery:
         return Outcome(status, body, started, time.monotonic() - t0, retry_after, req_id)
 
 
+class Stats:
+    """The counters and the attempt-duration histogram behind /metrics.
+
+    Written by workers and request threads, read by /metrics; ``_lock``
+    guards everything here.
+    """
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counters = collections.Counter()
+        self._buckets = [0] * len(self.BUCKETS)
+        self._sum = 0.0
+        self._count = 0
+
+    def inc(self, name, n=1):
+        with self._lock:
+            self._counters[name] += n
+
+    def observe(self, seconds):
+        """Add one attempt duration to the histogram."""
+        i = bisect.bisect_left(self.BUCKETS, seconds)
+        with self._lock:
+            if i < len(self._buckets):
+                self._buckets[i] += 1
+            self._sum += seconds
+            self._count += 1
+
+    def read(self):
+        """(counters, cumulative bucket counts, sum, count), copied under the lock."""
+        with self._lock:
+            counts = list(itertools.accumulate(self._buckets))
+            return dict(self._counters), counts, self._sum, self._count
+
+
 class Dispatcher:
     """The worker threads and the retry policy.
 
@@ -1452,8 +1489,9 @@ class Dispatcher:
     def __init__(self, store, due, delivery, workers=DEFAULT_WORKERS,
                  max_tries=DEFAULT_MAX_TRIES, min_backoff=DEFAULT_MIN_BACKOFF,
                  max_backoff=DEFAULT_MAX_BACKOFF, limiter=None, on_dead=None,
-                 clock=time.time_ns, rng=None, cron_tz=None):
+                 clock=time.time_ns, rng=None, cron_tz=None, stats=None):
         self.store = store
+        self.stats = stats or Stats()
         self.due = due
         self.delivery = delivery
         self.workers = workers
@@ -1470,7 +1508,6 @@ class Dispatcher:
         self._threads = []
         self._specs = {}                     # schedule -> CronSpec; grows with distinct specs
         self.breakers = Breakers(due, clock)
-        self.attempts = collections.Counter()  # outcome class -> count, for /metrics
 
     def start(self):
         for n in range(self.workers):
@@ -1531,7 +1568,9 @@ class Dispatcher:
         self.breakers.record(origin, outcome.status in UNAVAILABLE and
                              outcome.status != task.expected)
         ok = outcome.status == task.expected
-        self.attempts["success" if ok else ("error" if outcome.status < 0 else "failure")] += 1
+        self.stats.inc("attempts_" + ("success" if ok else
+                                      "error" if outcome.status < 0 else "failure"))
+        self.stats.observe(outcome.duration)
         buried = []
         table = self.store.finish(task.id, version,
                                   lambda live: self.decide(live, outcome, buried))
@@ -1539,6 +1578,7 @@ class Dispatcher:
         logger.log(level, "task %s attempt %d -> %s in %.1f ms (%s)", task.id, task.tries + 1,
                    outcome.status, outcome.duration * 1000, table or "discarded")
         for dead in buried:
+            self.stats.inc("dead")
             self._notify_dead(dead)
 
     def decide(self, task, outcome, buried):
@@ -1655,6 +1695,21 @@ def parse_rfc3339(text):
     return when.timestamp() + (float("0." + frac) if frac else 0.0)
 
 
+class Route(collections.namedtuple("Route", "method pattern handler summary statuses params body")):
+    """One API call: the router and /openapi.json are both built from these."""
+
+    def __new__(cls, method, pattern, handler, summary, statuses, params=(), body=None):
+        return super().__new__(cls, method, pattern, handler, summary, statuses, params, body)
+
+
+PAGING = (("limit", "integer", "page size, 0-100000 (default 1000)"),
+          ("offset", "integer", "tasks to skip (default 0)"))
+
+
+class Raw(collections.namedtuple("Raw", "content_type body")):
+    """An answer that is not JSON (the metrics text, the dashboard)."""
+
+
 class Api:
     """Routes and validation; one error boundary turns exceptions into JSON.
 
@@ -1662,32 +1717,44 @@ class Api:
     DueQueue.  ``handle()`` is called from the server's request threads.
     """
 
-    # (method, path pattern, handler name); {id} matches a task id
     ROUTES = (
-        ("GET", "/", "status"),
-        ("POST", "/", "enqueue"),
-        ("GET", "/waiting", "list_waiting"),
-        ("GET", "/success", "list_success"),
-        ("GET", "/dead", "list_dead"),
-        ("DELETE", "/dead", "purge_dead"),
-        ("POST", "/dead/retry", "retry_dead"),
-        ("GET", "/cron", "list_cron"),
-        ("DELETE", "/cron", "purge_cron"),
-        ("GET", "/cron/preview", "cron_preview"),
-        ("POST", "/pause", "pause"),
-        ("POST", "/resume", "resume"),
-        ("GET", "/tasks/{id}", "get_task"),
-        ("DELETE", "/tasks/{id}", "delete_task"),
-        ("POST", "/tasks/{id}/run", "run_task"),
+        Route("GET", "/", "status", "Daemon status: paused, in flight, table counts", (200,)),
+        Route("POST", "/", "enqueue", "Enqueue a task (201), or find its twin (200)",
+              (200, 201, 400, 411, 413, 503), body="EnqueueRequest"),
+        Route("GET", "/waiting", "list_waiting", "Pending tasks, cron included, by next_run",
+              (200, 400), PAGING),
+        Route("GET", "/success", "list_success", "The newest successful tasks", (200, 400),
+              PAGING),
+        Route("GET", "/dead", "list_dead", "Tasks that spent their tries", (200, 400), PAGING),
+        Route("DELETE", "/dead", "purge_dead", "Purge the dead table", (200, 503)),
+        Route("POST", "/dead/retry", "retry_dead", "Requeue dead tasks", (200, 503),
+              (("url_prefix", "string", "only tasks whose URL starts with this"),)),
+        Route("GET", "/cron", "list_cron", "Cron tasks", (200, 400), PAGING),
+        Route("DELETE", "/cron", "purge_cron", "Remove every cron task", (200, 503)),
+        Route("GET", "/cron/preview", "cron_preview", "The next run times of a cron spec",
+              (200, 400), (("schedule", "string", "the cron spec (required)"),
+                           ("n", "integer", "how many runs, 1-100 (default 5)"))),
+        Route("POST", "/pause", "pause", "Stop dispatching (enqueues still accepted)", (200,)),
+        Route("POST", "/resume", "resume", "Resume dispatching", (200,)),
+        Route("GET", "/tasks/{id}", "get_task", "One task, with its state", (200, 404)),
+        Route("DELETE", "/tasks/{id}", "delete_task", "Cancel a task or drop its record",
+              (200, 404, 503)),
+        Route("POST", "/tasks/{id}/run", "run_task",
+              "Run a waiting task now, or redrive a dead one (optional overrides)",
+              (200, 400, 404, 411, 413, 503), body="RunRequest"),
+        Route("GET", "/metrics", "metrics", "Prometheus text exposition format 0.0.4", (200,)),
+        Route("GET", "/openapi.json", "openapi", "This document", (200,)),
+        Route("GET", "/ui", "ui", "The dashboard (HTML)", (200,)),
     )
 
     def __init__(self, daemon):
         self.daemon = daemon
         self.store = daemon.store
         self._routes = []
-        for method, pattern, name in self.ROUTES:
-            regex = re.compile("^" + re.escape(pattern).replace(r"\{id\}", "(?P<id>[^/]+)") + "$")
-            self._routes.append((method, regex, getattr(self, name)))
+        for route in self.ROUTES:
+            regex = re.compile("^" + re.escape(route.pattern).replace(r"\{id\}", "(?P<id>[^/]+)")
+                               + "$")
+            self._routes.append((route.method, regex, getattr(self, route.handler)))
 
     # -- the boundary ----------------------------------------------------------
 
@@ -1935,6 +2002,7 @@ class Api:
         task = self.new_task(doc, headers, self.daemon.clock())
         task, created = self.store.add(task)
         if created:
+            self.daemon.stats.inc("enqueued")
             logger.debug("task %s queued for %s%s", task.id, task.url,
                         " (%s)" % task.schedule if task.schedule else "")
         _, view = self.store.get(task.id)
@@ -2033,6 +2101,237 @@ class Api:
         view["state"] = "waiting"
         return 200, view, {}
 
+    def metrics(self, **_):
+        counts = self.store.counts()
+        counters, buckets, total, count = self.daemon.stats.read()
+        journal = self.store.journal
+        lines = []
+
+        def metric(name, kind, help_text, samples):
+            lines.append("# HELP poussetaches_%s %s" % (name, help_text))
+            lines.append("# TYPE poussetaches_%s %s" % (name, kind))
+            for labels, value in samples:
+                lines.append("poussetaches_%s%s %s" % (name, labels, repr(float(value))
+                                                      if isinstance(value, float) else value))
+
+        metric("tasks", "gauge", "Tasks per table (cron is part of waiting).",
+               [('{table="%s"}' % t, counts[t]) for t in ("waiting", "success", "dead", "cron")])
+        metric("in_flight", "gauge", "Delivery attempts under way.",
+               [("", self.store.in_flight())])
+        metric("paused", "gauge", "1 while dispatch is paused.", [("", int(self.daemon.due.held))])
+        metric("attempts_total", "counter", "Delivery attempts by outcome.",
+               [('{outcome="%s"}' % o, counters.get("attempts_" + o, 0))
+                for o in ("success", "failure", "error")])
+        samples = [('{le="%s"}' % b, n) for b, n in zip(Stats.BUCKETS, buckets)]
+        samples.append(('{le="+Inf"}', count))
+        metric("attempt_duration_seconds", "histogram", "Duration of delivery attempts.", [])
+        for labels, value in samples:
+            lines.append("poussetaches_attempt_duration_seconds_bucket%s %d" % (labels, value))
+        lines.append("poussetaches_attempt_duration_seconds_sum %r" % total)
+        lines.append("poussetaches_attempt_duration_seconds_count %d" % count)
+        metric("enqueued_total", "counter", "Tasks created by POST /.",
+               [("", counters.get("enqueued", 0))])
+        metric("dead_total", "counter", "Tasks (and cron runs) moved to dead.",
+               [("", counters.get("dead", 0))])
+        metric("journal_errors_total", "counter", "Journal write or fsync failures.",
+               [("", journal.errors)])
+        metric("journal_commits_total", "counter", "Journal group commits (write + fsync).",
+               [("", journal.commits)])
+        metric("snapshot_errors_total", "counter", "Failed snapshots.",
+               [("", self.store.snapshot_errors)])
+        metric("healthy", "gauge", "0 while the journal cannot be written.",
+               [("", int(journal.healthy))])
+        metric("open_circuit_breakers", "gauge", "Origins whose circuit is open.",
+               [("", len(self.daemon.dispatcher.breakers.open_origins()))])
+        text = "\n".join(lines) + "\n"
+        return 200, Raw("text/plain; version=0.0.4; charset=utf-8", text.encode()), {}
+
+    def openapi(self, **_):
+        return 200, openapi_document(self.ROUTES), {}
+
+    def ui(self, **_):
+        return 200, Raw("text/html; charset=utf-8", DASHBOARD_HTML.encode()), {
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                       "script-src 'unsafe-inline'; connect-src 'self'",
+            "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
+
+
+_STATUS_TEXT = {200: "OK", 201: "Created", 400: "Bad input (the error names the field)",
+                401: "Missing or wrong API key", 404: "No such task or path",
+                405: "Wrong method (see Allow)", 411: "A body without Content-Length",
+                413: "Body larger than --max-body",
+                503: "Cannot persist (disk full or read-only); retry later"}
+
+
+def openapi_document(routes):
+    """The OpenAPI 3.1 document of ``routes``: what /openapi.json serves."""
+    error = {"$ref": "#/components/schemas/Error"}
+    task_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    paths = {}
+    for route in routes:
+        responses = {}
+        for code in route.statuses + (401,):
+            answer = {"description": _STATUS_TEXT[code]}
+            if code >= 400:
+                answer["content"] = {"application/json": {"schema": error}}
+            responses[str(code)] = answer
+        if route.handler == "metrics":
+            responses["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        elif route.handler == "ui":
+            responses["200"]["content"] = {"text/html": {"schema": {"type": "string"}}}
+        elif route.handler.startswith("list_"):
+            responses["200"]["content"] = {"application/json": {
+                "schema": {"$ref": "#/components/schemas/TaskList"}}}
+        elif route.handler in ("enqueue", "get_task", "run_task"):
+            responses["200"]["content"] = {"application/json": {
+                "schema": {"$ref": "#/components/schemas/Task"}}}
+            if "201" in responses:
+                responses["201"]["content"] = responses["200"]["content"]
+                responses["201"]["headers"] = {"Poussetaches-Task-ID": {
+                    "schema": {"type": "string"}, "description": "the task id"}}
+        else:
+            responses["200"]["content"] = {"application/json": {"schema": {"type": "object"}}}
+        operation = {"operationId": route.handler, "summary": route.summary,
+                     "responses": responses}
+        params = [{"name": name, "in": "query", "required": False, "schema": {"type": kind},
+                   "description": text} for name, kind, text in route.params]
+        if "{id}" in route.pattern:
+            params.insert(0, task_id)
+        if route.handler == "enqueue":
+            params.append({"name": "Idempotency-Key", "in": "header", "required": False,
+                           "schema": {"type": "string", "maxLength": 200}})
+        if params:
+            operation["parameters"] = params
+        if route.body:
+            operation["requestBody"] = {
+                "required": route.body == "EnqueueRequest",
+                "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/" + route.body}}}}
+        paths.setdefault(route.pattern, {})[route.method.lower()] = operation
+    integer, string, number = {"type": "integer"}, {"type": "string"}, {"type": "number"}
+    nullable = lambda kind: {"type": [kind, "null"]}
+    headers = {"type": "object", "additionalProperties": {"type": "string"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "poussetaches", "version": __version__,
+                 "description": "An HTTP push task queue: POST a task, get it POSTed back "
+                                "until the app answers the expected status.",
+                 "license": {"name": "ISC", "identifier": "ISC"}},
+        "paths": paths,
+        "security": [{}, {"bearer": []}, {"basic": []}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "basic": {"type": "http", "scheme": "basic"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"],
+                          "properties": {"error": string}},
+                "EnqueueRequest": {
+                    "type": "object", "required": ["url"], "additionalProperties": False,
+                    "properties": {
+                        "url": {"type": "string", "format": "uri"},
+                        "payload": {"type": ["string", "null"], "contentEncoding": "base64"},
+                        "json": {}, "expected": integer, "schedule": string,
+                        "delay": {"type": "integer", "minimum": 0},
+                        "delay_s": {"type": "number", "minimum": 0},
+                        "eta": {"type": ["number", "string"]},
+                        "max_tries": {"type": "integer", "minimum": 1, "maximum": 100},
+                        "timeout_s": {"type": "number", "minimum": 0.1, "maximum": 3600},
+                        "headers": headers,
+                        "idempotency_key": {"type": "string", "maxLength": 200}}},
+                "RunRequest": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"url": string, "payload": string, "json": {},
+                                   "headers": headers, "max_tries": integer}},
+                "Task": {
+                    "type": "object",
+                    "properties": {
+                        "id": string, "url": string, "payload": string, "expected": integer,
+                        "schedule": string, "next_scheduled_run": integer,
+                        "next_run": integer, "tries": integer, "last_run": integer,
+                        "last_error_body": nullable("string"),
+                        "last_error_status_code": integer, "created": integer,
+                        "max_tries": nullable("integer"), "timeout_s": nullable("number"),
+                        "headers": {"type": ["object", "null"]},
+                        "idempotency_key": nullable("string"), "cron_id": nullable("string"),
+                        "attempts": {"type": "array", "items": {"type": "object"}},
+                        "state": {"enum": ["waiting", "success", "dead"]}}},
+                "TaskList": {
+                    "type": "object",
+                    "properties": {"tasks": {"type": "array",
+                                             "items": {"$ref": "#/components/schemas/Task"}},
+                                   "total": integer, "limit": integer, "offset": integer}},
+            },
+        },
+    }
+
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>poussetaches</title>
+<style>
+:root{--bg:#fafafa;--fg:#1d1d1f;--mute:#6b7280;--line:#e5e7eb;--ok:#15803d;--bad:#b91c1c;--acc:#1d4ed8}
+@media (prefers-color-scheme:dark){:root{--bg:#111318;--fg:#e5e7eb;--mute:#9ca3af;--line:#2a2f3a;--acc:#60a5fa}}
+*{box-sizing:border-box}body{margin:0;font:14px/1.45 system-ui,sans-serif;background:var(--bg);color:var(--fg)}
+header{display:flex;flex-wrap:wrap;gap:.75rem;align-items:center;padding:.75rem 1rem;border-bottom:1px solid var(--line)}
+h1{font-size:1.1rem;margin:0 1rem 0 0}main{padding:1rem;max-width:1400px;margin:auto}
+.counts{display:flex;flex-wrap:wrap;gap:.5rem}.count{padding:.25rem .6rem;border:1px solid var(--line);border-radius:1rem}
+.count b{font-variant-numeric:tabular-nums}button{font:inherit;padding:.3rem .7rem;border:1px solid var(--line);border-radius:.4rem;background:transparent;color:var(--fg);cursor:pointer}
+button:hover{border-color:var(--acc)}nav{display:flex;gap:.25rem;margin:.5rem 0;flex-wrap:wrap}nav button[aria-selected=true]{background:var(--acc);color:#fff}
+table{width:100%;border-collapse:collapse}th,td{text-align:left;padding:.4rem .5rem;border-bottom:1px solid var(--line);vertical-align:top}
+th{color:var(--mute);font-weight:600}td.url{word-break:break-all}.ok{color:var(--ok)}.bad{color:var(--bad)}.mute{color:var(--mute)}
+.pager{display:flex;gap:.5rem;align-items:center;margin:.75rem 0}#err{color:var(--bad)}pre{white-space:pre-wrap;margin:.25rem 0}
+@media (max-width:700px){thead{display:none}tr{display:block;border-bottom:1px solid var(--line);padding:.4rem 0}td{display:block;border:0;padding:.1rem .25rem}td:before{content:attr(data-label) ": ";color:var(--mute)}}
+</style></head><body>
+<header><h1>poussetaches</h1><div class="counts" id="counts"></div>
+<span id="state" class="mute"></span><button id="toggle" type="button">Pause</button>
+<button id="retry" type="button">Retry dead</button><span id="err" role="alert"></span></header>
+<main><nav role="tablist" id="tabs"></nav>
+<table><thead><tr><th>ID</th><th>URL</th><th>Next run</th><th>Tries</th><th>Last error</th><th></th></tr></thead>
+<tbody id="rows"></tbody></table>
+<div class="pager"><button id="prev" type="button">Previous</button><span id="page" class="mute"></span>
+<button id="next" type="button">Next</button></div></main>
+<script>
+"use strict";
+const TABLES=["waiting","cron","success","dead"],PAGE=50;let table="waiting",offset=0,paused=false,open={};
+const $=id=>document.getElementById(id);
+function el(tag,attrs,...kids){const e=document.createElement(tag);for(const k in attrs||{})e.setAttribute(k,attrs[k]);
+ for(const c of kids)e.append(c instanceof Node?c:document.createTextNode(String(c)));return e}
+function when(ns){return ns?new Date(ns/1e6).toLocaleString():"-"}
+async function api(method,path){const r=await fetch(path,{method,credentials:"same-origin"});
+ const body=await r.json().catch(()=>({}));if(!r.ok)throw new Error(body.error||r.statusText);return body}
+function act(method,path){api(method,path).then(refresh).catch(e=>{$("err").textContent=e.message})}
+function decode(b){if(!b)return"";try{return atob(b)}catch(e){return b}}
+function row(t){const tr=el("tr");const err=t.last_error_status_code?t.last_error_status_code+" "+decode(t.last_error_body).slice(0,80):"";
+ const acts=el("td",{"data-label":"Actions"});const details=el("button",{type:"button"},"History");
+ details.onclick=()=>{open[t.id]=!open[t.id];refresh()};acts.append(details," ");
+ if(table!=="success"){const run=el("button",{type:"button"},table==="dead"?"Redrive":"Run now");run.onclick=()=>act("POST","/tasks/"+t.id+"/run");acts.append(run," ")}
+ const del=el("button",{type:"button"},table==="waiting"||table==="cron"?"Cancel":"Delete");
+ del.onclick=()=>{if(confirm("Delete task "+t.id+"?"))act("DELETE","/tasks/"+t.id)};acts.append(del);
+ tr.append(el("td",{"data-label":"ID"},t.id.slice(0,12)),el("td",{"data-label":"URL","class":"url"},t.url,t.schedule?el("div",{"class":"mute"},t.schedule):""),
+  el("td",{"data-label":"Next run"},when(t.next_run)),el("td",{"data-label":"Tries"},t.tries),
+  el("td",{"data-label":"Last error","class":err?"bad":"mute"},err||"-"),acts);
+ const out=[tr];if(open[t.id]){const hist=el("td",{colspan:"6"});
+  for(const a of (t.attempts||[]).slice().reverse())hist.append(el("pre",{"class":a.error===null?"ok":"bad"},
+   when(a.at)+"  "+a.status+"  "+a.duration_ms+" ms"+(a.error?"  "+a.error:"")));
+  if(!(t.attempts||[]).length)hist.append(el("span",{"class":"mute"},"no attempts yet"));out.push(el("tr",{},hist))}
+ return out}
+async function refresh(){try{const s=await api("GET","/");paused=s.paused;$("err").textContent="";
+ $("counts").replaceChildren(...TABLES.map(n=>el("span",{"class":"count"},n+" ",el("b",{},s[n]))),el("span",{"class":"count"},"in flight ",el("b",{},s.in_flight)));
+ $("state").textContent=(s.paused?"paused":"running")+(s.healthy?"":" - DISK ERRORS")+(s.open_breakers.length?" - circuit open: "+s.open_breakers.join(", "):"");
+ $("toggle").textContent=s.paused?"Resume":"Pause";
+ $("tabs").replaceChildren(...TABLES.map(n=>{const b=el("button",{type:"button",role:"tab","aria-selected":String(n===table)},n);b.onclick=()=>{table=n;offset=0;refresh()};return b}));
+ const page=await api("GET","/"+table+"?limit="+PAGE+"&offset="+offset);
+ $("rows").replaceChildren(...page.tasks.flatMap(row));
+ $("page").textContent=page.total?(offset+1)+"-"+(offset+page.tasks.length)+" of "+page.total:"no tasks";
+ $("prev").disabled=offset===0;$("next").disabled=offset+PAGE>=page.total}catch(e){$("err").textContent=e.message}}
+$("toggle").onclick=()=>act("POST",paused?"/resume":"/pause");
+$("retry").onclick=()=>{if(confirm("Requeue every dead task?"))act("POST","/dead/retry")};
+$("prev").onclick=()=>{offset=Math.max(0,offset-PAGE);refresh()};$("next").onclick=()=>{offset+=PAGE;refresh()};
+refresh();setInterval(refresh,3000);
+</script></body></html>
+"""
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Speaks HTTP/1.1 keep-alive for the Api; every answer is JSON and one write."""
@@ -2089,9 +2388,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return body
 
     def send_json(self, status, doc, headers=None):
-        body = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+        if isinstance(doc, Raw):
+            content_type, body = doc
+        else:
+            content_type = "application/json"
+            body = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
@@ -2131,6 +2434,288 @@ class _Server(http.server.ThreadingHTTPServer):
             logger.debug("connection from %s dropped: %s", client_address[0], exc)
         else:
             logger.exception("error on a connection from %s", client_address[0])
+
+
+# --------------------------------------------------------------------------
+# Client: the PousseTaches class apps import
+# --------------------------------------------------------------------------
+
+class ClientError(PousseTachesError):
+    """The daemon refused a call; ``status`` is its HTTP status, the message its error."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class DaemonUnavailable(ClientError):
+    """No daemon answers at the API URL: start it, or set POUSSETACHES_URL."""
+
+
+class AuthError(PousseTachesError):
+    """A task request without poussetaches' auth key or a valid signature."""
+
+
+class InvalidEnvelope(PousseTachesError):
+    """A task request whose body is not poussetaches' envelope."""
+
+
+class Envelope:
+    """What ``PousseTaches.parse`` gives a task handler."""
+
+    __slots__ = ("req_id", "tries", "payload", "task_id", "raw_payload")
+
+    def __init__(self, req_id, tries, payload, task_id=None, raw_payload=b""):
+        self.req_id = req_id
+        self.tries = tries
+        self.payload = payload
+        self.task_id = task_id
+        self.raw_payload = raw_payload
+
+    def __repr__(self):
+        return "Envelope(task_id=%r, req_id=%r, tries=%r)" % (self.task_id, self.req_id, self.tries)
+
+
+class GetTask:
+    """A task from a listing, with the original client's fields, decoded."""
+
+    FIELDS = ("task_id", "payload", "expected", "schedule", "next_run", "tries", "url",
+              "last_error_status_code", "last_error_body", "last_run", "state", "attempts",
+              "raw")
+    __slots__ = FIELDS
+
+    def __init__(self, **fields):
+        for name in self.FIELDS:
+            setattr(self, name, fields.get(name))
+
+    def __repr__(self):
+        return "GetTask(task_id=%r, url=%r, tries=%r)" % (self.task_id, self.url, self.tries)
+
+    def __eq__(self, other):
+        return isinstance(other, GetTask) and self.raw == other.raw
+
+    @classmethod
+    def from_json(cls, doc):
+        raw_payload = base64.b64decode(doc.get("payload") or "")
+        try:
+            payload = json.loads(raw_payload)
+        except ValueError:
+            payload = raw_payload.decode("utf-8", "replace")
+        body = doc.get("last_error_body")
+        stamp = lambda ns: datetime.fromtimestamp(ns / 1e9) if ns else None
+        return cls(task_id=doc["id"], payload=payload, expected=doc["expected"],
+                   schedule=doc["schedule"], next_run=datetime.fromtimestamp(doc["next_run"] / 1e9),
+                   tries=doc["tries"], url=doc["url"],
+                   last_error_status_code=doc["last_error_status_code"],
+                   last_error_body=base64.b64decode(body).decode("utf-8", "replace")
+                   if body else body,
+                   last_run=stamp(doc.get("last_run")), state=doc.get("state"),
+                   attempts=doc.get("attempts", []), raw=doc)
+
+
+def _header(headers, name):
+    """A header from a dict-like of any framework, case-insensitively (Django META too)."""
+    value = headers.get(name) if hasattr(headers, "get") else None
+    if value is None and hasattr(headers, "items"):
+        lower = name.lower()
+        meta = "HTTP_" + name.upper().replace("-", "_")
+        for key, item in headers.items():
+            if isinstance(key, str) and (key.lower() == lower or key == meta):
+                return item
+    return value
+
+
+class PousseTaches:
+    """The client apps import, compatible with the original's.
+
+    ``PousseTaches(api_url, base_url)``: the daemon's URL and the app's own
+    base URL that task paths are joined to.  Stdlib only; one keep-alive
+    connection per thread, so enqueues do not pay a TCP handshake each.
+    ``auth_key`` (default: env POUSSETACHES_AUTH_KEY) is what ``parse``
+    checks; ``api_key`` (default: env POUSSETACHES_API_KEY) is sent to the daemon.
+    """
+
+    def __init__(self, api_url=None, base_url="", auth_key=None, api_key=None, timeout=30.0):
+        self.api_url = (api_url or _env("POUSSETACHES_URL", "http://%s:%d" % (
+            DEFAULT_HOST, DEFAULT_PORT))).rstrip("/")
+        self.base_url = base_url
+        self.auth_key = _env("POUSSETACHES_AUTH_KEY") if auth_key is None else auth_key
+        self.api_key = _env("POUSSETACHES_API_KEY") if api_key is None else api_key
+        self.timeout = timeout
+        parts = urllib.parse.urlsplit(self.api_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("api_url must be an http:// or https:// URL, got %r" % self.api_url)
+        self._https = parts.scheme == "https"
+        self._address = (parts.hostname, parts.port or (443 if self._https else 80))
+        self._prefix = parts.path.rstrip("/")
+        self._local = threading.local()
+
+    # -- transport -------------------------------------------------------------
+
+    def _connection(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            conn = self._local.conn = cls(*self._address, timeout=self.timeout)
+        return conn
+
+    def close(self):
+        """Close this thread's connection (others close when their thread ends)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def request(self, method, path, body=None, headers=None):
+        """One API call; returns (status, headers, JSON).  Raises ClientError on 4xx/5xx,
+        DaemonUnavailable when nothing answers."""
+        data = None if body is None else json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        if self.api_key:
+            hdrs["Authorization"] = "Bearer " + self.api_key
+        hdrs.update(headers or {})
+        for attempt in (1, 2):
+            conn = self._connection()
+            reused = conn.sock is not None
+            try:
+                conn.request(method, self._prefix + path, body=data, headers=hdrs)
+                response = conn.getresponse()
+                text = response.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self.close()
+                if reused and attempt == 1:
+                    continue  # the daemon closed an idle keep-alive connection: once more
+                raise DaemonUnavailable(-1, "no answer from poussetaches at %s: %s"
+                                        % (self.api_url, exc)) from None
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise DaemonUnavailable(-1, "cannot reach poussetaches at %s: %s"
+                                        % (self.api_url, exc)) from None
+        if response.will_close:
+            self.close()
+        try:
+            doc = json.loads(text) if text else {}
+        except ValueError:
+            doc = {"error": text[:200].decode("utf-8", "replace")}
+        if response.status >= 400:
+            message = doc.get("error") if isinstance(doc, dict) else None
+            raise ClientError(response.status, "the daemon answered %d: %s"
+                              % (response.status, message or response.reason))
+        return response.status, response.headers, doc
+
+    # -- the original client's methods ------------------------------------------
+
+    def push(self, payload, path, expected=200, schedule="", delay=0, **extra):
+        """Enqueue ``payload`` (JSON-encoded) for ``base_url + path``; return the task id.
+
+        ``extra`` takes the other enqueue fields: delay_s, eta, max_tries,
+        timeout_s, headers, idempotency_key.
+        """
+        body = {"url": self.base_url + path,
+                "payload": b64(json.dumps(payload).encode()),
+                "expected": expected, "schedule": schedule, "delay": delay}
+        body.update(extra)
+        _, headers, _ = self.request("POST", "/", body)
+        return headers["Poussetaches-Task-ID"]
+
+    def parse(self, request=None, headers=None, body=None, tolerance=300, now=None):
+        """Check and decode a task request: a Flask/Werkzeug or Django request, or
+        ``headers`` and ``body``.  Returns an Envelope with the decoded payload.
+
+        Raises AuthError unless the request carries the auth key or a valid
+        Standard Webhooks signature within ``tolerance`` seconds (checked
+        only when an auth key is configured), InvalidEnvelope if the body is
+        not an envelope.
+        """
+        if request is not None:
+            headers = getattr(request, "headers", None) or getattr(request, "META", {})
+            if hasattr(request, "get_data"):
+                body = request.get_data()
+            else:
+                body = getattr(request, "body", None)
+                if body is None:
+                    body = getattr(request, "data", b"")
+        headers = headers or {}
+        body = body.encode() if isinstance(body, str) else bytes(body or b"")
+        if self.auth_key:
+            self._check_auth(headers, body, tolerance, time.time() if now is None else now)
+        try:
+            envelope = json.loads(body)
+            raw = base64.b64decode(envelope["payload"] or "", validate=True)
+            tries, req_id = envelope["tries"], envelope["req_id"]
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise InvalidEnvelope("the body is not a poussetaches envelope "
+                                  '{"payload", "tries", "req_id"}') from None
+        try:
+            payload = json.loads(raw) if raw else None
+        except ValueError:
+            payload = raw
+        return Envelope(req_id, tries, payload, _header(headers, "Poussetaches-Task-ID"), raw)
+
+    def _check_auth(self, headers, body, tolerance, now):
+        given = _header(headers, "Poussetaches-Auth-Key")
+        if given is not None and hmac.compare_digest(str(given).encode(), self.auth_key.encode()):
+            return
+        signatures = _header(headers, "webhook-signature")
+        msg_id = _header(headers, "webhook-id")
+        stamp = _header(headers, "webhook-timestamp")
+        if signatures and msg_id and stamp:
+            try:
+                stamp = int(stamp)
+            except ValueError:
+                raise AuthError("webhook-timestamp is not a number") from None
+            if abs(now - stamp) > tolerance:
+                raise AuthError("webhook-timestamp is more than %ds away from now" % tolerance)
+            expected = sign(self.auth_key, msg_id, stamp, body).encode()
+            for candidate in str(signatures).split():
+                if hmac.compare_digest(candidate.encode(), expected):
+                    return
+            raise AuthError("webhook-signature does not match")
+        raise AuthError("the request carries neither poussetaches' auth key nor a signature")
+
+    def pause(self):
+        self.request("POST", "/pause")
+
+    def resume(self):
+        self.request("POST", "/resume")
+
+    def _get_tasks(self, table, limit=MAX_LIST_LIMIT, offset=0):
+        _, _, doc = self.request("GET", "/%s?limit=%d&offset=%d" % (table, limit, offset))
+        return [GetTask.from_json(t) for t in doc["tasks"]]
+
+    def get_cron(self):
+        return self._get_tasks("cron")
+
+    def get_success(self):
+        return self._get_tasks("success")
+
+    def get_waiting(self):
+        return self._get_tasks("waiting")
+
+    def get_dead(self):
+        return self._get_tasks("dead")
+
+    # -- our calls ----------------------------------------------------------------
+
+    def status(self):
+        return self.request("GET", "/")[2]
+
+    def get_task(self, task_id):
+        """The task (a GetTask with ``state``); raises ClientError(404) if unknown."""
+        return GetTask.from_json(self.request("GET", "/tasks/" + task_id)[2])
+
+    def cancel(self, task_id):
+        return self.request("DELETE", "/tasks/" + task_id)[2]
+
+    def run(self, task_id, **overrides):
+        """Run a waiting task now or redrive a dead one, with optional overrides."""
+        return GetTask.from_json(self.request("POST", "/tasks/%s/run" % task_id,
+                                              overrides or None)[2])
+
+    def retry_dead(self, url_prefix=""):
+        query = "?url_prefix=" + urllib.parse.quote(url_prefix, safe="") if url_prefix else ""
+        return self.request("POST", "/dead/retry" + query)[2]["requeued"]
 
 
 # --------------------------------------------------------------------------
@@ -2192,6 +2777,7 @@ class Daemon:
         self._stopping = threading.Event()
         self._wake = threading.Event()   # the persister: snapshot now
         self._threads = []
+        self.stats = Stats()
         self.store = self.dispatcher = self.server = None
 
     def url_allowed(self, url):
@@ -2220,7 +2806,7 @@ class Daemon:
                 self.store, self.due, self._delivery, workers=s["workers"],
                 max_tries=s["max_tries"], min_backoff=s["min_backoff"],
                 max_backoff=s["max_backoff"], limiter=self._limiter, on_dead=s["on_dead"],
-                clock=self.clock, rng=s["rng"], cron_tz=self.cron_tz)
+                clock=self.clock, rng=s["rng"], cron_tz=self.cron_tz, stats=self.stats)
             self.api = Api(self)
             self.server = _Server((self.host, self.port), self.api, self.max_body)
         except BaseException:
@@ -2310,7 +2896,7 @@ def build_parser():
         description="An HTTP push task queue for small web apps. With no command, "
                     "'serve' runs the daemon.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = sub.add_parser("serve", help="run the daemon (the default)",
+    serve = sub.add_parser("serve", help="Run the daemon (the default)",
                            description="Run the daemon. Flags override environment variables.")
     serve.add_argument("--host", default=_env("POUSSETACHES_HOST", DEFAULT_HOST),
                        help="address to listen on (env POUSSETACHES_HOST; default %(default)s)")
@@ -2352,7 +2938,171 @@ def build_parser():
                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                        type=str.upper, help="default %(default)s")
     serve.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+
+    def client(name, help_text, json_flag=True):
+        cmd = sub.add_parser(name, help=help_text, description=help_text + ". Talks to the "
+                             "daemon at --url (env POUSSETACHES_URL), with the API key of "
+                             "env POUSSETACHES_API_KEY when set.")
+        cmd.add_argument("--url", default=None, help="the daemon's URL (default: env "
+                         "POUSSETACHES_URL or http://127.0.0.1:7991)")
+        if json_flag:
+            cmd.add_argument("--json", dest="as_json", action="store_true",
+                             help="print JSON instead of a table")
+        return cmd
+
+    push = client("push", "Enqueue a task", json_flag=False)
+    push.add_argument("target", metavar="URL", help="the URL poussetaches will POST to")
+    body = push.add_mutually_exclusive_group()
+    body.add_argument("--json", dest="payload_json", metavar="J",
+                      help="the payload, as JSON text")
+    body.add_argument("--payload-file", metavar="F", help="the payload, raw bytes of a file")
+    push.add_argument("--delay-s", type=float, metavar="S", help="seconds before the first run")
+    push.add_argument("--schedule", metavar="SPEC", help="a cron spec: a recurring task")
+    push.add_argument("--expected", type=int, help="the status that means done (default 200)")
+    push.add_argument("--max-tries", type=int, help="attempts before dead")
+    push.add_argument("--idempotency-key", metavar="K", help="enqueue at most once per key")
+    push.add_argument("--header", action="append", metavar="'NAME: VALUE'",
+                      help="an extra header for the delivery; repeatable")
+    push.add_argument("--print-task", action="store_true",
+                      help="print the task as JSON instead of only its id")
+    ls = client("ls", "List the tasks of a table")
+    ls.add_argument("table", choices=("waiting", "success", "dead", "cron"))
+    ls.add_argument("--limit", type=int, default=100, help="default %(default)s")
+    ls.add_argument("--offset", type=int, default=0)
+    for name, help_text in (("show", "Show one task and its attempts"),
+                            ("run", "Run a waiting task now, or redrive a dead one"),
+                            ("cancel", "Cancel a task, or drop a success/dead record")):
+        client(name, help_text).add_argument("task_id", metavar="ID")
+    retry = client("retry-dead", "Requeue dead tasks")
+    retry.add_argument("--url-prefix", default="", help="only tasks whose URL starts with this")
+    client("pause", "Pause dispatching")
+    client("resume", "Resume dispatching")
+    client("status", "Show the daemon's status")
     return parser
+
+
+def _when(ns):
+    return datetime.fromtimestamp(ns / 1e9).strftime("%Y-%m-%d %H:%M:%S") if ns else "-"
+
+
+def _print_table(rows, headers, out):
+    """Columns sized to their content; the last one cut to the terminal's width."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    room = max(20, shutil.get_terminal_size((120, 24)).columns - sum(widths[:-1]) - 2 * len(widths))
+    widths[-1] = min(widths[-1], room)
+    for row in [headers] + rows:
+        cells = [c.ljust(w) if i < len(row) - 1 else (c if len(c) <= w else c[:w - 1] + "~")
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        out.write("  ".join(cells).rstrip() + "\n")
+
+
+def _print_task(doc, out):
+    for key in ("id", "state", "url", "schedule", "expected", "tries", "max_tries", "next_run",
+                "last_run", "last_error_status_code", "cron_id", "idempotency_key"):
+        value = doc.get(key)
+        if key in ("next_run", "last_run"):
+            value = _when(value)
+        if value not in (None, ""):
+            out.write("%-23s %s\n" % (key + ":", value))
+    payload = base64.b64decode(doc.get("payload") or "")
+    out.write("%-23s %s\n" % ("payload:", payload[:500].decode("utf-8", "replace")))
+    if doc.get("last_error_body"):
+        text = base64.b64decode(doc["last_error_body"])[:500].decode("utf-8", "replace")
+        out.write("%-23s %s\n" % ("last_error_body:", text))
+    if doc.get("attempts"):
+        out.write("attempts:\n")
+        _print_table([[_when(a["at"]), str(a["status"]), "%.1f ms" % a["duration_ms"],
+                       (a.get("error") or "").replace("\n", " ")] for a in doc["attempts"]],
+                     ["AT", "STATUS", "DURATION", "ERROR"], out)
+
+
+def run_client(args, out=None):
+    """The client commands; returns the exit status.  Errors are one line on stderr."""
+    out = out or sys.stdout
+    client = PousseTaches(args.url)
+    try:
+        if args.command == "push":
+            body = {"url": args.target}
+            if args.payload_json is not None:
+                try:
+                    body["json"] = json.loads(args.payload_json)
+                except ValueError as exc:
+                    raise PousseTachesError("--json is not valid JSON: %s" % exc) from None
+            elif args.payload_file:
+                with open(args.payload_file, "rb") as f:
+                    body["payload"] = b64(f.read())
+            for name in ("delay_s", "schedule", "expected", "max_tries", "idempotency_key"):
+                if getattr(args, name) is not None:
+                    body[name] = getattr(args, name)
+            if args.header:
+                body["headers"] = {}
+                for line in args.header:
+                    name, sep, value = line.partition(":")
+                    if not sep:
+                        raise PousseTachesError("--header must look like 'Name: value'")
+                    body["headers"][name.strip()] = value.strip()
+            _, headers, doc = client.request("POST", "/", body)
+            out.write(json.dumps(doc, indent=2) + "\n" if args.print_task
+                      else headers["Poussetaches-Task-ID"] + "\n")
+            return 0
+        if args.command == "ls":
+            _, _, doc = client.request("GET", "/%s?limit=%d&offset=%d"
+                                       % (args.table, args.limit, args.offset))
+            if args.as_json:
+                out.write(json.dumps(doc, indent=2) + "\n")
+                return 0
+            rows = [[t["id"][:12], _when(t["next_run"]), str(t["tries"]),
+                     str(t["last_error_status_code"] or "-"),
+                     t["url"] + (" (%s)" % t["schedule"] if t["schedule"] else "")]
+                    for t in doc["tasks"]]
+            _print_table(rows, ["ID", "NEXT RUN", "TRIES", "LAST", "URL"], out)
+            shown = len(doc["tasks"])
+            out.write("%d of %d %s tasks\n" % (shown, doc["total"], args.table))
+            return 0
+        if args.command in ("show", "run", "cancel"):
+            method, path = {"show": ("GET", "/tasks/%s"), "run": ("POST", "/tasks/%s/run"),
+                            "cancel": ("DELETE", "/tasks/%s")}[args.command]
+            task_id = args.task_id
+            if len(task_id) < 32 and re.match(r"^[0-9a-f]+$", task_id):
+                task_id = _expand_id(client, task_id)
+            _, _, doc = client.request(method, path % task_id)
+        elif args.command == "retry-dead":
+            doc = {"requeued": client.retry_dead(args.url_prefix)}
+        elif args.command in ("pause", "resume"):
+            doc = client.request("POST", "/" + args.command)[2]
+        else:
+            doc = client.status()
+        if args.as_json:
+            out.write(json.dumps(doc, indent=2) + "\n")
+        elif args.command == "show":
+            _print_task(doc, out)
+        elif args.command == "run":
+            out.write("task %s queued to run now\n" % doc["id"])
+        elif args.command == "cancel":
+            out.write("task %s deleted (it was %s)\n" % (doc["deleted"], doc["state"]))
+        elif args.command == "retry-dead":
+            out.write("%d dead tasks requeued\n" % doc["requeued"])
+        else:
+            for key, value in doc.items():
+                out.write("%-15s %s\n" % (key + ":", value))
+        return 0
+    except (PousseTachesError, OSError) as exc:
+        sys.stderr.write("poussetaches: error: %s\n" % exc)
+        return 1
+    finally:
+        client.close()
+
+
+def _expand_id(client, prefix):
+    """A task id from the 12-char prefix that ``ls`` prints (searched in every table)."""
+    for table in ("waiting", "dead", "success"):
+        _, _, doc = client.request("GET", "/%s?limit=%d" % (table, MAX_LIST_LIMIT))
+        found = [t["id"] for t in doc["tasks"] if t["id"].startswith(prefix)]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise PousseTachesError("%s matches several tasks; give more of the id" % prefix)
+    return prefix
 
 
 def serve(args):
@@ -2401,8 +3151,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    parser.print_help()
-    return 2
+    return run_client(args)
 
 
 if __name__ == "__main__":

@@ -1335,6 +1335,348 @@ class TestBreakerAndHooks(unittest.TestCase):
 
 
 # --------------------------------------------------------------------------
+# Operating it: the client, the CLI, metrics, OpenAPI, the dashboard
+# --------------------------------------------------------------------------
+
+class FakeFlaskRequest:
+    """What a Flask/Werkzeug request offers parse(): headers and get_data()."""
+
+    def __init__(self, headers, body):
+        self.headers = headers
+        self._body = body
+
+    def get_data(self):
+        return self._body
+
+
+class FakeDjangoRequest:
+    """What a Django request offers parse(): META (HTTP_* keys) and body."""
+
+    def __init__(self, headers, body):
+        self.META = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()}
+        self.META["CONTENT_TYPE"] = "application/json"
+        self.body = body
+
+
+class TestClient(unittest.TestCase):
+    def setUp(self):
+        self.rx = Receiver()
+        self.addCleanup(self.rx.close)
+        self.ctx = running_daemon(auth_key="whsec_" + b64(b"k" * 24), max_tries=1)
+        self.d = self.ctx.__enter__()
+        self.addCleanup(self.ctx.__exit__, None, None, None)
+        self.client = pt.PousseTaches(self.d.url, self.rx.base, auth_key="whsec_" + b64(b"k" * 24))
+        self.addCleanup(self.client.close)
+
+    def test_push_and_parse_like_the_original(self):
+        task_id = self.client.push({"note": "hi", "n": [1, 2]}, "/tasks/note")
+        self.assertRegex(task_id, r"^[0-9a-f]{32}$")
+        got = self.rx.wait_for(1)[0]
+        headers = {k: v for k, v in got["headers"].items()}
+        for request in (None, FakeFlaskRequest(got["headers"], got["body"]),
+                        FakeDjangoRequest(headers, got["body"])):
+            with self.subTest(request=type(request).__name__):
+                if request is None:
+                    env = self.client.parse(headers=headers, body=got["body"])
+                else:
+                    env = self.client.parse(request)
+                self.assertEqual(env.payload, {"note": "hi", "n": [1, 2]})
+                self.assertEqual(env.tries, 1)
+                self.assertEqual(env.req_id, got["json"]["req_id"])
+                self.assertEqual(env.task_id, task_id)
+
+    def test_parse_rejects_bad_key_signature_and_body(self):
+        self.client.push({"a": 1}, "/t")
+        got = self.rx.wait_for(1)[0]
+        headers = dict(got["headers"].items())
+        # the signature alone is enough
+        only_sig = {k: v for k, v in headers.items() if k.lower() != "poussetaches-auth-key"}
+        self.assertEqual(self.client.parse(headers=only_sig, body=got["body"]).payload, {"a": 1})
+        cases = {
+            "tampered body": (only_sig, got["body"].replace(b'"tries": 1', b'"tries": 2')),
+            "wrong key": (dict(headers, **{"Poussetaches-Auth-Key": "nope",
+                                           "webhook-signature": "v1,AAAA"}), got["body"]),
+            "nothing": ({}, got["body"]),
+        }
+        for name, (hdrs, body) in cases.items():
+            with self.subTest(name), self.assertRaises(pt.AuthError):
+                self.client.parse(headers=hdrs, body=body)
+        with self.assertRaises(pt.AuthError) as ctx:
+            self.client.parse(headers=only_sig, body=got["body"], now=time.time() + 3600)
+        self.assertIn("timestamp", str(ctx.exception))
+        with self.assertRaises(pt.InvalidEnvelope):
+            self.client.parse(headers=headers, body=b'{"x": 1}')
+        open_client = pt.PousseTaches(self.d.url, auth_key="")
+        self.assertEqual(open_client.parse(headers={}, body=got["body"]).payload, {"a": 1})
+
+    def test_listings_as_the_original_objects(self):
+        task_id = self.client.push({"later": True}, "/later", delay=5)
+        cron_id = self.client.push({"c": 1}, "/cron", schedule="0 3 * * *")
+        waiting = {t.task_id: t for t in self.client.get_waiting()}
+        self.assertEqual(set(waiting), {task_id, cron_id})
+        t = waiting[task_id]
+        self.assertEqual((t.payload, t.expected, t.schedule, t.tries, t.url),
+                         ({"later": True}, 200, "", 0, self.rx.url("/later")))
+        self.assertIsInstance(t.next_run, datetime)
+        self.assertAlmostEqual(t.next_run.timestamp(), time.time() + 300, delta=10)
+        self.assertEqual([c.task_id for c in self.client.get_cron()], [cron_id])
+        self.assertEqual(self.client.get_success(), [])
+        self.assertEqual(self.client.get_dead(), [])
+        self.rx.answers["/fail"] = [(500, b"bad thing")]
+        failing = self.client.push({}, "/fail")
+        wait_until(lambda: self.client.get_dead(), what="dead")
+        dead = self.client.get_dead()[0]
+        self.assertEqual((dead.task_id, dead.last_error_status_code, dead.last_error_body),
+                         (failing, 500, "bad thing"))
+
+    def test_extra_fields_and_calls(self):
+        task_id = self.client.push({}, "/x", delay_s=600, idempotency_key="once",
+                                   headers={"X-A": "b"}, max_tries=3)
+        self.assertEqual(self.client.push({}, "/x", delay_s=600, idempotency_key="once"), task_id)
+        task = self.client.get_task(task_id)
+        self.assertEqual((task.state, task.raw["max_tries"]), ("waiting", 3))
+        self.client.pause()
+        self.assertTrue(self.client.status()["paused"])
+        self.client.resume()
+        self.client.run(task_id)
+        self.rx.wait_for(1, path="/x")
+        wait_until(lambda: self.client.get_task(task_id).state == "success", what="success")
+        self.assertEqual(self.client.cancel(task_id)["state"], "success")
+        with self.assertRaises(pt.ClientError) as ctx:
+            self.client.get_task(task_id)
+        self.assertEqual(ctx.exception.status, 404)
+        self.assertEqual(self.client.retry_dead(url_prefix="http://nowhere/"), 0)
+
+    def test_keeps_its_connection_alive(self):
+        self.client.push({}, "/a", delay_s=60)
+        sock = self.client._local.conn.sock
+        for _ in range(5):
+            self.client.push({}, "/a", delay_s=60)
+        self.assertIs(self.client._local.conn.sock, sock)
+
+    def test_errors(self):
+        with self.assertRaises(pt.ClientError) as ctx:
+            self.client.push({}, "", schedule="bogus")  # base_url + "" is a valid URL
+        self.assertEqual(ctx.exception.status, 400)
+        self.assertIn("invalid cron spec", str(ctx.exception))
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        dead_url = "http://127.0.0.1:%d" % s.getsockname()[1]
+        s.close()
+        with self.assertRaises(pt.DaemonUnavailable):
+            pt.PousseTaches(dead_url, "http://app").push({}, "/x")
+        with self.assertRaises(ValueError):
+            pt.PousseTaches("ftp://x")
+
+
+class TestCli(unittest.TestCase):
+    def run_cli(self, *args, env=None):
+        full_env = dict(os.environ, **(env or {}))
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "poussetaches.py")] + list(args),
+                              capture_output=True, timeout=WAIT, env=full_env)
+        return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+    def test_commands_against_a_daemon(self):
+        with receiver() as rx, running_daemon(max_tries=1, paused=True) as d:
+            env = {"POUSSETACHES_URL": d.url}
+            code, out, err = self.run_cli("push", rx.url("/cli"), "--json", '{"a": 1}',
+                                          "--header", "X-From: cli", env=env)
+            self.assertEqual((code, err), (0, ""))
+            task_id = out.strip()
+            self.assertRegex(task_id, r"^[0-9a-f]{32}$")
+            code, out, _ = self.run_cli("ls", "waiting", env=env)
+            self.assertEqual(code, 0)
+            self.assertIn(task_id[:12], out)
+            self.assertIn("1 of 1 waiting tasks", out)
+            self.assertTrue(out.startswith("ID"))
+            code, out, _ = self.run_cli("ls", "waiting", "--json", env=env)
+            self.assertEqual(json.loads(out)["tasks"][0]["id"], task_id)
+            code, out, _ = self.run_cli("show", task_id[:12], env=env)
+            self.assertIn("state:", out)
+            self.assertIn('payload:                {"a":1}', out)
+            code, out, _ = self.run_cli("status", "--json", env=env)
+            self.assertIs(json.loads(out)["paused"], True)
+            self.assertEqual(self.run_cli("resume", env=env)[0], 0)
+            got = rx.wait_for(1, path="/cli")[0]
+            self.assertEqual(got["headers"]["X-From"], "cli")
+            self.assertEqual(self.run_cli("pause", env=env)[0], 0)
+            code, out, _ = self.run_cli("push", rx.url("/file"), "--delay-s", "3600",
+                                        "--payload-file", __file__, "--print-task", env=env)
+            later = json.loads(out)
+            self.assertEqual(base64.b64decode(later["payload"])[:3], b'"""')
+            code, out, _ = self.run_cli("run", later["id"], env=env)
+            self.assertIn("queued to run now", out)
+            code, out, _ = self.run_cli("cancel", later["id"], env=env)
+            self.assertIn("deleted (it was waiting)", out)
+            code, out, _ = self.run_cli("retry-dead", "--url", d.url)
+            self.assertEqual((code, out), (0, "0 dead tasks requeued\n"))
+
+    def test_errors_are_one_line_without_traceback(self):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        url = "http://127.0.0.1:%d" % s.getsockname()[1]
+        s.close()
+        code, out, err = self.run_cli("status", env={"POUSSETACHES_URL": url})
+        self.assertEqual(code, 1)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertIn("cannot reach poussetaches", err)
+        with running_daemon() as d:
+            for args in (["show", "f" * 32], ["push", "ftp://x"], ["push", "http://x/", "--json", "{"]):
+                with self.subTest(args=args):
+                    code, out, err = self.run_cli(*args, env={"POUSSETACHES_URL": d.url})
+                    self.assertEqual(code, 1)
+                    self.assertEqual(len(err.strip().splitlines()), 1, err)
+                    self.assertNotIn("Traceback", err)
+                    self.assertTrue(err.startswith("poussetaches: error: "))
+
+    def test_help_everywhere_and_module_entry(self):
+        for command in ("serve", "push", "ls", "show", "run", "cancel", "retry-dead", "pause",
+                        "resume", "status"):
+            with self.subTest(command=command):
+                code, out, _ = self.run_cli(command, "--help")
+                self.assertEqual(code, 0)
+                self.assertIn("usage: poussetaches " + command, out)
+        proc = subprocess.run([sys.executable, "-m", "poussetaches", "--version"], cwd=HERE,
+                              capture_output=True, timeout=WAIT)
+        self.assertEqual(proc.stdout.decode().strip(), "poussetaches " + pt.__version__)
+
+
+def parse_prometheus(text):
+    """A small parser of the text exposition format 0.0.4: {(name, labels): value}."""
+    types, samples = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            types[name] = kind
+            continue
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$', line)
+        if match is None:
+            raise AssertionError("bad sample line: %r" % line)
+        name, labels, value = match.groups()
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
+        if family not in types:
+            raise AssertionError("sample %s has no # TYPE" % name)
+        labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', labels or "")))
+        samples[(name, labels)] = float(value)
+    return types, samples
+
+
+class TestOperate(unittest.TestCase):
+    def test_metrics(self):
+        with receiver() as rx, running_daemon() as d:
+            rx.answers["/bad"] = [(500, b"")]
+            call(d.url, "POST", "/", {"url": rx.url("/ok")})
+            call(d.url, "POST", "/", {"url": rx.url("/later"), "delay_s": 600})
+            call(d.url, "POST", "/", {"url": rx.url("/bad"), "max_tries": 1})
+            wait_until(lambda: call(d.url, "GET", "/dead")[2]["total"] == 1, what="dead")
+            wait_until(lambda: call(d.url, "GET", "/success")[2]["total"] == 1, what="success")
+            status, headers, text = call(d.url, "GET", "/metrics")
+            self.assertEqual(status, 200)
+            self.assertTrue(headers["Content-Type"].startswith("text/plain; version=0.0.4"))
+            types, samples = parse_prometheus(text.decode())
+        m = lambda name, **labels: samples[("poussetaches_" + name, tuple(sorted(labels.items())))]
+        self.assertEqual(m("tasks", table="waiting"), 1)
+        self.assertEqual(m("tasks", table="success"), 1)
+        self.assertEqual(m("tasks", table="dead"), 1)
+        self.assertEqual(m("attempts_total", outcome="success"), 1)
+        self.assertEqual(m("attempts_total", outcome="failure"), 1)
+        self.assertEqual(m("enqueued_total"), 3)
+        self.assertEqual(m("dead_total"), 1)
+        self.assertEqual((m("journal_errors_total"), m("healthy"), m("in_flight")), (0, 1, 0))
+        self.assertEqual(m("open_circuit_breakers"), 0)
+        self.assertEqual(types["poussetaches_attempt_duration_seconds"], "histogram")
+        buckets = sorted((float(dict(k[1])["le"]), v) for k, v in samples.items()
+                         if k[0] == "poussetaches_attempt_duration_seconds_bucket")
+        counts = [v for _, v in buckets]
+        self.assertEqual(counts, sorted(counts))
+        self.assertEqual(buckets[-1], (float("inf"), 2))
+        self.assertEqual(m("attempt_duration_seconds_count"), 2)
+
+    def test_openapi_matches_the_server(self):
+        with running_daemon() as d:
+            status, _, doc = call(d.url, "GET", "/openapi.json")
+            self.assertEqual(status, 200)
+            self.assertEqual(doc["openapi"], "3.1.0")
+            served = {(r.method, r.pattern) for r in pt.Api.ROUTES}
+            documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+            self.assertEqual(served, documented)
+            for route in pt.Api.ROUTES:
+                op = doc["paths"][route.pattern][route.method.lower()]
+                self.assertEqual(set(op["responses"]), {str(c) for c in route.statuses + (401,)})
+                names = {p["name"] for p in op.get("parameters", ())}
+                expected = {n for n, _, _ in route.params} | ({"id"} if "{id}" in route.pattern
+                                                             else set())
+                if route.handler == "enqueue":
+                    expected.add("Idempotency-Key")
+                self.assertEqual(names, expected, route)
+            # and against the live server: undocumented methods are 405 with the
+            # documented ones in Allow; documented ones answer a documented status
+            for path, ops in doc["paths"].items():
+                concrete = path.replace("{id}", "0" * 32)
+                allowed = sorted(m.upper() for m in ops)
+                for method in ("GET", "POST", "DELETE", "PUT", "PATCH"):
+                    with self.subTest(path=path, method=method):
+                        body = b"{}" if method in ("POST", "PUT", "PATCH") else None
+                        status, headers, _ = call(d.url, method, concrete, raw=body)
+                        if method.lower() in ops:
+                            self.assertIn(str(status), ops[method.lower()]["responses"])
+                        else:
+                            self.assertEqual(status, 405)
+                            self.assertEqual(sorted(headers["Allow"].split(", ")), allowed)
+
+    def test_dashboard_is_self_contained(self):
+        import html.parser
+
+        class Collect(html.parser.HTMLParser):
+            def __init__(self):
+                super().__init__()
+                self.tags, self.ids, self.scripts = [], set(), []
+
+            def handle_starttag(self, tag, attrs):
+                attrs = dict(attrs)
+                self.tags.append((tag, attrs))
+                if "id" in attrs:
+                    self.ids.add(attrs["id"])
+
+            def handle_data(self, data):
+                if self.tags and self.tags[-1][0] == "script":
+                    self.scripts.append(data)
+
+        with running_daemon(api_key="k") as d:
+            status, headers, _ = call(d.url, "GET", "/ui")
+            self.assertEqual(status, 401)
+            self.assertIn("Basic", headers["WWW-Authenticate"])  # the browser prompts
+            status, headers, page = call(d.url, "GET", "/ui",
+                                         headers={"Authorization": "Basic " + b64(b":k")})
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["Content-Type"].startswith("text/html"))
+        text = page.decode()
+        parser = Collect()
+        parser.feed(text)
+        self.assertEqual(parser.tags[0][0], "html")
+        self.assertLessEqual({"counts", "rows", "tabs", "toggle", "retry", "prev", "next", "page"},
+                             parser.ids)
+        self.assertIn(("meta", {"name": "viewport",
+                                "content": "width=device-width, initial-scale=1"}), parser.tags)
+        for tag, attrs in parser.tags:  # nothing loaded from elsewhere
+            self.assertNotIn("src", attrs, tag)
+            self.assertFalse(tag == "link" and "href" in attrs, attrs)
+        self.assertNotRegex(text, r"https?://")
+        script = "".join(parser.scripts)
+        for needle in ('"/pause"', '"/resume"', '"/dead/retry"', '"/tasks/"', "setInterval",
+                       "attempts", "offset", "@media"):
+            self.assertIn(needle, script + text, needle)
+
+    def test_log_json(self):
+        record = logging.LogRecord("poussetaches", logging.WARNING, __file__, 1,
+                                   "task %s attempt %d -> %s", ("abc", 2, 500), None)
+        doc = json.loads(pt.JSONFormatter().format(record))
+        self.assertEqual((doc["level"], doc["message"]), ("WARNING", "task abc attempt 2 -> 500"))
+
+
+# --------------------------------------------------------------------------
 # Storage: journal, group commit, snapshots, recovery
 # --------------------------------------------------------------------------
 
