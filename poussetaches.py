@@ -2900,12 +2900,13 @@ def build_parser():
                            description="Run the daemon. Flags override environment variables.")
     serve.add_argument("--host", default=_env("POUSSETACHES_HOST", DEFAULT_HOST),
                        help="address to listen on (env POUSSETACHES_HOST; default %(default)s)")
-    serve.add_argument("--port", type=int, default=int(_env("POUSSETACHES_PORT", DEFAULT_PORT)),
+    # string defaults go through ``type`` too: a bad env value is a clean usage error
+    serve.add_argument("--port", type=int, default=_env("POUSSETACHES_PORT", str(DEFAULT_PORT)),
                        help="port (env POUSSETACHES_PORT; default %(default)s)")
     serve.add_argument("--data-dir", default=_env("POUSSETACHES_DATA_DIR", DEFAULT_DATA_DIR),
                        help="where tasks are kept (env POUSSETACHES_DATA_DIR; default %(default)s)")
     serve.add_argument("--workers", type=int,
-                       default=int(_env("POUSSETACHES_WORKERS", DEFAULT_WORKERS)),
+                       default=_env("POUSSETACHES_WORKERS", str(DEFAULT_WORKERS)),
                        help="delivery threads (env POUSSETACHES_WORKERS; default %(default)s)")
     serve.add_argument("--rate", type=float, default=_env("POUSSETACHES_RATE"),
                        help="attempts per second, all tasks together (env POUSSETACHES_RATE; "
