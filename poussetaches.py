@@ -2342,6 +2342,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     wbufsize = -1        # buffered: status line, headers and body leave together
     timeout = 60         # an idle or stalled connection is dropped after this
 
+    def version_string(self):
+        return self.server_version
+
     def setup(self):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
