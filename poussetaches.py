@@ -97,6 +97,7 @@ MAX_LIST_LIMIT = 100_000
 DEFAULT_SNAPSHOT_INTERVAL = 60.0   # seconds between snapshots
 SNAPSHOT_AFTER_RECORDS = 100_000   # ... or after this many journal records
 DEFAULT_GRACE = 10.0               # seconds for in-flight attempts at stop
+DEFAULT_REQUEST_TIMEOUT = 60.0     # seconds for an API request, idle keep-alive included
 
 JITTER = 0.30                      # +/- 30 % on every backoff
 RESPONSE_READ_LIMIT = 64 * 1024    # bytes of a delivery answer we read
@@ -483,6 +484,45 @@ def _instant(wall, tz):
 # Storage: tables, journal, snapshot, recovery
 # --------------------------------------------------------------------------
 
+class FileSystem:
+    """The file operations storage makes, in one place.
+
+    The default is the OS.  Tests substitute a layer that forgets every
+    write not followed by fsync (a power loss), or that fails like a full disk.
+    """
+
+    open = staticmethod(os.open)
+    write = staticmethod(os.write)
+    fsync = staticmethod(os.fsync)
+    close = staticmethod(os.close)
+    ftruncate = staticmethod(os.ftruncate)
+    replace = staticmethod(os.replace)
+    unlink = staticmethod(os.unlink)
+
+    def fsync_dir(self, path):
+        """fsync a directory, so that a rename or new file in it survives power loss."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write_all(self, fd, data):
+        view = memoryview(data)
+        while view:
+            view = view[self.write(fd, view):]
+
+
+def fault_point(name):
+    """Crash here (SIGKILL) when the environment says POUSSETACHES_FAULT=name.
+
+    Test-only: the crash tests use it to stop the process between the steps
+    of a snapshot.  Off unless that variable names this point.
+    """
+    if os.environ.get("POUSSETACHES_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Ticket:
     """A journal record waiting for its group commit; ``wait()`` blocks until written."""
 
@@ -515,7 +555,7 @@ class Journal:
     Lines: ``<crc32 of json, 8 hex> <json>\\n``.  Files: journal.<seq>.
     """
 
-    def __init__(self, directory, seq, fsync=True, on_error=None, opener=os.open):
+    def __init__(self, directory, seq, fsync=True, on_error=None, fs=None):
         self.directory = directory
         self.fsync = fsync
         self.seq = seq
@@ -524,7 +564,7 @@ class Journal:
         self.records = 0             # records written since the last rotation
         self.commits = 0             # write (+ fsync) batches: group commit at work
         self._on_error = on_error
-        self._opener = opener
+        self.fs = fs or FileSystem()
         self._cond = threading.Condition()   # guards _pending and _closing
         self._pending = []
         self._closing = False
@@ -570,7 +610,7 @@ class Journal:
 
     def _open(self):
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-        self._fd = self._opener(self.path(), flags, 0o600)
+        self._fd = self.fs.open(self.path(), flags, 0o600)
         self._size = os.fstat(self._fd).st_size
         self.records = 0
 
@@ -591,9 +631,7 @@ class Journal:
                 else:
                     group.append(ticket)
             self._commit(group)
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._close_quietly()
 
     def _commit(self, group):
         if not group:
@@ -603,11 +641,9 @@ class Journal:
         try:
             if self._fd is None:
                 self._open()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
+            self.fs.write_all(self._fd, data)
             if self.fsync:
-                os.fsync(self._fd)
+                self.fs.fsync(self._fd)
             self._size += len(data)
             self.records += len(group)
             self.commits += 1
@@ -627,7 +663,7 @@ class Journal:
             logger.error("journal write failed: %s", exc)
         self.healthy = False
         try:  # cut the partial write off, so the next record starts on a fresh line
-            os.ftruncate(self._fd, self._size)
+            self.fs.ftruncate(self._fd, self._size)
         except (OSError, TypeError):
             self._close_quietly()
         if self._on_error is not None:
@@ -645,7 +681,7 @@ class Journal:
     def _close_quietly(self):
         if self._fd is not None:
             try:
-                os.close(self._fd)
+                self.fs.close(self._fd)
             except OSError:
                 pass
             self._fd = None
@@ -693,7 +729,7 @@ class Store:
     """
 
     def __init__(self, directory, due, fsync=True, keep_success=DEFAULT_KEEP_SUCCESS,
-                 clock=time.time_ns, opener=os.open, on_dirty=None):
+                 clock=time.time_ns, fs=None, on_dirty=None):
         self.directory = directory
         self.due = due
         self.keep_success = keep_success
@@ -711,10 +747,10 @@ class Store:
         self._snapshot_lock = threading.Lock()  # one snapshot at a time
         self.snapshot_errors = 0
         self.last_snapshot = 0
-        self._opener = opener
+        self.fs = fs or FileSystem()
         seq = self._recover()
         self.journal = Journal(directory, seq, fsync=fsync, on_error=self._mark_dirty,
-                               opener=opener)
+                               fs=self.fs)
 
     # -- start-up ----------------------------------------------------------
 
@@ -732,6 +768,9 @@ class Store:
                  "torn_records": 0, "imported": 0}
         first_seq = 0
         path = os.path.join(self.directory, SNAPSHOT_NAME)
+        if os.path.exists(path + ".tmp"):  # a snapshot interrupted by a crash
+            logger.warning("removing %s.tmp left by an interrupted snapshot", SNAPSHOT_NAME)
+            os.unlink(path + ".tmp")
         if os.path.exists(path):
             try:
                 with open(path, "rb") as f:
@@ -1067,39 +1106,57 @@ class Store:
                 self.snapshot_errors += 1
                 self._dirty.set()  # not _mark_dirty: the persister backs off first
                 raise
+            fault_point("snapshot-before-journal-delete")
             for old, name in self._journal_files():
                 if old < seq:
-                    os.unlink(os.path.join(self.directory, name))
+                    self.fs.unlink(os.path.join(self.directory, name))
             self.last_snapshot = self.clock()
             return count
 
     def _write_snapshot(self, seq, tables):
+        """Write the tables to snapshot.json.tmp, fsync, rename over snapshot.json, fsync
+        the directory.  A crash at any step leaves the old or the new snapshot whole."""
         path = os.path.join(self.directory, SNAPSHOT_NAME)
         tmp = path + ".tmp"
+        fs = self.fs
         count = 0
-        fd = self._opener(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fault_point("snapshot-before-write")
+        fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
+                     0o600)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write('{"version": 1, "journal": %d, "created": %d' % (seq, self.clock()))
+            try:
+                chunk = ['{"version": 1, "journal": %d, "created": %d' % (seq, self.clock())]
+                size = 0
                 for name in TABLES:
-                    f.write(',\n"%s": [' % name)
+                    chunk.append(',\n"%s": [' % name)
                     sep = "\n"
-                    for task in tables[name]:  # one task at a time: the API keeps the GIL
-                        f.write(sep)
-                        f.write(json.dumps(task.to_json(), separators=(",", ":")))
+                    for task in tables[name]:  # a task at a time: the API keeps the GIL
+                        line = json.dumps(task.to_json(), separators=(",", ":"))
+                        chunk.append(sep)
+                        chunk.append(line)
                         sep = ",\n"
                         count += 1
-                    f.write("]")
-                f.write("}\n")
-                f.flush()
+                        size += len(line)
+                        if size > 1 << 16:
+                            fs.write_all(fd, "".join(chunk).encode())
+                            chunk, size = [], 0
+                    chunk.append("]")
+                chunk.append("}\n")
+                fs.write_all(fd, "".join(chunk).encode())
+                fault_point("snapshot-after-write")
                 if self.fsync:
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
+                    fs.fsync(fd)
+                fault_point("snapshot-after-fsync")
+            finally:
+                fs.close(fd)
+            fs.replace(tmp, path)
+            fault_point("snapshot-after-replace")
             if self.fsync:
-                fsync_dir(self.directory)
+                fs.fsync_dir(self.directory)
+            fault_point("snapshot-after-dir-fsync")
         except BaseException:
             try:
-                os.unlink(tmp)
+                fs.unlink(tmp)
             except OSError:
                 pass
             raise
@@ -1107,14 +1164,6 @@ class Store:
 
     def close(self):
         self.journal.close()
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DirLock:
@@ -1332,10 +1381,60 @@ class Breakers:
                 breaker.held = []
 
 
+class DeadlineSocket(socket.socket):
+    """A socket whose receives all end by one ``deadline`` (time.monotonic()).
+
+    A plain socket time-out bounds each receive, so a peer that drips a byte
+    at a time holds a thread forever.  This bounds the whole exchange: a
+    delivery attempt, or one API request.  ``deadline`` None: no bound.
+    """
+
+    deadline = None
+
+    @classmethod
+    def adopt(cls, sock, deadline=None):
+        """The same connection as ``sock`` (which is detached) under this class."""
+        timeout = sock.gettimeout()
+        twin = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        twin.settimeout(timeout)
+        twin.deadline = deadline
+        return twin
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out")
+            self.settimeout(remaining)
+        return super().recv_into(buffer, nbytes, flags)
+
+
+class _DeadlineConnection(http.client.HTTPConnection):
+    """An HTTPConnection whose whole exchange ends by its time-out."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._deadline = time.monotonic() + (self.timeout if isinstance(self.timeout, (int, float))
+                                             else DEFAULT_TIMEOUT)
+
+    def connect(self):
+        super().connect()
+        self.sock = DeadlineSocket.adopt(self.sock, self._deadline)
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_DeadlineConnection, req)
+
+
 def build_opener():
-    """An opener for http and https only: no redirects, proxies, file/ftp/data."""
+    """An opener for http and https only: no redirects, proxies, file/ftp/data.
+
+    Over http, the time-out bounds the whole attempt; over https, each
+    socket operation (the TLS layer reads the socket itself).
+    """
     opener = urllib.request.OpenerDirector()
-    opener.add_handler(urllib.request.HTTPHandler())
+    opener.add_handler(_DeadlineHTTPHandler())
     if hasattr(urllib.request, "HTTPSHandler"):
         opener.add_handler(urllib.request.HTTPSHandler())
     return opener
@@ -2158,7 +2257,8 @@ class Api:
 
 _STATUS_TEXT = {200: "OK", 201: "Created", 400: "Bad input (the error names the field)",
                 401: "Missing or wrong API key", 404: "No such task or path",
-                405: "Wrong method (see Allow)", 411: "A body without Content-Length",
+                405: "Wrong method (see Allow)", 408: "The body did not arrive in time",
+                411: "A body without Content-Length",
                 413: "Body larger than --max-body",
                 503: "Cannot persist (disk full or read-only); retry later"}
 
@@ -2346,11 +2446,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self.server_version
 
     def setup(self):
+        self.timeout = self.server.request_timeout  # each send; receives: the deadline
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def handle_one_request(self):
         self._body_state = None  # None: not read; "read"; or "skipped"
+        # the wait for the request (keep-alive idleness too), its head and its
+        # body must all end in request_timeout: a slow client cannot hold on
+        self.connection.deadline = time.monotonic() + self.server.request_timeout
         super().handle_one_request()
 
     def _dispatch(self):
@@ -2383,7 +2487,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise HTTPError(413, "the body is %d bytes, more than the %d allowed (--max-body)"
                             % (size, self.server.max_body))
-        body = self.rfile.read(size)
+        try:
+            body = self.rfile.read(size)
+        except socket.timeout:
+            self._body_state = "skipped"
+            self.close_connection = True
+            raise HTTPError(408, "the body did not arrive within %.0fs"
+                            % self.server.request_timeout) from None
         self._body_state = "read"
         if len(body) != size:
             self.close_connection = True
@@ -2426,10 +2536,15 @@ class _Server(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024   # bursts of clients must not see resets
 
-    def __init__(self, address, api, max_body):
+    def __init__(self, address, api, max_body, request_timeout=DEFAULT_REQUEST_TIMEOUT):
         self.api = api
         self.max_body = max_body
+        self.request_timeout = request_timeout
         super().__init__(address, _Handler)
+
+    def get_request(self):
+        sock, address = super().get_request()
+        return DeadlineSocket.adopt(sock), address
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -2741,7 +2856,8 @@ class Daemon:
                  keep_success=DEFAULT_KEEP_SUCCESS, max_body=DEFAULT_MAX_BODY,
                  allow_urls=(), paused=False, auth_key=None, api_key=None, on_dead=None,
                  snapshot_interval=DEFAULT_SNAPSHOT_INTERVAL, grace=DEFAULT_GRACE,
-                 cron_tz=None, clock=time.time_ns, rng=None, opener=os.open):
+                 cron_tz=None, clock=time.time_ns, rng=None, fs=None,
+                 request_timeout=DEFAULT_REQUEST_TIMEOUT):
         def need(ok, message):
             if not ok:
                 raise ConfigError(message)
@@ -2769,7 +2885,8 @@ class Daemon:
         self.due = DueQueue(clock)
         if paused:
             self.due.hold()
-        self._opener = opener
+        self._fs = fs
+        self.request_timeout = request_timeout
         self._settings = dict(workers=workers, max_tries=max_tries, min_backoff=min_backoff,
                               max_backoff=max_backoff, on_dead=on_dead, rng=rng,
                               keep_success=keep_success)
@@ -2804,14 +2921,15 @@ class Daemon:
             s = self._settings
             self.store = Store(self.data_dir, self.due, fsync=self.fsync == "always",
                                keep_success=s["keep_success"], clock=self.clock,
-                               opener=self._opener, on_dirty=self._wake.set)
+                               fs=self._fs, on_dirty=self._wake.set)
             self.dispatcher = Dispatcher(
                 self.store, self.due, self._delivery, workers=s["workers"],
                 max_tries=s["max_tries"], min_backoff=s["min_backoff"],
                 max_backoff=s["max_backoff"], limiter=self._limiter, on_dead=s["on_dead"],
                 clock=self.clock, rng=s["rng"], cron_tz=self.cron_tz, stats=self.stats)
             self.api = Api(self)
-            self.server = _Server((self.host, self.port), self.api, self.max_body)
+            self.server = _Server((self.host, self.port), self.api, self.max_body,
+                                  self.request_timeout)
         except BaseException:
             self._lock.release()
             raise
@@ -2936,6 +3054,8 @@ def build_parser():
     serve.add_argument("--on-dead", metavar="URL",
                        help="POST a task's JSON here when it moves to dead")
     serve.add_argument("--paused", action="store_true", help="start with dispatch paused")
+    serve.add_argument("--snapshot-interval", type=float, default=DEFAULT_SNAPSHOT_INTERVAL,
+                       help="seconds between snapshots of the tables (default %(default)s)")
     serve.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                        help="seconds to let attempts finish at stop (default %(default)s)")
     serve.add_argument("--log-level", default="INFO",
@@ -3128,7 +3248,8 @@ def serve(args):
             max_backoff=args.max_backoff, timeout=args.timeout, fsync=args.fsync,
             keep_success=args.keep_success, max_body=args.max_body, allow_urls=allow,
             paused=args.paused, auth_key=_env("POUSSETACHES_AUTH_KEY"),
-            api_key=_env("POUSSETACHES_API_KEY"), on_dead=args.on_dead, grace=args.grace)
+            api_key=_env("POUSSETACHES_API_KEY"), on_dead=args.on_dead, grace=args.grace,
+            snapshot_interval=args.snapshot_interval)
         daemon.start()
     except (PousseTachesError, OSError) as exc:
         logger.error("cannot start: %s", exc)

@@ -1823,13 +1823,17 @@ class TestStorage(unittest.TestCase):
     def test_disk_error_gives_503_and_recovers(self):
         broken = threading.Event()
 
-        def opener(path, flags, mode=0o777):
-            if broken.is_set():
-                raise OSError(28, "No space left on device")
-            return os.open(path, flags, mode)
+        class BrokenFS(pt.FileSystem):
+            def __init__(self, flag):
+                self.flag = flag
+
+            def open(self, path, flags, mode=0o777):
+                if self.flag.is_set():
+                    raise OSError(28, "No space left on device")
+                return os.open(path, flags, mode)
 
         with receiver() as rx, running_daemon(data_dir=os.path.join(self.dir, "d"),
-                                              opener=opener) as d:
+                                              fs=BrokenFS(broken)) as d:
             ok = call(d.url, "POST", "/", {"url": rx.url()})
             self.assertEqual(ok[0], 201)
             broken.set()
