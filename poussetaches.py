@@ -610,9 +610,13 @@ class Journal:
 
     def _open(self):
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        created = not os.path.exists(self.path())
         self._fd = self.fs.open(self.path(), flags, 0o600)
         self._size = os.fstat(self._fd).st_size
         self.records = 0
+        if created and self.fsync:
+            # fsync of the file alone does not make its name durable (fsync(2))
+            self.fs.fsync_dir(self.directory)
 
     def _run(self):
         while True:
@@ -2467,6 +2471,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(status, doc, headers)
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+
+    def __getattr__(self, name):
+        # any other method gets a 405 with Allow (or 404), not http.server's 501
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
 
     def _read_body(self):
         """The request body; HTTPError for a missing, bad or too large length."""

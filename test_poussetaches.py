@@ -1958,5 +1958,709 @@ class TestCrash(unittest.TestCase):
             first.terminate()
 
 
+# --------------------------------------------------------------------------
+# Reliability: crashes, faults, bad input, load (POUSSETACHES_STRESS=1: longer)
+# --------------------------------------------------------------------------
+
+STRESS = os.environ.get("POUSSETACHES_STRESS") == "1"
+SEED = int(os.environ.get("POUSSETACHES_SEED", "20261126"))
+
+
+def report(line):
+    """Figures of a reliability run, for the README and the closing note."""
+    sys.stderr.write("\n  [figures] %s\n" % line)
+
+
+class ForgetfulFS(pt.FileSystem):
+    """A file layer that models a power loss: only what was fsync'ed survives.
+
+    A file keeps the size it had at its last fsync; a created, renamed or
+    unlinked directory entry is durable only after an fsync of the directory.
+    ``power_loss()`` rewinds the real files to that state; after it every
+    call fails, as a machine that lost power does nothing more.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.paths = {}        # fd -> path
+        self.durable = {}      # path -> size at its last fsync
+        self.dir_log = []      # directory changes since the last directory fsync
+        self.dead = False
+
+    def _alive(self):
+        if self.dead:
+            raise OSError(5, "power lost")
+
+    def open(self, path, flags, mode=0o777):
+        with self.lock:
+            self._alive()
+            existed = os.path.exists(path)
+            fd = os.open(path, flags, mode)
+            self.paths[fd] = path
+            if not existed:
+                self.dir_log.append(("create", path))
+                self.durable[path] = 0
+            elif path not in self.durable:
+                self.durable[path] = os.fstat(fd).st_size  # it was there before us
+            return fd
+
+    def write(self, fd, data):
+        with self.lock:
+            self._alive()
+            return os.write(fd, data)
+
+    def fsync(self, fd):
+        with self.lock:
+            self._alive()
+            os.fsync(fd)
+            self.durable[self.paths[fd]] = os.fstat(fd).st_size
+
+    def ftruncate(self, fd, size):
+        with self.lock:
+            self._alive()
+            os.ftruncate(fd, size)
+            path = self.paths[fd]
+            self.durable[path] = min(self.durable.get(path, 0), size)
+
+    def close(self, fd):
+        with self.lock:
+            self.paths.pop(fd, None)
+            os.close(fd)
+
+    def replace(self, src, dst):
+        with self.lock:
+            self._alive()
+            old = None
+            if os.path.exists(dst):
+                with open(dst, "rb") as f:
+                    old = f.read()[:self.durable.get(dst, 0)]
+            os.replace(src, dst)
+            self.dir_log.append(("replace", src, dst, old, self.durable.get(dst)))
+            self.durable[dst] = self.durable.pop(src, 0)
+
+    def unlink(self, path):
+        with self.lock:
+            self._alive()
+            with open(path, "rb") as f:
+                old = f.read()[:self.durable.get(path, 0)]
+            os.unlink(path)
+            self.dir_log.append(("unlink", path, old))
+            self.durable.pop(path, None)
+
+    def fsync_dir(self, path):
+        with self.lock:
+            self._alive()
+            super().fsync_dir(path)
+            self.dir_log = []
+
+    def power_loss(self):
+        with self.lock:
+            self.dead = True
+            for op in reversed(self.dir_log):
+                if op[0] == "create":
+                    if os.path.exists(op[1]):
+                        os.unlink(op[1])
+                    self.durable.pop(op[1], None)
+                elif op[0] == "replace":
+                    _, src, dst, old, old_size = op
+                    if os.path.exists(dst):
+                        os.replace(dst, src)
+                        self.durable[src] = self.durable.pop(dst, 0)
+                    if old is not None:
+                        with open(dst, "wb") as f:
+                            f.write(old)
+                        self.durable[dst] = len(old)
+                elif op[0] == "unlink":
+                    with open(op[1], "wb") as f:
+                        f.write(op[2])
+                    self.durable[op[1]] = len(op[2])
+            for path, size in self.durable.items():
+                if os.path.exists(path) and os.path.getsize(path) > size:
+                    os.truncate(path, size)
+
+
+class RawApp:
+    """A TCP server playing a misbehaving app; the path picks the misbehaviour."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.base = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.sent_bytes = 0
+        self.paths = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            path = head.split(b" ", 2)[1].decode()
+            self.paths.append(path)
+            if path == "/hang":
+                self.stop.wait(5)
+            elif path == "/reset":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Le")
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            elif path == "/garbage":
+                conn.sendall(b"NONSENSE GARBAGE\r\n\r\n")
+            elif path == "/huge":
+                conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 100000000\r\n\r\n")
+                block = b"z" * 65536
+                for _ in range(100000000 // len(block)):
+                    conn.sendall(block)
+                    self.sent_bytes += len(block)
+            elif path == "/redirect":
+                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:9/internal\r\n"
+                             b"Content-Length: 0\r\n\r\n")
+            elif path == "/drip":
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(400):
+                    if self.stop.wait(0.05):
+                        break
+                    conn.sendall(b"X")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def rss_bytes(pid="self"):
+    with open("/proc/%s/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def thread_count(pid):
+    with open("/proc/%s/status" % pid) as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
+class TestReliability(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="pt-rel-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.data = os.path.join(self.dir, "data")
+
+    # -- kill -9 ---------------------------------------------------------------
+
+    def test_kill9_loop_loses_nothing(self):
+        kills = 30 if STRESS else 5
+        workers = 4
+        rng = random.Random(SEED)
+        acked, lock = set(), threading.Lock()
+        current = {"url": None}
+        up, stop = threading.Event(), threading.Event()
+        rx = Receiver()
+        self.addCleanup(rx.close)
+
+        def client():
+            while not stop.is_set():
+                if not up.wait(0.5):
+                    continue
+                try:
+                    status, headers, _ = call(current["url"], "POST", "/",
+                                              {"url": rx.url("/k")}, timeout=5)
+                except (OSError, http.client.HTTPException):
+                    continue  # the daemon died under us: this one was not acknowledged
+                if status == 201:
+                    with lock:
+                        acked.add(headers["Poussetaches-Task-ID"])
+
+        clients = [threading.Thread(target=client) for _ in range(3)]
+        for t in clients:
+            t.start()
+        moments = []
+        try:
+            for _ in range(kills):
+                daemon = DaemonProcess(self.data, "--workers", str(workers))
+                current["url"] = daemon.url
+                up.set()
+                moment = rng.uniform(0.05, 0.6)
+                moments.append(round(moment, 3))
+                stop.wait(moment)  # let it work, then kill it at this moment
+                up.clear()
+                daemon.kill()
+            final = DaemonProcess(self.data, "--workers", str(workers))
+            current["url"] = final.url
+            up.set()
+            stop.wait(0.3)
+        finally:
+            stop.set()
+            for t in clients:
+                t.join(WAIT)
+        try:
+            def all_delivered():
+                seen = {g["headers"]["Poussetaches-Task-ID"] for g in rx.got}
+                return acked <= seen and call(final.url, "GET", "/waiting")[2]["total"] == 0
+            wait_until(all_delivered, timeout=60, what="every acknowledged task delivered")
+        finally:
+            final.terminate()
+        counts = {}
+        for g in rx.got:
+            task_id = g["headers"]["Poussetaches-Task-ID"]
+            counts[task_id] = counts.get(task_id, 0) + 1
+        lost = acked - set(counts)
+        duplicates = sum(n - 1 for n in counts.values())
+        report("kill -9 loop: seed %d, %d kills at %s s, %d acknowledged, %d lost, "
+               "%d duplicates" % (SEED, kills, moments, len(acked), len(lost), duplicates))
+        self.assertEqual(lost, set())
+        self.assertLessEqual(duplicates, kills * workers)
+        self.assertGreater(len(acked), kills * 10)
+
+    # -- torn and corrupt journals ----------------------------------------------
+
+    def journal_with(self, n):
+        store = pt.Store(self.data if os.path.isdir(self.data) else self._mk(), pt.DueQueue())
+        store.start()
+        ids = []
+        for i in range(n):
+            task = pt.Task(pt.new_id(), "http://127.0.0.1:9/%d" % i, b"payload %d" % i)
+            store.add(task)
+            ids.append(task.id)
+        store.close()
+        path = [os.path.join(self.data, f) for f in os.listdir(self.data)
+                if f.startswith("journal")][0]
+        with open(path, "rb") as f:
+            return path, f.read(), ids
+
+    def _mk(self):
+        os.makedirs(self.data)
+        return self.data
+
+    def test_torn_journal_at_every_offset_of_its_last_record(self):
+        path, data, ids = self.journal_with(5)
+        start = data.rstrip(b"\n").rfind(b"\n") + 1  # the last record
+        offsets = range(start, len(data))
+        for cut in offsets:
+            with open(path, "wb") as f:
+                f.write(data[:cut])
+            with self.assertLogs("poussetaches", "WARNING") if cut > start else \
+                    contextlib.nullcontext():
+                store = pt.Store(self.data, pt.DueQueue())
+            self.assertEqual(store.counts()["waiting"], 4, cut)
+            self.assertEqual(store.recovery["torn_records"], int(cut > start), cut)
+            self.assertEqual(store.recovery["corrupt_records"], 0, cut)
+            for snap in os.listdir(self.data):  # recovery wrote nothing yet
+                self.assertTrue(snap.startswith("journal") or snap == "lock", snap)
+        report("torn journal: %d cut offsets of the last record, all recovered" % len(offsets))
+        # and the real daemon starts on such a journal
+        with open(path, "wb") as f:
+            f.write(data[:start + 7])
+        daemon = DaemonProcess(self.data, "--paused")
+        try:
+            self.assertEqual(call(daemon.url, "GET", "/waiting")[2]["total"], 4)
+        finally:
+            daemon.terminate()
+        self.assertTrue(any("torn record" in line for line in daemon.lines))
+
+    def test_corrupt_records_elsewhere_are_skipped(self):
+        path, data, ids = self.journal_with(30)
+        lines = data.split(b"\n")[:-1]
+        rng = random.Random(SEED)
+        for victim in range(len(lines) - 1):
+            line = bytearray(lines[victim])
+            pos = rng.randrange(len(line))
+            line[pos] = (line[pos] + rng.randrange(1, 256)) % 256
+            broken = lines[:victim] + [bytes(line)] + lines[victim + 1:]
+            with open(path, "wb") as f:
+                f.write(b"\n".join(broken) + b"\n")
+            with self.assertLogs("poussetaches", "WARNING") as logs:
+                store = pt.Store(self.data, pt.DueQueue())
+            kept = {i for i in ids if store.get(i)[1] is not None}
+            self.assertEqual(kept, set(ids) - {ids[victim]}, victim)
+            self.assertGreaterEqual(store.recovery["corrupt_records"], 1)
+            self.assertTrue(any("corrupt" in line for line in logs.output))
+        report("corrupt journal: %d single-byte flips, every intact record kept" % (len(lines) - 1))
+
+    # -- crash inside a snapshot ----------------------------------------------------
+
+    def test_crash_at_each_step_of_a_snapshot(self):
+        points = ["snapshot-before-write", "snapshot-after-write", "snapshot-after-fsync",
+                  "snapshot-after-replace", "snapshot-after-dir-fsync",
+                  "snapshot-before-journal-delete"]
+        for point in points:
+            with self.subTest(point=point):
+                data = os.path.join(self.dir, point)
+                with receiver() as rx:
+                    first = DaemonProcess(data, "--paused")
+                    acked = {call(first.url, "POST", "/", {"url": rx.url("/%d" % i)})[2]["id"]
+                             for i in range(5)}
+                    self.assertEqual(first.terminate(), 0)  # an old, complete snapshot
+                    env = dict(os.environ, POUSSETACHES_FAULT=point)
+                    second = DaemonProcess(data, "--paused", "--snapshot-interval", "0.2", env=env)
+                    for i in range(5):
+                        status, _, doc = call(second.url, "POST", "/", {"url": rx.url("/n%d" % i)})
+                        acked.add(doc["id"])
+                    self.assertEqual(second.proc.wait(WAIT), -signal.SIGKILL)
+                    second._reap()
+                    third = DaemonProcess(data, "--paused")
+                    try:
+                        _, _, doc = call(third.url, "GET", "/waiting")
+                        self.assertEqual({t["id"] for t in doc["tasks"]}, acked)
+                    finally:
+                        self.assertEqual(third.terminate(), 0)
+                    self.assertFalse(os.path.exists(os.path.join(data, "snapshot.json.tmp")))
+        report("snapshot crash points: %d, each restart found every task" % len(points))
+
+    # -- power loss -------------------------------------------------------------------
+
+    def power_loss_run(self, fsync, snapshots=True):
+        os.makedirs(self.data, exist_ok=True)
+        fs = ForgetfulFS()
+        store = pt.Store(self.data, pt.DueQueue(), fsync=fsync, fs=fs)
+        store.start()
+        acked, deleted = set(), set()
+        for i in range(130):  # the last 10 only in a journal file made after the last snapshot
+            task = pt.Task(pt.new_id(), "http://127.0.0.1:9/%d" % i, b"p")
+            store.add(task)
+            acked.add(task.id)
+            if snapshots and i % 40 == 39:
+                store.snapshot()
+            if i % 25 == 24:
+                victim = sorted(acked)[0]
+                store.delete(victim)
+                acked.discard(victim)
+                deleted.add(victim)
+        fs.power_loss()
+        recovered = pt.Store(self.data, pt.DueQueue())
+        present = {i for i in acked | deleted if recovered.get(i)[1] is not None}
+        return acked, deleted, present
+
+    def test_power_loss_keeps_every_fsynced_task(self):
+        acked, deleted, present = self.power_loss_run(fsync=True)
+        self.assertEqual(present, acked)
+        report("power loss (--fsync always): %d acknowledged, %d present after, %d deleted "
+               "stay deleted" % (len(acked), len(present & acked), len(deleted - present)))
+
+    def test_power_loss_before_any_snapshot(self):
+        # the journal file a fresh start creates must itself survive
+        acked, _, present = self.power_loss_run(fsync=True, snapshots=False)
+        self.assertEqual(present, acked)
+
+    def test_power_loss_layer_does_forget_without_fsync(self):
+        # the same run with --fsync never loses tasks: the layer is not a no-op
+        acked, _, present = self.power_loss_run(fsync=False)
+        self.assertLess(len(present), len(acked))
+
+    # -- disk full ----------------------------------------------------------------------
+
+    def test_disk_full_503_then_recovers(self):
+        mount = os.path.join(self.dir, "small")
+        os.makedirs(mount)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", mount],
+                              capture_output=True)
+        if proc.returncode != 0:
+            self.skipTest("cannot mount a tmpfs here (%s); test_disk_error_gives_503_and_recovers "
+                          "covers ENOSPC by injection" % proc.stderr.decode().strip())
+        self.addCleanup(subprocess.run, ["umount", "-l", mount], capture_output=True)
+        data = os.path.join(mount, "data")
+        acked = set()
+        with receiver() as rx:
+            with running_daemon(data_dir=data, paused=True, snapshot_interval=3600) as d:
+                for i in range(20):
+                    acked.add(call(d.url, "POST", "/", {"url": rx.url("/%d" % i)})[2]["id"])
+                filler = os.path.join(mount, "filler")
+                fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+                try:
+                    while True:
+                        os.write(fd, b"\0" * 4096)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+                refused = 0
+                for i in range(20):
+                    status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/full"),
+                                                               "json": "x" * 2000})
+                    self.assertIn(status, (201, 503), doc)
+                    if status == 201:
+                        acked.add(doc["id"])  # it fitted in a last free block
+                    else:
+                        refused += 1
+                        self.assertIn("No space left", doc["error"])
+                self.assertGreater(refused, 0)
+                self.assertIs(call(d.url, "GET", "/")[2]["healthy"], False)
+                os.unlink(filler)
+                status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/after")})
+                self.assertEqual(status, 201)
+                acked.add(doc["id"])
+                self.assertIs(call(d.url, "GET", "/")[2]["healthy"], True)
+            with running_daemon(data_dir=data, paused=True) as d:
+                _, _, doc = call(d.url, "GET", "/waiting")
+                self.assertEqual({t["id"] for t in doc["tasks"]}, acked)
+        report("disk full (512 KiB tmpfs): %d enqueues refused with 503, %d acknowledged "
+               "all back after restart" % (refused, len(acked)))
+
+    # -- a misbehaving app ------------------------------------------------------------
+
+    def test_misbehaving_app(self):
+        app = RawApp()
+        self.addCleanup(app.close)
+        before = rss_bytes()
+        with receiver() as rx, running_daemon(max_tries=1, timeout=0.5, workers=2) as d:
+            started = time.monotonic()
+            ids = {}
+            for path in ("/hang", "/reset", "/garbage", "/huge", "/redirect", "/drip"):
+                ids[path] = call(d.url, "POST", "/", {"url": app.base + path})[2]["id"]
+            def dead():
+                return {t["id"]: t for t in call(d.url, "GET", "/dead")[2]["tasks"]}
+            wait_until(lambda: len(dead()) == 6, what="six dead tasks")
+            elapsed = time.monotonic() - started
+            tasks = dead()
+            status = {p: tasks[i]["last_error_status_code"] for p, i in ids.items()}
+            self.assertEqual(status, {"/hang": -1, "/reset": -1, "/garbage": -1, "/huge": 500,
+                                      "/redirect": 302, "/drip": -1})
+            body = lambda p: base64.b64decode(tasks[ids[p]]["last_error_body"])
+            self.assertIn(b"timed out", body("/hang"))
+            self.assertIn(b"timed out", body("/drip"))
+            self.assertIn(b"BadStatusLine", body("/garbage"))
+            self.assertEqual(body("/huge"), b"z" * 4096)
+            self.assertNotIn("/internal", app.paths)
+            self.assertLess(elapsed, 6.0)  # 2 workers, 0.5 s deadlines: never stuck
+            # the workers are free: a normal task is delivered at once
+            call(d.url, "POST", "/", {"url": rx.url("/fine")})
+            rx.wait_for(1, path="/fine")
+        self.assertLess(app.sent_bytes, 50 * 1024 * 1024)  # it stopped reading the 100 MB
+        self.assertLess(rss_bytes() - before, 30 * 1024 * 1024)
+
+    # -- misbehaving clients ------------------------------------------------------------
+
+    def test_64_clients_at_once(self):
+        with receiver() as rx, running_daemon(paused=True) as d:
+            barrier = threading.Barrier(64)
+            results = []
+
+            def one():
+                barrier.wait(WAIT)
+                try:
+                    results.append(call(d.url, "POST", "/", {"url": rx.url()})[0])
+                except OSError as exc:
+                    results.append(repr(exc))
+
+            threads = [threading.Thread(target=one) for _ in range(64)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(WAIT)
+            self.assertEqual(results, [201] * 64)
+
+    def test_slow_and_short_clients(self):
+        with running_daemon(paused=True, request_timeout=1.0) as d:
+            slow = socket.create_connection(("127.0.0.1", d.port), timeout=WAIT)
+            self.addCleanup(slow.close)
+            started = time.monotonic()
+            request = b"GET /waiting HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 100
+            cut_off = None
+            for byte in request:  # one byte every 50 ms: never a whole request
+                try:
+                    slow.sendall(bytes([byte]))
+                except OSError:
+                    cut_off = time.monotonic() - started
+                    break
+                if byte == request[20]:
+                    # others are served while it drips
+                    self.assertEqual(call(d.url, "GET", "/")[0], 200)
+                slow.settimeout(0.05)
+                try:
+                    if slow.recv(1024) == b"":
+                        cut_off = time.monotonic() - started
+                        break
+                except socket.timeout:
+                    pass
+            self.assertIsNotNone(cut_off, "the slow client was never cut off")
+            self.assertLess(cut_off, 3.0)
+            # a body shorter than its Content-Length: 408 when it stalls ...
+            with socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) as s:
+                s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"url\":")
+                answer = s.recv(4096)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 408"), answer[:60])
+            self.assertIn(b'"error"', answer)
+            # ... 400 when the client closes its side
+            with socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) as s:
+                s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"url\":")
+                s.shutdown(socket.SHUT_WR)
+                answer = s.recv(4096)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer[:60])
+            self.assertIn(b"ended after 7 of 100 bytes", answer)
+            self.assertEqual(call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/"})[0], 201)
+
+    # -- fuzz -----------------------------------------------------------------------------
+
+    def fuzz_request(self, rng, target):
+        def text(n=12):
+            alphabet = "abcXYZ019 -_./%?&=:@\u00e9\u2603\x00\x7f{}[]\"'\\"
+            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(n)))
+
+        def value(depth=0):
+            kind = rng.randrange(8 if depth < 3 else 6)
+            if kind == 6:
+                return [value(depth + 1) for _ in range(rng.randrange(4))]
+            if kind == 7:
+                return {text(5): value(depth + 1) for _ in range(rng.randrange(4))}
+            return (None, rng.random() < 0.5, rng.randrange(-10 ** 12, 10 ** 12),
+                    rng.uniform(-1e9, 1e9), text(), 10 ** rng.randrange(30))[kind]
+
+        method = rng.choice(["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS",
+                             "FOO", "get"])
+        path = rng.choice(["/", "/waiting", "/success", "/dead", "/cron", "/pause", "/resume",
+                           "/tasks/" + pt.new_id(), "/tasks/", "/tasks/x/run", "/dead/retry",
+                           "/cron/preview", "/metrics", "/openapi.json", "/ui",
+                           "/" + urllib_quote(text()), "/tasks/" + urllib_quote(text())])
+        if rng.random() < 0.3:
+            path += "?" + "&".join("%s=%s" % (urllib_quote(rng.choice(
+                ["limit", "offset", "schedule", "n", "url_prefix", text(4)])), urllib_quote(text()))
+                                   for _ in range(rng.randrange(1, 4)))
+        if rng.random() < 0.5:  # half the cases aim at validation: POST / with a body
+            method, path = "POST", "/"
+        body = None
+        shape = rng.randrange(4)
+        if shape == 1:
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(200)))
+        elif shape == 2:
+            body = json.dumps(value()).encode()
+        elif shape == 3:
+            task = {"url": target, "payload": b64(b"x"), "expected": 200, "schedule": "",
+                    "delay": 0}
+            for _ in range(rng.randrange(1, 4)):
+                task[rng.choice(list(pt.ENQUEUE_FIELDS) + [text(6)])] = value()
+            body = json.dumps(task).encode()
+        headers = {}
+        for _ in range(rng.randrange(3)):
+            name = rng.choice(["Content-Type", "Idempotency-Key", "Authorization", "X-Fuzz",
+                               "Accept"])
+            headers[name] = "".join(rng.choice("abcXYZ019 -_/;=:,") for _ in range(rng.randrange(30)))
+        return method, path, body, headers
+
+    def test_fuzz(self):
+        cases = 50000 if STRESS else 5000
+        rng = random.Random(SEED)
+        with receiver() as rx, running_daemon(allow_urls=[rx.url("/")], max_tries=1) as d:
+            conn = None
+            statuses = {}
+            for n in range(cases):
+                method, path, body, headers = self.fuzz_request(rng, rx.url("/fuzz"))
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=WAIT)
+                try:
+                    conn.request(method, path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                except (OSError, http.client.HTTPException) as exc:
+                    self.fail("case %d (%s %s %r): dropped connection: %r"
+                              % (n, method, path, (body or b"")[:100], exc))
+                statuses[resp.status] = statuses.get(resp.status, 0) + 1
+                self.assertLess(resp.status, 500, (n, method, path, body, data[:300]))
+                if resp.status >= 400 and method != "HEAD":
+                    self.assertIsInstance(json.loads(data)["error"], str)
+                if resp.will_close:
+                    conn.close()
+                    conn = None
+            if conn is not None:
+                conn.close()
+            call(d.url, "POST", "/resume")
+            status, _, _ = call(d.url, "POST", "/", {"url": rx.url("/after-fuzz")})
+            self.assertEqual(status, 201)
+            rx.wait_for(1, path="/after-fuzz")
+        report("fuzz: seed %d, %d cases, statuses %s, no 5xx, no dropped connection"
+               % (SEED, cases, dict(sorted(statuses.items()))))
+
+    # -- load and soak ----------------------------------------------------------------------
+
+    def test_load_delivered_exactly_once(self):
+        total, clients = 20000, 32
+        rx = Receiver()
+        self.addCleanup(rx.close)
+        daemon = DaemonProcess(self.data, "--workers", "4")
+        try:
+            acked, lock = [], threading.Lock()
+
+            def client(n):
+                c = pt.PousseTaches(daemon.url, rx.base)
+                try:
+                    for _ in range(n):
+                        task_id = c.push({}, "/load")
+                        with lock:
+                            acked.append(task_id)
+                finally:
+                    c.close()
+
+            started = time.monotonic()
+            threads = [threading.Thread(target=client, args=(total // clients,))
+                       for _ in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            enqueued = time.monotonic() - started
+            rx.wait_for(total, timeout=120)
+            delivered = time.monotonic() - started
+            counts = {}
+            for g in rx.got:
+                task_id = g["headers"]["Poussetaches-Task-ID"]
+                counts[task_id] = counts.get(task_id, 0) + 1
+        finally:
+            daemon.terminate()
+        self.assertEqual(len(acked), total)
+        self.assertEqual(set(counts), set(acked))
+        self.assertEqual(set(counts.values()), {1})
+        report("load: %d tasks from %d clients, enqueued in %.1f s, all delivered exactly once "
+               "in %.1f s" % (total, clients, enqueued, delivered))
+
+    @unittest.skipUnless(STRESS, "the 5-minute soak runs with POUSSETACHES_STRESS=1")
+    def test_soak_memory_and_threads_flat(self):
+        rx = Receiver()
+        self.addCleanup(rx.close)
+        daemon = DaemonProcess(self.data, "--workers", "4")
+        pid = daemon.proc.pid
+        samples = []
+        try:
+            client = pt.PousseTaches(daemon.url, rx.base)
+            stop_at = time.monotonic() + 300
+            next_sample = time.monotonic()
+            pushed = 0
+            pace = threading.Event()
+            while time.monotonic() < stop_at:
+                for _ in range(20):
+                    client.push({"n": pushed}, "/soak")
+                    pushed += 1
+                pace.wait(0.05)  # ~400 tasks a second
+                if time.monotonic() >= next_sample:
+                    samples.append((rss_bytes(pid), thread_count(pid)))
+                    next_sample += 10
+            rx.wait_for(pushed, timeout=60)
+        finally:
+            daemon.terminate()
+        warm = samples[6:]  # after the first minute: the success table is full by then
+        rss = [r for r, _ in warm]
+        threads = [t for _, t in warm]
+        report("soak: %d tasks in 300 s; RSS after warm-up %.1f-%.1f MiB; threads %d-%d"
+               % (pushed, min(rss) / 2 ** 20, max(rss) / 2 ** 20, min(threads), max(threads)))
+        self.assertLess(max(rss), min(rss) * 1.25 + 4 * 2 ** 20)
+        self.assertLessEqual(max(threads), min(threads) + 8)
+
+
 if __name__ == "__main__":
     unittest.main()
