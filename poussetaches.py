@@ -168,6 +168,11 @@ def b64(data):
     return base64.b64encode(data).decode("ascii")
 
 
+def encode_task(task):
+    """A task's JSON form as compact bytes (journal records and API answers)."""
+    return json.dumps(task.to_json(), separators=(",", ":")).encode()
+
+
 class Task:
     """One task and everything the tables keep about it.
 
@@ -524,33 +529,40 @@ def fault_point(name):
 
 
 class Ticket:
-    """A journal record waiting for its group commit; ``wait()`` blocks until written."""
+    """One journal record on its way to disk; ``wait()`` returns once it is written."""
 
-    __slots__ = ("data", "done", "error")
+    __slots__ = ("journal", "data", "done", "error", "body")
 
-    def __init__(self, data):
+    def __init__(self, journal, data, body=None):
+        self.journal = journal
         self.data = data
-        self.done = threading.Event()
+        self.body = body       # a put record's task JSON, reused for the API's answer
+        self.done = False      # set by the writer under the journal's _write_lock
         self.error = None
 
     def wait(self):
-        """Block until the record is written (and fsync'ed); raise PersistError if not."""
-        self.done.wait()
+        """Block until the record is written (and fsync'ed in fsync mode), writing it
+        ourselves if no other thread is; raise PersistError if it could not be."""
+        self.journal.flush(self)
         if self.error is not None:
             raise PersistError(self.error)
 
 
-_ROTATE = object()  # marker in the journal's queue: start a new file here
+_ROTATE = b""  # the data of a rotation marker: start a new journal file here
 
 
 class Journal:
-    """The append-only journal and the thread that writes it (group commit).
+    """The append-only journal, written with group commit.
 
-    Callers ``append()`` encoded records (cheap, never blocks on I/O) and wait
-    on the returned Ticket outside their locks.  The writer thread takes every
-    record queued at that moment, writes them with one ``os.write`` and one
-    ``fsync`` (when ``fsync`` is true), then wakes their callers.  A failed
-    write is cut back off the file so later records never follow a torn one.
+    ``append()`` queues an encoded record (cheap, no I/O: callers hold the
+    store's lock, which fixes the order) and returns a Ticket.  Outside the
+    lock, ``ticket.wait()`` (or ``flush()`` for a record nobody waits for)
+    gets it written: the thread that takes the write lock writes every
+    record queued at that moment with one ``write`` and one ``fsync``; the
+    threads queued behind it find their records written and return.  That
+    is group commit without a writer thread, so an enqueue costs no thread
+    handoff.  A failed write is cut back off the file so that later records
+    never follow a torn one.
 
     Lines: ``<crc32 of json, 8 hex> <json>\\n``.  Files: journal.<seq>.
     """
@@ -565,48 +577,78 @@ class Journal:
         self.commits = 0             # write (+ fsync) batches: group commit at work
         self._on_error = on_error
         self.fs = fs or FileSystem()
-        self._cond = threading.Condition()   # guards _pending and _closing
+        self._lock = threading.Lock()        # guards _pending and _closed: held briefly
+        self._write_lock = threading.Lock()  # held by the one thread writing (and fsyncing)
         self._pending = []
-        self._closing = False
-        self._fd = None
+        self._closed = False
+        self._fd = None              # used under _write_lock only
         self._size = 0
-        self._thread = threading.Thread(target=self._run, name="poussetaches-journal", daemon=True)
 
     def path(self, seq=None):
         return os.path.join(self.directory, "%s%06d" % (JOURNAL_PREFIX, self.seq if seq is None else seq))
 
     def start(self):
         self._open()
-        self._thread.start()
 
     def append(self, record):
         """Queue one record (a dict); return its Ticket.  Order is call order."""
         data = json.dumps(record, separators=(",", ":")).encode()
-        ticket = Ticket(b"%08x %s\n" % (binascii.crc32(data), data))
-        with self._cond:
-            if self._closing:
-                ticket.error = "the daemon is stopping"
-                ticket.done.set()
-                return ticket
-            self._pending.append(ticket)
-            self._cond.notify()
-        return ticket
+        return self._queue(b"%08x %s\n" % (binascii.crc32(data), data))
+
+    def put(self, table, body):
+        """Queue "the task ``body`` (its JSON, bytes) now lives in ``table``"."""
+        data = b'{"op":"put","table":"%s","task":%s}' % (table.encode(), body)
+        return self._queue(b"%08x %s\n" % (binascii.crc32(data), data), body)
 
     def rotate(self):
         """Queue a switch to a new journal file; return (new seq, Ticket)."""
-        ticket = Ticket(_ROTATE)
-        with self._cond:
+        with self._lock:
             self.seq += 1
-            self._pending.append(ticket)
-            self._cond.notify()
-            return self.seq, ticket
+            seq = self.seq
+        return seq, self._queue(_ROTATE)
+
+    def _queue(self, data, body=None):
+        ticket = Ticket(self, data, body)
+        with self._lock:
+            if self._closed:
+                ticket.error = "the daemon is stopping"
+                ticket.done = True
+            else:
+                self._pending.append(ticket)
+        return ticket
+
+    def flush(self, ticket=None):
+        """Write every queued record; with a ticket, return at once if it was
+        written already.  Blocks while another thread writes (and fsyncs)."""
+        with self._write_lock:
+            if ticket is not None and ticket.done:
+                return  # a thread before us wrote it along with its own
+            with self._lock:
+                batch, self._pending = self._pending, []
+            if batch:
+                self._write(batch)
 
     def close(self):
-        """Write what is queued, then stop the writer thread and close the file."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self._thread.join()
+        """Write what is queued, refuse what comes later, close the file."""
+        with self._write_lock:
+            with self._lock:
+                self._closed = True
+                batch, self._pending = self._pending, []
+            if batch:
+                self._write(batch)
+            self._close_quietly()
+
+    def _write(self, batch):
+        """Write a batch (the leader only): records in groups, rotations between them."""
+        group = []
+        for ticket in batch:
+            if ticket.data is _ROTATE:
+                self._commit(group)
+                group = []
+                self._switch(ticket)
+            else:
+                group.append(ticket)
+        self._commit(group)
 
     def _open(self):
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
@@ -617,25 +659,6 @@ class Journal:
         if created and self.fsync:
             # fsync of the file alone does not make its name durable (fsync(2))
             self.fs.fsync_dir(self.directory)
-
-    def _run(self):
-        while True:
-            with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
-                batch, self._pending = self._pending, []
-                if not batch and self._closing:
-                    break
-            group = []
-            for ticket in batch:
-                if ticket.data is _ROTATE:
-                    self._commit(group)
-                    group = []
-                    self._switch(ticket)
-                else:
-                    group.append(ticket)
-            self._commit(group)
-        self._close_quietly()
 
     def _commit(self, group):
         if not group:
@@ -659,7 +682,7 @@ class Journal:
             self._fail(exc)
         for ticket in group:
             ticket.error = error
-            ticket.done.set()
+            ticket.done = True
 
     def _fail(self, exc):
         self.errors += 1
@@ -680,7 +703,7 @@ class Journal:
         except OSError as exc:
             ticket.error = "cannot start a new journal: %s" % (exc.strerror or exc)
             self._fail(exc)
-        ticket.done.set()
+        ticket.done = True
 
     def _close_quietly(self):
         if self._fd is not None:
@@ -750,6 +773,7 @@ class Store:
         self._on_dirty = on_dirty        # called when _dirty is set (wakes the persister)
         self._snapshot_lock = threading.Lock()  # one snapshot at a time
         self.snapshot_errors = 0
+        self.snapshots = 0               # written since start, for /metrics
         self.last_snapshot = 0
         self.fs = fs or FileSystem()
         seq = self._recover()
@@ -889,7 +913,7 @@ class Store:
     def _put(self, table, task):
         """Place a task and queue its record; returns the Ticket."""
         self._place(table, task)
-        return self.journal.append({"op": "put", "table": table, "task": task.to_json()})
+        return self.journal.put(table, encode_task(task))
 
     def _schedule(self, task):
         """Push a waiting task on the due-time queue (its current version)."""
@@ -904,7 +928,7 @@ class Store:
                 self._schedule(task)
 
     def add(self, task):
-        """Store a new task durably; returns (task, created).
+        """Store a new task durably; returns (task, created, its JSON as bytes).
 
         An existing task with the same id (cron dedup) or idempotency key is
         returned instead, with created False.  Raises PersistError (after
@@ -919,11 +943,14 @@ class Store:
                 if pending is None:
                     table, existing = self._find(existing_id)
                     if existing is not None:
-                        return existing, False
+                        return existing, False, encode_task(existing)
                     ticket = self._put("waiting", task)
                     self._pending[task.id] = ticket
                     break
-            pending.done.wait()  # a twin request is being written: answer after it
+            try:
+                pending.wait()  # a twin request is being written: answer after it
+            except PersistError:
+                pass  # it failed and was undone: try again as a new task
         try:
             ticket.wait()
         except PersistError:
@@ -936,7 +963,7 @@ class Store:
             del self._pending[task.id]
             if self._tables["waiting"].get(task.id) is task:
                 self._schedule(task)
-        return task, True
+        return task, True, ticket.body
 
     def get(self, task_id):
         """(state, task JSON) or (None, None)."""
@@ -1080,7 +1107,10 @@ class Store:
             self._put(table, task)
             if table == "waiting":
                 self._schedule(task)
-            return table
+        # nobody waits for these records: at-least-once survives their loss,
+        # and the next snapshot has them anyway; but write them now
+        self.journal.flush()
+        return table
 
     # -- snapshots ------------------------------------------------------------
 
@@ -1115,6 +1145,7 @@ class Store:
                 if old < seq:
                     self.fs.unlink(os.path.join(self.directory, name))
             self.last_snapshot = self.clock()
+            self.snapshots += 1
             return count
 
     def _write_snapshot(self, seq, tables):
@@ -1223,7 +1254,14 @@ class DueQueue(queue.PriorityQueue):
         self._closed = False   # guarded by self.mutex
 
     def put_task(self, due_ns, task_id, version):
-        self.put((due_ns, next(self._seq), task_id, version))
+        """Queue an entry in O(log n).  A sleeping worker is woken only when the
+        entry is the new head: the others' waits are still right."""
+        item = (due_ns, next(self._seq), task_id, version)
+        with self.mutex:
+            wake = not self._held and (not self.queue or item < self.queue[0])
+            heapq.heappush(self.queue, item)
+            if wake:
+                self.not_empty.notify()
 
     def get_due(self):
         """Block until an entry is due (and not held); return it, or None once closed."""
@@ -1763,10 +1801,13 @@ def _reject_constant(name):
     raise ValueError("%s is not valid JSON" % name)
 
 
+_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)  # stateless, shared
+
+
 def parse_json(body):
     """Strict JSON: NaN and Infinity are refused.  Raises HTTPError(400)."""
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        return _STRICT_JSON.decode(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise HTTPError(400, "the body is not UTF-8") from None
     except (ValueError, RecursionError) as exc:
@@ -1853,6 +1894,7 @@ class Api:
     def __init__(self, daemon):
         self.daemon = daemon
         self.store = daemon.store
+        self._good_urls = {}   # a cache of URLs that passed check_url (the rules never change)
         self._routes = []
         for route in self.ROUTES:
             regex = re.compile("^" + re.escape(route.pattern).replace(r"\{id\}", "(?P<id>[^/]+)")
@@ -1939,6 +1981,15 @@ class Api:
     # -- validation ------------------------------------------------------------
 
     def check_url(self, url, field="url"):
+        if isinstance(url, str) and url in self._good_urls:  # validate each URL once
+            return url
+        self._check_url(url, field)
+        if len(self._good_urls) >= 4096:
+            self._good_urls.clear()
+        self._good_urls[url] = True
+        return url
+
+    def _check_url(self, url, field):
         if not isinstance(url, str) or not url:
             raise HTTPError(400, "%s must be a non-empty string" % field)
         if len(url) > 4096:
@@ -2103,13 +2154,13 @@ class Api:
     def enqueue(self, headers, read_body, **_):
         doc = self._body_json(read_body)
         task = self.new_task(doc, headers, self.daemon.clock())
-        task, created = self.store.add(task)
+        task, created, body = self.store.add(task)
         if created:
             self.daemon.stats.inc("enqueued")
             logger.debug("task %s queued for %s%s", task.id, task.url,
                         " (%s)" % task.schedule if task.schedule else "")
-        _, view = self.store.get(task.id)
-        return (201 if created else 200), view or task.to_json(), {"Poussetaches-Task-ID": task.id}
+        return ((201 if created else 200), Raw("application/json", body + b"\n"),
+                {"Poussetaches-Task-ID": task.id})
 
     def _listing(self, table, query):
         limit = self._int_param(query, "limit", DEFAULT_LIST_LIMIT, 0, MAX_LIST_LIMIT)
@@ -2240,6 +2291,8 @@ class Api:
                [("", journal.errors)])
         metric("journal_commits_total", "counter", "Journal group commits (write + fsync).",
                [("", journal.commits)])
+        metric("snapshots_total", "counter", "Snapshots written since start.",
+               [("", self.store.snapshots)])
         metric("snapshot_errors_total", "counter", "Failed snapshots.",
                [("", self.store.snapshot_errors)])
         metric("healthy", "gauge", "0 while the journal cannot be written.",
@@ -2536,7 +2589,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass
 
     def log_message(self, format, *args):
-        logger.debug("%s %s", self.address_string(), format % args)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s %s", self.address_string(), format % args)
 
 
 class _Server(http.server.ThreadingHTTPServer):

@@ -1,0 +1,546 @@
+#!/usr/bin/env python3
+"""Benchmark poussetaches against the limits of the machine it runs on.
+
+    python3 bench_poussetaches.py            # full run, under 5 minutes on 2 cores
+    python3 bench_poussetaches.py --quick    # under a minute
+    python3 bench_poussetaches.py --json     # the same figures as JSON
+
+Every figure is measured in this run, beside the limit it is compared with
+(a bare urllib loop, a no-op stdlib server...), because absolute times on
+shared machines drift; the table gives the ratio and the target.  Each role
+runs in its own process: the daemon, the receiver playing the app, and the
+load client.  Stdlib only.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DAEMON = os.path.join(HERE, "poussetaches.py")
+
+
+# --------------------------------------------------------------------------
+# Roles run in their own processes: receiver, no-op server, load client
+# --------------------------------------------------------------------------
+
+def role_receiver(port_file):
+    """The app: answers 200 to every POST, records when each task arrived."""
+    import http.server
+
+    arrivals = {}
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            now = time.monotonic()
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            task_id = self.headers.get("Poussetaches-Task-ID") or self.headers.get("X-Bench-ID")
+            with lock:
+                if task_id not in arrivals:
+                    arrivals[task_id] = now
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self):
+            with lock:
+                if self.path == "/count":
+                    doc = {"count": len(arrivals)}
+                else:
+                    doc = dict(arrivals)
+                    if self.path == "/take":
+                        arrivals.clear()
+            body = json.dumps(doc).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.request_queue_size = 1024
+    with open(port_file, "w") as f:
+        f.write(str(server.server_address[1]))
+    server.serve_forever()
+
+
+def role_noop(port_file):
+    """The enqueue limit: a stdlib ThreadingHTTPServer that parses the JSON and answers 201."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(201)
+            self.send_header("Poussetaches-Task-ID", "0" * 32)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.request_queue_size = 1024
+    with open(port_file, "w") as f:
+        f.write(str(server.server_address[1]))
+    server.serve_forever()
+
+
+def _connection(url):
+    import http.client
+    host, port = url.split("//")[1].rsplit(":", 1)
+    return http.client.HTTPConnection(host, int(port), timeout=60)
+
+
+def role_enqueue(url, target, threads, n, delay_s, eta_spread):
+    """POST / from ``threads`` keep-alive connections; prints rate and latencies."""
+    per = n // threads
+    latencies = [[] for _ in range(threads)]
+    sent = {}
+    start_gate = threading.Barrier(threads + 1)
+
+    def worker(k):
+        conn = _connection(url)
+        start_gate.wait()
+        for i in range(per):
+            body = {"url": target, "payload": "eyJrIjogMX0=", "expected": 200,
+                    "schedule": "", "delay": 0}
+            if delay_s:
+                body["delay_s"] = delay_s
+            if eta_spread:
+                body["eta"] = time.time() + 1.0 + eta_spread * (i / per)
+            t0 = time.monotonic()
+            conn.request("POST", "/", body=json.dumps(body),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 201:
+                raise SystemExit("enqueue answered %d" % resp.status)
+            latencies[k].append(time.monotonic() - t0)
+            if eta_spread:
+                sent[resp.headers["Poussetaches-Task-ID"]] = body["eta"]
+        conn.close()
+
+    workers = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    start_gate.wait()
+    t0 = time.monotonic()
+    for w in workers:
+        w.join()
+    elapsed = time.monotonic() - t0
+    flat = sorted(x for part in latencies for x in part)
+    print(json.dumps({"rate": per * threads / elapsed, "count": per * threads,
+                      "p50": flat[len(flat) // 2],
+                      "p99": flat[int(len(flat) * 0.99)], "etas": sent,
+                      "wall_offset": time.time() - time.monotonic()}))
+
+
+def role_bare(target, threads, n):
+    """The delivery limit: ``threads`` threads POSTing the same envelope with urllib."""
+    import urllib.request
+    per = n // threads
+    envelope = json.dumps({"payload": "eyJrIjogMX0=", "tries": 1, "req_id": "0" * 12}).encode()
+    gate = threading.Barrier(threads + 1)
+
+    def worker(k):
+        opener = urllib.request.build_opener()
+        gate.wait()
+        for i in range(per):
+            req = urllib.request.Request(target, data=envelope, method="POST", headers={
+                "Content-Type": "application/json", "X-Bench-ID": "%d-%d" % (k, i)})
+            with opener.open(req, timeout=60) as resp:
+                resp.read()
+
+    workers = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    gate.wait()
+    t0 = time.monotonic()
+    for w in workers:
+        w.join()
+    print(json.dumps({"rate": per * threads / (time.monotonic() - t0)}))
+
+
+def role_latency(url, target, n):
+    """One enqueue at a time on an idle daemon; prints when each was sent."""
+    conn = _connection(url)
+    sent = {}
+    pause = threading.Event()
+    for _ in range(n):
+        body = json.dumps({"url": target, "payload": "eyJrIjogMX0="})
+        t0 = time.monotonic()
+        conn.request("POST", "/", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        sent[resp.headers["Poussetaches-Task-ID"]] = t0
+        pause.wait(0.01)  # idle between tasks
+    print(json.dumps(sent))
+
+
+def role_e2e(url, base, threads, n):
+    """App threads enqueueing through the project's own PousseTaches client."""
+    sys.path.insert(0, HERE)
+    import poussetaches
+    per = n // threads
+    gate = threading.Barrier(threads + 1)
+
+    def worker():
+        client = poussetaches.PousseTaches(url, base)
+        gate.wait()
+        for _ in range(per):
+            client.push({"k": 1}, "/e2e")
+        client.close()
+
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    gate.wait()
+    print(json.dumps({"start": time.monotonic(), "count": per * threads}))
+
+
+ROLES = {"receiver": role_receiver, "noop": role_noop}
+
+
+# --------------------------------------------------------------------------
+# The orchestrator
+# --------------------------------------------------------------------------
+
+class Proc:
+    """A role or the daemon in a subprocess."""
+
+    def __init__(self, args, env=None):
+        self.proc = subprocess.Popen([sys.executable] + args, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env, cwd=HERE)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+
+def start_server(role, tmp):
+    port_file = os.path.join(tmp, role + ".port")
+    proc = Proc([__file__, "_role", role, port_file])
+    deadline = time.monotonic() + 30
+    while not os.path.exists(port_file) or not open(port_file).read():
+        if time.monotonic() > deadline or proc.proc.poll() is not None:
+            raise SystemExit("the %s did not start" % role)
+        time.sleep(0.02)
+    return proc, "http://127.0.0.1:%s" % open(port_file).read()
+
+
+class Daemon:
+    def __init__(self, data_dir, *flags):
+        started = time.monotonic()
+        self.p = Proc([DAEMON, "serve", "--port", "0", "--data-dir", data_dir] + list(flags))
+        self.url = None
+        for line in self.p.proc.stderr:
+            match = re.search(rb"serving on (http://\S+)", line)
+            if match:
+                self.url = match.group(1).decode()
+                break
+        if self.url is None:
+            raise SystemExit("the daemon did not start")
+        get(self.url + "/")
+        self.startup = time.monotonic() - started
+        self.pid = self.p.proc.pid
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        for _ in self.p.proc.stderr:
+            pass
+
+    def stop(self):
+        self.p.stop()
+
+    def rss(self):
+        with open("/proc/%d/status" % self.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+
+def get(url):
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def post(url, body=None):
+    import urllib.request
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return resp.read()
+
+
+def client(*args):
+    """Run a load-client role in its own process; returns its JSON output."""
+    out = subprocess.run([sys.executable, __file__, "_role"] + [str(a) for a in args],
+                         capture_output=True, timeout=600, cwd=HERE)
+    if out.returncode != 0:
+        raise SystemExit("client %s failed: %s" % (args[0], out.stderr.decode()[-2000:]))
+    return json.loads(out.stdout)
+
+
+def wait_count(receiver, n, timeout=120):
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while get(receiver + "/count")["count"] < n:
+        if time.monotonic() > deadline:
+            raise SystemExit("the receiver got %d of %d" % (get(receiver + "/count")["count"], n))
+        pause.wait(0.005)
+    return time.monotonic()
+
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, figure, value, unit, limit=None, target=None, higher=True, ratio=None,
+            ok=None):
+        if ratio is None and limit:
+            ratio = value / limit
+        if ok is None and target is not None:
+            measured = ratio if ratio is not None else value
+            ok = measured >= target if higher else measured <= target
+        self.rows.append({"figure": figure, "value": value, "unit": unit, "limit": limit,
+                          "ratio": ratio, "target": target, "higher_is_better": higher,
+                          "pass": ok})
+        sys.stderr.write("  %-48s %s\n" % (figure, fmt(value, unit)))
+
+
+def fmt(value, unit):
+    if value is None:
+        return "-"
+    if unit == "s" and value < 1:
+        return "%.2f ms" % (value * 1000)
+    if isinstance(value, float):
+        return "%.3g %s" % (value, unit) if value < 100 else "%.0f %s" % (value, unit)
+    return "%s %s" % (value, unit)
+
+
+def run(quick):
+    sizes = {"delivery": 1500 if quick else 6000, "enqueue": 2000 if quick else 8000,
+             "latency": 100 if quick else 300, "timer": 100 if quick else 300,
+             "backlog": 10000 if quick else 100000, "e2e": 1500 if quick else 6000}
+    table = Table()
+    tmp = tempfile.mkdtemp(prefix="pt-bench-")
+    procs = []
+    try:
+        receiver_proc, receiver = start_server("receiver", tmp)
+        noop_proc, noop = start_server("noop", tmp)
+        procs += [receiver_proc, noop_proc]
+        target = receiver + "/task"
+
+        # -- delivery -------------------------------------------------------
+        n = sizes["delivery"]
+        get(receiver + "/take")
+        bare = client("bare", target, 4, n)["rate"]
+        get(receiver + "/take")
+        d = Daemon(os.path.join(tmp, "delivery"), "--paused", "--workers", "4")
+        n = client("enqueue", d.url, target, 8, n, 0, 0)["count"]
+        t0 = time.monotonic()
+        post(d.url + "/resume")
+        rate = n / (wait_count(receiver, n) - t0)
+        d.stop()
+        table.add("delivery: tasks/s, 4 workers", rate, "/s", bare, 0.90)
+
+        # -- enqueue ----------------------------------------------------------
+        n = sizes["enqueue"]
+        limit = client("enqueue", noop, target, 8, n, 0, 0)["rate"]
+        rates = {}
+        for mode in ("always", "never"):
+            d = Daemon(os.path.join(tmp, "enqueue-" + mode), "--paused", "--fsync", mode)
+            rates[mode] = client("enqueue", d.url, target, 8, n, 0, 0)["rate"]
+            d.stop()
+        table.add("enqueue: POST / per s, 8 clients, fsync always", rates["always"], "/s",
+                  limit, 0.60)
+        table.add("enqueue: POST / per s, 8 clients, fsync never", rates["never"], "/s",
+                  limit, 0.85)
+
+        # -- dispatch latency and timer precision (idle daemon) ------------------
+        get(receiver + "/take")
+        d = Daemon(os.path.join(tmp, "latency"))
+        sent = client("latency", d.url, target, sizes["latency"])
+        wait_count(receiver, len(sent))
+        arrived = get(receiver + "/take")
+        lat = [arrived[i] - t for i, t in sent.items()]
+        table.add("dispatch latency p50: enqueue -> receiver", percentile(lat, 0.5), "s",
+                  target=0.002, higher=False)
+        table.add("dispatch latency p99", percentile(lat, 0.99), "s", target=0.020, higher=False)
+        result = client("enqueue", d.url, target, 2, sizes["timer"], 0, 2.0)
+        wait_count(receiver, len(result["etas"]))
+        arrived = get(receiver + "/take")
+        late = [arrived[i] + result["wall_offset"] - eta for i, eta in result["etas"].items()]
+        table.add("timer precision: lateness p99", percentile(late, 0.99), "s", target=0.010,
+                  higher=False)
+        d.stop()
+
+        # -- backlog, listing, memory, growth, restart, snapshot pause -------------
+        n = sizes["backlog"]
+        data = os.path.join(tmp, "backlog")
+        d = Daemon(data, "--paused", "--snapshot-interval", "3600")
+        empty_rate = client("enqueue", d.url, target, 8, 2000, 3600, 0)["rate"]
+        rss0 = d.rss()
+        growth = []
+        loaded = 2000
+        for mark in (1000, 10000, 100000):
+            if mark > n:
+                break
+            batch = max(2000, mark // 10)
+            while loaded + batch < mark:
+                client("enqueue", d.url, target, 8, mark - batch - loaded, 3600, 0)
+                loaded = mark - batch
+            r = client("enqueue", d.url, target, 8, batch, 3600, 0)
+            loaded += batch
+            growth.append((loaded, 1e6 / r["rate"], r["p99"]))
+        full_rate = client("enqueue", d.url, target, 8, 2000, 3600, 0)["rate"]
+        loaded += 2000
+        per_task = (d.rss() - rss0) / (loaded - 2000)
+        listing = []
+        for _ in range(50):
+            t0 = time.monotonic()
+            get(d.url + "/waiting?limit=100")
+            listing.append(time.monotonic() - t0)
+        table.add("backlog: enqueue rate with %dk waiting" % (loaded // 1000), full_rate, "/s",
+                  empty_rate, 0.90)
+        table.add("listing: GET /waiting?limit=100, %dk waiting (p50)" % (loaded // 1000),
+                  percentile(listing, 0.5), "s", target=0.020, higher=False)
+        table.add("memory: resident bytes per waiting task", per_task, "B", target=1024,
+                  higher=False)
+        d.stop()  # final snapshot
+        copy = data + "-copy"
+        shutil.copytree(data, copy)
+        d = Daemon(data, "--paused", "--snapshot-interval", "3600")
+        table.add("restart: start to serving, %dk waiting" % (loaded // 1000), d.startup, "s",
+                  target=2.0, higher=False)
+        calm = client("enqueue", d.url, target, 8, 2000, 3600, 0)["p99"]
+        d.stop()
+        d = Daemon(copy, "--paused", "--snapshot-interval", "0.2")
+        busy = client("enqueue", d.url, target, 8, 4000, 3600, 0)["p99"]
+        metrics = urlopen_text(d.url + "/metrics")
+        d.stop()
+        snaps = re.search(r"poussetaches_snapshots_total (\d+)", metrics)
+        table.add("snapshot pause: enqueue p99 during snapshots (%s taken)"
+                  % (snaps.group(1) if snaps else "?"), busy, "s", calm, None,
+                  ok=busy <= 0.100 and busy <= 3 * calm, ratio=busy / calm)
+
+        # -- end to end -------------------------------------------------------------
+        n = sizes["e2e"]
+        get(receiver + "/take")
+        d = Daemon(os.path.join(tmp, "e2e"), "--workers", "4")
+        result = client("e2e", d.url, receiver, 4, n)
+        n = result["count"]
+        rate = n / (wait_count(receiver, n) - result["start"])
+        d.stop()
+        combined = 1 / (1 / bare + 1 / limit)
+        table.add("end to end: 4 app threads via PousseTaches", rate, "/s", combined, 1.0)
+        return table, growth
+    finally:
+        for p in procs:
+            p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def urlopen_text(url):
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        return resp.read().decode()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_role":
+        name, rest = argv[1], argv[2:]
+        if name in ROLES:
+            return ROLES[name](*rest)
+        if name == "enqueue":
+            return role_enqueue(rest[0], rest[1], int(rest[2]), int(rest[3]), float(rest[4]),
+                                float(rest[5]))
+        if name == "bare":
+            return role_bare(rest[0], int(rest[1]), int(rest[2]))
+        if name == "latency":
+            return role_latency(rest[0], rest[1], int(rest[2]))
+        if name == "e2e":
+            return role_e2e(rest[0], rest[1], int(rest[2]), int(rest[3]))
+        raise SystemExit("unknown role " + name)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, under a minute")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
+               "platform": platform.platform()}
+    sys.stderr.write("poussetaches benchmark on %d CPUs, Python %s (%s)%s\n"
+                     % (machine["cpus"], machine["python"], machine["platform"],
+                        ", quick" if args.quick else ""))
+    started = time.monotonic()
+    table, growth = run(args.quick)
+    elapsed = time.monotonic() - started
+    if args.json:
+        print(json.dumps({"machine": machine, "quick": args.quick, "seconds": elapsed,
+                          "figures": table.rows,
+                          "growth": [{"tasks": n, "enqueue_us_per_task": us, "enqueue_p99_s": p}
+                                     for n, us, p in growth]}, indent=2))
+    else:
+        print("poussetaches benchmark: %d CPUs, Python %s, %s%s, %.0f s"
+              % (machine["cpus"], machine["python"], machine["platform"],
+                 ", --quick" if args.quick else "", elapsed))
+        print()
+        print("| figure | measured | limit | ratio | target | |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for row in table.rows:
+            target = row["target"]
+            if target is None:
+                target_text = "≤ 100 ms, ≤ 3×"
+            elif row["ratio"] is not None:
+                target_text = ("≥ %.2f" if row["higher_is_better"] else "≤ %.2f") % target
+            else:
+                target_text = ("≥ " if row["higher_is_better"] else "≤ ") + fmt(target, row["unit"])
+            print("| %s | %s | %s | %s | %s | %s |" % (
+                row["figure"], fmt(row["value"], row["unit"]), fmt(row["limit"], row["unit"]),
+                "%.2f" % row["ratio"] if row["ratio"] is not None else "-", target_text,
+                "pass" if row["pass"] else "FAIL"))
+        print()
+        print("| waiting tasks | enqueue cost per task | enqueue p99 |")
+        print("| --- | --- | --- |")
+        for n, us, p99 in growth:
+            print("| %d | %.0f µs | %.2f ms |" % (n, us, p99 * 1000))
+    return 0 if all(row["pass"] for row in table.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
