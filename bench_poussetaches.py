@@ -40,6 +40,7 @@ def role_receiver(port_file):
 
     arrivals = {}
     lock = threading.Lock()
+    arrived = threading.Condition(lock)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -51,13 +52,19 @@ def role_receiver(port_file):
             with lock:
                 if task_id not in arrivals:
                     arrivals[task_id] = now
+                    arrived.notify_all()
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
         def do_GET(self):
             with lock:
-                if self.path == "/count":
+                if self.path.startswith("/wait?n="):  # block until n tasks arrived
+                    n = int(self.path.split("=")[1])
+                    arrived.wait_for(lambda: len(arrivals) >= n, 120)
+                    doc = {"count": len(arrivals),
+                           "last": max(arrivals.values()) if arrivals else None}
+                elif self.path == "/count":
                     doc = {"count": len(arrivals)}
                 else:
                     doc = dict(arrivals)
@@ -311,14 +318,13 @@ def client(*args):
     return json.loads(out.stdout)
 
 
-def wait_count(receiver, n, timeout=120):
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while get(receiver + "/count")["count"] < n:
-        if time.monotonic() > deadline:
-            raise SystemExit("the receiver got %d of %d" % (get(receiver + "/count")["count"], n))
-        pause.wait(0.005)
-    return time.monotonic()
+def wait_count(receiver, n):
+    """Block until the receiver has n tasks; return when the last one arrived
+    (CLOCK_MONOTONIC, shared by the processes of this machine)."""
+    doc = get(receiver + "/wait?n=%d" % n)
+    if doc["count"] < n:
+        raise SystemExit("the receiver got %d of %d" % (doc["count"], n))
+    return doc["last"]
 
 
 def percentile(values, p):

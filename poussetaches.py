@@ -273,8 +273,13 @@ class Task:
         return task
 
     def copy(self, **changes):
-        """A detached copy (used for the dead/success records of cron runs)."""
-        twin = Task.from_json(self.to_json())
+        """A detached copy: for a delivery, or a cron run's success/dead record."""
+        twin = Task.__new__(Task)
+        for name in Task.__slots__:
+            setattr(twin, name, getattr(self, name))
+        twin.attempts = list(self.attempts)
+        if self.headers is not None:
+            twin.headers = dict(self.headers)
         for name, value in changes.items():
             setattr(twin, name, value)
         return twin
@@ -531,18 +536,18 @@ def fault_point(name):
 class Ticket:
     """One journal record on its way to disk; ``wait()`` returns once it is written."""
 
-    __slots__ = ("journal", "data", "done", "error", "body")
+    __slots__ = ("journal", "data", "seq", "error", "body")
 
     def __init__(self, journal, data, body=None):
         self.journal = journal
         self.data = data
         self.body = body       # a put record's task JSON, reused for the API's answer
-        self.done = False      # set by the writer under the journal's _write_lock
+        self.seq = 0           # its place in the journal's order (0: refused)
         self.error = None
 
     def wait(self):
-        """Block until the record is written (and fsync'ed in fsync mode), writing it
-        ourselves if no other thread is; raise PersistError if it could not be."""
+        """Block until the record is on disk (fsync'ed in fsync mode), writing it
+        ourselves unless another thread has; raise PersistError if it cannot be."""
         self.journal.flush(self)
         if self.error is not None:
             raise PersistError(self.error)
@@ -556,13 +561,14 @@ class Journal:
 
     ``append()`` queues an encoded record (cheap, no I/O: callers hold the
     store's lock, which fixes the order) and returns a Ticket.  Outside the
-    lock, ``ticket.wait()`` (or ``flush()`` for a record nobody waits for)
-    gets it written: the thread that takes the write lock writes every
-    record queued at that moment with one ``write`` and one ``fsync``; the
-    threads queued behind it find their records written and return.  That
-    is group commit without a writer thread, so an enqueue costs no thread
-    handoff.  A failed write is cut back off the file so that later records
-    never follow a torn one.
+    lock, ``ticket.wait()`` gets it on disk: the thread that takes the write
+    lock writes every record queued at that moment with one ``write`` and
+    one ``fsync``; the threads queued behind it find their records synced
+    and return.  That is group commit without a writer thread, so an
+    enqueue costs no thread handoff.  ``flush()`` writes without fsync, for
+    records nobody waits for (a delivery's outcome: losing one costs one
+    more delivery, and the next fsync covers it anyway).  A failed write is
+    cut back off the file so that later records never follow a torn one.
 
     Lines: ``<crc32 of json, 8 hex> <json>\\n``.  Files: journal.<seq>.
     """
@@ -581,6 +587,9 @@ class Journal:
         self._write_lock = threading.Lock()  # held by the one thread writing (and fsyncing)
         self._pending = []
         self._closed = False
+        self._queued = 0             # seq of the last queued record (under _lock)
+        self._written = 0            # seq of the last record written (under _write_lock)
+        self._synced = 0             # ... and fsync'ed (under _write_lock)
         self._fd = None              # used under _write_lock only
         self._size = 0
 
@@ -612,21 +621,37 @@ class Journal:
         with self._lock:
             if self._closed:
                 ticket.error = "the daemon is stopping"
-                ticket.done = True
             else:
+                self._queued += 1
+                ticket.seq = self._queued
                 self._pending.append(ticket)
         return ticket
 
     def flush(self, ticket=None):
-        """Write every queued record; with a ticket, return at once if it was
-        written already.  Blocks while another thread writes (and fsyncs)."""
+        """Write every queued record.  With a ticket, also make the journal durable
+        up to it (fsync in fsync mode), unless a thread before us did."""
         with self._write_lock:
-            if ticket is not None and ticket.done:
-                return  # a thread before us wrote it along with its own
+            if ticket is not None and (ticket.error or ticket.seq <= self._synced):
+                return  # a thread before us wrote and synced it along with its own
             with self._lock:
                 batch, self._pending = self._pending, []
             if batch:
                 self._write(batch)
+            if ticket is not None and ticket.error is None and ticket.seq > self._synced:
+                self._sync(ticket)
+
+    def _sync(self, ticket):
+        if self.fsync and self._fd is not None:
+            try:
+                self.fs.fsync(self._fd)
+            except OSError as exc:
+                ticket.error = "cannot fsync the journal: %s" % (exc.strerror or exc)
+                self.errors += 1
+                self.healthy = False
+                if self._on_error is not None:
+                    self._on_error()
+                return
+        self._synced = self._written
 
     def close(self):
         """Write what is queued, refuse what comes later, close the file."""
@@ -669,20 +694,19 @@ class Journal:
             if self._fd is None:
                 self._open()
             self.fs.write_all(self._fd, data)
-            if self.fsync:
-                self.fs.fsync(self._fd)
             self._size += len(data)
             self.records += len(group)
             self.commits += 1
+            self._written = group[-1].seq
             if not self.healthy:
                 logger.warning("journal writes succeed again")
             self.healthy = True
         except OSError as exc:
             error = "cannot write the journal: %s" % (exc.strerror or exc)
             self._fail(exc)
-        for ticket in group:
-            ticket.error = error
-            ticket.done = True
+        if error is not None:
+            for ticket in group:
+                ticket.error = error
 
     def _fail(self, exc):
         self.errors += 1
@@ -698,12 +722,15 @@ class Journal:
 
     def _switch(self, ticket):
         try:
+            if self.fsync and self._fd is not None and self._written > self._synced:
+                self.fs.fsync(self._fd)  # its waiters will fsync the new file, not this one
+                self._synced = self._written
             self._close_quietly()
             self._open()
         except OSError as exc:
             ticket.error = "cannot start a new journal: %s" % (exc.strerror or exc)
             self._fail(exc)
-        ticket.done = True
+        self._written = ticket.seq
 
     def _close_quietly(self):
         if self._fd is not None:
@@ -1452,31 +1479,100 @@ class DeadlineSocket(socket.socket):
 
 
 class _DeadlineConnection(http.client.HTTPConnection):
-    """An HTTPConnection whose whole exchange ends by its time-out."""
+    """An HTTPConnection whose every exchange ends by the deadline set for it."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._deadline = time.monotonic() + (self.timeout if isinstance(self.timeout, (int, float))
-                                             else DEFAULT_TIMEOUT)
+    deadline = None
+
+    def set_deadline(self, deadline):
+        self.deadline = deadline
+        if self.sock is not None:
+            self.sock.deadline = deadline
 
     def connect(self):
         super().connect()
-        self.sock = DeadlineSocket.adopt(self.sock, self._deadline)
+        self.sock = DeadlineSocket.adopt(self.sock, self.deadline)
 
 
-class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+class KeepAliveHTTPHandler(urllib.request.HTTPHandler):
+    """http:// for the urllib opener, over kept-alive connections.
+
+    Each worker thread keeps one connection per origin (scheme, host,
+    port), so that a delivery costs the app no TCP handshake and no new
+    connection.  A connection goes back to the pool only if its answer was
+    read whole and the server did not ask to close; it is not reused after
+    ``max_idle`` s, below common app-server keep-alive time-outs.  A reused
+    connection that the server had closed meanwhile is retried once on a
+    fresh one (the server never read that request).  The attempt's time-out
+    is one deadline for the whole exchange.
+    """
+
+    max_idle = 1.5
+
+    def __init__(self):
+        super().__init__()
+        self._local = threading.local()   # .pool: origin -> (connection, idle since)
+
     def http_open(self, req):
-        return self.do_open(_DeadlineConnection, req)
+        if not req.host:
+            raise urllib.error.URLError("no host given")
+        pool = self._local.__dict__.setdefault("pool", {})
+        timeout = req.timeout if isinstance(req.timeout, (int, float)) else DEFAULT_TIMEOUT
+        deadline = time.monotonic() + timeout
+        headers = dict(req.unredirected_hdrs)
+        headers.update(req.headers)
+        idle = pool.pop(req.host, None)
+        if idle is not None and time.monotonic() - idle[1] > self.max_idle:
+            idle[0].close()
+            idle = None
+        while True:
+            conn = idle[0] if idle else _DeadlineConnection(req.host, timeout=timeout)
+            conn.set_deadline(deadline)
+            try:
+                conn.request(req.get_method(), req.selector, req.data, headers)
+                response = conn.getresponse()
+                break
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as exc:
+                conn.close()
+                if idle is None:
+                    raise urllib.error.URLError(exc) from None
+                idle = None  # it was closed while idle: once more, on a new connection
+            except OSError as exc:
+                conn.close()
+                raise urllib.error.URLError(exc) from None
+            except BaseException:
+                conn.close()
+                raise
+        response.msg = response.reason  # what urllib's own handler sets
+        response.connection = conn
+        response.origin = req.host
+        return response
+
+    def release(self, response):
+        """Done with an answer: keep its connection if it can carry another request."""
+        conn = getattr(response, "connection", None)
+        if conn is not None and response.isclosed() and not response.will_close:
+            self._local.__dict__.setdefault("pool", {})[response.origin] = (conn, time.monotonic())
+            return
+        response.close()
+        if conn is not None:
+            conn.close()
+
+    def close_idle(self):
+        """Close the calling thread's idle connections (a worker that stops)."""
+        pool = self._local.__dict__.pop("pool", {})
+        for conn, _ in pool.values():
+            conn.close()
 
 
-def build_opener():
+def build_opener(http_handler):
     """An opener for http and https only: no redirects, proxies, file/ftp/data.
 
-    Over http, the time-out bounds the whole attempt; over https, each
-    socket operation (the TLS layer reads the socket itself).
+    Over http (``http_handler``), connections are kept alive and the
+    time-out bounds the whole attempt; over https, each socket operation
+    (the TLS layer reads the socket itself) and a connection per attempt.
     """
     opener = urllib.request.OpenerDirector()
-    opener.add_handler(_DeadlineHTTPHandler())
+    opener.add_handler(http_handler)
     if hasattr(urllib.request, "HTTPSHandler"):
         opener.add_handler(urllib.request.HTTPSHandler())
     return opener
@@ -1530,7 +1626,8 @@ class Delivery:
         self.timeout = timeout
         self.allowed = allowed          # callable(url) -> bool: may the key go there?
         self.clock = clock
-        self.opener = build_opener()
+        self.http = KeepAliveHTTPHandler()
+        self.opener = build_opener(self.http)
 
     def request(self, task, tries, req_id):
         """The urllib Request for attempt number ``tries`` of ``task``."""
@@ -1565,7 +1662,7 @@ class Delivery:
             response = self.opener.open(req, timeout=task.timeout_s or self.timeout)
             if response is None:
                 raise urllib.error.URLError("unsupported URL scheme")
-            with response:
+            try:
                 status = response.status
                 try:
                     body = response.read(RESPONSE_READ_LIMIT)
@@ -1574,6 +1671,8 @@ class Delivery:
                 if status in (429, 503):
                     retry_after = parse_retry_after(response.headers.get("Retry-After"),
                                                     started / 1e9)
+            finally:
+                self.http.release(response)
         except (OSError, http.client.HTTPException, ValueError) as exc:
             status = -1
             reason = getattr(exc, "reason", None)
@@ -1683,6 +1782,12 @@ class Dispatcher:
         return min(delay, self.max_backoff)
 
     def _work(self):
+        try:
+            self._work_loop()
+        finally:
+            self.delivery.http.close_idle()
+
+    def _work_loop(self):
         while not self._stopping.is_set():
             item = self.due.get_due()
             if item is None:
@@ -1782,7 +1887,7 @@ class Dispatcher:
                                      headers={"Content-Type": "application/json",
                                               "User-Agent": USER_AGENT}, method="POST")
         try:
-            self.delivery.opener.open(req, timeout=self.delivery.timeout).close()
+            self.delivery.http.release(self.delivery.opener.open(req, timeout=self.delivery.timeout))
         except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
             logger.warning("--on-dead notification for %s failed: %s", task_json["id"], exc)
 
