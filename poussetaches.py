@@ -1192,12 +1192,16 @@ class Store:
                 for name in TABLES:
                     chunk.append(',\n"%s": [' % name)
                     sep = "\n"
-                    for task in tables[name]:  # a task at a time: the API keeps the GIL
+                    for task in tables[name]:
                         line = json.dumps(task.to_json(), separators=(",", ":"))
                         chunk.append(sep)
                         chunk.append(line)
                         sep = ",\n"
                         count += 1
+                        if count % 100 == 0:
+                            # yield the GIL (about every 0.5 ms of work): a request thread
+                            # waiting for it would otherwise wait a whole switch interval
+                            time.sleep(0)
                         size += len(line)
                         if size > 1 << 16:
                             fs.write_all(fd, "".join(chunk).encode())
@@ -2595,8 +2599,30 @@ refresh();setInterval(refresh,3000);
 """
 
 
+class Headers(dict):
+    """Request headers by lower-case name; ``get`` is case-insensitive.  A repeated
+    header keeps its first value, as email.message does."""
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def __getitem__(self, name):
+        return dict.__getitem__(self, name.lower())
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name.lower())
+
+
+MAX_HEADERS = 100
+MAX_LINE = 65536
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Speaks HTTP/1.1 keep-alive for the Api; every answer is JSON and one write."""
+    """Speaks HTTP/1.1 keep-alive for the Api; every answer is JSON and one write.
+
+    ``parse_request`` is our own: http.server's runs each request's headers
+    through the email package, which cost more than the rest of an enqueue.
+    """
 
     protocol_version = "HTTP/1.1"
     server_version = "poussetaches/" + __version__
@@ -2606,6 +2632,61 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def version_string(self):
         return self.server_version
+
+    def parse_request(self):
+        """Parse the request line and headers (RFC 9112); False after an error answer."""
+        self.command = None
+        self.request_version = "HTTP/1.0"  # errors get a status line: we never speak 0.9
+        self.close_connection = True
+        self.requestline = line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = line.split()
+        if not words:
+            return False
+        if len(words) != 3:
+            self.send_error(400, "bad request line %r" % line[:100])
+            return False
+        command, path, version = words
+        match = re.match(r"^HTTP/(\d)\.(\d)$", version)
+        if match is None:
+            self.send_error(400, "bad HTTP version %r" % version[:20])
+            return False
+        if match.group(1) != "1":
+            self.send_error(505, "HTTP/%s.%s is not supported" % match.groups())
+            return False
+        self.command, self.path, self.request_version = command, path, version
+        self.close_connection = version == "HTTP/1.0"
+        headers = Headers()
+        for _ in range(MAX_HEADERS + 1):
+            raw = self.rfile.readline(MAX_LINE + 1)
+            if len(raw) > MAX_LINE:
+                self.send_error(431, "a header line is longer than %d bytes" % MAX_LINE)
+                return False
+            if raw in (b"\r\n", b"\n", b""):
+                break
+            name, colon, value = raw.decode("iso-8859-1").partition(":")
+            if not colon or not _HEADER_NAME.match(name):
+                self.send_error(400, "bad header line %r" % raw[:100])
+                return False
+            key = name.lower()
+            value = value.strip()
+            if key in headers:
+                if key in ("content-length", "transfer-encoding", "host") and headers[key] != value:
+                    self.send_error(400, "conflicting %s headers" % name)
+                    return False
+                continue
+            dict.__setitem__(headers, key, value)
+        else:
+            self.send_error(431, "more than %d headers" % MAX_HEADERS)
+            return False
+        self.headers = headers
+        connection = headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if headers.get("Expect", "").lower() == "100-continue" and version == "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
 
     def setup(self):
         self.timeout = self.server.request_timeout  # each send; receives: the deadline
