@@ -27,9 +27,10 @@ The HTTP calls (JSON in, JSON out; every error is {"error": "..."}):
     GET    /cron/preview          ?schedule=SPEC&n=5: the next run times
 
 Threads: one ThreadingHTTPServer (a thread per connection) validates and
-stores tasks; N worker threads take due tasks from a due-time priority queue
-and deliver them with urllib; one journal writer appends and fsyncs records
-(group commit) and one persister thread writes periodic snapshots.
+stores tasks, each request appending its journal record and fsyncing it with
+whatever else is queued (group commit); N worker threads take due tasks from
+a due-time priority queue and deliver them with urllib over kept-alive
+connections; one persister thread writes the tables to a snapshot.
 """
 
 __version__ = "1.0.0"
@@ -138,6 +139,26 @@ class LockedError(PousseTachesError):
 
 class ConfigError(PousseTachesError, ValueError):
     """A configuration value is out of range; the message names the option."""
+
+
+class ClientError(PousseTachesError):
+    """The daemon refused a call; ``status`` is its HTTP status, the message its error."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class DaemonUnavailable(ClientError):
+    """No daemon answers at the API URL: start it, or set POUSSETACHES_URL."""
+
+
+class AuthError(PousseTachesError):
+    """A task request without poussetaches' auth key or a valid signature."""
+
+
+class InvalidEnvelope(PousseTachesError):
+    """A task request whose body is not poussetaches' envelope."""
 
 
 class HTTPError(PousseTachesError):
@@ -2703,11 +2724,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self):
         api = self.server.api
         status, doc, headers = api.handle(self.command, self.path, self.headers, self._read_body)
-        length = self.headers.get("Content-Length")
-        if self._body_state is None and (length not in (None, "0") or
-                                         self.headers.get("Transfer-Encoding")):
-            self.close_connection = True  # an unread body would poison the next request
+        if self._body_state is None:  # a body the call did not need (a GET with a body)
+            length = self.headers.get("Content-Length")
+            if self.headers.get("Transfer-Encoding"):
+                self._unread_input()
+            elif length is not None and length.strip().isdigit() and \
+                    int(length) <= self.server.max_body:
+                try:
+                    self._read_body()  # drain it: the connection stays usable
+                except HTTPError:
+                    self._unread_input()
+            elif length not in (None, "0"):
+                self._unread_input()
         self.send_json(status, doc, headers)
+
+    def _unread_input(self):
+        """Close after answering, and linger: closing with unread input sends a
+        reset, which can destroy the answer before the client has read it."""
+        self.close_connection = True
+        self.connection.linger = True
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
 
@@ -2723,7 +2758,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if length is None:
             if self.headers.get("Transfer-Encoding"):
                 self._body_state = "skipped"
-                self.close_connection = True
+                self._unread_input()
                 raise HTTPError(411, "send the body with a Content-Length (chunked is not supported)")
             self._body_state = "read"
             return b""
@@ -2733,7 +2768,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         size = int(length)
         if size > self.server.max_body:
             self._body_state = "skipped"
-            self.close_connection = True
+            self._unread_input()
             raise HTTPError(413, "the body is %d bytes, more than the %d allowed (--max-body)"
                             % (size, self.server.max_body))
         try:
@@ -2796,6 +2831,23 @@ class _Server(http.server.ThreadingHTTPServer):
         sock, address = super().get_request()
         return DeadlineSocket.adopt(sock), address
 
+    def shutdown_request(self, request):
+        if getattr(request, "linger", False):
+            # a lingering close: stop writing, read what the client still sends
+            # (for a second, up to 1 MiB), then close without a reset
+            try:
+                request.shutdown(socket.SHUT_WR)
+                request.settimeout(0.2)
+                deadline, drained = time.monotonic() + 1.0, 0
+                while drained < 1 << 20 and time.monotonic() < deadline:
+                    chunk = request.recv(65536)
+                    if not chunk:
+                        break
+                    drained += len(chunk)
+            except OSError:
+                pass
+        super().shutdown_request(request)
+
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
         if isinstance(exc, (ConnectionError, socket.timeout)):
@@ -2807,26 +2859,6 @@ class _Server(http.server.ThreadingHTTPServer):
 # --------------------------------------------------------------------------
 # Client: the PousseTaches class apps import
 # --------------------------------------------------------------------------
-
-class ClientError(PousseTachesError):
-    """The daemon refused a call; ``status`` is its HTTP status, the message its error."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-
-
-class DaemonUnavailable(ClientError):
-    """No daemon answers at the API URL: start it, or set POUSSETACHES_URL."""
-
-
-class AuthError(PousseTachesError):
-    """A task request without poussetaches' auth key or a valid signature."""
-
-
-class InvalidEnvelope(PousseTachesError):
-    """A task request whose body is not poussetaches' envelope."""
-
 
 class Envelope:
     """What ``PousseTaches.parse`` gives a task handler."""

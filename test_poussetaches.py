@@ -735,6 +735,26 @@ class TestApi(unittest.TestCase):
                           b"GET /waiting HTTP/1.1\r\nConnection: close\r\n\r\n")
         self.assertEqual(answer.count(b"HTTP/1.1 200"), 2)
 
+    def test_an_unneeded_body_is_drained_not_reset(self):
+        # found by the 50,000-case fuzz: GET with a body used to close with the
+        # body unread, and the reset could destroy the answer in flight
+        for _ in range(5):
+            self.push()
+        conn = http.client.HTTPConnection("127.0.0.1", self.d.port, timeout=WAIT)
+        for _ in range(20):
+            conn.request("GET", "/waiting", body=b'{"some": "body"}' * 50)
+            resp = conn.getresponse()
+            self.assertEqual(resp.status, 200)
+            self.assertEqual(json.loads(resp.read())["total"], 5)
+            self.assertFalse(resp.will_close)  # drained: the connection goes on
+        conn.close()
+        with socket.create_connection(("127.0.0.1", self.d.port), timeout=WAIT) as s:
+            s.sendall(b"GET /waiting HTTP/1.1\r\nContent-Length: 5000000\r\n\r\n" + b"x" * 300000)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += s.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:40])  # answered, then closed
+
     def test_keep_alive_serves_many_requests_on_one_connection(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.d.port, timeout=WAIT)
         started = time.monotonic()
