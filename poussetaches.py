@@ -207,7 +207,7 @@ class Task:
         "next_scheduled_run", "next_run", "tries", "last_run",
         "last_error_body", "last_error_status_code",
         "created", "max_tries", "timeout_s", "headers",
-        "idempotency_key", "cron_id", "attempts", "version",
+        "idempotency_key", "cron_id", "attempts", "version", "order_key",
     )
 
     def __init__(self, id, url, payload=b"", expected=200, schedule="",
@@ -234,6 +234,7 @@ class Task:
         self.cron_id = cron_id
         self.attempts = attempts if attempts is not None else []
         self.version = 0
+        self.order_key = None  # (next_run, id) as filed in the Store's ordered index
 
     def __repr__(self):
         return "<Task %s %s tries=%d>" % (self.id, self.url, self.tries)
@@ -788,6 +789,74 @@ def read_journal(path):
     return records, corrupt, bool(torn_tail)
 
 
+class SortedKeys:
+    """Keys in order, as sorted blocks of at most 2 x LOAD keys (the layout of
+    the sortedcontainers package): add and discard cost O(log n + LOAD), and a
+    page at any offset is read in order without sorting the table."""
+
+    LOAD = 500
+
+    def __init__(self):
+        self._blocks = []   # sorted lists, each non-empty; all of block i < block i+1
+        self._maxes = []    # the last key of each block
+        self._len = 0
+
+    def __len__(self):
+        return self._len
+
+    def __iter__(self):
+        for block in self._blocks:
+            yield from block
+
+    def add(self, key):
+        if not self._blocks:
+            self._blocks.append([key])
+            self._maxes.append(key)
+        else:
+            i = bisect.bisect_left(self._maxes, key)
+            if i == len(self._maxes):
+                i -= 1
+                self._blocks[i].append(key)
+                self._maxes[i] = key
+            else:
+                bisect.insort(self._blocks[i], key)
+            block = self._blocks[i]
+            if len(block) > 2 * self.LOAD:
+                self._blocks.insert(i + 1, block[self.LOAD:])
+                del block[self.LOAD:]
+                self._maxes.insert(i, block[-1])
+        self._len += 1
+
+    def discard(self, key):
+        i = bisect.bisect_left(self._maxes, key)
+        if i == len(self._maxes):
+            return
+        block = self._blocks[i]
+        j = bisect.bisect_left(block, key)
+        if j == len(block) or block[j] != key:
+            return
+        del block[j]
+        self._len -= 1
+        if not block:
+            del self._blocks[i]
+            del self._maxes[i]
+        elif j == len(block):
+            self._maxes[i] = block[-1]
+
+    def page(self, offset, limit):
+        """The keys from position ``offset``, at most ``limit`` of them."""
+        out = []
+        for block in self._blocks:
+            if len(out) >= limit:
+                break
+            if offset >= len(block):
+                offset -= len(block)
+                continue
+            out.extend(block[offset:offset + limit - len(out)])
+            offset = 0
+        return out
+
+
 class Store:
     """The task tables, their journal and snapshots; the one owner of task state.
 
@@ -813,7 +882,8 @@ class Store:
         self.recovery = {}
         self._lock = threading.Lock()
         self._tables = {"waiting": {}, "success": collections.OrderedDict(), "dead": {}}
-        self._cron = set()            # ids of waiting tasks with a schedule
+        # each table by (next_run, id), and "cron": the waiting tasks with a schedule
+        self._order = {name: SortedKeys() for name in TABLES + ("cron",)}
         self._idempotency = {}        # idempotency key -> task id
         self._inflight = {}           # task id -> version being attempted
         self._pending = {}            # task id -> Ticket of an enqueue not yet durable
@@ -926,18 +996,22 @@ class Store:
     def _place(self, table, task):
         self._remove(task.id)
         self._tables[table][task.id] = task
+        task.order_key = key = (task.next_run, task.id)
+        self._order[table].add(key)
         if table == "waiting" and task.schedule:
-            self._cron.add(task.id)
+            self._order["cron"].add(key)
         if task.idempotency_key:
             self._idempotency[task.idempotency_key] = task.id
         if table == "success":
             self._trim_success()
 
     def _remove(self, task_id):
-        for table in self._tables.values():
+        for name, table in self._tables.items():
             task = table.pop(task_id, None)
             if task is not None:
-                self._cron.discard(task_id)
+                self._order[name].discard(task.order_key)
+                if name == "waiting":
+                    self._order["cron"].discard(task.order_key)
                 if task.idempotency_key and self._idempotency.get(task.idempotency_key) == task_id:
                     del self._idempotency[task.idempotency_key]
                 task.version += 1
@@ -948,6 +1022,7 @@ class Store:
         success = self._tables["success"]
         while len(success) > self.keep_success:
             _, old = success.popitem(last=False)
+            self._order["success"].discard(old.order_key)
             if old.idempotency_key and self._idempotency.get(old.idempotency_key) == old.id:
                 del self._idempotency[old.idempotency_key]
 
@@ -1022,24 +1097,15 @@ class Store:
     def counts(self):
         with self._lock:
             out = {name: len(table) for name, table in self._tables.items()}
-            out["cron"] = len(self._cron)
+            out["cron"] = len(self._order["cron"])
             return out
 
     def listing(self, table, limit=DEFAULT_LIST_LIMIT, offset=0):
         """(total, [task JSON]) of a table by next_run ascending; ``cron`` is a view."""
         with self._lock:
-            if table == "cron":
-                tasks = [self._tables["waiting"][i] for i in self._cron]
-            else:
-                tasks = list(self._tables[table].values())
-        total = len(tasks)
-        key = lambda t: (t.next_run, t.id)
-        if offset + limit < total // 4:
-            chosen = heapq.nsmallest(offset + limit, tasks, key=key)[offset:]
-        else:
-            chosen = sorted(tasks, key=key)[offset:offset + limit]
-        with self._lock:
-            return total, [t.to_json() for t in chosen]
+            source = self._tables["waiting" if table == "cron" else table]
+            order = self._order[table]
+            return len(order), [source[key[1]].to_json() for key in order.page(offset, limit)]
 
     def delete(self, task_id):
         """Cancel a waiting task or drop a record; returns the state it had, or None."""
@@ -1055,7 +1121,8 @@ class Store:
     def delete_where(self, table, predicate=lambda task: True):
         """Delete every task of a table (or ``cron``) matching predicate; returns the count."""
         with self._lock:
-            ids = list(self._cron) if table == "cron" else list(self._tables[table])
+            ids = [key[1] for key in self._order["cron"]] if table == "cron" \
+                else list(self._tables[table])
             source = self._tables["waiting" if table == "cron" else table]
             ids = [i for i in ids if predicate(source[i])]
             ticket = None

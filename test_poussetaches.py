@@ -198,6 +198,7 @@ def iso(ns, tz):
 
 
 UTC = timezone.utc
+SEED_UNIT = 1126
 
 
 # --------------------------------------------------------------------------
@@ -489,6 +490,29 @@ class TestPolicy(unittest.TestCase):
         self.assertEqual(task.next_run, self.T0 + 60 * 10 ** 9)
         self.assertEqual(task.tries, 0)
         self.assertEqual(len(buried), 1)
+
+
+class TestSortedKeys(unittest.TestCase):
+    def test_against_a_sorted_list(self):
+        rng = random.Random(SEED_UNIT)
+        keys, model = pt.SortedKeys(), []
+        keys.LOAD = 8  # small blocks: many splits and empty blocks
+        for step in range(5000):
+            if model and rng.random() < 0.45:
+                victim = rng.choice(model)
+                model.remove(victim)
+                keys.discard(victim)
+            else:
+                key = (rng.randrange(1000), "%04d" % step)
+                model.append(key)
+                keys.add(key)
+            keys.discard((-1, "absent"))
+            if step % 97 == 0:
+                model.sort()
+                self.assertEqual(list(keys), model)
+                self.assertEqual(len(keys), len(model))
+                offset, limit = rng.randrange(len(model) + 3), rng.randrange(1, 40)
+                self.assertEqual(keys.page(offset, limit), model[offset:offset + limit])
 
 
 class TestDueQueue(unittest.TestCase):
