@@ -19,7 +19,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,17 @@ DAEMON = os.path.join(HERE, "poussetaches.py")
 # --------------------------------------------------------------------------
 # Roles run in their own processes: receiver, no-op server, load client
 # --------------------------------------------------------------------------
+
+def _serve(handler, port_file):
+    """Serve ``handler`` on a free loopback port, written to ``port_file``."""
+    import http.server
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    server.request_queue_size = 1024
+    with open(port_file, "w") as f:
+        f.write(str(server.server_address[1]))
+    server.serve_forever()
+
 
 def role_receiver(port_file):
     """The app: answers 200 to every POST, records when each task arrived."""
@@ -79,12 +89,7 @@ def role_receiver(port_file):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.request_queue_size = 1024
-    with open(port_file, "w") as f:
-        f.write(str(server.server_address[1]))
-    server.serve_forever()
+    _serve(Handler, port_file)
 
 
 def role_noop(port_file):
@@ -104,12 +109,7 @@ def role_noop(port_file):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.request_queue_size = 1024
-    with open(port_file, "w") as f:
-        f.write(str(server.server_address[1]))
-    server.serve_forever()
+    _serve(Handler, port_file)
 
 
 def _connection(url):

@@ -41,7 +41,6 @@ import binascii
 import bisect
 import collections
 import email.utils
-import errno
 import hashlib
 import heapq
 import hmac
@@ -262,6 +261,33 @@ class Task:
             "cron_id": self.cron_id,
             "attempts": list(self.attempts),
         }
+
+    # a snapshot stores each task as a row of these, in this order
+    ROW = ("id", "url", "payload", "expected", "schedule", "next_scheduled_run", "next_run",
+           "tries", "last_run", "last_error_body", "last_error_status_code", "created",
+           "max_tries", "timeout_s", "headers", "idempotency_key", "cron_id", "attempts")
+
+    def to_row(self):
+        body = self.last_error_body
+        return [self.id, self.url, b64(self.payload), self.expected, self.schedule,
+                self.next_scheduled_run, self.next_run, self.tries, self.last_run,
+                None if body is None else b64(body), self.last_error_status_code,
+                self.created, self.max_tries, self.timeout_s, self.headers,
+                self.idempotency_key, self.cron_id, self.attempts]
+
+    @classmethod
+    def from_row(cls, row):
+        """The inverse of to_row (fast: a restart builds every task this way)."""
+        task = cls.__new__(cls)
+        (task.id, task.url, payload, task.expected, task.schedule, task.next_scheduled_run,
+         task.next_run, task.tries, task.last_run, body, task.last_error_status_code,
+         task.created, task.max_tries, task.timeout_s, task.headers, task.idempotency_key,
+         task.cron_id, task.attempts) = row
+        task.payload = base64.b64decode(payload)
+        task.last_error_body = None if body is None else base64.b64decode(body)
+        task.version = 0
+        task.order_key = None
+        return task
 
     @classmethod
     def from_json(cls, d):
@@ -575,7 +601,7 @@ class Ticket:
             raise PersistError(self.error)
 
 
-_ROTATE = b""  # the data of a rotation marker: start a new journal file here
+_ROTATE = object()  # the data of a rotation marker: start a new journal file here
 
 
 class Journal:
@@ -922,9 +948,16 @@ class Store:
                 with open(path, "rb") as f:
                     doc = json.load(f)
                 first_seq = int(doc.get("journal", 0))
+                fields = tuple(doc.get("fields") or ())
+                if fields == Task.ROW:
+                    build = Task.from_row
+                elif fields:  # rows of another field order (another version)
+                    build = lambda row: Task.from_json(dict(zip(fields, row)))
+                else:         # version 1: one object per task
+                    build = Task.from_json
                 for table in TABLES:
                     for item in doc.get(table, ()):
-                        self._place(table, Task.from_json(item))
+                        self._place(table, build(item), fresh=True)
                         stats["snapshot_tasks"] += 1
             except (ValueError, KeyError, TypeError) as exc:
                 raise PousseTachesError(
@@ -993,8 +1026,10 @@ class Store:
 
     # -- table primitives (caller holds _lock, or is single-threaded start-up) --
 
-    def _place(self, table, task):
-        self._remove(task.id)
+    def _place(self, table, task, fresh=False):
+        """File ``task`` in ``table``, out of any other (``fresh``: it is in none)."""
+        if not fresh:
+            self._remove(task.id)
         self._tables[table][task.id] = task
         task.order_key = key = (task.next_run, task.id)
         self._order[table].add(key)
@@ -1047,8 +1082,8 @@ class Store:
     def start(self):
         self.journal.start()
         with self._lock:
-            for task in self._tables["waiting"].values():
-                self._schedule(task)
+            self.due.put_many((t.next_run, t.id, t.version)
+                              for t in self._tables["waiting"].values())
 
     def add(self, task):
         """Store a new task durably; returns (task, created, its JSON as bytes).
@@ -1275,13 +1310,14 @@ class Store:
                      0o600)
         try:
             try:
-                chunk = ['{"version": 1, "journal": %d, "created": %d' % (seq, self.clock())]
+                chunk = ['{"version": 2, "journal": %d, "created": %d, "fields": %s'
+                         % (seq, self.clock(), json.dumps(Task.ROW))]
                 size = 0
                 for name in TABLES:
                     chunk.append(',\n"%s": [' % name)
                     sep = "\n"
                     for task in tables[name]:
-                        line = json.dumps(task.to_json(), separators=(",", ":"))
+                        line = json.dumps(task.to_row(), separators=(",", ":"))
                         chunk.append(sep)
                         chunk.append(line)
                         sep = ",\n"
@@ -1400,6 +1436,15 @@ class DueQueue(queue.PriorityQueue):
                     self.not_empty.notify()  # the next head may be due too
                 self.not_full.notify()
                 return item
+
+    def put_many(self, entries):
+        """Queue many ``(due_ns, task_id, version)`` at once: O(n), for a start."""
+        with self.mutex:
+            self.queue.extend((due, next(self._seq), task_id, version)
+                              for due, task_id, version in entries)
+            heapq.heapify(self.queue)
+            if not self._held:
+                self.not_empty.notify_all()
 
     @property
     def held(self):
@@ -2650,7 +2695,7 @@ def openapi_document(routes):
                 "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/" + route.body}}}}
         paths.setdefault(route.pattern, {})[route.method.lower()] = operation
-    integer, string, number = {"type": "integer"}, {"type": "string"}, {"type": "number"}
+    integer, string = {"type": "integer"}, {"type": "string"}
     nullable = lambda kind: {"type": [kind, "null"]}
     headers = {"type": "object", "additionalProperties": {"type": "string"}}
     return {
@@ -2927,16 +2972,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             content_type = "application/json"
             body = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
+        self.log_request(status, len(body))
+        head = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
+                "Server: " + self.server_version, "Date: " + self.server.http_date(),
+                "Content-Type: " + content_type, "Content-Length: %d" % len(body)]
+        head.extend("%s: %s" % item for item in (headers or {}).items())
         if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+            head.append("Connection: close")
+        head = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + body)  # one write
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, headers too long) as JSON."""
@@ -2962,11 +3006,20 @@ class _Server(http.server.ThreadingHTTPServer):
         self.api = api
         self.max_body = max_body
         self.request_timeout = request_timeout
+        self._date = (0, "")
         super().__init__(address, _Handler)
 
     def get_request(self):
         sock, address = super().get_request()
         return DeadlineSocket.adopt(sock), address
+
+    def http_date(self):
+        """The Date header's value, formatted once a second."""
+        now = int(time.time())
+        cached = self._date  # (second, text): replaced whole, so read without a lock
+        if cached[0] != now:
+            cached = self._date = (now, email.utils.formatdate(now, usegmt=True))
+        return cached[1]
 
     def shutdown_request(self, request):
         if getattr(request, "linger", False):

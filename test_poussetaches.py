@@ -1818,6 +1818,21 @@ class TestStorage(unittest.TestCase):
         self.assertEqual(again.recovery["snapshot_tasks"], 5)
         self.assertEqual(again.recovery["journal_records"], 2)
 
+    def test_snapshot_versions(self):
+        task = self.task(7)
+        task.last_error_body, task.attempts = b"oops", [{"status": 500}]
+        with open(os.path.join(self.dir, "snapshot.json"), "w") as f:  # version 1: objects
+            json.dump({"version": 1, "journal": 1, "waiting": [task.to_json()]}, f)
+        self.assertEqual(self.store().get(task.id)[1], task.to_json())
+        s = self.store()
+        s.start()
+        s.snapshot()  # version 2: rows in a declared order
+        s.close()
+        with open(os.path.join(self.dir, "snapshot.json")) as f:
+            doc = json.load(f)
+        self.assertEqual((doc["version"], tuple(doc["fields"])), (2, pt.Task.ROW))
+        self.assertEqual(self.store().get(task.id)[1], task.to_json())
+
     def test_files_are_private(self):
         s = self.store()
         s.start()
