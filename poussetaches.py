@@ -601,14 +601,16 @@ class Ticket:
             raise PersistError(self.error)
 
 
+errno_stopping = 125  # ECANCELED: the code given to records refused at shutdown
 _ROTATE = object()  # the data of a rotation marker: start a new journal file here
 
 
 class Journal:
     """The append-only journal, written with group commit.
 
-    ``append()`` queues an encoded record (cheap, no I/O: callers hold the
-    store's lock, which fixes the order) and returns a Ticket.  Outside the
+    ``append()`` queues an encoded record and returns a Ticket.  It does no
+    I/O and takes no lock: its callers hold the Store's lock, which orders
+    the records (and the deque hands them to the writer safely).  Outside the
     lock, ``ticket.wait()`` gets it on disk: the thread that takes the write
     lock writes every record queued at that moment with one ``write`` and
     one ``fsync``; the threads queued behind it find their records synced
@@ -631,11 +633,10 @@ class Journal:
         self.commits = 0             # write (+ fsync) batches: group commit at work
         self._on_error = on_error
         self.fs = fs or FileSystem()
-        self._lock = threading.Lock()        # guards _pending and _closed: held briefly
         self._write_lock = threading.Lock()  # held by the one thread writing (and fsyncing)
-        self._pending = []
+        self._pending = collections.deque()  # appended under the Store's lock, popped here
         self._closed = False
-        self._queued = 0             # seq of the last queued record (under _lock)
+        self._queued = 0             # seq of the last queued record (under the Store's lock)
         self._written = 0            # seq of the last record written (under _write_lock)
         self._synced = 0             # ... and fsync'ed (under _write_lock)
         self._fd = None              # used under _write_lock only
@@ -659,21 +660,26 @@ class Journal:
 
     def rotate(self):
         """Queue a switch to a new journal file; return (new seq, Ticket)."""
-        with self._lock:
-            self.seq += 1
-            seq = self.seq
-        return seq, self._queue(_ROTATE)
+        self.seq += 1
+        return self.seq, self._queue(_ROTATE)
 
     def _queue(self, data, body=None):
         ticket = Ticket(self, data, body)
-        with self._lock:
-            if self._closed:
-                ticket.error = "the daemon is stopping"
-            else:
-                self._queued += 1
-                ticket.seq = self._queued
-                self._pending.append(ticket)
+        if self._closed:
+            ticket.error = "the daemon is stopping"
+        else:
+            self._queued += 1
+            ticket.seq = self._queued
+            self._pending.append(ticket)
         return ticket
+
+    def _drain(self):
+        batch = []
+        try:
+            while True:
+                batch.append(self._pending.popleft())
+        except IndexError:
+            return batch
 
     def flush(self, ticket=None):
         """Write every queued record.  With a ticket, also make the journal durable
@@ -681,8 +687,7 @@ class Journal:
         with self._write_lock:
             if ticket is not None and (ticket.error or ticket.seq <= self._synced):
                 return  # a thread before us wrote and synced it along with its own
-            with self._lock:
-                batch, self._pending = self._pending, []
+            batch = self._drain()
             if batch:
                 self._write(batch)
             if ticket is not None and ticket.error is None and ticket.seq > self._synced:
@@ -704,9 +709,8 @@ class Journal:
     def close(self):
         """Write what is queued, refuse what comes later, close the file."""
         with self._write_lock:
-            with self._lock:
-                self._closed = True
-                batch, self._pending = self._pending, []
+            self._closed = True
+            batch = self._drain()
             if batch:
                 self._write(batch)
             self._close_quietly()
@@ -740,6 +744,8 @@ class Journal:
         error = None
         try:
             if self._fd is None:
+                if self._closed:  # a record that raced the shutdown
+                    raise OSError(errno_stopping, "the daemon is stopping")
                 self._open()
             self.fs.write_all(self._fd, data)
             self._size += len(data)
@@ -918,6 +924,7 @@ class Store:
         self._snapshot_lock = threading.Lock()  # one snapshot at a time
         self.snapshot_errors = 0
         self.snapshots = 0               # written since start, for /metrics
+        self.enqueued = 0                # tasks created by add(), for /metrics
         self.last_snapshot = 0
         self.fs = fs or FileSystem()
         seq = self._recover()
@@ -1104,6 +1111,7 @@ class Store:
                         return existing, False, encode_task(existing)
                     ticket = self._put("waiting", task)
                     self._pending[task.id] = ticket
+                    self.enqueued += 1
                     break
             try:
                 pending.wait()  # a twin request is being written: answer after it
@@ -1114,6 +1122,7 @@ class Store:
         except PersistError:
             with self._lock:
                 del self._pending[task.id]
+                self.enqueued -= 1
                 if self._tables["waiting"].get(task.id) is task:
                     self._remove(task.id)
             raise
@@ -2486,7 +2495,6 @@ class Api:
         task = self.new_task(doc, headers, self.daemon.clock())
         task, created, body = self.store.add(task)
         if created:
-            self.daemon.stats.inc("enqueued")
             logger.debug("task %s queued for %s%s", task.id, task.url,
                         " (%s)" % task.schedule if task.schedule else "")
         return ((201 if created else 200), Raw("application/json", body + b"\n"),
@@ -2614,7 +2622,7 @@ class Api:
         lines.append("poussetaches_attempt_duration_seconds_sum %r" % total)
         lines.append("poussetaches_attempt_duration_seconds_count %d" % count)
         metric("enqueued_total", "counter", "Tasks created by POST /.",
-               [("", counters.get("enqueued", 0))])
+               [("", self.store.enqueued)])
         metric("dead_total", "counter", "Tasks (and cron runs) moved to dead.",
                [("", counters.get("dead", 0))])
         metric("journal_errors_total", "counter", "Journal write or fsync failures.",
