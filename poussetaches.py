@@ -716,7 +716,7 @@ class Journal:
             self._close_quietly()
 
     def _write(self, batch):
-        """Write a batch (the leader only): records in groups, rotations between them."""
+        """Write a batch (under _write_lock): records in groups, rotations between them."""
         group = []
         for ticket in batch:
             if ticket.data is _ROTATE:
@@ -898,10 +898,11 @@ class Store:
     (the task now lives in T, nowhere else) or ``{"op": "del", "id": I}``.
 
     ``_lock`` guards the tables, the indexes and every Task's fields.  No I/O
-    happens under it: records are handed to the journal writer, and callers
+    happens under it: records are queued on the journal, and callers
     that must answer only once the record is durable wait on the Ticket after
-    releasing the lock.  Waiting tasks are pushed to ``due`` (the DueQueue)
-    once their record is durable.
+    releasing the lock.  A new task goes on ``due`` (the DueQueue) only once
+    its record is durable; a retry at once (were its record lost, the
+    attempt would only be repeated).
     """
 
     def __init__(self, directory, due, fsync=True, keep_success=DEFAULT_KEEP_SUCCESS,
