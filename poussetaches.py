@@ -1146,11 +1146,23 @@ class Store:
             return out
 
     def listing(self, table, limit=DEFAULT_LIST_LIMIT, offset=0):
-        """(total, [task JSON]) of a table by next_run ascending; ``cron`` is a view."""
+        """(total, [task JSON]) of a table by next_run ascending; ``cron`` is a view.
+
+        The page is serialised 500 tasks per hold of the lock, so that a page of
+        100,000 does not stall enqueues; a task gone meanwhile is left out.
+        """
         with self._lock:
             source = self._tables["waiting" if table == "cron" else table]
-            order = self._order[table]
-            return len(order), [source[key[1]].to_json() for key in order.page(offset, limit)]
+            total = len(self._order[table])
+            keys = self._order[table].page(offset, limit)
+        tasks = []
+        for start in range(0, len(keys), 500):
+            with self._lock:
+                for key in keys[start:start + 500]:
+                    task = source.get(key[1])
+                    if task is not None:
+                        tasks.append(task.to_json())
+        return total, tasks
 
     def delete(self, task_id):
         """Cancel a waiting task or drop a record; returns the state it had, or None."""
