@@ -926,7 +926,6 @@ class Store:
         self.snapshot_errors = 0
         self.snapshots = 0               # written since start, for /metrics
         self.enqueued = 0                # tasks created by add(), for /metrics
-        self.last_snapshot = 0
         self.fs = fs or FileSystem()
         seq = self._recover()
         self.journal = Journal(directory, seq, fsync=fsync, on_error=self._mark_dirty,
@@ -1316,7 +1315,6 @@ class Store:
             for old, name in self._journal_files():
                 if old < seq:
                     self.fs.unlink(os.path.join(self.directory, name))
-            self.last_snapshot = self.clock()
             self.snapshots += 1
             return count
 
