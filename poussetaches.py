@@ -46,6 +46,7 @@ import heapq
 import hmac
 import http.client
 import http.server
+import ipaddress
 import itertools
 import json
 import logging
@@ -86,13 +87,16 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7991
 DEFAULT_DATA_DIR = "./poussetaches_data"
 DEFAULT_WORKERS = 4
-DEFAULT_MAX_TRIES = 12
+DEFAULT_MAX_TRIES = 11             # the original's: dead after its 11th attempt
 DEFAULT_MIN_BACKOFF = 1.0          # seconds; attempt k waits min * 4**(k-1)
 DEFAULT_MAX_BACKOFF = 86400.0      # seconds
-DEFAULT_TIMEOUT = 30.0             # seconds per delivery attempt
+DEFAULT_TIMEOUT = 600.0            # seconds per delivery attempt (the original had none)
 DEFAULT_KEEP_SUCCESS = 1000
-DEFAULT_MAX_BODY = 1 << 20         # bytes of an API request body
-DEFAULT_LIST_LIMIT = 1000
+DEFAULT_MAX_BODY = 16 << 20        # bytes of an API request body
+DEFAULT_MAX_CONNECTIONS = 256      # API connections served at once
+DEFAULT_MAX_WAITING = 1_000_000    # waiting tasks, past which enqueue is a 507
+DEFAULT_MAX_STORED_BYTES = 1 << 30  # decoded payload bytes in the waiting table, ditto
+LIST_PIECE = 500                   # tasks serialised per hold of the store lock
 MAX_LIST_LIMIT = 100_000
 DEFAULT_SNAPSHOT_INTERVAL = 60.0   # seconds between snapshots
 SNAPSHOT_AFTER_RECORDS = 100_000   # ... or after this many journal records
@@ -101,7 +105,7 @@ DEFAULT_REQUEST_TIMEOUT = 60.0     # seconds for an API request, idle keep-alive
 
 JITTER = 0.30                      # +/- 30 % on every backoff
 RESPONSE_READ_LIMIT = 64 * 1024    # bytes of a delivery answer we read
-ERROR_BODY_LIMIT = 4 * 1024        # bytes of it we keep
+ERROR_BODY_LIMIT = 16 * 1024       # bytes of it we keep: its first and last halves
 ATTEMPTS_KEPT = 10
 ATTEMPT_ERROR_LIMIT = 200          # chars of error text per attempt record
 CRON_HORIZON_YEARS = 5
@@ -114,6 +118,7 @@ LOCK_NAME = "lock"
 
 USER_AGENT = "poussetaches/" + __version__
 RESERVED_HEADERS = ("host", "content-length", "transfer-encoding", "connection")
+MAX_HEAD = 64 * 1024               # bytes of an API request's line and headers together
 
 
 # --------------------------------------------------------------------------
@@ -130,6 +135,10 @@ class CronError(PousseTachesError, ValueError):
 
 class PersistError(PousseTachesError):
     """The journal could not be written: the disk is full or read-only."""
+
+
+class QuotaError(PousseTachesError):
+    """The waiting table is full (--max-waiting, --max-stored-bytes): deliver or raise them."""
 
 
 class LockedError(PousseTachesError):
@@ -542,6 +551,10 @@ def _instant(wall, tz):
 # Storage: tables, journal, snapshot, recovery
 # --------------------------------------------------------------------------
 
+# every data file is opened without following a symlink planted in its place
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 class FileSystem:
     """The file operations storage makes, in one place.
 
@@ -728,7 +741,7 @@ class Journal:
         self._commit(group)
 
     def _open(self):
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | NOFOLLOW
         created = not os.path.exists(self.path())
         self._fd = self.fs.open(self.path(), flags, 0o600)
         self._size = os.fstat(self._fd).st_size
@@ -795,14 +808,19 @@ class Journal:
             self._fd = None
 
 
+def read_private(path):
+    """A data file's bytes, never through a symlink (OSError ELOOP if it is one)."""
+    with os.fdopen(os.open(path, os.O_RDONLY | NOFOLLOW), "rb") as f:
+        return f.read()
+
+
 def read_journal(path):
     """Read one journal file: (records, corrupt count, torn tail?).
 
     A line whose checksum or JSON fails is corrupt: skipped, counted, logged.
     A last line without its newline is a torn write: dropped with a warning.
     """
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_private(path)
     lines = data.split(b"\n")
     torn_tail = lines.pop()  # b"" when the file ends with a newline
     records, corrupt = [], 0
@@ -875,6 +893,19 @@ class SortedKeys:
         elif j == len(block):
             self._maxes[i] = block[-1]
 
+    def after(self, key, limit):
+        """The keys greater than ``key``, at most ``limit`` of them."""
+        out = []
+        i = bisect.bisect_right(self._maxes, key)
+        if i < len(self._blocks):
+            block = self._blocks[i]
+            out.extend(block[bisect.bisect_right(block, key):][:limit])
+            for block in self._blocks[i + 1:]:
+                if len(out) >= limit:
+                    break
+                out.extend(block[:limit - len(out)])
+        return out
+
     def page(self, offset, limit):
         """The keys from position ``offset``, at most ``limit`` of them."""
         out = []
@@ -906,8 +937,11 @@ class Store:
     """
 
     def __init__(self, directory, due, fsync=True, keep_success=DEFAULT_KEEP_SUCCESS,
-                 clock=time.time_ns, fs=None, on_dirty=None):
+                 clock=time.time_ns, fs=None, on_dirty=None,
+                 quota=(DEFAULT_MAX_WAITING, DEFAULT_MAX_STORED_BYTES)):
         self.directory = directory
+        self.max_waiting, self.max_stored_bytes = quota
+        self.waiting_bytes = 0           # decoded payload bytes in the waiting table
         self.due = due
         self.keep_success = keep_success
         self.clock = clock
@@ -952,8 +986,7 @@ class Store:
             os.unlink(path + ".tmp")
         if os.path.exists(path):
             try:
-                with open(path, "rb") as f:
-                    doc = json.load(f)
+                doc = json.loads(read_private(path))
                 first_seq = int(doc.get("journal", 0))
                 fields = tuple(doc.get("fields") or ())
                 if fields == Task.ROW:
@@ -1040,8 +1073,10 @@ class Store:
         self._tables[table][task.id] = task
         task.order_key = key = (task.next_run, task.id)
         self._order[table].add(key)
-        if table == "waiting" and task.schedule:
-            self._order["cron"].add(key)
+        if table == "waiting":
+            self.waiting_bytes += len(task.payload)
+            if task.schedule:
+                self._order["cron"].add(key)
         if task.idempotency_key:
             self._idempotency[task.idempotency_key] = task.id
         if table == "success":
@@ -1053,6 +1088,7 @@ class Store:
             if task is not None:
                 self._order[name].discard(task.order_key)
                 if name == "waiting":
+                    self.waiting_bytes -= len(task.payload)
                     self._order["cron"].discard(task.order_key)
                 if task.idempotency_key and self._idempotency.get(task.idempotency_key) == task_id:
                     del self._idempotency[task.idempotency_key]
@@ -1109,6 +1145,7 @@ class Store:
                     table, existing = self._find(existing_id)
                     if existing is not None:
                         return existing, False, encode_task(existing)
+                    self._check_quota(task)
                     ticket = self._put("waiting", task)
                     self._pending[task.id] = ticket
                     self.enqueued += 1
@@ -1132,6 +1169,14 @@ class Store:
                 self._schedule(task)
         return task, True, ticket.body
 
+    def _check_quota(self, task):
+        if len(self._tables["waiting"]) >= self.max_waiting:
+            raise QuotaError("the waiting table holds %d tasks, the most allowed "
+                             "(--max-waiting)" % len(self._tables["waiting"]))
+        if self.waiting_bytes + len(task.payload) > self.max_stored_bytes:
+            raise QuotaError("the waiting tasks' payloads would pass %d bytes, the most "
+                             "allowed (--max-stored-bytes)" % self.max_stored_bytes)
+
     def get(self, task_id):
         """(state, task JSON) or (None, None)."""
         with self._lock:
@@ -1144,24 +1189,34 @@ class Store:
             out["cron"] = len(self._order["cron"])
             return out
 
-    def listing(self, table, limit=DEFAULT_LIST_LIMIT, offset=0):
-        """(total, [task JSON]) of a table by next_run ascending; ``cron`` is a view.
+    def listing(self, table, limit=None, offset=0):
+        """(total, pieces) of a table by next_run ascending (``cron`` is a view of
+        waiting): its size now, and an iterator over lists of task JSON.
 
-        The page is serialised 500 tasks per hold of the lock, so that a page of
-        100,000 does not stall enqueues; a task gone meanwhile is left out.
+        Each piece of at most LIST_PIECE tasks is read in one short hold of the
+        lock, and the next one resumes after the last key seen, so a listing of
+        every task neither stalls enqueues nor holds the whole table in memory.
+        A task rescheduled while the listing runs may be left out or appear twice.
         """
         with self._lock:
-            source = self._tables["waiting" if table == "cron" else table]
             total = len(self._order[table])
-            keys = self._order[table].page(offset, limit)
-        tasks = []
-        for start in range(0, len(keys), 500):
+        return total, self._pieces(table, limit, offset)
+
+    def _pieces(self, table, limit, offset):
+        source = "waiting" if table == "cron" else table
+        remaining = float("inf") if limit is None else limit
+        last = None
+        while remaining > 0:
+            count = int(min(LIST_PIECE, remaining))
             with self._lock:
-                for key in keys[start:start + 500]:
-                    task = source.get(key[1])
-                    if task is not None:
-                        tasks.append(task.to_json())
-        return total, tasks
+                order, tasks = self._order[table], self._tables[source]
+                keys = order.page(offset, count) if last is None else order.after(last, count)
+                piece = [tasks[key[1]].to_json() for key in keys if key[1] in tasks]
+            if not keys:
+                return
+            last = keys[-1]
+            remaining -= len(keys)
+            yield piece
 
     def delete(self, task_id):
         """Cancel a waiting task or drop a record; returns the state it had, or None."""
@@ -1200,6 +1255,7 @@ class Store:
             table, task = self._find(task_id)
             if task is None or table == "success":
                 return None
+            self._remove(task_id)  # out of its table (and the byte count) before the edit
             for name, value in (changes or {}).items():
                 setattr(task, name, value)
             if table == "dead":
@@ -1326,8 +1382,7 @@ class Store:
         fs = self.fs
         count = 0
         fault_point("snapshot-before-write")
-        fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
-                     0o600)
+        fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o600)
         try:
             try:
                 chunk = ['{"version": 2, "journal": %d, "created": %d, "fields": %s'
@@ -1376,6 +1431,32 @@ class Store:
         self.journal.close()
 
 
+def check_data_dir(path):
+    """Make the data directory (0700) or check an existing one: owned by us, not
+    writable by group or others, no symlink among our files.  Raises ConfigError."""
+    try:
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)  # whatever the umask
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(path, 0o700)
+    info = os.stat(path)
+    if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+        raise ConfigError(
+            "the data directory %s belongs to uid %d, not to uid %d running poussetaches: "
+            "give it to this user (chown -R %d %s) or run as its owner"
+            % (path, info.st_uid, os.geteuid(), os.geteuid(), path))
+    if info.st_mode & 0o022:
+        raise ConfigError("the data directory %s is writable by group or others (mode %o): "
+                          "chmod 700 %s" % (path, info.st_mode & 0o777, path))
+    for name in os.listdir(path):
+        if (name in (LOCK_NAME, SNAPSHOT_NAME, SNAPSHOT_NAME + ".tmp")
+                or name.startswith(JOURNAL_PREFIX)) and os.path.islink(os.path.join(path, name)):
+            raise ConfigError("%s is a symbolic link: poussetaches never writes through "
+                              "links; remove it" % os.path.join(path, name))
+
+
 class DirLock:
     """An exclusive lock on the data directory (flock on ``lock``), for one daemon only."""
 
@@ -1384,7 +1465,7 @@ class DirLock:
         self._fd = None
 
     def acquire(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1527,6 +1608,51 @@ def origin_of(url):
         port = None
     return "%s://%s:%s" % (parts.scheme, parts.hostname, port or
                            (443 if parts.scheme == "https" else 80))
+
+
+def is_loopback_name(name):
+    """Is ``name`` (a lowercased host) ``localhost`` or a loopback IP literal?"""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address((name or "").strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class AllowList:
+    """``--allow-url`` prefixes, each an origin plus a path matched at a ``/``.
+
+    ``http://app:8000/task`` allows ``http://app:8000/task`` and ``/task/x``,
+    not ``/tasks``, nor another port, scheme or host (hosts are compared as
+    written: no name resolution).  Empty: every URL is allowed.  Immutable.
+    """
+
+    def __init__(self, prefixes=()):
+        self.prefixes = tuple(prefixes)
+        self._rules = []
+        for prefix in self.prefixes:
+            parts = urllib.parse.urlsplit(prefix)
+            try:
+                parts.port
+            except ValueError:
+                parts = None
+            if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                    or "@" in parts.netloc or parts.query or parts.fragment):
+                raise ConfigError("--allow-url %r must be http(s)://host[:port][/path], without "
+                                  "user, query or fragment" % prefix)
+            self._rules.append((origin_of(prefix), parts.path.rstrip("/")))
+
+    def __bool__(self):
+        return bool(self._rules)
+
+    def allows(self, url):
+        if not self._rules:
+            return True
+        origin, path = origin_of(url), urllib.parse.urlsplit(url).path
+        return any(origin == rule_origin and (path == rule_path or
+                                              path.startswith(rule_path + "/"))
+                   for rule_origin, rule_path in self._rules)
 
 
 class _Breaker:
@@ -1848,6 +1974,20 @@ def parse_retry_after(value, now_s):
     return max(0.0, when.timestamp() - now_s)
 
 
+def clip_error_body(body, limit=ERROR_BODY_LIMIT):
+    """At most ``limit`` bytes of an error body: its first and last halves (a
+    traceback's last line is the useful one) around a marker line, each cut at a
+    UTF-8 character boundary, so that a UTF-8 body still decodes."""
+    if len(body) <= limit:
+        return body
+    head, tail = limit // 2, len(body) - limit // 2
+    while head > 0 and body[head] & 0xC0 == 0x80:       # inside a character: back up
+        head -= 1
+    while tail < len(body) and body[tail] & 0xC0 == 0x80:
+        tail += 1
+    return b"%s\n[... %d bytes cut ...]\n%s" % (body[:head], tail - head, body[tail:])
+
+
 def sign(secret, msg_id, timestamp, body):
     """Standard Webhooks signature: ``v1,`` + base64 HMAC-SHA256 of "id.ts.body"."""
     if secret.startswith("whsec_"):
@@ -1861,10 +2001,12 @@ def sign(secret, msg_id, timestamp, body):
 class Delivery:
     """Makes one HTTP attempt of a task; knows nothing of tables or retries."""
 
-    def __init__(self, auth_key=None, timeout=DEFAULT_TIMEOUT, allowed=None, clock=time.time_ns):
-        self.auth_key = auth_key
+    def __init__(self, auth_key=None, timeout=DEFAULT_TIMEOUT, allow_list=None,
+                 signature_only=False, clock=time.time_ns):
+        self.auth_key = auth_key        # None: no key; "" is sent empty, as the original does
         self.timeout = timeout
-        self.allowed = allowed          # callable(url) -> bool: may the key go there?
+        self.allow_list = allow_list or AllowList()  # the key goes to these URLs only
+        self.signature_only = signature_only
         self.clock = clock
         self.http = KeepAliveHTTPHandler()
         self.opener = build_opener(self.http)
@@ -1882,12 +2024,14 @@ class Delivery:
         }
         if task.headers:
             headers.update(task.headers)
-        if self.auth_key and (self.allowed is None or self.allowed(task.url)):
-            stamp = self.clock() // 10 ** 9
-            headers["Poussetaches-Auth-Key"] = self.auth_key
-            headers["webhook-id"] = task.id
-            headers["webhook-timestamp"] = str(stamp)
-            headers["webhook-signature"] = sign(self.auth_key, task.id, stamp, body)
+        if self.auth_key is not None and self.allow_list.allows(task.url):
+            if not self.signature_only:
+                headers["Poussetaches-Auth-Key"] = self.auth_key
+            if self.auth_key:
+                stamp = self.clock() // 10 ** 9
+                headers["webhook-id"] = task.id
+                headers["webhook-timestamp"] = str(stamp)
+                headers["webhook-signature"] = sign(self.auth_key, task.id, stamp, body)
         return urllib.request.Request(task.url, data=body, headers=headers, method="POST")
 
     def attempt(self, task):
@@ -2083,9 +2227,9 @@ class Dispatcher:
             error[:ATTEMPT_ERROR_LIMIT].decode("utf-8", "replace"),
         })
         del task.attempts[:-ATTEMPTS_KEPT]
-        if error is not None:
-            task.last_error_status_code = outcome.status
-            task.last_error_body = error[:ERROR_BODY_LIMIT]
+        # a success shows the success; the failures before it stay in ``attempts``
+        task.last_error_status_code = outcome.status
+        task.last_error_body = None if error is None else clip_error_body(error)
         if task.schedule:
             return self._decide_cron(task, outcome, error, now, buried)
         if error is None:
@@ -2138,15 +2282,27 @@ class Dispatcher:
 
 ENQUEUE_FIELDS = ("url", "payload", "expected", "schedule", "delay", "json", "delay_s",
                   "eta", "max_tries", "timeout_s", "headers", "idempotency_key")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
-_TASK_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+# every pattern below is used with fullmatch (a "$" would match before a final newline)
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
+_TASK_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_CTL = re.compile(r"[\r\n\x00]")                # never inside a header value or request line
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(?::[0-9]{1,5})?")
 
 
 def _reject_constant(name):
     raise ValueError("%s is not valid JSON" % name)
 
 
-_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)  # stateless, shared
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("%s is out of range: JSON numbers must be finite" % text[:40])
+    return value
+
+
+# stateless, shared; NaN, Infinity and numbers like 1e999 are refused
+_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def parse_json(body):
@@ -2191,12 +2347,28 @@ class Route(collections.namedtuple("Route", "method pattern handler summary stat
         return super().__new__(cls, method, pattern, handler, summary, statuses, params, body)
 
 
-PAGING = (("limit", "integer", "page size, 0-100000 (default 1000)"),
+PAGING = (("limit", "integer", "page size, 0-100000 (default: every task, streamed)"),
           ("offset", "integer", "tasks to skip (default 0)"))
 
 
 class Raw(collections.namedtuple("Raw", "content_type body")):
     """An answer that is not JSON (the metrics text, the dashboard)."""
+
+
+class Stream(collections.namedtuple("Stream", "content_type pieces")):
+    """An answer written as it is made (chunked): ``pieces`` iterates over bytes."""
+
+
+def _json_list(head, pieces, tail):
+    """Bytes of ``head``, the JSON items of ``pieces`` (lists) comma-joined, ``tail``."""
+    yield head.encode()
+    sep = b""
+    for piece in pieces:
+        if piece:
+            yield sep + b",".join(json.dumps(item, separators=(",", ":")).encode()
+                                  for item in piece)
+            sep = b","
+    yield tail.encode()
 
 
 class Api:
@@ -2209,7 +2381,7 @@ class Api:
     ROUTES = (
         Route("GET", "/", "status", "Daemon status: paused, in flight, table counts", (200,)),
         Route("POST", "/", "enqueue", "Enqueue a task (201), or find its twin (200)",
-              (200, 201, 400, 411, 413, 503), body="EnqueueRequest"),
+              (200, 201, 400, 411, 413, 503, 507), body="EnqueueRequest"),
         Route("GET", "/waiting", "list_waiting", "Pending tasks, cron included, by next_run",
               (200, 400), PAGING),
         Route("GET", "/success", "list_success", "The newest successful tasks", (200, 400),
@@ -2231,6 +2403,9 @@ class Api:
         Route("POST", "/tasks/{id}/run", "run_task",
               "Run a waiting task now, or redrive a dead one (optional overrides)",
               (200, 400, 404, 411, 413, 503), body="RunRequest"),
+        Route("GET", "/healthz", "healthz",
+              "200 when serving and storage is healthy, else 503; no API key needed",
+              (200, 503)),
         Route("GET", "/metrics", "metrics", "Prometheus text exposition format 0.0.4", (200,)),
         Route("GET", "/openapi.json", "openapi", "This document", (200,)),
         Route("GET", "/ui", "ui", "The dashboard (HTML)", (200,)),
@@ -2257,14 +2432,19 @@ class Api:
                                               strict_parsing=False, max_num_fields=50)
             except ValueError as exc:
                 raise HTTPError(400, "bad query string: %s" % exc) from None
+            self._check_host(headers)
+            self._check_browser(headers)
             handler, params = self._route(method, parts.path)
-            self._check_api_key(headers)
+            if handler != self.healthz:
+                self._check_api_key(headers)
             return handler(params=params, query=query, headers=headers, read_body=read_body)
         except HTTPError as exc:
             return exc.status, {"error": exc.message}, exc.headers
         except PersistError as exc:
             logger.error("refused a change that cannot be persisted: %s", exc)
             return 503, {"error": "%s; nothing was stored, retry later" % exc}, {"Retry-After": "1"}
+        except QuotaError as exc:
+            return 507, {"error": "%s; nothing was stored" % exc}, {"Retry-After": "5"}
         except Exception:
             logger.exception("unexpected error answering %s %s", method, target[:200])
             return 500, {"error": "internal error; see the daemon's log"}, {}
@@ -2281,6 +2461,38 @@ class Api:
             raise HTTPError(405, "method %s not allowed on %s; use %s"
                             % (method, path, ", ".join(allowed)), {"Allow": ", ".join(allowed)})
         raise HTTPError(404, "no such path: %s" % path[:200])
+
+    def _check_host(self, headers):
+        """DNS rebinding: a page of evil.example whose name resolves to 127.0.0.1
+        reaches us with ``Host: evil.example``.  While bound to loopback, only
+        loopback names and ``--allow-host`` names are served (SPEC 5)."""
+        allowed = self.daemon.allowed_hosts
+        if not allowed and not self.daemon.loopback_bound:
+            return
+        value = headers.get("Host")
+        if value is None:  # HTTP/1.0 without Host: not a browser
+            return
+        match = _HOST.fullmatch(value)
+        name = match.group(1).lower() if match else None
+        if name in allowed or (self.daemon.loopback_bound and is_loopback_name(name)):
+            return
+        raise HTTPError(403, "Host %r is not this daemon's name: a DNS-rebinding page? "
+                        "(serve other names with --allow-host NAME)" % value[:100])
+
+    @staticmethod
+    def _check_browser(headers):
+        """CSRF: a web page may send us requests through the operator's browser;
+        browsers mark them, and only the dashboard's own (same-origin) calls pass."""
+        site = headers.get("Sec-Fetch-Site", "").lower()
+        if site in ("cross-site", "same-site"):
+            raise HTTPError(403, "a %s browser request is refused: web pages cannot drive "
+                            "poussetaches" % site)
+        origin = headers.get("Origin")
+        if origin is not None:
+            host = headers.get("Host", "").lower()
+            if not host or origin.lower() not in ("http://" + host, "https://" + host):
+                raise HTTPError(403, "a request from the web page origin %r is refused: only "
+                                "the dashboard's own origin may call the API" % origin[:100])
 
     def _check_api_key(self, headers):
         key = self.daemon.api_key
@@ -2351,8 +2563,13 @@ class Api:
             raise HTTPError(400, "%s is not a valid URL: %s" % (field, exc)) from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise HTTPError(400, "%s must be an absolute http:// or https:// URL" % field)
-        if not self.daemon.url_allowed(url):
-            raise HTTPError(400, "%s is outside the allowed prefixes (--allow-url)" % field)
+        if "@" in parts.netloc:
+            raise HTTPError(400, "%s must not carry a user name or password (user@host)" % field)
+        if any(urllib.parse.unquote(segment) in (".", "..") for segment in parts.path.split("/")):
+            raise HTTPError(400, "%s must not have . or .. path segments" % field)
+        if not self.daemon.allow_list.allows(url):
+            raise HTTPError(400, "%s is outside the allowed URLs (--allow-url %s)"
+                            % (field, " ".join(self.daemon.allow_list.prefixes)))
         return url
 
     def check_headers(self, value):
@@ -2363,7 +2580,7 @@ class Api:
         if len(value) > 64:
             raise HTTPError(400, "headers: at most 64 headers")
         for name, text in value.items():
-            if not _HEADER_NAME.match(name):
+            if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
                 raise HTTPError(400, "headers: %r is not a valid header name" % name[:100])
             lower = name.lower()
             if lower in RESERVED_HEADERS or lower.startswith("poussetaches-"):
@@ -2512,10 +2729,12 @@ class Api:
                 {"Poussetaches-Task-ID": task.id})
 
     def _listing(self, table, query):
-        limit = self._int_param(query, "limit", DEFAULT_LIST_LIMIT, 0, MAX_LIST_LIMIT)
+        limit = self._int_param(query, "limit", None, 0, MAX_LIST_LIMIT)
         offset = self._int_param(query, "offset", 0, 0, 10 ** 9)
-        total, tasks = self.store.listing(table, limit, offset)
-        return 200, {"tasks": tasks, "total": total, "limit": limit, "offset": offset}, {}
+        total, pieces = self.store.listing(table, limit, offset)
+        head = '{"total":%d,"limit":%s,"offset":%d,"tasks":[' % (
+            total, "null" if limit is None else limit, offset)
+        return 200, Stream("application/json", _json_list(head, pieces, "]}\n")), {}
 
     def list_waiting(self, query, **_):
         return self._listing("waiting", query)
@@ -2563,7 +2782,7 @@ class Api:
 
     def _task_id(self, params):
         task_id = params["id"]
-        if not _TASK_ID.match(task_id):
+        if not _TASK_ID.fullmatch(task_id):
             raise HTTPError(404, "no task with id %r" % task_id[:80])
         return task_id
 
@@ -2603,6 +2822,11 @@ class Api:
             raise HTTPError(404, "no waiting or dead task with id %r" % task_id)
         view["state"] = "waiting"
         return 200, view, {}
+
+    def healthz(self, **_):
+        if not self.store.journal.healthy:
+            return 503, {"ok": False, "error": "the journal cannot be written"}, {}
+        return 200, {"ok": True}, {}
 
     def metrics(self, **_):
         counts = self.store.counts()
@@ -2657,7 +2881,8 @@ class Api:
     def ui(self, **_):
         return 200, Raw("text/html; charset=utf-8", DASHBOARD_HTML.encode()), {
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
-                                       "script-src 'unsafe-inline'; connect-src 'self'",
+                                       "script-src 'unsafe-inline'; connect-src 'self'; "
+                                       "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
             "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 
 
@@ -2666,7 +2891,10 @@ _STATUS_TEXT = {200: "OK", 201: "Created", 400: "Bad input (the error names the 
                 405: "Wrong method (see Allow)", 408: "The body did not arrive in time",
                 411: "A body without Content-Length",
                 413: "Body larger than --max-body",
-                503: "Cannot persist (disk full or read-only); retry later"}
+                403: "A browser-borne (cross-site) request, or a Host that is not this "
+                     "daemon's name (DNS rebinding)",
+                503: "Cannot persist (disk full or read-only); retry later",
+                507: "Quota reached (--max-waiting, --max-stored-bytes); nothing stored"}
 
 
 def openapi_document(routes):
@@ -2676,7 +2904,7 @@ def openapi_document(routes):
     paths = {}
     for route in routes:
         responses = {}
-        for code in route.statuses + (401,):
+        for code in route.statuses + ((403,) if route.handler == "healthz" else (401, 403)):
             answer = {"description": _STATUS_TEXT[code]}
             if code >= 400:
                 answer["content"] = {"application/json": {"schema": error}}
@@ -2699,6 +2927,8 @@ def openapi_document(routes):
             responses["200"]["content"] = {"application/json": {"schema": {"type": "object"}}}
         operation = {"operationId": route.handler, "summary": route.summary,
                      "responses": responses}
+        if route.handler == "healthz":
+            operation["security"] = []
         params = [{"name": name, "in": "query", "required": False, "schema": {"type": kind},
                    "description": text} for name, kind, text in route.params]
         if "{id}" in route.pattern:
@@ -2856,19 +3086,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self.server_version
 
     def parse_request(self):
-        """Parse the request line and headers (RFC 9112); False after an error answer."""
+        """Parse the request line and headers (RFC 9112); False after an error answer.
+
+        Strict on purpose (SPEC 5): the whole head is at most MAX_HEAD bytes,
+        header names are tokens, values carry no CR or NUL, Content-Length is
+        1-15 ASCII digits, and no Transfer-Encoding is accepted (we implement
+        none, and one beside a Content-Length is how requests are smuggled).
+        """
         self.command = None
         self.request_version = "HTTP/1.0"  # errors get a status line: we never speak 0.9
         self.close_connection = True
+        self.server.busy(self.connection)
         self.requestline = line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = line.split()
         if not words:
             return False
-        if len(words) != 3:
+        if len(words) != 3 or _CTL.search(line):
             self.send_error(400, "bad request line %r" % line[:100])
             return False
         command, path, version = words
-        match = re.match(r"^HTTP/(\d)\.(\d)$", version)
+        match = re.match(r"^HTTP/([0-9])\.([0-9])\Z", version)
         if match is None:
             self.send_error(400, "bad HTTP version %r" % version[:20])
             return False
@@ -2878,29 +3115,46 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.command, self.path, self.request_version = command, path, version
         self.close_connection = version == "HTTP/1.0"
         headers = Headers()
+        budget = MAX_HEAD - len(self.raw_requestline)
         for _ in range(MAX_HEADERS + 1):
-            raw = self.rfile.readline(MAX_LINE + 1)
-            if len(raw) > MAX_LINE:
-                self.send_error(431, "a header line is longer than %d bytes" % MAX_LINE)
+            raw = self.rfile.readline(budget + 1)
+            budget -= len(raw)
+            if budget < 0:
+                self.send_error(431, "the request head is larger than %d bytes" % MAX_HEAD)
                 return False
             if raw in (b"\r\n", b"\n", b""):
                 break
             name, colon, value = raw.decode("iso-8859-1").partition(":")
-            if not colon or not _HEADER_NAME.match(name):
+            if not colon or not _HEADER_NAME.fullmatch(name):
                 self.send_error(400, "bad header line %r" % raw[:100])
                 return False
+            value = value.rstrip("\r\n").strip(" \t")
+            if _CTL.search(value):
+                self.send_error(400, "the value of header %s has CR, LF or NUL in it" % name)
+                return False
             key = name.lower()
-            value = value.strip()
             if key in headers:
-                if key in ("content-length", "transfer-encoding", "host") and headers[key] != value:
+                if key in ("content-length", "host") and headers[key] != value:
                     self.send_error(400, "conflicting %s headers" % name)
                     return False
-                continue
+                if key != "transfer-encoding":
+                    continue
             dict.__setitem__(headers, key, value)
         else:
             self.send_error(431, "more than %d headers" % MAX_HEADERS)
             return False
         self.headers = headers
+        if "transfer-encoding" in headers:
+            self.send_error(400, "Transfer-Encoding is not supported: send the body with "
+                                 "a Content-Length")
+            return False
+        length = headers.get("content-length")
+        if length is not None and not _CONTENT_LENGTH.fullmatch(length):
+            self.send_error(400, "Content-Length must be 1 to 15 digits, got %r" % length[:20])
+            return False
+        if "host" not in headers and version == "HTTP/1.1":
+            self.send_error(400, "an HTTP/1.1 request needs a Host header")
+            return False
         connection = headers.get("Connection", "").lower()
         if connection == "close":
             self.close_connection = True
@@ -2920,6 +3174,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # the wait for the request (keep-alive idleness too), its head and its
         # body must all end in request_timeout: a slow client cannot hold on
         self.connection.deadline = time.monotonic() + self.server.request_timeout
+        self.server.idle(self.connection)  # closed first when connections run out
         super().handle_one_request()
 
     def _dispatch(self):
@@ -2927,15 +3182,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         status, doc, headers = api.handle(self.command, self.path, self.headers, self._read_body)
         if self._body_state is None:  # a body the call did not need (a GET with a body)
             length = self.headers.get("Content-Length")
-            if self.headers.get("Transfer-Encoding"):
-                self._unread_input()
-            elif length is not None and length.strip().isdigit() and \
-                    int(length) <= self.server.max_body:
+            if length is not None and int(length) <= self.server.max_body:
                 try:
                     self._read_body()  # drain it: the connection stays usable
                 except HTTPError:
                     self._unread_input()
-            elif length not in (None, "0"):
+            elif length is not None:
                 self._unread_input()
         self.send_json(status, doc, headers)
 
@@ -2955,17 +3207,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _read_body(self):
         """The request body; HTTPError for a missing, bad or too large length."""
-        length = self.headers.get("Content-Length")
+        length = self.headers.get("Content-Length")  # 1-15 digits: parse_request checked
         if length is None:
-            if self.headers.get("Transfer-Encoding"):
-                self._body_state = "skipped"
-                self._unread_input()
-                raise HTTPError(411, "send the body with a Content-Length (chunked is not supported)")
             self._body_state = "read"
             return b""
-        if not length.strip().isdigit():
-            self.close_connection = True
-            raise HTTPError(400, "Content-Length is not a number")
         size = int(length)
         if size > self.server.max_body:
             self._body_state = "skipped"
@@ -2986,20 +3231,39 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return body
 
     def send_json(self, status, doc, headers=None):
-        if isinstance(doc, Raw):
+        """Write one answer: JSON, Raw bytes, or a Stream (chunked on HTTP/1.1)."""
+        stream = isinstance(doc, Stream)
+        if isinstance(doc, (Raw, Stream)):
             content_type, body = doc
         else:
             content_type = "application/json"
             body = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
-        self.log_request(status, len(body))
+        self.log_request(status, "-" if stream else len(body))
         head = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
                 "Server: " + self.server_version, "Date: " + self.server.http_date(),
-                "Content-Type: " + content_type, "Content-Length: %d" % len(body)]
+                "Content-Type: " + content_type, "X-Content-Type-Options: nosniff"]
+        if not stream:
+            head.append("Content-Length: %d" % len(body))
+        elif self.request_version == "HTTP/1.1":
+            head.append("Transfer-Encoding: chunked")
+        else:
+            self.close_connection = True  # HTTP/1.0: the end of the body is the close
         head.extend("%s: %s" % item for item in (headers or {}).items())
         if self.close_connection:
             head.append("Connection: close")
         head = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head if self.command == "HEAD" else head + body)  # one write
+        if self.command == "HEAD":
+            self.wfile.write(head)
+        elif not stream:
+            self.wfile.write(head + body)  # one write
+        else:
+            self.wfile.write(head)
+            chunked = self.request_version == "HTTP/1.1"
+            for piece in body:
+                if piece:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, headers too long) as JSON."""
@@ -3015,22 +3279,68 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class _Server(http.server.ThreadingHTTPServer):
-    """The API server: a thread per connection, a deep accept backlog."""
+    """The API server: a thread per connection, at most ``max_connections`` of them.
+
+    Past the cap, the accepting thread waits (new connections queue in the
+    listen backlog) after closing one idle kept-alive connection, whose
+    thread then ends and frees its place.  ``_slots`` guards ``_active``,
+    ``_idle`` and ``_closing``; a connection's thread notifies it as it ends.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024   # bursts of clients must not see resets
 
-    def __init__(self, address, api, max_body, request_timeout=DEFAULT_REQUEST_TIMEOUT):
+    def __init__(self, address, api, max_body, request_timeout=DEFAULT_REQUEST_TIMEOUT,
+                 max_connections=DEFAULT_MAX_CONNECTIONS):
         self.api = api
         self.max_body = max_body
         self.request_timeout = request_timeout
+        self.max_connections = max_connections
         self._date = (0, "")
+        self._slots = threading.Condition()
+        self._active = 0            # connections accepted and not yet closed
+        self._idle = set()          # their sockets that wait for a request
+        self._closing = False
         super().__init__(address, _Handler)
 
     def get_request(self):
-        sock, address = super().get_request()
+        with self._slots:
+            while self._active >= self.max_connections and not self._closing:
+                if self._idle:
+                    idle = self._idle.pop()
+                    try:
+                        idle.shutdown(socket.SHUT_RDWR)  # its readline ends; the thread exits
+                    except OSError:
+                        pass
+                self._slots.wait()
+            self._active += 1
+        try:
+            sock, address = super().get_request()
+        except BaseException:
+            self._release(None)
+            raise
         return DeadlineSocket.adopt(sock), address
+
+    def idle(self, sock):
+        with self._slots:
+            self._idle.add(sock)
+
+    def busy(self, sock):
+        with self._slots:
+            self._idle.discard(sock)
+
+    def _release(self, sock):
+        with self._slots:
+            self._active -= 1
+            self._idle.discard(sock)
+            self._slots.notify()
+
+    def shutdown(self):
+        with self._slots:
+            self._closing = True
+            self._slots.notify_all()
+        super().shutdown()
 
     def http_date(self):
         """The Date header's value, formatted once a second."""
@@ -3056,6 +3366,7 @@ class _Server(http.server.ThreadingHTTPServer):
             except OSError:
                 pass
         super().shutdown_request(request)
+        self._release(request)
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -3350,7 +3661,9 @@ class Daemon:
                  allow_urls=(), paused=False, auth_key=None, api_key=None, on_dead=None,
                  snapshot_interval=DEFAULT_SNAPSHOT_INTERVAL, grace=DEFAULT_GRACE,
                  cron_tz=None, clock=time.time_ns, rng=None, fs=None,
-                 request_timeout=DEFAULT_REQUEST_TIMEOUT):
+                 request_timeout=DEFAULT_REQUEST_TIMEOUT, allow_hosts=(),
+                 signature_only=False, max_connections=DEFAULT_MAX_CONNECTIONS,
+                 max_waiting=DEFAULT_MAX_WAITING, max_stored_bytes=DEFAULT_MAX_STORED_BYTES):
         def need(ok, message):
             if not ok:
                 raise ConfigError(message)
@@ -3365,13 +3678,20 @@ class Daemon:
         need(isinstance(keep_success, int) and keep_success >= 0, "--keep-success must be >= 0")
         need(isinstance(max_body, int) and max_body >= 1024, "--max-body must be >= 1024 bytes")
         need(snapshot_interval > 0, "the snapshot interval must be positive")
-        for prefix in allow_urls:
-            need(re.match(r"^https?://[^/]", prefix or ""),
-                 "--allow-url %r must start with http:// or https://" % prefix)
+        need(isinstance(max_connections, int) and 1 <= max_connections <= 100_000,
+             "--max-connections must be 1-100000")
+        need(isinstance(max_waiting, int) and max_waiting >= 1, "--max-waiting must be >= 1")
+        need(isinstance(max_stored_bytes, int) and max_stored_bytes >= 1,
+             "--max-stored-bytes must be >= 1")
+        for name in allow_hosts:
+            need(re.fullmatch(r"[0-9A-Za-z._-]+|\[[0-9A-Fa-f:.]+\]", name or ""),
+                 "--allow-host %r must be a host name (no port, no scheme)" % name)
+        self.allow_list = AllowList(allow_urls)   # raises ConfigError
+        self.allowed_hosts = frozenset(name.lower() for name in allow_hosts)
+        self.loopback_bound = is_loopback_name(host.lower())
         self.host, self.port, self.data_dir = host, port, data_dir
         self.fsync, self.grace, self.max_body = fsync, grace, max_body
         self.snapshot_interval = snapshot_interval
-        self.allow_urls = tuple(allow_urls)
         self.api_key = api_key or None
         self.cron_tz = cron_tz
         self.clock = clock
@@ -3384,17 +3704,16 @@ class Daemon:
                               max_backoff=max_backoff, on_dead=on_dead, rng=rng,
                               keep_success=keep_success)
         self._limiter = RateLimiter(rate, burst) if rate else None
-        self._delivery = Delivery(auth_key or None, timeout, self.url_allowed
-                                  if self.allow_urls else None, clock)
+        self.auth_key = auth_key
+        self.max_connections = max_connections
+        self._quota = (max_waiting, max_stored_bytes)
+        self._delivery = Delivery(auth_key, timeout, self.allow_list, signature_only, clock)
         self._lock = DirLock(data_dir)
         self._stopping = threading.Event()
         self._wake = threading.Event()   # the persister: snapshot now
         self._threads = []
         self.stats = Stats()
         self.store = self.dispatcher = self.server = None
-
-    def url_allowed(self, url):
-        return not self.allow_urls or any(url.startswith(p) for p in self.allow_urls)
 
     @property
     def url(self):
@@ -3407,14 +3726,13 @@ class Daemon:
         Raises LockedError if another daemon holds the directory, OSError if
         the port is taken or the directory cannot be made.
         """
-        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.data_dir, 0o700)
+        check_data_dir(self.data_dir)
         self._lock.acquire()
         try:
             s = self._settings
             self.store = Store(self.data_dir, self.due, fsync=self.fsync == "always",
                                keep_success=s["keep_success"], clock=self.clock,
-                               fs=self._fs, on_dirty=self._wake.set)
+                               fs=self._fs, on_dirty=self._wake.set, quota=self._quota)
             self.dispatcher = Dispatcher(
                 self.store, self.due, self._delivery, workers=s["workers"],
                 max_tries=s["max_tries"], min_backoff=s["min_backoff"],
@@ -3422,7 +3740,7 @@ class Daemon:
                 clock=self.clock, rng=s["rng"], cron_tz=self.cron_tz, stats=self.stats)
             self.api = Api(self)
             self.server = _Server((self.host, self.port), self.api, self.max_body,
-                                  self.request_timeout)
+                                  self.request_timeout, self.max_connections)
         except BaseException:
             self._lock.release()
             raise
@@ -3440,6 +3758,13 @@ class Daemon:
         logger.info("poussetaches %s serving on %s with %d workers, data in %s%s",
                     __version__, self.url, s["workers"], os.path.abspath(self.data_dir),
                     " (paused)" if self.due.held else "")
+        if not self.loopback_bound and not self.api_key:
+            logger.warning("listening on %s without POUSSETACHES_API_KEY: anyone who reaches "
+                           "this address can enqueue, read and delete tasks", self.host)
+        if self.auth_key is not None and not self.allow_list:
+            logger.warning("POUSSETACHES_AUTH_KEY is set but no --allow-url: any local process "
+                           "could have the key sent to a URL of its choice; restrict task URLs "
+                           "with --allow-url, and require POUSSETACHES_API_KEY for the API")
         return self
 
     def _persist(self):
@@ -3544,6 +3869,19 @@ def build_parser():
     serve.add_argument("--allow-url", action="append", metavar="PREFIX",
                        help="only accept task URLs with this prefix; repeatable "
                             "(env POUSSETACHES_ALLOWED_URLS, comma-separated)")
+    serve.add_argument("--allow-host", action="append", metavar="NAME",
+                       help="also answer requests whose Host is NAME (DNS-rebinding guard); "
+                            "repeatable (env POUSSETACHES_ALLOWED_HOSTS, comma-separated)")
+    serve.add_argument("--signature-only", action="store_true",
+                       help="sign deliveries (Standard Webhooks) but never send the auth key "
+                            "itself in Poussetaches-Auth-Key")
+    serve.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                       help="API connections served at once (default %(default)s)")
+    serve.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                       help="waiting tasks before enqueue answers 507 (default %(default)s)")
+    serve.add_argument("--max-stored-bytes", type=int, default=DEFAULT_MAX_STORED_BYTES,
+                       help="payload bytes of waiting tasks before enqueue answers 507 "
+                            "(default %(default)s)")
     serve.add_argument("--on-dead", metavar="URL",
                        help="POST a task's JSON here when it moves to dead")
     serve.add_argument("--paused", action="store_true", help="start with dispatch paused")
@@ -3729,9 +4067,10 @@ def serve(args):
     logger.addHandler(handler)
     logger.setLevel(args.log_level)
     logger.propagate = False
-    allow = args.allow_url
-    if allow is None:
-        allow = [p.strip() for p in _env("POUSSETACHES_ALLOWED_URLS", "").split(",") if p.strip()]
+    def listed(flag, env):
+        if flag is not None:
+            return flag
+        return [p.strip() for p in _env(env, "").split(",") if p.strip()]
     try:
         daemon = Daemon(
             host=args.host, port=args.port, data_dir=args.data_dir, workers=args.workers,
@@ -3739,8 +4078,13 @@ def serve(args):
             burst=float(args.burst) if args.burst else None,
             max_tries=args.max_tries, min_backoff=args.min_backoff,
             max_backoff=args.max_backoff, timeout=args.timeout, fsync=args.fsync,
-            keep_success=args.keep_success, max_body=args.max_body, allow_urls=allow,
-            paused=args.paused, auth_key=_env("POUSSETACHES_AUTH_KEY"),
+            keep_success=args.keep_success, max_body=args.max_body,
+            allow_urls=listed(args.allow_url, "POUSSETACHES_ALLOWED_URLS"),
+            allow_hosts=listed(args.allow_host, "POUSSETACHES_ALLOWED_HOSTS"),
+            signature_only=args.signature_only, max_connections=args.max_connections,
+            max_waiting=args.max_waiting, max_stored_bytes=args.max_stored_bytes,
+            # set but empty is sent empty, as the original does; unset: no header
+            paused=args.paused, auth_key=os.environ.get("POUSSETACHES_AUTH_KEY"),
             api_key=_env("POUSSETACHES_API_KEY"), on_dead=args.on_dead, grace=args.grace,
             snapshot_interval=args.snapshot_interval)
         daemon.start()
