@@ -72,6 +72,11 @@ except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
 try:
+    import ssl
+except ImportError:  # pragma: no cover - Python built without OpenSSL
+    ssl = None
+
+try:
     import zoneinfo
 except ImportError:  # pragma: no cover - Python < 3.9
     zoneinfo = None
@@ -355,9 +360,11 @@ _DESCRIPTORS = {
     "@daily": "0 0 0 * * *", "@midnight": "0 0 0 * * *",
     "@hourly": "0 0 * * * *",
 }
-_DURATION_UNITS = {"ns": 1, "us": 1_000, "\u00b5s": 1_000, "ms": 1_000_000,
+_DURATION_UNITS = {"ns": 1, "us": 1_000, "\u00b5s": 1_000, "\u03bcs": 1_000, "ms": 1_000_000,
                    "s": 10 ** 9, "m": 60 * 10 ** 9, "h": 3600 * 10 ** 9}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|ms|s|m|h)")
+# [0-9], never \d: only ASCII digits are numbers (\d also matches '\u0663' and the like)
+_DURATION_PART = re.compile(r"([0-9]*)(?:\.([0-9]*))?(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+MAX_NS = (1 << 63) - 1             # Go's largest duration; the last representable run time
 # name, low, high, names
 _CRON_FIELDS = (
     ("second", 0, 59, None), ("minute", 0, 59, None), ("hour", 0, 23, None),
@@ -367,13 +374,36 @@ _CRON_FIELDS = (
 
 
 def parse_duration(text):
-    """Go's time.ParseDuration for positive values ("90s", "1h30m"), in ns."""
-    if not text or _DURATION_PART.sub("", text) != "":
+    """Go's time.ParseDuration, in integer ns ("90s", "1h30m", "1.5h", "0").
+
+    As Go does it: the whole part of each number exactly, its fraction as
+    ``fraction * (unit / scale)``, an optional sign; CronError for a negative
+    duration, past MAX_NS, or for anything that is not that grammar.
+    """
+    body = text[1:] if text[:1] in ("-", "+") else text
+    if body == "0":
+        return 0
+    total, pos = 0, 0
+    while pos < len(body):
+        match = _DURATION_PART.match(body, pos)
+        if match is None or match.group(1) == "" and not match.group(2):
+            raise CronError("invalid duration %r: use Go syntax such as 90s, 5m or 1h30m" % text)
+        whole, fraction, unit = match.groups()
+        scale = _DURATION_UNITS[unit]
+        value = int(whole or "0") * scale
+        if fraction:
+            digits = fraction[:18]  # Go stops reading digits that cannot matter
+            value += int(int(digits) * (scale / 10 ** len(digits)))
+        total += value
+        if total > MAX_NS:
+            raise CronError("duration %r is longer than Go's maximum, 2562047h47m16.854775807s"
+                            % text)
+        pos = match.end()
+    if not body:
         raise CronError("invalid duration %r: use Go syntax such as 90s, 5m or 1h30m" % text)
-    total = 0.0
-    for number, unit in _DURATION_PART.findall(text):
-        total += float(number) * _DURATION_UNITS[unit]
-    return int(total)
+    if text.startswith("-") and total:
+        raise CronError("duration %r is negative" % text)
+    return total
 
 
 def _parse_cron_field(text, name, lo, hi, names):
@@ -382,7 +412,7 @@ def _parse_cron_field(text, name, lo, hi, names):
         word = word.lower()
         if names and word in names:
             return names[word]
-        if not word.isdigit():
+        if not re.fullmatch("[0-9]{1,9}", word):  # ASCII digits only: int() takes '\u0663'
             raise CronError("%s field: %r is not a number%s" % (
                 name, word, " or a name" if names else ""))
         number = int(word)
@@ -397,7 +427,7 @@ def _parse_cron_field(text, name, lo, hi, names):
         span, slash, step_text = part.partition("/")
         step = 1
         if slash:
-            if not step_text.isdigit() or int(step_text) == 0:
+            if not re.fullmatch("[0-9]{1,9}", step_text) or int(step_text) == 0:
                 raise CronError("%s field: step %r must be a positive number" % (name, step_text))
             step = int(step_text)
         if span in ("*", "?"):
@@ -410,6 +440,8 @@ def _parse_cron_field(text, name, lo, hi, names):
         else:
             start = value(span)
             end = hi if slash else start
+        if slash and name == "day of week":
+            end = min(end, 6)  # N/step ends on Saturday: 7 would be a second Sunday
         values.update(range(start, end + 1, step))
     if name == "day of week" and 7 in values:
         values.discard(7)
@@ -439,9 +471,11 @@ class CronSpec:
         if not text:
             raise CronError("empty cron spec")
         if text.startswith("@every"):
-            self.every_ns = parse_duration(text[len("@every"):].strip())
+            if not text.startswith("@every "):
+                raise CronError("@every needs a space before its duration: @every 1h")
+            self.every_ns = parse_duration(text[len("@every "):].strip())
             if self.every_ns < 10 ** 9:
-                raise CronError("@every needs at least 1s, got %r" % text[6:].strip())
+                raise CronError("@every needs at least 1s, got %r" % text[7:].strip())
             return
         if text.startswith("@"):
             if text.lower() not in _DESCRIPTORS:
@@ -449,18 +483,26 @@ class CronSpec:
                                 % (text, ", ".join(sorted(_DESCRIPTORS))))
             text = _DESCRIPTORS[text.lower()]
         fields = text.split()
-        if len(fields) == 5:
-            fields.insert(0, "0")
-        elif len(fields) != 6:
+        if len(fields) not in (5, 6):
             raise CronError("expected 5 fields (minute hour day month weekday) or 6 "
                             "(seconds first), got %d in %r" % (len(fields), text))
-        parsed = [_parse_cron_field(f, *meta) for f, meta in zip(fields, _CRON_FIELDS)]
+        six = len(fields) == 6
+        if not six:
+            fields.insert(0, "0")
+        metas = _CRON_FIELDS if not six else _CRON_FIELDS[:5] + (("day of week", 0, 6, _DAYS),)
+        parsed = [_parse_cron_field(f, *meta) for f, meta in zip(fields, metas)]
         (self.seconds, self.minutes, self.hours, self.days,
          self.months, self.weekdays) = parsed
         self._day_set = frozenset(self.days)
         self._weekday_set = frozenset(self.weekdays)
-        # Vixie cron: when both day fields are restricted, either may match.
-        self._days_or = fields[3][0] not in "*?" and fields[5][0] not in "*?"
+        if six:
+            # the original's library: the day fields are AND-ed when any list item
+            # of either starts with * or ?, OR-ed otherwise
+            items = fields[3].split(",") + fields[5].split(",")
+            self._days_or = not any(item[:1] in ("*", "?") for item in items)
+        else:
+            # Vixie cron: OR-ed when both are restricted, judged by each field's first character
+            self._days_or = fields[3][0] not in "*?" and fields[5][0] not in "*?"
 
     def __repr__(self):
         return "CronSpec(%r)" % self.spec
@@ -471,9 +513,11 @@ class CronSpec:
         return (dom or dow) if self._days_or else (dom and dow)
 
     def next_after(self, t_ns):
-        """First run time strictly after ``t_ns`` (Unix ns), or None within 5 years."""
+        """First run time strictly after ``t_ns`` (Unix ns); None if there is none
+        within 5 years, or if it does not fit in a signed 64-bit count of ns."""
         if self.every_ns is not None:
-            return t_ns + self.every_ns
+            following = t_ns + self.every_ns
+            return following if following <= MAX_NS else None
         t = t_ns // 10 ** 9
         wall = _wall(t, self.tz) + timedelta(seconds=1)
         horizon = wall.year + CRON_HORIZON_YEARS + 1
@@ -505,7 +549,7 @@ class CronSpec:
             wall = wall.replace(second=nxt)
             instant = _instant(wall, self.tz)
             if instant is not None and instant > t:
-                return instant * 10 ** 9
+                return instant * 10 ** 9 if instant * 10 ** 9 <= MAX_NS else None
             wall += timedelta(seconds=1)  # skipped by DST, or the repeated hour's second pass
         return None
 
@@ -938,8 +982,9 @@ class Store:
 
     def __init__(self, directory, due, fsync=True, keep_success=DEFAULT_KEEP_SUCCESS,
                  clock=time.time_ns, fs=None, on_dirty=None,
-                 quota=(DEFAULT_MAX_WAITING, DEFAULT_MAX_STORED_BYTES)):
+                 quota=(DEFAULT_MAX_WAITING, DEFAULT_MAX_STORED_BYTES), cron_tz=None):
         self.directory = directory
+        self.cron_tz = cron_tz           # for schedules restored by the import
         self.max_waiting, self.max_stored_bytes = quota
         self.waiting_bytes = 0           # decoded payload bytes in the waiting table
         self.due = due
@@ -1043,26 +1088,60 @@ class Store:
             raise ValueError("unknown op")
 
     def _import_original(self):
-        """Import an original-layout data dir (waiting/, dead/, success/) once."""
-        count = 0
+        """Import an original-layout data dir (waiting/, dead/, success/) once.
+
+        The original keeps a cron task that has run under one id twice: its
+        schedule in waiting/ and its last run in success/ (or dead/); and its
+        restarts drop cron files from waiting/.  So the waiting/ file is the
+        schedule, a success/dead file becomes a run record under a new id
+        (``cron_id`` pointing to the schedule), and a schedule-bearing
+        success/dead file without a waiting/ twin also restores the schedule,
+        next run computed from now.  Returns the number of tasks placed.
+        """
+        found = {}
         for table in TABLES:
             folder = os.path.join(self.directory, table)
             if not os.path.isdir(folder):
                 continue
             for name in sorted(os.listdir(folder)):
                 try:
-                    with open(os.path.join(folder, name), "rb") as f:
-                        task = Task.from_json(json.load(f))
+                    task = Task.from_json(json.loads(read_private(os.path.join(folder, name))))
+                    if task.schedule:
+                        CronSpec(task.schedule, self.cron_tz)
                 except (OSError, ValueError, KeyError, TypeError) as exc:
                     logger.warning("import: skipped %s/%s: %s", table, name, exc)
                     continue
+                found.setdefault(table, []).append(task)
+        if not found:
+            return 0
+        schedules = {t.id for t in found.get("waiting", ()) if t.schedule}
+        restored = 0
+        for task in found.get("waiting", ()):
+            self._place("waiting", task)
+        for table in ("success", "dead"):
+            for task in found.get(table, ()):
+                if task.schedule:
+                    if task.id not in schedules:  # restore the schedule the original dropped
+                        schedules.add(task.id)
+                        restored += 1
+                        self._place("waiting", self._restored_schedule(task))
+                    task = task.copy(id=new_id(), cron_id=task.id, schedule="")
                 self._place(table, task)
-                count += 1
-        if count:
-            logger.info("imported %d tasks from the original poussetaches layout in %s "
-                        "(the old folders are left untouched)", count, self.directory)
-            self._dirty.set()  # the persister writes them into a snapshot at once
-        return count
+        self._trim_success()
+        waiting = self._tables["waiting"]
+        logger.info("imported from the original layout in %s: %d waiting (%d cron, %d of "
+                    "them restored from their last run), %d success, %d dead; the old folders "
+                    "are left untouched", self.directory, len(waiting), len(self._order["cron"]),
+                    restored, len(self._tables["success"]), len(self._tables["dead"]))
+        self._dirty.set()  # the persister writes them into a snapshot at once
+        return sum(len(table) for table in self._tables.values())
+
+    def _restored_schedule(self, run):
+        """The schedule of a cron task whose waiting/ file the original dropped."""
+        now = self.clock()
+        following = CronSpec(run.schedule, self.cron_tz).next_after(now - 1) or now
+        return Task(run.id, run.url, run.payload, run.expected, run.schedule,
+                    next_run=following, created=now)
 
     # -- table primitives (caller holds _lock, or is single-threaded start-up) --
 
@@ -1143,6 +1222,8 @@ class Store:
                 pending = self._pending.get(existing_id)
                 if pending is None:
                     table, existing = self._find(existing_id)
+                    if task.schedule and existing_id == task.id and table != "waiting":
+                        existing = None  # a cron's twin is its schedule: a record is no twin
                     if existing is not None:
                         return existing, False, encode_task(existing)
                     self._check_quota(task)
@@ -1768,15 +1849,28 @@ def read_head(fp):
     raise http.client.HTTPException("more than %d headers" % MAX_HEADERS)
 
 
-class DeadlineSocket(socket.socket):
-    """A socket whose receives all end by one ``deadline`` (time.monotonic()).
+class _Deadline:
+    """Receives that all end by one ``deadline`` (time.monotonic()), for a socket class.
 
     A plain socket time-out bounds each receive, so a peer that drips a byte
     at a time holds a thread forever.  This bounds the whole exchange: a
-    delivery attempt, or one API request.  ``deadline`` None: no bound.
+    delivery attempt (over http or https), or one API request.  ``deadline``
+    None: no bound.
     """
 
     deadline = None
+
+    def recv_into(self, buffer, *args, **kwargs):
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out")
+            self.settimeout(remaining)
+        return super().recv_into(buffer, *args, **kwargs)
+
+
+class DeadlineSocket(_Deadline, socket.socket):
+    """A plain socket under a deadline (see _Deadline)."""
 
     @classmethod
     def adopt(cls, sock, deadline=None):
@@ -1787,14 +1881,10 @@ class DeadlineSocket(socket.socket):
         twin.deadline = deadline
         return twin
 
-    def recv_into(self, buffer, nbytes=0, flags=0):
-        if self.deadline is not None:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("timed out")
-            self.settimeout(remaining)
-        return super().recv_into(buffer, nbytes, flags)
 
+if ssl is not None:
+    class _DeadlineSSLSocket(_Deadline, ssl.SSLSocket):
+        """A TLS socket under a deadline: ``SSLContext.sslsocket_class`` makes these."""
 
 class _LeanResponse(http.client.HTTPResponse):
     """http.client's response, whose status line and headers are read here
@@ -1850,8 +1940,28 @@ class _DeadlineConnection(http.client.HTTPConnection):
         self.sock = DeadlineSocket.adopt(self.sock, self.deadline)
 
 
-class KeepAliveHTTPHandler(urllib.request.HTTPHandler):
-    """http:// for the urllib opener, over kept-alive connections.
+class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection
+                               if ssl is not None else object):
+    """The same over TLS: the handshake and every receive end by the deadline."""
+
+    def connect(self):
+        http.client.HTTPConnection.connect(self)
+        self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
+        self.sock.deadline = self.deadline
+
+
+def tls_context(cafile=None):
+    """A verifying client context whose sockets honour a deadline (None without ssl)."""
+    if ssl is None:
+        return None
+    context = ssl.create_default_context(cafile=cafile)
+    context.sslsocket_class = _DeadlineSSLSocket
+    return context
+
+
+class KeepAliveHandler(urllib.request.BaseHandler):
+    """http:// and https:// for the urllib opener, over kept-alive connections.
 
     Each worker thread keeps one connection per origin (scheme, host,
     port), so that a delivery costs the app no TCP handshake and no new
@@ -1865,19 +1975,28 @@ class KeepAliveHTTPHandler(urllib.request.HTTPHandler):
 
     max_idle = 1.5
 
-    def __init__(self):
-        super().__init__()
-        self._local = threading.local()   # .pool: origin -> (connection, idle since)
+    def __init__(self, context=None):
+        self._context = context or tls_context()
+        self._local = threading.local()   # .pool: (scheme, host) -> (connection, idle since)
 
     def http_open(self, req):
+        return self._open(req, _DeadlineConnection)
+
+    def https_open(self, req):
+        if self._context is None:
+            raise urllib.error.URLError("this Python has no ssl module: https is unavailable")
+        return self._open(req, _DeadlineHTTPSConnection)
+
+    def _open(self, req, connection_class):
         if not req.host:
             raise urllib.error.URLError("no host given")
         pool = self._local.__dict__.setdefault("pool", {})
+        origin = (req.type, req.host)
         timeout = req.timeout if isinstance(req.timeout, (int, float)) else DEFAULT_TIMEOUT
         deadline = time.monotonic() + timeout
         headers = dict(req.unredirected_hdrs)
         headers.update(req.headers)
-        idle = pool.pop(req.host, None)
+        idle = pool.pop(origin, None)
         if idle is not None and time.monotonic() - idle[1] > self.max_idle:
             idle[0].close()
             idle = None
@@ -1888,7 +2007,12 @@ class KeepAliveHTTPHandler(urllib.request.HTTPHandler):
         # again, and every one was checked when the task was enqueued
         message = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (req.data or b"")
         while True:
-            conn = idle[0] if idle else _DeadlineConnection(req.host, timeout=timeout)
+            if idle:
+                conn = idle[0]
+            elif connection_class is _DeadlineConnection:
+                conn = connection_class(req.host, timeout=timeout)
+            else:
+                conn = connection_class(req.host, timeout=timeout, context=self._context)
             conn.set_deadline(deadline)
             try:
                 if conn.sock is None:
@@ -1910,7 +2034,7 @@ class KeepAliveHTTPHandler(urllib.request.HTTPHandler):
                 raise
         response.msg = response.reason  # what urllib's own handler sets
         response.connection = conn
-        response.origin = req.host
+        response.origin = origin
         return response
 
     def release(self, response):
@@ -1930,17 +2054,12 @@ class KeepAliveHTTPHandler(urllib.request.HTTPHandler):
             conn.close()
 
 
-def build_opener(http_handler):
+def build_opener(handler):
     """An opener for http and https only: no redirects, proxies, file/ftp/data.
-
-    Over http (``http_handler``), connections are kept alive and the
-    time-out bounds the whole attempt; over https, each socket operation
-    (the TLS layer reads the socket itself) and a connection per attempt.
-    """
+    ``handler`` (a KeepAliveHandler) keeps connections alive for both schemes,
+    and the time-out bounds each whole attempt."""
     opener = urllib.request.OpenerDirector()
-    opener.add_handler(http_handler)
-    if hasattr(urllib.request, "HTTPSHandler"):
-        opener.add_handler(urllib.request.HTTPSHandler())
+    opener.add_handler(handler)
     return opener
 
 
@@ -2002,13 +2121,13 @@ class Delivery:
     """Makes one HTTP attempt of a task; knows nothing of tables or retries."""
 
     def __init__(self, auth_key=None, timeout=DEFAULT_TIMEOUT, allow_list=None,
-                 signature_only=False, clock=time.time_ns):
+                 signature_only=False, clock=time.time_ns, tls=None):
         self.auth_key = auth_key        # None: no key; "" is sent empty, as the original does
         self.timeout = timeout
         self.allow_list = allow_list or AllowList()  # the key goes to these URLs only
         self.signature_only = signature_only
         self.clock = clock
-        self.http = KeepAliveHTTPHandler()
+        self.http = KeepAliveHandler(tls)   # tls: an SSLContext (default: the system's CAs)
         self.opener = build_opener(self.http)
 
     def request(self, task, tries, req_id):
@@ -3602,8 +3721,10 @@ class PousseTaches:
     def resume(self):
         self.request("POST", "/resume")
 
-    def _get_tasks(self, table, limit=MAX_LIST_LIMIT, offset=0):
-        _, _, doc = self.request("GET", "/%s?limit=%d&offset=%d" % (table, limit, offset))
+    def _get_tasks(self, table, limit=None, offset=0):
+        """A table's tasks (all of them without ``limit``, as the original's client)."""
+        query = "" if limit is None else "?limit=%d&offset=%d" % (limit, offset)
+        _, _, doc = self.request("GET", "/" + table + query)
         return [GetTask.from_json(t) for t in doc["tasks"]]
 
     def get_cron(self):
@@ -3663,7 +3784,8 @@ class Daemon:
                  cron_tz=None, clock=time.time_ns, rng=None, fs=None,
                  request_timeout=DEFAULT_REQUEST_TIMEOUT, allow_hosts=(),
                  signature_only=False, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 max_waiting=DEFAULT_MAX_WAITING, max_stored_bytes=DEFAULT_MAX_STORED_BYTES):
+                 max_waiting=DEFAULT_MAX_WAITING, max_stored_bytes=DEFAULT_MAX_STORED_BYTES,
+                 tls=None):
         def need(ok, message):
             if not ok:
                 raise ConfigError(message)
@@ -3707,7 +3829,7 @@ class Daemon:
         self.auth_key = auth_key
         self.max_connections = max_connections
         self._quota = (max_waiting, max_stored_bytes)
-        self._delivery = Delivery(auth_key, timeout, self.allow_list, signature_only, clock)
+        self._delivery = Delivery(auth_key, timeout, self.allow_list, signature_only, clock, tls)
         self._lock = DirLock(data_dir)
         self._stopping = threading.Event()
         self._wake = threading.Event()   # the persister: snapshot now
@@ -3732,7 +3854,8 @@ class Daemon:
             s = self._settings
             self.store = Store(self.data_dir, self.due, fsync=self.fsync == "always",
                                keep_success=s["keep_success"], clock=self.clock,
-                               fs=self._fs, on_dirty=self._wake.set, quota=self._quota)
+                               fs=self._fs, on_dirty=self._wake.set, quota=self._quota,
+                               cron_tz=self.cron_tz)
             self.dispatcher = Dispatcher(
                 self.store, self.due, self._delivery, workers=s["workers"],
                 max_tries=s["max_tries"], min_backoff=s["min_backoff"],
@@ -3758,14 +3881,21 @@ class Daemon:
         logger.info("poussetaches %s serving on %s with %d workers, data in %s%s",
                     __version__, self.url, s["workers"], os.path.abspath(self.data_dir),
                     " (paused)" if self.due.held else "")
-        if not self.loopback_bound and not self.api_key:
-            logger.warning("listening on %s without POUSSETACHES_API_KEY: anyone who reaches "
-                           "this address can enqueue, read and delete tasks", self.host)
-        if self.auth_key is not None and not self.allow_list:
-            logger.warning("POUSSETACHES_AUTH_KEY is set but no --allow-url: any local process "
-                           "could have the key sent to a URL of its choice; restrict task URLs "
-                           "with --allow-url, and require POUSSETACHES_API_KEY for the API")
+        for warning in self.warnings():
+            logger.warning("%s", warning)
         return self
+
+    def warnings(self):
+        """What is unsafe in this configuration (SPEC 5), one sentence each."""
+        out = []
+        if not self.loopback_bound and not self.api_key:
+            out.append("listening on %s without POUSSETACHES_API_KEY: anyone who reaches this "
+                       "address can enqueue, read and delete tasks" % self.host)
+        if self.auth_key is not None and not self.allow_list:
+            out.append("POUSSETACHES_AUTH_KEY is set but no --allow-url: any local process could "
+                       "have the key sent to a URL of its choice; restrict task URLs with "
+                       "--allow-url, and require POUSSETACHES_API_KEY for the API")
+        return out
 
     def _persist(self):
         """The persister thread: a snapshot every interval, or sooner when asked."""
