@@ -1960,7 +1960,7 @@ def tls_context(cafile=None):
     return context
 
 
-class KeepAliveHandler(urllib.request.BaseHandler):
+class KeepAliveHandler(urllib.request.AbstractHTTPHandler):
     """http:// and https:// for the urllib opener, over kept-alive connections.
 
     Each worker thread keeps one connection per origin (scheme, host,
@@ -1976,8 +1976,12 @@ class KeepAliveHandler(urllib.request.BaseHandler):
     max_idle = 1.5
 
     def __init__(self, context=None):
+        super().__init__()
         self._context = context or tls_context()
         self._local = threading.local()   # .pool: (scheme, host) -> (connection, idle since)
+
+    # urllib's own preparation of a request (Host, Content-Length), for both schemes
+    http_request = https_request = urllib.request.AbstractHTTPHandler.do_request_
 
     def http_open(self, req):
         return self._open(req, _DeadlineConnection)

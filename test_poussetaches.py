@@ -2702,6 +2702,281 @@ class TestSafeByDefault(unittest.TestCase):
             self.assertEqual(headers["X-Frame-Options"], "DENY")
 
 
+# --------------------------------------------------------------------------
+# The drop-in: the original's data directory, its client, its defaults
+# --------------------------------------------------------------------------
+
+ORIGINAL_FIELDS = ("id", "url", "payload", "expected", "schedule", "next_scheduled_run",
+                   "next_run", "tries", "last_run", "last_error_body", "last_error_status_code")
+
+
+def original_file(url, payload=None, expected=200, schedule="", next_run=0,
+                  next_scheduled_run=None, tries=0, last_run=0, last_error_body=None,
+                  last_error_status_code=0, task_id=None):
+    """One task file as the Go daemon writes it: json.Marshal of its struct
+    (compact, fields in struct order, []byte as base64 or null, times in int ns,
+    no newline); named by the bare id: 32 hex, or sha1(url + payload + schedule)."""
+    raw = b"" if payload is None else payload
+    if task_id is None:
+        task_id = (hashlib.sha1(url.encode() + raw + schedule.encode()).hexdigest() if schedule
+                   else os.urandom(16).hex())
+    values = (task_id, url, None if payload is None else b64(payload), expected, schedule,
+              next_run if next_scheduled_run is None else next_scheduled_run, next_run, tries,
+              last_run, None if last_error_body is None else b64(last_error_body),
+              last_error_status_code)
+    return task_id, json.dumps(dict(zip(ORIGINAL_FIELDS, values)), separators=(",", ":")).encode()
+
+
+def write_original(data_dir, files):
+    """files: [(folder, (id, bytes))]; folders 0700, files 0644, as the original."""
+    for folder in ("dead", "waiting", "success"):
+        os.makedirs(os.path.join(data_dir, folder), 0o700, exist_ok=True)
+    for folder, (task_id, data) in files:
+        path = os.path.join(data_dir, folder, task_id)
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chmod(path, 0o644)
+
+
+def expand_like_the_original(doc):
+    """The steps the original client's _expand_task takes on a listing entry,
+    raising where it raises (strict UTF-8 decode of the error body, float
+    timestamps, a missing last_run key)."""
+    doc = dict(doc)
+    try:
+        doc["payload"] = json.loads(base64.b64decode(doc["payload"]))
+    except json.JSONDecodeError:
+        doc["payload"] = base64.b64decode(doc["payload"]).decode()
+    if doc["last_error_body"]:
+        doc["last_error_body"] = base64.b64decode(doc["last_error_body"]).decode()
+    doc["next_run"] = datetime.fromtimestamp(float(doc["next_run"] / 1e9))
+    if doc["last_run"]:
+        doc["last_run"] = datetime.fromtimestamp(float(doc["last_run"] / 1e9))
+    else:
+        del doc["last_run"]
+    for key in ("id", "expected", "schedule", "tries", "url", "last_error_status_code"):
+        doc[key]  # GetTask reads these: a KeyError here would crash microblog.pub's page
+    return doc
+
+
+def original_push(api_url, url, payload, expected=200, schedule="", delay=0):
+    """What the original client's push() sends: always the five fields."""
+    body = {"url": url, "payload": b64(json.dumps(payload).encode()), "expected": expected,
+            "schedule": schedule, "delay": delay}
+    return call(api_url, "POST", "/", body)
+
+
+class TestDropIn(unittest.TestCase):
+    """Issue 10: a microblog.pub instance moves over from the original daemon."""
+
+    def test_migration_keeps_crons_and_counts_what_it_holds(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "poussetaches_data")
+        s, now = 10 ** 9, time.time_ns()
+        with receiver() as rx:
+            app = rx.base
+            # the hourly cleanup has run: its schedule in waiting/ (overdue by a second,
+            # so it runs as soon as dispatch starts), its last run in success/
+            slot = now - now % s - s
+            cleanup, sched = original_file(app + "/task/cleanup", b"{}", schedule="@every 1h",
+                                           next_run=slot, last_run=slot - 3600 * s)
+            _, last = original_file(app + "/task/cleanup", b"{}", schedule="@every 1h",
+                                    next_run=slot - 3600 * s, tries=2,
+                                    last_run=slot - 3600 * s + 150 * 10 ** 6,
+                                    last_error_body=b"connection refused",
+                                    last_error_status_code=-1)
+            # a cron the original dropped from waiting/ at a restart: only success/ has it
+            dropped, only_run = original_file(app + "/task/refresh", b"{}", schedule="@every 1h",
+                                              next_run=now - 1800 * s, tries=1,
+                                              last_run=now - 1800 * s)
+            # a dead task with a multi-byte traceback, a mid-retry one, a plain one
+            trace = ("Traceback (most recent call last):\n  \u00e9\u00e8 \u2713\n"
+                     "ValueError: caf\u00e9 \u2603\n").encode()
+            dead_id, dead = original_file(app + "/task/process", b'{"iri": "x"}', tries=11,
+                                          next_run=now - 60 * s, last_run=now - 60 * s,
+                                          last_error_body=trace, last_error_status_code=500)
+            retry_id, retry = original_file(app + "/task/send", b'{"to": 1}', tries=3,
+                                            next_run=now + 3600 * s, last_run=now - 16 * s,
+                                            last_error_body=b"Post http://web:5005/task/send: "
+                                            b"dial tcp: connect: connection refused",
+                                            last_error_status_code=-1)
+            plain_id, plain = original_file(app + "/task/plain", None, next_run=now + 7200 * s)
+            done_id, done = original_file(app + "/task/done", b"[]", tries=1,
+                                          next_run=now - 99 * s, last_run=now - 99 * s)
+            files = [("waiting", (cleanup, sched)), ("success", (cleanup, last)),
+                     ("success", (dropped, only_run)), ("dead", (dead_id, dead)),
+                     ("waiting", (retry_id, retry)), ("waiting", (plain_id, plain)),
+                     ("success", (done_id, done))]
+            write_original(data, files)
+            before = {(f, i): d for f, (i, d) in files}
+            os.chmod(data, 0o755)  # the original's folder mode: not writable by others
+            with self.assertLogs("poussetaches", "INFO") as logs:
+                with running_daemon(data_dir=data, paused=True) as d:
+                    tables = {t: call(d.url, "GET", "/" + t)[2] for t in
+                              ("waiting", "success", "dead", "cron")}
+            line = [m for m in logs.output if "imported" in m]
+            self.assertEqual(len(line), 1, logs.output)
+            counts = {t: tables[t]["total"] for t in tables}
+            self.assertEqual(counts, {"waiting": 4, "cron": 2, "success": 3, "dead": 1})
+            self.assertIn("4 waiting (2 cron, 1 of them restored from their last run), "
+                          "3 success, 1 dead", line[0])
+            self.migration_line = line[0]
+            cron = {t["id"]: t for t in tables["cron"]["tasks"]}
+            self.assertEqual(set(cron), {cleanup, dropped})
+            self.assertEqual(cron[cleanup]["next_run"], slot)
+            self.assertGreater(cron[dropped]["next_run"], now)  # restored: computed from now
+            runs = {t["cron_id"]: t for t in tables["success"]["tasks"] if t["cron_id"]}
+            self.assertEqual(set(runs), {cleanup, dropped})
+            self.assertNotIn(runs[cleanup]["id"], (cleanup, dropped))
+            self.assertEqual(runs[cleanup]["tries"], 2)
+            for table in tables.values():
+                for doc in table["tasks"]:
+                    expand_like_the_original(doc)  # the admin page parses every entry
+            dead_doc = tables["dead"]["tasks"][0]
+            self.assertEqual(base64.b64decode(dead_doc["last_error_body"]), trace)
+            # the app starts and re-registers its cron, exactly as the original client does
+            with running_daemon(data_dir=data) as d:
+                status, headers, _ = original_push(d.url, app + "/task/cleanup", {},
+                                                   schedule="@every 1h")
+                self.assertIn(status, (200, 201))
+                self.assertEqual(headers["Poussetaches-Task-ID"], cleanup)
+                self.assertEqual(call(d.url, "GET", "/cron")[2]["total"], 2)
+                self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 4)
+                # the overdue cleanup runs; its schedule goes on an hour later
+                got = rx.wait_for(1, path="/task/cleanup")
+                self.assertEqual(got[0]["json"]["payload"], b64(b"{}"))
+                after = wait_until(lambda: call(d.url, "GET", "/tasks/" + cleanup)[2]
+                                   if call(d.url, "GET", "/tasks/" + cleanup)[2]["next_run"]
+                                   > now + 3000 * s else None, what="the next cleanup")
+                self.assertEqual(after["schedule"], "@every 1h")
+                self.assertEqual(after["state"], "waiting")
+            # the old folders are untouched
+            for (folder, task_id), data_bytes in before.items():
+                with open(os.path.join(data, folder, task_id), "rb") as f:
+                    self.assertEqual(f.read(), data_bytes)
+
+    def test_a_run_record_never_stops_a_schedule(self):
+        # success/<id> under the cron's own id, no schedule anywhere: the re-post creates it
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "data")
+        with running_daemon(data_dir=data, paused=True) as d:
+            url = "http://127.0.0.1:1/task/cleanup"
+            task_id = hashlib.sha1(url.encode() + b"{}" + b"@every 1h").hexdigest()
+            record = pt.Task(task_id, url, b"{}", tries=1)
+            with d.store._lock:
+                ticket = d.store._put("success", record)
+            ticket.wait()
+            status, headers, _ = original_push(d.url, url, {}, schedule="@every 1h")
+            self.assertEqual((status, headers["Poussetaches-Task-ID"]), (201, task_id))
+            self.assertEqual(call(d.url, "GET", "/cron")[2]["total"], 1)
+
+    def test_listing_without_limit_returns_every_task(self):
+        with running_daemon(paused=True) as d:
+            client = pt.PousseTaches(d.url, "http://127.0.0.1:1")
+            self.addCleanup(client.close)
+            for i in range(1500):
+                client.push({"n": i}, "/t/%d" % i, delay_s=(1500 - i) * 0.1 + 60)
+            for path in ("/waiting", "/waiting?offset=10"):
+                status, headers, doc = call(d.url, "GET", path)
+                self.assertEqual(status, 200)
+                self.assertEqual(headers["Transfer-Encoding"], "chunked")
+                tasks = [expand_like_the_original(t) for t in doc["tasks"]]
+                self.assertEqual(doc["total"], 1500)
+                self.assertEqual(len(tasks), 1500 if path == "/waiting" else 1490)
+                self.assertEqual([t["next_run"] for t in tasks], sorted(t["next_run"] for t in tasks))
+            self.assertEqual({t["payload"]["n"] for t in
+                              (expand_like_the_original(t) for t in doc["tasks"])},
+                             set(range(1490)))
+            self.assertEqual(len(client.get_waiting()), 1500)
+            self.assertEqual(len(call(d.url, "GET", "/waiting?limit=100")[2]["tasks"]), 100)
+            # HTTP/1.0 gets the same without chunks, closed at the end
+            answer = raw_exchange(d.port, b"GET /cron HTTP/1.0\r\n\r\n")
+            self.assertTrue(answer.endswith(b'"tasks":[]}\n'), answer[-60:])
+
+    def test_original_defaults(self):
+        d = pt.Daemon(port=0, data_dir="unused")
+        self.assertEqual((pt.DEFAULT_TIMEOUT, pt.DEFAULT_MAX_TRIES, pt.DEFAULT_MAX_BODY),
+                         (600.0, 11, 16 << 20))
+        self.assertEqual(d._delivery.timeout, 600.0)
+        with receiver() as rx, running_daemon(min_backoff=0.001, max_backoff=0.01) as d:
+            rx.answers["/fail"] = [(500, b"no")]
+            task_id = call(d.url, "POST", "/", {"url": rx.url("/fail")})[2]["id"]
+            dead = wait_until(lambda: call(d.url, "GET", "/tasks/" + task_id)[2]
+                              if call(d.url, "GET", "/tasks/" + task_id)[2]["state"] == "dead"
+                              else None, what="dead")
+            self.assertEqual((dead["tries"], len(rx.wait_for(11, path="/fail"))), (11, 11))
+            # 10 MB of payload is accepted and delivered; 17 MB is a 413
+            big = os.urandom(10 * 10 ** 6)
+            status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/big"), "payload": b64(big)})
+            self.assertEqual(status, 201)
+            got = rx.wait_for(1, path="/big")[0]
+            self.assertEqual(base64.b64decode(got["json"]["payload"]), big)
+            with socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) as s:
+                s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
+                          % (17 * 10 ** 6) + b"x" * 65536)
+                answer = s.recv(4096)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 413"), answer[:40])
+            self.assertIn(b"--max-body", answer)
+
+    def test_a_long_task_runs_once(self):
+        # the original had no time-out; ours is 600 s: a handler slower than the
+        # old 30 s is delivered once (scaled: 2 s against a 3 s time-out here,
+        # the real 35 s against the default in the stress set)
+        slow, limit = (35, None) if STRESS else (2.0, 3.0)
+        with receiver() as rx, running_daemon() as d:
+            rx.answers["/slow"] = [(200, b"", {}, slow)]
+            body = {"url": rx.url("/slow")}
+            if limit:
+                body["timeout_s"] = limit
+            task_id = call(d.url, "POST", "/", body)[2]["id"]
+            done = wait_until(lambda: call(d.url, "GET", "/tasks/" + task_id)[2]
+                              if call(d.url, "GET", "/tasks/" + task_id)[2]["state"] == "success"
+                              else None, timeout=slow + WAIT, what="success")
+            self.assertEqual((done["tries"], done["last_error_status_code"]), (1, 200))
+            self.assertEqual(len(rx.got), 1)
+
+    def test_error_body_head_and_tail_at_utf8_boundaries(self):
+        # 20 KB of two- and three-byte characters; the useful line is the last one
+        text = ("Traceback (most recent call last):\n" + "\u00e9\u20ac" * 4000
+                + "\nValueError: the useful line \u2603\n")
+        body = text.encode()
+        self.assertGreater(len(body), 20000)
+        stored = pt.clip_error_body(body)
+        self.assertLessEqual(len(stored), 16 * 1024 + 40)
+        decoded = stored.decode("utf-8")  # strict, as the original client decodes it
+        self.assertTrue(decoded.endswith("ValueError: the useful line \u2603\n"))
+        self.assertTrue(decoded.startswith("Traceback (most recent call last):\n"))
+        self.assertIn("bytes cut ...]", decoded)
+        head, _, tail = stored.partition(b"\n[...")
+        self.assertTrue(body.startswith(head) and body.endswith(tail.partition(b"]\n")[2]))
+        for n in range(16 * 1024 - 8, 16 * 1024 + 16):  # every cut point near the limit
+            for unit in ("\u00e9", "\u20ac", "\U0001f600"):
+                sample = (unit * n).encode()[:n + 3]
+                sample = sample[:len(sample) - len(sample) % len(unit.encode())]
+                sample.decode()
+                pt.clip_error_body(sample).decode("utf-8")
+        self.assertEqual(pt.clip_error_body(b"short"), b"short")
+        with receiver() as rx, running_daemon(max_tries=1) as d:
+            rx.answers["/trace"] = [(500, body)]
+            task_id = call(d.url, "POST", "/", {"url": rx.url("/trace")})[2]["id"]
+            dead = wait_until(lambda: call(d.url, "GET", "/dead")[2]["tasks"], what="dead")[0]
+            self.assertEqual(dead["id"], task_id)
+            self.assertEqual(expand_like_the_original(dead)["last_error_body"], decoded)
+
+    def test_success_shows_the_success(self):
+        with receiver() as rx, running_daemon() as d:
+            rx.answers["/flaky"] = [(503, b"down"), (200, b"")]
+            task_id = call(d.url, "POST", "/", {"url": rx.url("/flaky")})[2]["id"]
+            done = wait_until(lambda: call(d.url, "GET", "/tasks/" + task_id)[2]
+                              if call(d.url, "GET", "/tasks/" + task_id)[2]["state"] == "success"
+                              else None, what="success")
+            self.assertEqual((done["last_error_status_code"], done["last_error_body"]), (200, None))
+            self.assertEqual([a["status"] for a in done["attempts"]], [503, 200])
+            self.assertEqual(done["attempts"][0]["error"], "down")
+
+
 class RestartableReceiver(Receiver):
     """A receiver that can go down and come back on the same port."""
 
