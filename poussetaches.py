@@ -3391,6 +3391,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, headers too long) as JSON."""
         self.close_connection = True
+        self.connection.linger = True  # input may follow: never answer with a reset
         try:
             self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
         except OSError:
