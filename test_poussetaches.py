@@ -1871,6 +1871,106 @@ class TestDelivery(unittest.TestCase):
 # The API beyond the original (SPEC 2), extra delivery rules, security (SPEC 5)
 # --------------------------------------------------------------------------
 
+class TestHttps(unittest.TestCase):
+    """Deliveries over https: one deadline for the whole attempt, kept-alive
+    connections, certificates verified.  The certificate is made at run time."""
+
+    @classmethod
+    def setUpClass(cls):
+        if shutil.which("openssl") is None or pt.ssl is None:
+            raise unittest.SkipTest("needs the openssl command and Python's ssl module")
+        cls.tmp = tempfile.mkdtemp(prefix="pt-tls-")
+        cls.cert, cls.key = os.path.join(cls.tmp, "cert.pem"), os.path.join(cls.tmp, "key.pem")
+        proc = subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-keyout", cls.key, "-out", cls.cert, "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+            capture_output=True, timeout=60)
+        if proc.returncode != 0:
+            shutil.rmtree(cls.tmp, ignore_errors=True)
+            raise unittest.SkipTest("openssl could not make a certificate: %s"
+                                    % proc.stderr.decode()[-200:])
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def tls_app(self):
+        """A https app: /ok answers 200; /drip sends its head a byte a second."""
+        state = {"connections": 0, "got": []}
+        cond = threading.Condition()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                with cond:
+                    state["connections"] += 1
+                super().setup()
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with cond:
+                    state["got"].append(self.path)
+                    cond.notify_all()
+                try:
+                    if self.path == "/drip":
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                        self.wfile.flush()
+                        for _ in range(30):
+                            time.sleep(1)
+                            self.wfile.write(b"X")
+                            self.wfile.flush()
+                        return
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        context = pt.ssl.SSLContext(pt.ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        server = QuietServer(("127.0.0.1", 0), Handler)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return "https://127.0.0.1:%d" % server.server_address[1], state, cond
+
+    def test_keep_alive_and_drip_deadline(self):
+        base, state, cond = self.tls_app()
+        tls = pt.tls_context(cafile=self.cert)
+        with running_daemon(workers=1, max_tries=1, tls=tls) as d:
+            for n in (1, 2):
+                call(d.url, "POST", "/", {"url": base + "/ok"})
+                with cond:
+                    self.assertTrue(cond.wait_for(lambda: len(state["got"]) == n, WAIT))
+                wait_until(lambda: call(d.url, "GET", "/")[2]["success"] == n, what="success")
+            self.assertEqual(state["connections"], 1)  # the second reused the first's
+            started = time.monotonic()
+            task_id = call(d.url, "POST", "/", {"url": base + "/drip", "timeout_s": 1.5})[2]["id"]
+            dead = wait_until(lambda: call(d.url, "GET", "/dead")[2]["tasks"], what="dead")[0]
+            elapsed = time.monotonic() - started
+            self.assertEqual((dead["id"], dead["last_error_status_code"]), (task_id, -1))
+            self.assertIn("timed out", base64.b64decode(dead["last_error_body"]).decode())
+            self.assertLess(elapsed, 1.5 + 3.0)  # the whole attempt, not each byte's wait
+            self.assertGreater(elapsed, 1.2)
+
+    def test_certificates_are_verified(self):
+        base, state, _ = self.tls_app()
+        with running_daemon(max_tries=1) as d:  # the system's CAs do not know ours
+            call(d.url, "POST", "/", {"url": base + "/ok"})
+            dead = wait_until(lambda: call(d.url, "GET", "/dead")[2]["tasks"], what="dead")[0]
+            self.assertEqual(dead["last_error_status_code"], -1)
+            self.assertIn("CERTIFICATE_VERIFY_FAILED",
+                          base64.b64decode(dead["last_error_body"]).decode())
+            self.assertEqual(state["got"], [])
+
+
 class TestTaskCalls(unittest.TestCase):
     def setUp(self):
         self.rx = Receiver()
