@@ -2018,6 +2018,7 @@ class KeepAliveHandler(urllib.request.AbstractHTTPHandler):
             else:
                 conn = connection_class(req.host, timeout=timeout, context=self._context)
             conn.set_deadline(deadline)
+            response = None
             try:
                 if conn.sock is None:
                     conn.connect()
@@ -2025,16 +2026,16 @@ class KeepAliveHandler(urllib.request.AbstractHTTPHandler):
                 response = conn.response_class(conn.sock, method=method)
                 response.begin()
                 break
-            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as exc:
+            except BaseException as exc:
+                if response is not None:
+                    response.close()  # its file holds the socket open otherwise
                 conn.close()
-                if idle is None:
+                if isinstance(exc, (ConnectionResetError, BrokenPipeError,
+                                    http.client.RemoteDisconnected)) and idle is not None:
+                    idle = None  # it was closed while idle: once more, on a new connection
+                    continue
+                if isinstance(exc, OSError):
                     raise urllib.error.URLError(exc) from None
-                idle = None  # it was closed while idle: once more, on a new connection
-            except OSError as exc:
-                conn.close()
-                raise urllib.error.URLError(exc) from None
-            except BaseException:
-                conn.close()
                 raise
         response.msg = response.reason  # what urllib's own handler sets
         response.connection = conn
@@ -3557,6 +3558,24 @@ class GetTask:
                    attempts=doc.get("attempts", []), raw=doc)
 
 
+def api_url_of(text):
+    """The daemon's URL from ``http://host:port``, ``host:port`` or a bare host
+    (http assumed); ConfigError naming the value when it is none of those."""
+    url = text.strip()
+    if "://" not in url:
+        url = "http://" + url
+    url = url.rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("the daemon's URL must look like http://127.0.0.1:7991 or "
+                          "127.0.0.1:7991, got %r" % text)
+    return url
+
+
 def _header(headers, name):
     """A header from a dict-like of any framework, case-insensitively (Django META too)."""
     value = headers.get(name) if hasattr(headers, "get") else None
@@ -3580,15 +3599,13 @@ class PousseTaches:
     """
 
     def __init__(self, api_url=None, base_url="", auth_key=None, api_key=None, timeout=30.0):
-        self.api_url = (api_url or _env("POUSSETACHES_URL", "http://%s:%d" % (
-            DEFAULT_HOST, DEFAULT_PORT))).rstrip("/")
+        self.api_url = api_url_of(api_url or _env("POUSSETACHES_URL", "http://%s:%d" % (
+            DEFAULT_HOST, DEFAULT_PORT)))
         self.base_url = base_url
         self.auth_key = _env("POUSSETACHES_AUTH_KEY") if auth_key is None else auth_key
         self.api_key = _env("POUSSETACHES_API_KEY") if api_key is None else api_key
         self.timeout = timeout
         parts = urllib.parse.urlsplit(self.api_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("api_url must be an http:// or https:// URL, got %r" % self.api_url)
         self._https = parts.scheme == "https"
         self._address = (parts.hostname, parts.port or (443 if self._https else 80))
         self._prefix = parts.path.rstrip("/")
@@ -3867,8 +3884,13 @@ class Daemon:
                 max_backoff=s["max_backoff"], limiter=self._limiter, on_dead=s["on_dead"],
                 clock=self.clock, rng=s["rng"], cron_tz=self.cron_tz, stats=self.stats)
             self.api = Api(self)
-            self.server = _Server((self.host, self.port), self.api, self.max_body,
-                                  self.request_timeout, self.max_connections)
+            try:
+                self.server = _Server((self.host, self.port), self.api, self.max_body,
+                                      self.request_timeout, self.max_connections)
+            except OSError as exc:
+                raise ConfigError("cannot listen on %s:%d: %s (is another poussetaches or "
+                                  "another program on that port? stop it, or choose another "
+                                  "--port)" % (self.host, self.port, exc.strerror or exc)) from None
         except BaseException:
             self._lock.release()
             raise
@@ -4109,8 +4131,9 @@ def _print_task(doc, out):
 def run_client(args, out=None):
     """The client commands; returns the exit status.  Errors are one line on stderr."""
     out = out or sys.stdout
-    client = PousseTaches(args.url)
+    client = None
     try:
+        client = PousseTaches(args.url)
         if args.command == "push":
             body = {"url": args.target}
             if args.payload_json is not None:
@@ -4180,7 +4203,8 @@ def run_client(args, out=None):
         sys.stderr.write("poussetaches: error: %s\n" % exc)
         return 1
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
 def _expand_id(client, prefix):
