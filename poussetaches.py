@@ -202,6 +202,12 @@ def b64(data):
     return base64.b64encode(data).decode("ascii")
 
 
+def iso_utc(t_ns, timespec="seconds"):
+    """Unix ns as ISO 8601 in UTC: 2026-11-28T09:00:00Z."""
+    when = datetime.fromtimestamp(t_ns / 1e9, timezone.utc)
+    return when.isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
 def encode_task(task):
     """A task's JSON form as compact bytes (journal records and API answers)."""
     return json.dumps(task.to_json(), separators=(",", ":")).encode()
@@ -937,6 +943,10 @@ class SortedKeys:
         elif j == len(block):
             self._maxes[i] = block[-1]
 
+    def first(self):
+        """The smallest key, or None."""
+        return self._blocks[0][0] if self._blocks else None
+
     def after(self, key, limit):
         """The keys greater than ``key``, at most ``limit`` of them."""
         out = []
@@ -1026,6 +1036,13 @@ class Store:
                  "torn_records": 0, "imported": 0}
         first_seq = 0
         path = os.path.join(self.directory, SNAPSHOT_NAME)
+        sizes = [os.path.getsize(os.path.join(self.directory, name))
+                 for _, name in self._journal_files()]
+        if os.path.exists(path) or sizes:
+            logger.info("loading %s and %d journal files (%.1f MB)...",
+                        SNAPSHOT_NAME if os.path.exists(path) else "no snapshot", len(sizes),
+                        (sum(sizes) + (os.path.getsize(path) if os.path.exists(path) else 0))
+                        / 1e6, extra={"event": "loading"})
         if os.path.exists(path + ".tmp"):  # a snapshot interrupted by a crash
             logger.warning("removing %s.tmp left by an interrupted snapshot", SNAPSHOT_NAME)
             os.unlink(path + ".tmp")
@@ -1263,6 +1280,12 @@ class Store:
         with self._lock:
             table, task = self._find(task_id)
             return table, (task.to_json() if task is not None else None)
+
+    def oldest_due_age(self, now):
+        """Seconds since the earliest waiting task fell due (0.0 if none is due)."""
+        with self._lock:
+            first = self._order["waiting"].first()
+        return max(0.0, (now - first[0]) / 1e9) if first is not None else 0.0
 
     def counts(self):
         with self._lock:
@@ -1770,6 +1793,13 @@ class Breakers:
         with self._lock:
             return sorted(self._open)
 
+    def describe(self):
+        """The open breakers: origin, the next probe's time (ns), whether it is out."""
+        with self._lock:
+            return [{"origin": origin, "next_probe": breaker.open_until,
+                     "probing": breaker.probing}
+                    for origin, breaker in sorted(self._open.items())]
+
     def admit(self, origin, entry):
         """May this entry's attempt go now?  If not, it is parked (and re-queued later)."""
         with self._lock:
@@ -2204,9 +2234,10 @@ class Stats:
         self._sum = 0.0
         self._count = 0
 
-    def inc(self, name, n=1):
+    def inc(self, name, n=1, key=None):
+        """Add ``n`` to counter ``name`` (``key``: one of its labelled series)."""
         with self._lock:
-            self._counters[name] += n
+            self._counters[name if key is None else (name, key)] += n
 
     def observe(self, seconds):
         """Add one attempt duration to the histogram."""
@@ -2325,20 +2356,42 @@ class Dispatcher:
         self.stats.inc("attempts_" + ("success" if ok else
                                       "error" if outcome.status < 0 else "failure"))
         self.stats.observe(outcome.duration)
+        self.stats.inc("origin_attempts", key=(origin, "success" if ok else
+                                               "error" if outcome.status < 0 else "failure"))
         buried = []
+        next_run = []
         table = self.store.finish(task.id, version,
-                                  lambda live: self.decide(live, outcome, buried))
-        level = logging.DEBUG if ok else logging.WARNING
-        logger.log(level, "task %s attempt %d -> %s in %.1f ms (%s)", task.id, task.tries + 1,
-                   outcome.status, outcome.duration * 1000, table or "discarded")
+                                  lambda live: self.decide(live, outcome, buried, next_run))
+        self._log_outcome(task, outcome, ok, table, next_run[0] if next_run else None)
         for dead in buried:
             self.stats.inc("dead")
             self._notify_dead(dead)
 
-    def decide(self, task, outcome, buried):
+    def _log_outcome(self, task, outcome, ok, table, next_run):
+        """One INFO line per delivery (WARNING for a failure), with fields for --log-json."""
+        fields = {"event": "delivery", "task_id": task.id, "url": task.url,
+                  "status": outcome.status, "attempt": task.tries + 1,
+                  "duration_ms": round(outcome.duration * 1000, 1), "table": table}
+        if ok:
+            logger.info("task %s delivered to %s: %s in %.1f ms", task.id, task.url,
+                        outcome.status, outcome.duration * 1000, extra=fields)
+            return
+        fields["error"] = outcome.body[:ATTEMPT_ERROR_LIMIT].decode("utf-8", "replace")
+        if table == "waiting" and next_run is not None:
+            fields["next_run"] = next_run
+            what = "next attempt at %s (in %.1f s)" % (
+                iso_utc(next_run), max(0.0, (next_run - self.clock()) / 1e9))
+        else:
+            what = "no further attempt" if table else "cancelled meanwhile"
+        logger.warning("task %s attempt %d to %s failed: %s in %.1f ms: %s; %s", task.id,
+                       task.tries + 1, task.url, outcome.status, outcome.duration * 1000,
+                       fields["error"].replace("\n", " ")[:200], what, extra=fields)
+
+    def decide(self, task, outcome, buried, next_run=None):
         """Apply an attempt's outcome to the live task (under the store's lock).
 
-        Returns ``(table, copies)`` for Store.finish; dead records go in ``buried``.
+        Returns ``(table, copies)`` for Store.finish; dead records go in
+        ``buried``, and the time of the next attempt (if any) in ``next_run``.
         """
         now = self.clock()
         task.tries += 1
@@ -2355,15 +2408,18 @@ class Dispatcher:
         task.last_error_status_code = outcome.status
         task.last_error_body = None if error is None else clip_error_body(error)
         if task.schedule:
-            return self._decide_cron(task, outcome, error, now, buried)
-        if error is None:
-            return "success", []
-        gone = outcome.status == 410
-        if gone or task.tries >= (task.max_tries or self.max_tries):
+            decision = self._decide_cron(task, outcome, error, now, buried)
+        elif error is None:
+            decision = "success", []
+        elif outcome.status == 410 or task.tries >= (task.max_tries or self.max_tries):
             buried.append(task.to_json())
-            return "dead", []
-        task.next_run = now + int(self.backoff(task.tries, outcome.retry_after) * 1e9)
-        return "waiting", []
+            decision = "dead", []
+        else:
+            task.next_run = now + int(self.backoff(task.tries, outcome.retry_after) * 1e9)
+            decision = "waiting", []
+        if next_run is not None and decision[0] == "waiting":
+            next_run.append(task.next_run)
+        return decision
 
     def _decide_cron(self, task, outcome, error, now, buried):
         """A cron run: success or a spent run leaves a copy; the schedule goes on."""
@@ -2388,7 +2444,10 @@ class Dispatcher:
 
     def _notify_dead(self, task_json):
         logger.warning("task %s is dead after %d tries (last status %s)", task_json["id"],
-                       task_json["tries"], task_json["last_error_status_code"])
+                       task_json["tries"], task_json["last_error_status_code"],
+                       extra={"event": "dead", "task_id": task_json["id"],
+                              "url": task_json["url"],
+                              "status": task_json["last_error_status_code"]})
         if not self.on_dead:
             return
         req = urllib.request.Request(self.on_dead, data=json.dumps(task_json).encode(),
@@ -2840,6 +2899,7 @@ class Api:
             "healthy": journal.healthy,
             "journal_errors": journal.errors,
             "open_breakers": self.daemon.dispatcher.breakers.open_origins(),
+            "breakers": self.daemon.dispatcher.breakers.describe(),
         }, {}
 
     def enqueue(self, headers, read_body, **_):
@@ -2965,8 +3025,15 @@ class Api:
                 lines.append("poussetaches_%s%s %s" % (name, labels, repr(float(value))
                                                       if isinstance(value, float) else value))
 
-        metric("tasks", "gauge", "Tasks per table (cron is part of waiting).",
-               [('{table="%s"}' % t, counts[t]) for t in ("waiting", "success", "dead", "cron")])
+        tables = dict(counts, waiting=counts["waiting"] - counts["cron"])
+        metric("build_info", "gauge", "The running version (always 1).",
+               [('{version="%s",python="%s"}' % (__version__, sys.version.split()[0]), 1)])
+        metric("tasks", "gauge", "Tasks per table; waiting counts one-off tasks, cron the "
+                                 "schedules (their sum is every pending task).",
+               [('{table="%s"}' % t, tables[t]) for t in ("waiting", "cron", "success", "dead")])
+        metric("oldest_due_age_seconds", "gauge",
+               "How long the most overdue waiting task has been due (0 if none).",
+               [("", self.store.oldest_due_age(self.daemon.clock()))])
         metric("in_flight", "gauge", "Delivery attempts under way.",
                [("", self.store.in_flight())])
         metric("paused", "gauge", "1 while dispatch is paused.", [("", int(self.daemon.due.held))])
@@ -2980,6 +3047,10 @@ class Api:
             lines.append("poussetaches_attempt_duration_seconds_bucket%s %d" % (labels, value))
         lines.append("poussetaches_attempt_duration_seconds_sum %r" % total)
         lines.append("poussetaches_attempt_duration_seconds_count %d" % count)
+        metric("origin_attempts_total", "counter", "Delivery attempts by target origin and outcome.",
+               [('{origin="%s",outcome="%s"}' % (_label(key[1][0]), key[1][1]), n)
+                for key, n in sorted(counters.items(), key=str)
+                if isinstance(key, tuple) and key[0] == "origin_attempts"])
         metric("enqueued_total", "counter", "Tasks created by POST /.",
                [("", self.store.enqueued)])
         metric("dead_total", "counter", "Tasks (and cron runs) moved to dead.",
@@ -3008,6 +3079,11 @@ class Api:
                                        "script-src 'unsafe-inline'; connect-src 'self'; "
                                        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
             "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
+
+
+def _label(value):
+    """A Prometheus label value, escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 _STATUS_TEXT = {200: "OK", 201: "Created", 400: "Bad input (the error names the field)",
@@ -3145,9 +3221,9 @@ th{color:var(--mute);font-weight:600}td.url{word-break:break-all}.ok{color:var(-
 </style></head><body>
 <header><h1>poussetaches</h1><div class="counts" id="counts"></div>
 <span id="state" class="mute"></span><button id="toggle" type="button">Pause</button>
-<button id="retry" type="button">Retry dead</button><span id="err" role="alert"></span></header>
-<main><nav role="tablist" id="tabs"></nav>
-<table><thead><tr><th>ID</th><th>URL</th><th>Next run</th><th>Tries</th><th>Last error</th><th></th></tr></thead>
+<span id="err" role="alert"></span></header>
+<main><nav role="tablist" id="tabs"></nav><div id="actions" class="pager"></div>
+<table><thead><tr><th>ID</th><th>URL</th><th id="when">Next run</th><th>Tries</th><th id="last">Last error</th><th></th></tr></thead>
 <tbody id="rows"></tbody></table>
 <div class="pager"><button id="prev" type="button">Previous</button><span id="page" class="mute"></span>
 <button id="next" type="button">Next</button></div></main>
@@ -3161,32 +3237,47 @@ function when(ns){return ns?new Date(ns/1e6).toLocaleString():"-"}
 async function api(method,path){const r=await fetch(path,{method,credentials:"same-origin"});
  const body=await r.json().catch(()=>({}));if(!r.ok)throw new Error(body.error||r.statusText);return body}
 function act(method,path){api(method,path).then(refresh).catch(e=>{$("err").textContent=e.message})}
-function decode(b){if(!b)return"";try{return atob(b)}catch(e){return b}}
-function row(t){const tr=el("tr");const err=t.last_error_status_code?t.last_error_status_code+" "+decode(t.last_error_body).slice(0,80):"";
- const acts=el("td",{"data-label":"Actions"});const details=el("button",{type:"button"},"History");
+function decode(b){if(!b)return"";try{return new TextDecoder().decode(Uint8Array.from(atob(b),c=>c.charCodeAt(0)))}catch(e){return b}}
+function pretty(b){const t=decode(b).slice(0,65536);try{return JSON.stringify(JSON.parse(t),null,2)}catch(e){return t}}
+function origin(u){try{const x=new URL(u);return x.protocol+"//"+x.hostname+":"+(x.port||(x.protocol==="https:"?"443":"80"))}catch(e){return""}}
+let held={};
+function row(t){const tr=el("tr"),done=table==="success",dead=table==="dead";
+ const last=done?String(t.last_error_status_code||""):t.last_error_status_code?t.last_error_status_code+" "+decode(t.last_error_body).slice(0,80):"";
+ const acts=el("td",{"data-label":"Actions"});const details=el("button",{type:"button"},"Details");
  details.onclick=()=>{open[t.id]=!open[t.id];refresh()};acts.append(details," ");
- if(table!=="success"){const run=el("button",{type:"button"},table==="dead"?"Redrive":"Run now");run.onclick=()=>act("POST","/tasks/"+t.id+"/run");acts.append(run," ")}
+ if(!done){const run=el("button",{type:"button"},dead?"Redrive":"Run now");run.onclick=()=>act("POST","/tasks/"+t.id+"/run");acts.append(run," ")}
  const del=el("button",{type:"button"},table==="waiting"||table==="cron"?"Cancel":"Delete");
  del.onclick=()=>{if(confirm("Delete task "+t.id+"?"))act("DELETE","/tasks/"+t.id)};acts.append(del);
+ const b=!done&&!dead&&held[origin(t.url)];
+ const next=done||dead?when(t.last_run):b?el("span",{"class":"bad"},when(t.next_run)," held: "+b.origin+" is down, next probe "+when(b.next_probe)):when(t.next_run);
  tr.append(el("td",{"data-label":"ID"},t.id.slice(0,12)),el("td",{"data-label":"URL","class":"url"},t.url,t.schedule?el("div",{"class":"mute"},t.schedule):""),
-  el("td",{"data-label":"Next run"},when(t.next_run)),el("td",{"data-label":"Tries"},t.tries),
-  el("td",{"data-label":"Last error","class":err?"bad":"mute"},err||"-"),acts);
- const out=[tr];if(open[t.id]){const hist=el("td",{colspan:"6"});
-  for(const a of (t.attempts||[]).slice().reverse())hist.append(el("pre",{"class":a.error===null?"ok":"bad"},
+  el("td",{"data-label":done||dead?"Last run":"Next run"},next),el("td",{"data-label":"Tries"},t.tries),
+  el("td",{"data-label":done?"Status":"Last error","class":done?"ok":last?"bad":"mute"},last||"-"),acts);
+ const out=[tr];if(open[t.id]){const box=el("td",{colspan:"6"});
+  box.append(el("div",{"class":"mute"},"id "+t.id+(t.cron_id?"  cron "+t.cron_id:"")+(t.idempotency_key?"  key "+t.idempotency_key:"")));
+  box.append(el("div",{"class":"mute"},"payload ("+decode(t.payload).length+" chars)"),el("pre",{},pretty(t.payload)||"(empty)"));
+  if(t.headers)box.append(el("div",{"class":"mute"},"headers"),el("pre",{},Object.entries(t.headers).map(h=>h[0]+": "+h[1]).join("\n")));
+  box.append(el("div",{"class":"mute"},"attempts"));
+  for(const a of (t.attempts||[]).slice().reverse())box.append(el("pre",{"class":a.error===null?"ok":"bad"},
    when(a.at)+"  "+a.status+"  "+a.duration_ms+" ms"+(a.error?"  "+a.error:"")));
-  if(!(t.attempts||[]).length)hist.append(el("span",{"class":"mute"},"no attempts yet"));out.push(el("tr",{},hist))}
+  if(!(t.attempts||[]).length)box.append(el("span",{"class":"mute"},"no attempts yet"));out.push(el("tr",{},box))}
  return out}
-async function refresh(){try{const s=await api("GET","/");paused=s.paused;$("err").textContent="";
+function actions(){const out=[];if(table==="dead"){const r=el("button",{type:"button"},"Retry every dead task");
+  r.onclick=()=>{if(confirm("Requeue every dead task?"))act("POST","/dead/retry")};
+  const p=el("button",{type:"button"},"Purge dead");p.onclick=()=>{if(confirm("Delete every dead task?"))act("DELETE","/dead")};out.push(r,p)}
+ return out}
+async function refresh(){try{const s=await api("GET","/");paused=s.paused;$("err").textContent="";held={};for(const b of s.breakers||[])held[b.origin]=b;
  $("counts").replaceChildren(...TABLES.map(n=>el("span",{"class":"count"},n+" ",el("b",{},s[n]))),el("span",{"class":"count"},"in flight ",el("b",{},s.in_flight)));
  $("state").textContent=(s.paused?"paused":"running")+(s.healthy?"":" - DISK ERRORS")+(s.open_breakers.length?" - circuit open: "+s.open_breakers.join(", "):"");
  $("toggle").textContent=s.paused?"Resume":"Pause";
  $("tabs").replaceChildren(...TABLES.map(n=>{const b=el("button",{type:"button",role:"tab","aria-selected":String(n===table)},n);b.onclick=()=>{table=n;offset=0;refresh()};return b}));
+ $("actions").replaceChildren(...actions());
+ $("when").textContent=table==="success"||table==="dead"?"Last run":"Next run";$("last").textContent=table==="success"?"Status":"Last error";
  const page=await api("GET","/"+table+"?limit="+PAGE+"&offset="+offset);
  $("rows").replaceChildren(...page.tasks.flatMap(row));
  $("page").textContent=page.total?(offset+1)+"-"+(offset+page.tasks.length)+" of "+page.total:"no tasks";
  $("prev").disabled=offset===0;$("next").disabled=offset+PAGE>=page.total}catch(e){$("err").textContent=e.message}}
 $("toggle").onclick=()=>act("POST",paused?"/resume":"/pause");
-$("retry").onclick=()=>{if(confirm("Requeue every dead task?"))act("POST","/dead/retry")};
 $("prev").onclick=()=>{offset=Math.max(0,offset-PAGE);refresh()};$("next").onclick=()=>{offset+=PAGE;refresh()};
 refresh();setInterval(refresh,3000);
 </script></body></html>
@@ -3720,6 +3811,7 @@ class PousseTaches:
         given = _header(headers, "Poussetaches-Auth-Key")
         if given is not None and hmac.compare_digest(str(given).encode(), self.auth_key.encode()):
             return
+        wrong_key = given is not None
         signatures = _header(headers, "webhook-signature")
         msg_id = _header(headers, "webhook-id")
         stamp = _header(headers, "webhook-timestamp")
@@ -3734,7 +3826,11 @@ class PousseTaches:
             for candidate in str(signatures).split():
                 if hmac.compare_digest(candidate.encode(), expected):
                     return
-            raise AuthError("webhook-signature does not match")
+            raise AuthError("webhook-signature does not match: the daemon and the app do not "
+                            "share the same POUSSETACHES_AUTH_KEY")
+        if wrong_key:
+            raise AuthError("Poussetaches-Auth-Key does not match: the daemon and the app do "
+                            "not share the same POUSSETACHES_AUTH_KEY")
         raise AuthError("the request carries neither poussetaches' auth key nor a signature")
 
     def pause(self):
@@ -3781,6 +3877,22 @@ class PousseTaches:
     def retry_dead(self, url_prefix=""):
         query = "?url_prefix=" + urllib.parse.quote(url_prefix, safe="") if url_prefix else ""
         return self.request("POST", "/dead/retry" + query)[2]["requeued"]
+
+    def purge_dead(self):
+        """Drop every dead task; returns how many."""
+        return self.request("DELETE", "/dead")[2]["deleted"]
+
+    def delete_cron(self, task_id=None):
+        """Remove one cron task (by id), or every one; returns how many."""
+        if task_id is None:
+            return self.request("DELETE", "/cron")[2]["deleted"]
+        self.cancel(task_id)
+        return 1
+
+    def preview_cron(self, schedule, n=5):
+        """The next ``n`` run times of a spec as ISO strings; ClientError(400) if invalid."""
+        query = urllib.parse.urlencode({"schedule": schedule, "n": n})
+        return self.request("GET", "/cron/preview?" + query)[2]["next_runs_iso"]
 
 
 # --------------------------------------------------------------------------
@@ -3970,12 +4082,24 @@ class Daemon:
         self.stop()
 
 
+LOG_FIELDS = ("event", "task_id", "url", "attempt", "status", "duration_ms", "table",
+              "next_run", "error", "count", "origin")
+
+
 class JSONFormatter(logging.Formatter):
-    """One JSON object per log line (``--log-json``)."""
+    """One JSON object per log line (``--log-json``): the time in ISO 8601 UTC,
+    the level, the event and its fields (LOG_FIELDS), and the message."""
 
     def format(self, record):
-        doc = {"time": self.formatTime(record), "level": record.levelname,
-               "logger": record.name, "message": record.getMessage()}
+        doc = {"time": iso_utc(int(record.created * 1e9), "milliseconds"),
+               "level": record.levelname, "event": getattr(record, "event", "log")}
+        for name in LOG_FIELDS[1:]:
+            value = getattr(record, name, None)
+            if value is not None:
+                doc[name] = value
+        if "next_run" in doc:
+            doc["next_run"] = iso_utc(doc["next_run"], "milliseconds")
+        doc["message"] = record.getMessage()
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc)
@@ -4051,8 +4175,8 @@ def build_parser():
                        type=str.upper, help="default %(default)s")
     serve.add_argument("--log-json", action="store_true", help="one JSON object per log line")
 
-    def client(name, help_text, json_flag=True):
-        cmd = sub.add_parser(name, help=help_text, description=help_text + ". Talks to the "
+    def client(name, help_text, json_flag=True, parent=sub):
+        cmd = parent.add_parser(name, help=help_text, description=help_text + ". Talks to the "
                              "daemon at --url (env POUSSETACHES_URL), with the API key of "
                              "env POUSSETACHES_API_KEY when set.")
         cmd.add_argument("--url", default=None, help="the daemon's URL (default: env "
@@ -4068,7 +4192,10 @@ def build_parser():
     body.add_argument("--json", dest="payload_json", metavar="J",
                       help="the payload, as JSON text")
     body.add_argument("--payload-file", metavar="F", help="the payload, raw bytes of a file")
-    push.add_argument("--delay-s", type=float, metavar="S", help="seconds before the first run")
+    when = push.add_mutually_exclusive_group()
+    when.add_argument("--delay-s", type=float, metavar="S", help="seconds before the first run")
+    when.add_argument("--eta", metavar="TIME", help="not before this time: RFC 3339 with an "
+                      "offset (2030-01-01T09:00:00Z) or Unix seconds")
     push.add_argument("--schedule", metavar="SPEC", help="a cron spec: a recurring task")
     push.add_argument("--expected", type=int, help="the status that means done (default 200)")
     push.add_argument("--max-tries", type=int, help="attempts before dead")
@@ -4090,6 +4217,18 @@ def build_parser():
     client("pause", "Pause dispatching")
     client("resume", "Resume dispatching")
     client("status", "Show the daemon's status")
+    dead = sub.add_parser("dead", help="Dead tasks: purge")
+    actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
+    client("purge", "Drop every dead task", parent=actions)
+    cron = sub.add_parser("cron", help="Cron tasks: rm, preview")
+    actions = cron.add_subparsers(dest="action", metavar="ACTION", required=True)
+    rm = client("rm", "Remove a cron task, or every one with --all", parent=actions)
+    which = rm.add_mutually_exclusive_group(required=True)
+    which.add_argument("task_id", metavar="ID", nargs="?", help="the cron task's id (or prefix)")
+    which.add_argument("--all", action="store_true", help="every cron task")
+    preview = client("preview", "Show the next run times of a cron spec", parent=actions)
+    preview.add_argument("spec", metavar="SPEC", help="the spec, quoted: '*/5 * * * *'")
+    preview.add_argument("-n", type=int, default=5, help="how many runs (default %(default)s)")
     return parser
 
 
@@ -4147,6 +4286,9 @@ def run_client(args, out=None):
             for name in ("delay_s", "schedule", "expected", "max_tries", "idempotency_key"):
                 if getattr(args, name) is not None:
                     body[name] = getattr(args, name)
+            if args.eta is not None:
+                body["eta"] = float(args.eta) if re.fullmatch(r"[0-9]+(\.[0-9]*)?", args.eta) \
+                    else args.eta
             if args.header:
                 body["headers"] = {}
                 for line in args.header:
@@ -4172,13 +4314,26 @@ def run_client(args, out=None):
             shown = len(doc["tasks"])
             out.write("%d of %d %s tasks\n" % (shown, doc["total"], args.table))
             return 0
+        if args.command == "dead":
+            out.write("%d dead tasks purged\n" % client.purge_dead())
+            return 0
+        if args.command == "cron" and args.action == "rm":
+            if args.all:
+                out.write("%d cron tasks removed\n" % client.delete_cron())
+            else:
+                task_id = _expand_id(client, args.task_id)
+                client.delete_cron(task_id)
+                out.write("cron task %s removed\n" % task_id)
+            return 0
+        if args.command == "cron":
+            runs = client.preview_cron(args.spec, args.n)
+            out.write(json.dumps(runs, indent=2) + "\n" if args.as_json else
+                      "".join(run + "\n" for run in runs))
+            return 0
         if args.command in ("show", "run", "cancel"):
             method, path = {"show": ("GET", "/tasks/%s"), "run": ("POST", "/tasks/%s/run"),
                             "cancel": ("DELETE", "/tasks/%s")}[args.command]
-            task_id = args.task_id
-            if len(task_id) < 32 and re.match(r"^[0-9a-f]+$", task_id):
-                task_id = _expand_id(client, task_id)
-            _, _, doc = client.request(method, path % task_id)
+            _, _, doc = client.request(method, path % _expand_id(client, args.task_id))
         elif args.command == "retry-dead":
             doc = {"requeued": client.retry_dead(args.url_prefix)}
         elif args.command in ("pause", "resume"):
@@ -4209,6 +4364,8 @@ def run_client(args, out=None):
 
 def _expand_id(client, prefix):
     """A task id from the 12-char prefix that ``ls`` prints (searched in every table)."""
+    if len(prefix) >= 32 or not re.fullmatch("[0-9a-f]+", prefix):
+        return prefix
     for table in ("waiting", "dead", "success"):
         _, _, doc = client.request("GET", "/%s?limit=%d" % (table, MAX_LIST_LIMIT))
         found = [t["id"] for t in doc["tasks"] if t["id"].startswith(prefix)]

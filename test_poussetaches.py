@@ -3350,6 +3350,182 @@ class TestCli(unittest.TestCase):
         self.assertEqual(proc.stdout.decode().strip(), "poussetaches " + pt.__version__)
 
 
+class TestOperatorWeek(unittest.TestCase):
+    """Issue 13: logs with fields, a CLI without tracebacks, health, metrics."""
+
+    run_cli = TestCli.run_cli
+
+    def test_delivery_logs_at_info_with_fields(self):
+        logger = logging.getLogger("poussetaches")
+        with receiver() as rx, running_daemon(min_backoff=5.0, max_backoff=5.0) as d:
+            rx.answers["/bad"] = [(500, b"Traceback...\nKeyError: 'user'")]
+            with self.assertLogs("poussetaches", "INFO") as logs:
+                ok = call(d.url, "POST", "/", {"url": rx.url("/ok")})[2]["id"]
+                bad = call(d.url, "POST", "/", {"url": rx.url("/bad")})[2]["id"]
+                rx.wait_for(1, path="/ok")
+                rx.wait_for(1, path="/bad")
+                wait_until(lambda: call(d.url, "GET", "/tasks/" + bad)[2]["tries"] == 1
+                           and call(d.url, "GET", "/tasks/" + ok)[2]["state"] == "success",
+                           what="both outcomes")
+        records = {r.task_id: r for r in logs.records if getattr(r, "event", "") == "delivery"}
+        self.assertEqual(records[ok].levelno, logging.INFO)
+        self.assertIn(rx.url("/ok"), records[ok].getMessage())
+        self.assertEqual((records[ok].status, records[ok].url), (200, rx.url("/ok")))
+        failed = records[bad]
+        self.assertEqual(failed.levelno, logging.WARNING)
+        self.assertIn("KeyError: 'user'", failed.getMessage())
+        self.assertIn("next attempt at", failed.getMessage())
+        doc = json.loads(pt.JSONFormatter().format(failed))
+        self.assertRegex(doc["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        self.assertRegex(doc["next_run"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        self.assertEqual((doc["level"], doc["event"], doc["task_id"], doc["url"], doc["status"],
+                          doc["attempt"]), ("WARNING", "delivery", bad, rx.url("/bad"), 500, 1))
+        self.assertIsInstance(doc["duration_ms"], float)
+        self.assertIn("KeyError", doc["error"])
+        next_run = datetime.fromisoformat(doc["next_run"].replace("Z", "+00:00")).timestamp()
+        self.assertAlmostEqual(next_run, time.time() + 5, delta=3)
+        self.assertIs(logger.propagate, False)
+
+    def test_loading_line_before_recovery(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "data")
+        with running_daemon(data_dir=data, paused=True) as d:
+            call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/x"})
+        with self.assertLogs("poussetaches", "INFO") as logs:
+            with running_daemon(data_dir=data, paused=True):
+                pass
+        loading = [i for i, m in enumerate(logs.output) if "loading snapshot.json" in m]
+        recovered = [i for i, m in enumerate(logs.output) if "recovered 1 waiting" in m]
+        self.assertTrue(loading and recovered and loading[0] < recovered[0], logs.output)
+
+    def test_healthz(self):
+        broken = threading.Event()
+
+        class BrokenFS(pt.FileSystem):
+            def open(self, path, flags, mode=0o777):
+                if broken.is_set():
+                    raise OSError(28, "No space left on device")
+                return os.open(path, flags, mode)
+
+        with running_daemon(api_key="k", fs=BrokenFS()) as d:
+            self.assertEqual(call(d.url, "GET", "/healthz")[:3:2], (200, {"ok": True}))
+            self.assertEqual(call(d.url, "GET", "/metrics")[0], 401)
+            broken.set()
+            d.store.journal._close_quietly()
+            auth = {"Authorization": "Bearer k"}
+            self.assertEqual(call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/"},
+                                  headers=auth)[0], 503)
+            status, _, doc = call(d.url, "GET", "/healthz")
+            self.assertEqual((status, doc["ok"]), (503, False))
+            self.assertNotIn("127.0.0.1:1", json.dumps(doc))
+            broken.clear()
+            self.assertEqual(call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/",
+                                                       "delay_s": 60}, headers=auth)[0], 201)
+            self.assertEqual(call(d.url, "GET", "/healthz")[0], 200)
+
+    def test_metrics_for_alerts(self):
+        with receiver() as rx, running_daemon(paused=True) as d:
+            call(d.url, "POST", "/", {"url": rx.url("/a")})
+            call(d.url, "POST", "/", {"url": rx.url("/c"), "schedule": "@every 1h"})
+            time.sleep(0.3)  # the one-off task is overdue while dispatch is paused
+            _, _, text = call(d.url, "GET", "/metrics")
+            types, samples = parse_prometheus(text.decode())
+            m = lambda name, **labels: samples[("poussetaches_" + name,
+                                                tuple(sorted(labels.items())))]
+            self.assertGreaterEqual(m("oldest_due_age_seconds"), 0.25)
+            self.assertEqual((m("tasks", table="waiting"), m("tasks", table="cron")), (1, 1))
+            self.assertEqual(m("tasks", table="waiting") + m("tasks", table="cron"),
+                             call(d.url, "GET", "/")[2]["waiting"])
+            self.assertEqual(m("build_info", version=pt.__version__,
+                               python=sys.version.split()[0]), 1)
+            call(d.url, "POST", "/resume")
+            rx.wait_for(1, path="/a")
+            wait_until(lambda: call(d.url, "GET", "/success")[2]["total"], what="success")
+            _, _, text = call(d.url, "GET", "/metrics")
+            types, samples = parse_prometheus(text.decode())
+            origin = pt.origin_of(rx.url())
+            self.assertEqual(m("origin_attempts_total", origin=origin, outcome="success"), 1)
+            self.assertEqual(m("oldest_due_age_seconds"), 0)
+            self.assertEqual(types["poussetaches_origin_attempts_total"], "counter")
+
+    def test_status_shows_breakers_for_the_dashboard(self):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        url = "http://127.0.0.1:%d/down" % s.getsockname()[1]
+        s.close()
+        with running_daemon(max_tries=50) as d:
+            for _ in range(6):
+                call(d.url, "POST", "/", {"url": url})
+            doc = wait_until(lambda: call(d.url, "GET", "/")[2]["breakers"], what="a breaker")
+            self.assertEqual(doc[0]["origin"], pt.origin_of(url))
+            self.assertGreater(doc[0]["next_probe"], time.time_ns() - 10 ** 9)
+
+    def test_cli_commands_and_errors(self):
+        with receiver() as rx, running_daemon(paused=True) as d:
+            hostport = d.url[len("http://"):]
+            for env, args in (({}, ["status", "--url", hostport]),
+                              ({"POUSSETACHES_URL": hostport}, ["status"]),
+                              ({"POUSSETACHES_URL": "localhost:%d" % d.port}, ["status"])):
+                with self.subTest(env=env, args=args):
+                    code, out, err = self.run_cli(*args, env=env)
+                    self.assertEqual((code, err), (0, ""))
+                    self.assertIn("paused:", out)
+            for value in ("notaurl:x", "ftp://x", "http://"):
+                with self.subTest(url=value):
+                    code, out, err = self.run_cli("status", "--url", value)
+                    self.assertEqual((code, out), (1, ""))
+                    self.assertEqual(err, "poussetaches: error: the daemon's URL must look like "
+                                          "http://127.0.0.1:7991 or 127.0.0.1:7991, got %r\n" % value)
+            env = {"POUSSETACHES_URL": d.url}
+            code, out, err = self.run_cli("push", rx.url("/e"), "--eta", "2030-01-02T03:04:05Z",
+                                          "--print-task", env=env)
+            self.assertEqual((code, err), (0, ""))
+            self.assertEqual(json.loads(out)["next_run"], ts("2030-01-02T03:04:05+00:00"))
+            code, out, _ = self.run_cli("push", rx.url("/c"), "--schedule", "@daily", env=env)
+            cron = out.strip()
+            self.assertEqual(self.run_cli("cron", "rm", cron[:12], env=env),
+                             (0, "cron task %s removed\n" % cron, ""))
+            self.run_cli("push", rx.url("/c"), "--schedule", "@daily", env=env)
+            self.run_cli("push", rx.url("/c2"), "--schedule", "@hourly", env=env)
+            self.assertEqual(self.run_cli("cron", "rm", "--all", env=env),
+                             (0, "2 cron tasks removed\n", ""))
+            year = datetime.now(UTC).year + 1
+            self.assertEqual(self.run_cli("cron", "preview", "CRON_TZ=UTC 0 0 1 1 *", "-n", "1",
+                                          env=env),
+                             (0, "%d-01-01T00:00:00+00:00\n" % year, ""))
+            code, out, err = self.run_cli("cron", "preview", "0 0 \u00b2 * *", env=env)
+            self.assertEqual((code, out), (1, ""))
+            self.assertEqual(len(err.splitlines()), 1)
+            rx.answers["/x"] = [(500, b"")]
+            call(d.url, "POST", "/", {"url": rx.url("/x"), "max_tries": 1})
+            call(d.url, "POST", "/resume")
+            wait_until(lambda: call(d.url, "GET", "/dead")[2]["total"] == 1, what="dead")
+            self.assertEqual(self.run_cli("dead", "purge", env=env),
+                             (0, "1 dead tasks purged\n", ""))
+            for command in (["dead", "purge"], ["cron", "rm"], ["cron", "preview"]):
+                code, out, _ = self.run_cli(*command, "--help")
+                self.assertEqual(code, 0)
+                self.assertIn("usage: poussetaches " + " ".join(command), out)
+            # a port clash names the address and what to do
+            code, out, err = self.run_cli("serve", "--host", "127.0.0.1", "--port", str(d.port),
+                                          "--data-dir", os.path.join(d.data_dir, "other"))
+            self.assertEqual(code, 1)
+            self.assertIn("cannot listen on 127.0.0.1:%d" % d.port, err)
+            self.assertIn("another --port", err)
+            self.assertNotIn("Traceback", err)
+
+    def test_wrong_key_says_does_not_match(self):
+        client = pt.PousseTaches("http://127.0.0.1:1", auth_key="right")
+        body = b'{"payload": "", "tries": 1, "req_id": "x"}'
+        with self.assertRaises(pt.AuthError) as ctx:
+            client.parse(headers={"Poussetaches-Auth-Key": "wrong"}, body=body)
+        self.assertIn("does not match", str(ctx.exception))
+        with self.assertRaises(pt.AuthError) as ctx:
+            client.parse(headers={}, body=body)
+        self.assertIn("neither", str(ctx.exception))
+
+
 def parse_prometheus(text):
     """A small parser of the text exposition format 0.0.4: {(name, labels): value}."""
     types, samples = {}, {}
@@ -3466,8 +3642,9 @@ class TestOperate(unittest.TestCase):
         parser = Collect()
         parser.feed(text)
         self.assertEqual(parser.tags[0][0], "html")
-        self.assertLessEqual({"counts", "rows", "tabs", "toggle", "retry", "prev", "next", "page"},
-                             parser.ids)
+        # "Retry dead" became a per-tab action (issue 13): the actions bar holds it
+        self.assertLessEqual({"counts", "rows", "tabs", "toggle", "actions", "prev", "next",
+                              "page"}, parser.ids)
         self.assertIn(("meta", {"name": "viewport",
                                 "content": "width=device-width, initial-scale=1"}), parser.tags)
         for tag, attrs in parser.tags:  # nothing loaded from elsewhere
@@ -3476,7 +3653,8 @@ class TestOperate(unittest.TestCase):
         self.assertNotRegex(text, r"https?://")
         script = "".join(parser.scripts)
         for needle in ('"/pause"', '"/resume"', '"/dead/retry"', '"/tasks/"', "setInterval",
-                       "attempts", "offset", "@media"):
+                       "attempts", "offset", "@media", 'act("DELETE","/dead")', "s.breakers",
+                       "next_probe", "t.headers", "pretty(t.payload)", 'table==="dead"'):
             self.assertIn(needle, script + text, needle)
 
     def test_log_json(self):
