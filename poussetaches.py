@@ -3229,7 +3229,7 @@ th{color:var(--mute);font-weight:600}td.url{word-break:break-all}.ok{color:var(-
 <button id="next" type="button">Next</button></div></main>
 <script>
 "use strict";
-const TABLES=["waiting","cron","success","dead"],PAGE=50;let table="waiting",offset=0,paused=false,open={};
+const TABLES=["waiting","cron","success","dead"],PAGE=50;let table=TABLES.includes(location.hash.slice(1))?location.hash.slice(1):"waiting",offset=0,paused=false,open={};
 const $=id=>document.getElementById(id);
 function el(tag,attrs,...kids){const e=document.createElement(tag);for(const k in attrs||{})e.setAttribute(k,attrs[k]);
  for(const c of kids)e.append(c instanceof Node?c:document.createTextNode(String(c)));return e}
@@ -3249,14 +3249,14 @@ function row(t){const tr=el("tr"),done=table==="success",dead=table==="dead";
  const del=el("button",{type:"button"},table==="waiting"||table==="cron"?"Cancel":"Delete");
  del.onclick=()=>{if(confirm("Delete task "+t.id+"?"))act("DELETE","/tasks/"+t.id)};acts.append(del);
  const b=!done&&!dead&&held[origin(t.url)];
- const next=done||dead?when(t.last_run):b?el("span",{"class":"bad"},when(t.next_run)," held: "+b.origin+" is down, next probe "+when(b.next_probe)):when(t.next_run);
+ const next=done||dead?when(t.last_run):b?el("span",{"class":"bad"},when(t.next_run),el("div",{},"held: "+b.origin+" is down; next probe "+when(b.next_probe))):when(t.next_run);
  tr.append(el("td",{"data-label":"ID"},t.id.slice(0,12)),el("td",{"data-label":"URL","class":"url"},t.url,t.schedule?el("div",{"class":"mute"},t.schedule):""),
   el("td",{"data-label":done||dead?"Last run":"Next run"},next),el("td",{"data-label":"Tries"},t.tries),
   el("td",{"data-label":done?"Status":"Last error","class":done?"ok":last?"bad":"mute"},last||"-"),acts);
  const out=[tr];if(open[t.id]){const box=el("td",{colspan:"6"});
   box.append(el("div",{"class":"mute"},"id "+t.id+(t.cron_id?"  cron "+t.cron_id:"")+(t.idempotency_key?"  key "+t.idempotency_key:"")));
   box.append(el("div",{"class":"mute"},"payload ("+decode(t.payload).length+" chars)"),el("pre",{},pretty(t.payload)||"(empty)"));
-  if(t.headers)box.append(el("div",{"class":"mute"},"headers"),el("pre",{},Object.entries(t.headers).map(h=>h[0]+": "+h[1]).join("\n")));
+  if(t.headers)box.append(el("div",{"class":"mute"},"headers"),el("pre",{},Object.entries(t.headers).map(h=>h[0]+": "+h[1]).join("\\n")));
   box.append(el("div",{"class":"mute"},"attempts"));
   for(const a of (t.attempts||[]).slice().reverse())box.append(el("pre",{"class":a.error===null?"ok":"bad"},
    when(a.at)+"  "+a.status+"  "+a.duration_ms+" ms"+(a.error?"  "+a.error:"")));
@@ -3270,7 +3270,7 @@ async function refresh(){try{const s=await api("GET","/");paused=s.paused;$("err
  $("counts").replaceChildren(...TABLES.map(n=>el("span",{"class":"count"},n+" ",el("b",{},s[n]))),el("span",{"class":"count"},"in flight ",el("b",{},s.in_flight)));
  $("state").textContent=(s.paused?"paused":"running")+(s.healthy?"":" - DISK ERRORS")+(s.open_breakers.length?" - circuit open: "+s.open_breakers.join(", "):"");
  $("toggle").textContent=s.paused?"Resume":"Pause";
- $("tabs").replaceChildren(...TABLES.map(n=>{const b=el("button",{type:"button",role:"tab","aria-selected":String(n===table)},n);b.onclick=()=>{table=n;offset=0;refresh()};return b}));
+ $("tabs").replaceChildren(...TABLES.map(n=>{const b=el("button",{type:"button",role:"tab","aria-selected":String(n===table)},n);b.onclick=()=>{table=n;offset=0;location.hash=n;refresh()};return b}));
  $("actions").replaceChildren(...actions());
  $("when").textContent=table==="success"||table==="dead"?"Last run":"Next run";$("last").textContent=table==="success"?"Status":"Last error";
  const page=await api("GET","/"+table+"?limit="+PAGE+"&offset="+offset);

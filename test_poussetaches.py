@@ -3657,6 +3657,17 @@ class TestOperate(unittest.TestCase):
                        "next_probe", "t.headers", "pretty(t.payload)", 'table==="dead"'):
             self.assertIn(needle, script + text, needle)
 
+    @unittest.skipIf(shutil.which("node") is None, "node is not installed to check the script")
+    def test_dashboard_script_parses(self):
+        # a Python string escape once broke the script: check it with a real JS parser
+        page = pt.DASHBOARD_HTML
+        script = page[page.index("<script>") + len("<script>"):page.index("</script>")]
+        with tempfile.NamedTemporaryFile("w", suffix=".js", delete=False) as f:
+            f.write(script)
+        self.addCleanup(os.unlink, f.name)
+        proc = subprocess.run(["node", "--check", f.name], capture_output=True, timeout=WAIT)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode())
+
     def test_log_json(self):
         record = logging.LogRecord("poussetaches", logging.WARNING, __file__, 1,
                                    "task %s attempt %d -> %s", ("abc", 2, 500), None)
