@@ -83,6 +83,13 @@ except ImportError:  # pragma: no cover - Python < 3.9
 
 logger = logging.getLogger("poussetaches")
 
+# Locks, and the one order in which they may nest (nothing takes them the other
+# way, and no I/O happens under any of them but the journal's own write):
+#   Store._snapshot_lock -> Store._lock -> DueQueue.mutex
+#   Breakers._lock -> DueQueue.mutex
+# Journal._write_lock is taken with no other lock held; Stats._lock,
+# RateLimiter._lock, Dispatcher._rng_lock and _Server._slots nest with nothing.
+
 
 # --------------------------------------------------------------------------
 # Constants and defaults
@@ -213,130 +220,120 @@ def encode_task(task):
     return json.dumps(task.to_json(), separators=(",", ":")).encode()
 
 
-class Task:
-    """One task and everything the tables keep about it.
+class Field(collections.namedtuple("Field", "name kind default show")):
+    """One stored field of a task, declared once.
 
-    Mutated only by the Store, under its lock.  ``version`` changes whenever
-    the task is rescheduled, cancelled or redriven, so that stale entries of
-    the due-time queue are recognised and skipped.
+    ``kind`` says its JSON form: ``string``, ``integer``, ``number``,
+    ``time`` (integer Unix ns), ``bytes`` (standard base64; the task holds
+    bytes), ``object`` or ``list``.  A field whose default is None is
+    nullable.  ``show``: the CLI's ``show`` prints it.  The task's slots, its
+    JSON and snapshot-row forms, its copy, the client's view, the OpenAPI
+    schema and ``show`` all derive from TASK_FIELDS.
     """
 
-    __slots__ = (
-        "id", "url", "payload", "expected", "schedule",
-        "next_scheduled_run", "next_run", "tries", "last_run",
-        "last_error_body", "last_error_status_code",
-        "created", "max_tries", "timeout_s", "headers",
-        "idempotency_key", "cron_id", "attempts", "version", "order_key",
-    )
 
-    def __init__(self, id, url, payload=b"", expected=200, schedule="",
-                 next_run=0, next_scheduled_run=None, tries=0, last_run=0,
-                 last_error_body=None, last_error_status_code=0, created=0,
-                 max_tries=None, timeout_s=None, headers=None,
-                 idempotency_key=None, cron_id=None, attempts=None):
-        self.id = id
-        self.url = url
-        self.payload = payload
-        self.expected = expected
-        self.schedule = schedule
-        self.next_run = next_run
-        self.next_scheduled_run = next_run if next_scheduled_run is None else next_scheduled_run
-        self.tries = tries
-        self.last_run = last_run
-        self.last_error_body = last_error_body
-        self.last_error_status_code = last_error_status_code
-        self.created = created
-        self.max_tries = max_tries
-        self.timeout_s = timeout_s
-        self.headers = headers
-        self.idempotency_key = idempotency_key
-        self.cron_id = cron_id
-        self.attempts = attempts if attempts is not None else []
+# the original's fields first, in its order, then ours
+TASK_FIELDS = (
+    Field("id", "string", "", True),
+    Field("url", "string", "", True),
+    Field("payload", "bytes", b"", False),
+    Field("expected", "integer", 200, True),
+    Field("schedule", "string", "", True),
+    Field("next_scheduled_run", "time", 0, False),
+    Field("next_run", "time", 0, True),
+    Field("tries", "integer", 0, True),
+    Field("last_run", "time", 0, True),
+    Field("last_error_body", "bytes", None, False),
+    Field("last_error_status_code", "integer", 0, True),
+    Field("created", "time", 0, False),
+    Field("max_tries", "integer", None, True),
+    Field("timeout_s", "number", None, True),
+    Field("headers", "object", None, True),
+    Field("idempotency_key", "string", None, True),
+    Field("cron_id", "string", None, True),
+    Field("attempts", "list", None, False),
+)
+TASK_NAMES = tuple(f.name for f in TASK_FIELDS)
+
+
+class Task:
+    """One task and everything the tables keep about it (TASK_FIELDS).
+
+    Mutated only by the Store, under its lock, or on a detached copy.
+    ``version`` changes whenever the task is rescheduled, cancelled or
+    redriven, so that stale entries of the due-time queue are recognised and
+    skipped; ``order_key`` is its place in the Store's ordered index.
+    """
+
+    __slots__ = TASK_NAMES + ("version", "order_key")
+    _BYTES = tuple(f.name for f in TASK_FIELDS if f.kind == "bytes")
+    _DEFAULTS = tuple((f.name, f.default) for f in TASK_FIELDS)
+
+    def __init__(self, id, url, payload=b"", expected=200, schedule="", **fields):
+        for name, default in self._DEFAULTS:
+            setattr(self, name, fields.pop(name, default))
+        if fields:
+            raise TypeError("unknown task fields: %s" % ", ".join(sorted(fields)))
+        self.id, self.url, self.payload, self.expected, self.schedule = (
+            id, url, payload, expected, schedule)
+        if not self.next_scheduled_run:
+            self.next_scheduled_run = self.next_run
+        if self.attempts is None:
+            self.attempts = []
         self.version = 0
-        self.order_key = None  # (next_run, id) as filed in the Store's ordered index
+        self.order_key = None
 
     def __repr__(self):
         return "<Task %s %s tries=%d>" % (self.id, self.url, self.tries)
 
+    def to_row(self):
+        """The task as a list of TASK_NAMES' values (a snapshot's rows), bytes in base64."""
+        row = [getattr(self, name) for name in TASK_NAMES]
+        for i in _BYTES_AT:
+            if row[i] is not None:
+                row[i] = b64(row[i])
+        return row
+
     def to_json(self):
         """The task's JSON form: the original's keys first, then ours."""
-        body = self.last_error_body
-        return {
-            "id": self.id,
-            "url": self.url,
-            "payload": b64(self.payload),
-            "expected": self.expected,
-            "schedule": self.schedule,
-            "next_scheduled_run": self.next_scheduled_run,
-            "next_run": self.next_run,
-            "tries": self.tries,
-            "last_run": self.last_run,
-            "last_error_body": None if body is None else b64(body),
-            "last_error_status_code": self.last_error_status_code,
-            "created": self.created,
-            "max_tries": self.max_tries,
-            "timeout_s": self.timeout_s,
-            "headers": self.headers,
-            "idempotency_key": self.idempotency_key,
-            "cron_id": self.cron_id,
-            "attempts": list(self.attempts),
-        }
-
-    # a snapshot stores each task as a row of these, in this order
-    ROW = ("id", "url", "payload", "expected", "schedule", "next_scheduled_run", "next_run",
-           "tries", "last_run", "last_error_body", "last_error_status_code", "created",
-           "max_tries", "timeout_s", "headers", "idempotency_key", "cron_id", "attempts")
-
-    def to_row(self):
-        body = self.last_error_body
-        return [self.id, self.url, b64(self.payload), self.expected, self.schedule,
-                self.next_scheduled_run, self.next_run, self.tries, self.last_run,
-                None if body is None else b64(body), self.last_error_status_code,
-                self.created, self.max_tries, self.timeout_s, self.headers,
-                self.idempotency_key, self.cron_id, self.attempts]
+        doc = dict(zip(TASK_NAMES, self.to_row()))
+        doc["attempts"] = list(self.attempts)  # a list the caller may keep past the lock
+        return doc
 
     @classmethod
     def from_row(cls, row):
         """The inverse of to_row (fast: a restart builds every task this way)."""
         task = cls.__new__(cls)
-        (task.id, task.url, payload, task.expected, task.schedule, task.next_scheduled_run,
-         task.next_run, task.tries, task.last_run, body, task.last_error_status_code,
-         task.created, task.max_tries, task.timeout_s, task.headers, task.idempotency_key,
-         task.cron_id, task.attempts) = row
-        task.payload = base64.b64decode(payload)
-        task.last_error_body = None if body is None else base64.b64decode(body)
+        for name, value in zip(TASK_NAMES, row):
+            setattr(task, name, value)
+        for name in cls._BYTES:
+            value = getattr(task, name)
+            if value is not None:
+                setattr(task, name, base64.b64decode(value))
         task.version = 0
         task.order_key = None
         return task
 
     @classmethod
     def from_json(cls, d):
-        """Build a task from its JSON form (ours or the original's files).
+        """Build a task from its JSON form (ours, or the original's files: missing
+        keys take their defaults, a null where the original wrote one too).
 
         Raises KeyError, TypeError or ValueError on a malformed record.
         """
-        body = d.get("last_error_body")
-        task = cls(
-            id=str(d["id"]),
-            url=str(d["url"]),
-            payload=base64.b64decode(d.get("payload") or ""),
-            expected=int(d.get("expected") or 200),
-            schedule=d.get("schedule") or "",
-            next_run=int(d.get("next_run") or 0),
-            next_scheduled_run=d.get("next_scheduled_run"),
-            tries=int(d.get("tries") or 0),
-            last_run=int(d.get("last_run") or 0),
-            last_error_body=None if body is None else base64.b64decode(body),
-            last_error_status_code=int(d.get("last_error_status_code") or 0),
-            created=int(d.get("created") or 0),
-            max_tries=d.get("max_tries"),
-            timeout_s=d.get("timeout_s"),
-            headers=d.get("headers"),
-            idempotency_key=d.get("idempotency_key"),
-            cron_id=d.get("cron_id"),
-            attempts=list(d.get("attempts") or []),
-        )
-        if task.next_scheduled_run is None:
+        task = cls(str(d["id"]), str(d["url"]))
+        for field in TASK_FIELDS[2:]:
+            value = d.get(field.name)
+            if field.kind == "bytes":
+                value = base64.b64decode(value) if value is not None else field.default
+            elif field.kind in ("integer", "time") and field.default is not None:
+                value = int(value or field.default)  # the original writes 0 or null for none
+            elif field.kind == "list":
+                value = list(value or [])
+            elif field.kind == "string" and field.default is not None:
+                value = value or field.default
+            setattr(task, field.name, value)
+        if not task.next_scheduled_run:
             task.next_scheduled_run = task.next_run
         return task
 
@@ -351,6 +348,9 @@ class Task:
         for name, value in changes.items():
             setattr(twin, name, value)
         return twin
+
+
+_BYTES_AT = tuple(i for i, f in enumerate(TASK_FIELDS) if f.kind == "bytes")
 
 
 # --------------------------------------------------------------------------
@@ -991,7 +991,7 @@ class Store:
     """
 
     def __init__(self, directory, due, fsync=True, keep_success=DEFAULT_KEEP_SUCCESS,
-                 clock=time.time_ns, fs=None, on_dirty=None,
+                 clock=time.time_ns, fs=None, on_dirty=None, on_change=None,
                  quota=(DEFAULT_MAX_WAITING, DEFAULT_MAX_STORED_BYTES), cron_tz=None):
         self.directory = directory
         self.cron_tz = cron_tz           # for schedules restored by the import
@@ -1011,6 +1011,7 @@ class Store:
         self._pending = {}            # task id -> Ticket of an enqueue not yet durable
         self._dirty = threading.Event()  # a journal write failed: snapshot soon
         self._on_dirty = on_dirty        # called when _dirty is set (wakes the persister)
+        self._on_change = on_change or (lambda: None)  # after each change, outside the lock
         self._snapshot_lock = threading.Lock()  # one snapshot at a time
         self.snapshot_errors = 0
         self.snapshots = 0               # written since start, for /metrics
@@ -1051,7 +1052,7 @@ class Store:
                 doc = json.loads(read_private(path))
                 first_seq = int(doc.get("journal", 0))
                 fields = tuple(doc.get("fields") or ())
-                if fields == Task.ROW:
+                if fields == TASK_NAMES:
                     build = Task.from_row
                 elif fields:  # rows of another field order (another version)
                     build = lambda row: Task.from_json(dict(zip(fields, row)))
@@ -1265,6 +1266,7 @@ class Store:
             del self._pending[task.id]
             if self._tables["waiting"].get(task.id) is task:
                 self._schedule(task)
+        self._on_change()
         return task, True, ticket.body
 
     def _check_quota(self, task):
@@ -1331,6 +1333,7 @@ class Store:
             self._remove(task_id)
             ticket = self.journal.append({"op": "del", "id": task_id})
         ticket.wait()
+        self._on_change()
         return table
 
     def delete_where(self, table, predicate=lambda task: True):
@@ -1346,6 +1349,7 @@ class Store:
                 ticket = self.journal.append({"op": "del", "id": task_id})
         if ticket is not None:
             ticket.wait()
+        self._on_change()
         return len(ids)
 
     def run_now(self, task_id, changes=None, now=None):
@@ -1372,7 +1376,9 @@ class Store:
         with self._lock:
             if task.version == version and self._tables["waiting"].get(task_id) is task:
                 self._schedule(task)
-            return task.to_json()
+            view = task.to_json()
+        self._on_change()
+        return view
 
     def retry_dead(self, url_prefix="", now=None):
         """Requeue dead tasks (whose URL starts with url_prefix); returns the count."""
@@ -1390,6 +1396,7 @@ class Store:
             for task in chosen:
                 if self._tables["waiting"].get(task.id) is task:
                     self._schedule(task)
+        self._on_change()
         return len(chosen)
 
     # -- the workers' calls ---------------------------------------------------
@@ -1411,36 +1418,35 @@ class Store:
         with self._lock:
             return len(self._inflight)
 
-    def finish(self, task_id, version, decide):
-        """Record an attempt's outcome.
+    def settle(self, task, table, records=()):
+        """Record an attempt's outcome, decided on the claimed copy ``task``.
 
-        ``decide(task)`` runs under the lock with the live task; it mutates
-        the task's fields and returns ``(table, copies)``: where the task now
-        lives (``waiting``, ``success``, ``dead``) and detached records to add
-        (a cron run's success or dead copy as ``(table, task)``).  A task that
-        was cancelled or redriven during the attempt is left alone.  Returns
-        the table the task went to, or None.
+        The copy replaces the live task in ``table`` (``waiting``, ``success``
+        or ``dead``), with ``records`` (a cron run's ``(table, record)``
+        copies), unless a cancel or a redrive changed the live task meanwhile:
+        then the copy is dropped and the live task keeps its own schedule.
+        Returns the table the task went to, or None.
         """
         with self._lock:
-            self._inflight.pop(task_id, None)
-            task = self._tables["waiting"].get(task_id)
-            if task is None:
+            self._inflight.pop(task.id, None)
+            live = self._tables["waiting"].get(task.id)
+            if live is None:
                 return None
-            if task.version != version:
+            if live.version != task.version:
                 # redriven during the attempt: its new queue entry may have been
                 # skipped while this attempt was in flight, so queue it again
-                self._schedule(task)
+                self._schedule(live)
                 return None
-            table, copies = decide(task)
-            task.version += 1
-            for copy_table, copy in copies:
-                self._put(copy_table, copy)
+            task.version = live.version + 1  # entries of the claimed version are stale now
+            for record_table, record in records:
+                self._put(record_table, record)
             self._put(table, task)
             if table == "waiting":
                 self._schedule(task)
         # nobody waits for these records: at-least-once survives their loss,
         # and the next snapshot has them anyway; but write them now
         self.journal.flush()
+        self._on_change()
         return table
 
     # -- snapshots ------------------------------------------------------------
@@ -1476,7 +1482,8 @@ class Store:
                 if old < seq:
                     self.fs.unlink(os.path.join(self.directory, name))
             self.snapshots += 1
-            return count
+        self._on_change()
+        return count
 
     def _write_snapshot(self, seq, tables):
         """Write the tables to snapshot.json.tmp, fsync, rename over snapshot.json, fsync
@@ -1490,7 +1497,7 @@ class Store:
         try:
             try:
                 chunk = ['{"version": 2, "journal": %d, "created": %d, "fields": %s'
-                         % (seq, self.clock(), json.dumps(Task.ROW))]
+                         % (seq, self.clock(), json.dumps(TASK_NAMES))]
                 size = 0
                 for name in TABLES:
                     chunk.append(',\n"%s": [' % name)
@@ -1641,6 +1648,15 @@ class DueQueue(queue.PriorityQueue):
                     self.not_empty.notify()  # the next head may be due too
                 self.not_full.notify()
                 return item
+
+    # queue.PriorityQueue's own put/get would bypass hold() and close(): they are these
+    def put(self, item, block=True, timeout=None):
+        """Queue ``(due_ns, task_id, version)``: the same as put_task."""
+        self.put_task(*item)
+
+    def get(self, block=True, timeout=None):
+        """The next due entry, as get_due (the queue never blocks a putter)."""
+        return self.get_due()
 
     def put_many(self, entries):
         """Queue many ``(due_ns, task_id, version)`` at once: O(n), for a start."""
@@ -1859,24 +1875,39 @@ class Headers(dict):
 
 
 MAX_HEADERS = 100
-MAX_LINE = 65536
+# every pattern below is used with fullmatch (a "$" would match before a final newline)
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
+_CTL = re.compile(r"[\r\n\x00]")                # never inside a header value or request line
 
 
-def read_head(fp):
-    """Header lines up to the blank line, into Headers; http.client.HTTPException
-    (LineTooLong) for a line or a head too large."""
+def read_head(fp, budget=MAX_HEAD):
+    """The header lines of a request or an answer, up to the blank line, as Headers.
+
+    One reader for both directions, strict in both (SPEC 5): at most
+    ``budget`` bytes and MAX_HEADERS lines, names are tokens, values carry
+    no CR or NUL, and a repeated Content-Length or Host repeats its value.
+    Raises HTTPError(431) for too much, HTTPError(400) naming what is wrong.
+    """
     headers = Headers()
     for _ in range(MAX_HEADERS + 1):
-        line = fp.readline(MAX_LINE + 1)
-        if len(line) > MAX_LINE:
-            raise http.client.LineTooLong("header line")
-        if line in (b"\r\n", b"\n", b""):
+        raw = fp.readline(budget + 1)
+        budget -= len(raw)
+        if budget < 0:
+            raise HTTPError(431, "the head is larger than %d bytes" % MAX_HEAD)
+        if raw in (b"\r\n", b"\n", b""):
             return headers
-        name, _, value = line.decode("iso-8859-1").partition(":")
-        key = name.strip().lower()
+        name, colon, value = raw.decode("iso-8859-1").partition(":")
+        if not colon or not _HEADER_NAME.fullmatch(name):
+            raise HTTPError(400, "bad header line %r" % raw[:100])
+        value = value.rstrip("\r\n").strip(" \t")
+        if _CTL.search(value):
+            raise HTTPError(400, "the value of header %s has CR, LF or NUL in it" % name)
+        key = name.lower()
         if key not in headers:
-            dict.__setitem__(headers, key, value.strip())
-    raise http.client.HTTPException("more than %d headers" % MAX_HEADERS)
+            dict.__setitem__(headers, key, value)
+        elif key in ("content-length", "host") and headers[key] != value:
+            raise HTTPError(400, "conflicting %s headers" % name)
+    raise HTTPError(431, "more than %d headers" % MAX_HEADERS)
 
 
 class _Deadline:
@@ -1924,15 +1955,18 @@ class _LeanResponse(http.client.HTTPResponse):
         if self.headers is not None:
             return
         while True:
-            line = self.fp.readline(MAX_LINE + 1)
+            line = self.fp.readline(MAX_HEAD + 1)
             if not line:
                 raise http.client.RemoteDisconnected("Remote end closed connection "
                                                      "without response")
             words = line.decode("iso-8859-1").rstrip("\r\n").split(None, 2)
             if (len(words) < 2 or words[0] not in ("HTTP/1.0", "HTTP/1.1")
-                    or len(words[1]) != 3 or not words[1].isdigit()):
+                    or not re.fullmatch("[0-9]{3}", words[1])):
                 raise http.client.BadStatusLine(line[:200])
-            headers = read_head(self.fp)
+            try:
+                headers = read_head(self.fp, MAX_HEAD - len(line))
+            except HTTPError as exc:
+                raise http.client.HTTPException("bad answer head: %s" % exc.message) from None
             if words[1] != "100":
                 break
         self.version = 10 if words[0] == "HTTP/1.0" else 11
@@ -1990,6 +2024,29 @@ def tls_context(cafile=None):
     return context
 
 
+def exchange(conn, method, path, body, headers, reused):
+    """Send one request on an http.client connection; return its answer, head read.
+
+    A kept-alive connection that the server closed while it was idle fails
+    at once with a reset: the server never read that request, so it is sent
+    again, once, on a new connection.  Every other failure raises (OSError
+    or http.client.HTTPException).  The deliveries and the client both go
+    through here.
+    """
+    while True:
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            return conn.getresponse()
+        except (ConnectionResetError, BrokenPipeError):  # RemoteDisconnected included
+            conn.close()
+            if not reused:
+                raise
+            reused = False
+        except BaseException:
+            conn.close()  # closes a half-read answer too: its file holds the socket
+            raise
+
+
 class KeepAliveHandler(urllib.request.AbstractHTTPHandler):
     """http:// and https:// for the urllib opener, over kept-alive connections.
 
@@ -2024,49 +2081,26 @@ class KeepAliveHandler(urllib.request.AbstractHTTPHandler):
     def _open(self, req, connection_class):
         if not req.host:
             raise urllib.error.URLError("no host given")
-        pool = self._local.__dict__.setdefault("pool", {})
         origin = (req.type, req.host)
         timeout = req.timeout if isinstance(req.timeout, (int, float)) else DEFAULT_TIMEOUT
-        deadline = time.monotonic() + timeout
-        headers = dict(req.unredirected_hdrs)
-        headers.update(req.headers)
-        idle = pool.pop(origin, None)
+        idle = self._local.__dict__.setdefault("pool", {}).pop(origin, None)
         if idle is not None and time.monotonic() - idle[1] > self.max_idle:
             idle[0].close()
             idle = None
-        method = req.get_method()
-        head = ["%s %s HTTP/1.1" % (method, req.selector)]
-        head.extend("%s: %s" % item for item in headers.items())
-        # one write of a head built here: http.client would check each header
-        # again, and every one was checked when the task was enqueued
-        message = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (req.data or b"")
-        while True:
-            if idle:
-                conn = idle[0]
-            elif connection_class is _DeadlineConnection:
-                conn = connection_class(req.host, timeout=timeout)
-            else:
-                conn = connection_class(req.host, timeout=timeout, context=self._context)
-            conn.set_deadline(deadline)
-            response = None
-            try:
-                if conn.sock is None:
-                    conn.connect()
-                conn.sock.sendall(message)
-                response = conn.response_class(conn.sock, method=method)
-                response.begin()
-                break
-            except BaseException as exc:
-                if response is not None:
-                    response.close()  # its file holds the socket open otherwise
-                conn.close()
-                if isinstance(exc, (ConnectionResetError, BrokenPipeError,
-                                    http.client.RemoteDisconnected)) and idle is not None:
-                    idle = None  # it was closed while idle: once more, on a new connection
-                    continue
-                if isinstance(exc, OSError):
-                    raise urllib.error.URLError(exc) from None
-                raise
+        if idle is not None:
+            conn = idle[0]
+        elif connection_class is _DeadlineConnection:
+            conn = connection_class(req.host, timeout=timeout)
+        else:
+            conn = connection_class(req.host, timeout=timeout, context=self._context)
+        conn.set_deadline(time.monotonic() + timeout)
+        headers = dict(req.unredirected_hdrs)  # Host and Content-Length, from do_request_
+        headers.update(req.headers)
+        try:
+            response = exchange(conn, req.get_method(), req.selector, req.data, headers,
+                                reused=idle is not None)
+        except OSError as exc:
+            raise urllib.error.URLError(exc) from None
         response.msg = response.reason  # what urllib's own handler sets
         response.connection = conn
         response.origin = origin
@@ -2358,19 +2392,20 @@ class Dispatcher:
         self.stats.observe(outcome.duration)
         self.stats.inc("origin_attempts", key=(origin, "success" if ok else
                                                "error" if outcome.status < 0 else "failure"))
-        buried = []
-        next_run = []
-        table = self.store.finish(task.id, version,
-                                  lambda live: self.decide(live, outcome, buried, next_run))
-        self._log_outcome(task, outcome, ok, table, next_run[0] if next_run else None)
+        buried, next_run, attempt = [], [], task.tries + 1
+        table, records = self.decide(task, outcome, buried, next_run)  # on our copy, no lock
+        table = self.store.settle(task, table, records)
+        if table is None:
+            buried = []  # cancelled or redriven meanwhile: nothing died
+        self._log_outcome(task, attempt, outcome, ok, table, next_run[0] if next_run else None)
         for dead in buried:
             self.stats.inc("dead")
             self._notify_dead(dead)
 
-    def _log_outcome(self, task, outcome, ok, table, next_run):
+    def _log_outcome(self, task, attempt, outcome, ok, table, next_run):
         """One INFO line per delivery (WARNING for a failure), with fields for --log-json."""
         fields = {"event": "delivery", "task_id": task.id, "url": task.url,
-                  "status": outcome.status, "attempt": task.tries + 1,
+                  "status": outcome.status, "attempt": attempt,
                   "duration_ms": round(outcome.duration * 1000, 1), "table": table}
         if ok:
             logger.info("task %s delivered to %s: %s in %.1f ms", task.id, task.url,
@@ -2384,11 +2419,11 @@ class Dispatcher:
         else:
             what = "no further attempt" if table else "cancelled meanwhile"
         logger.warning("task %s attempt %d to %s failed: %s in %.1f ms: %s; %s", task.id,
-                       task.tries + 1, task.url, outcome.status, outcome.duration * 1000,
+                       attempt, task.url, outcome.status, outcome.duration * 1000,
                        fields["error"].replace("\n", " ")[:200], what, extra=fields)
 
     def decide(self, task, outcome, buried, next_run=None):
-        """Apply an attempt's outcome to the live task (under the store's lock).
+        """Apply an attempt's outcome to ``task`` (the worker's claimed copy: no lock).
 
         Returns ``(table, copies)`` for Store.finish; dead records go in
         ``buried``, and the time of the next attempt (if any) in ``next_run``.
@@ -2465,10 +2500,7 @@ class Dispatcher:
 
 ENQUEUE_FIELDS = ("url", "payload", "expected", "schedule", "delay", "json", "delay_s",
                   "eta", "max_tries", "timeout_s", "headers", "idempotency_key")
-# every pattern below is used with fullmatch (a "$" would match before a final newline)
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
-_TASK_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
-_CTL = re.compile(r"[\r\n\x00]")                # never inside a header value or request line
+_TASK_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # used with fullmatch, as every pattern here
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(?::[0-9]{1,5})?")
 
@@ -2554,6 +2586,11 @@ def _json_list(head, pieces, tail):
     yield tail.encode()
 
 
+class ApiSettings(collections.namedtuple(
+        "ApiSettings", "api_key allow_list allowed_hosts loopback_bound cron_tz clock")):
+    """What the API needs of the configuration, validated by the Daemon."""
+
+
 class Api:
     """Routes and validation; one error boundary turns exceptions into JSON.
 
@@ -2594,9 +2631,13 @@ class Api:
         Route("GET", "/ui", "ui", "The dashboard (HTML)", (200,)),
     )
 
-    def __init__(self, daemon):
-        self.daemon = daemon
-        self.store = daemon.store
+    def __init__(self, store, due, breakers, stats, settings):
+        self.store = store
+        self.due = due
+        self.breakers = breakers
+        self.stats = stats
+        self.settings = settings
+        self.clock = settings.clock
         self._good_urls = {}   # a cache of URLs that passed check_url (the rules never change)
         self._routes = []
         for route in self.ROUTES:
@@ -2649,15 +2690,15 @@ class Api:
         """DNS rebinding: a page of evil.example whose name resolves to 127.0.0.1
         reaches us with ``Host: evil.example``.  While bound to loopback, only
         loopback names and ``--allow-host`` names are served (SPEC 5)."""
-        allowed = self.daemon.allowed_hosts
-        if not allowed and not self.daemon.loopback_bound:
+        allowed = self.settings.allowed_hosts
+        if not allowed and not self.settings.loopback_bound:
             return
         value = headers.get("Host")
         if value is None:  # HTTP/1.0 without Host: not a browser
             return
         match = _HOST.fullmatch(value)
         name = match.group(1).lower() if match else None
-        if name in allowed or (self.daemon.loopback_bound and is_loopback_name(name)):
+        if name in allowed or (self.settings.loopback_bound and is_loopback_name(name)):
             return
         raise HTTPError(403, "Host %r is not this daemon's name: a DNS-rebinding page? "
                         "(serve other names with --allow-host NAME)" % value[:100])
@@ -2678,7 +2719,7 @@ class Api:
                                 "the dashboard's own origin may call the API" % origin[:100])
 
     def _check_api_key(self, headers):
-        key = self.daemon.api_key
+        key = self.settings.api_key
         if not key:
             return
         given = headers.get("Authorization") or ""
@@ -2750,9 +2791,9 @@ class Api:
             raise HTTPError(400, "%s must not carry a user name or password (user@host)" % field)
         if any(urllib.parse.unquote(segment) in (".", "..") for segment in parts.path.split("/")):
             raise HTTPError(400, "%s must not have . or .. path segments" % field)
-        if not self.daemon.allow_list.allows(url):
+        if not self.settings.allow_list.allows(url):
             raise HTTPError(400, "%s is outside the allowed URLs (--allow-url %s)"
-                            % (field, " ".join(self.daemon.allow_list.prefixes)))
+                            % (field, " ".join(self.settings.allow_list.prefixes)))
         return url
 
     def check_headers(self, value):
@@ -2877,10 +2918,10 @@ class Api:
 
     def cron_spec(self, schedule, field):
         try:
-            spec = CronSpec(schedule, self.daemon.cron_tz)
+            spec = CronSpec(schedule, self.settings.cron_tz)
         except CronError as exc:
             raise HTTPError(400, "%s: invalid cron spec %r: %s" % (field, schedule, exc)) from None
-        if spec.next_after(self.daemon.clock()) is None:
+        if spec.next_after(self.clock()) is None:
             raise HTTPError(400, "%s %r matches no time in the next %d years"
                             % (field, schedule, CRON_HORIZON_YEARS))
         return spec
@@ -2891,20 +2932,20 @@ class Api:
         counts = self.store.counts()
         journal = self.store.journal
         return 200, {
-            "paused": self.daemon.due.held,
+            "paused": self.due.held,
             "in_flight": self.store.in_flight(),
             "version": __version__,
             "waiting": counts["waiting"], "success": counts["success"],
             "dead": counts["dead"], "cron": counts["cron"],
             "healthy": journal.healthy,
             "journal_errors": journal.errors,
-            "open_breakers": self.daemon.dispatcher.breakers.open_origins(),
-            "breakers": self.daemon.dispatcher.breakers.describe(),
+            "open_breakers": self.breakers.open_origins(),
+            "breakers": self.breakers.describe(),
         }, {}
 
     def enqueue(self, headers, read_body, **_):
         doc = self._body_json(read_body)
-        task = self.new_task(doc, headers, self.daemon.clock())
+        task = self.new_task(doc, headers, self.clock())
         task, created, body = self.store.add(task)
         if created:
             logger.debug("task %s queued for %s%s", task.id, task.url,
@@ -2948,19 +2989,19 @@ class Api:
             raise HTTPError(400, "schedule is required: /cron/preview?schedule=*/5+*+*+*+*")
         n = self._int_param(query, "n", 5, 1, 100)
         spec = self.cron_spec(schedule, "schedule")
-        runs = spec.preview(self.daemon.clock(), n)
+        runs = spec.preview(self.clock(), n)
         tz = spec.tz
         return 200, {"schedule": schedule, "next_runs": runs,
                      "next_runs_iso": [datetime.fromtimestamp(r // 10 ** 9, tz).astimezone(tz)
                                        .isoformat() for r in runs]}, {}
 
     def pause(self, **_):
-        self.daemon.due.hold()
+        self.due.hold()
         logger.info("dispatch paused")
         return 200, {"paused": True}, {}
 
     def resume(self, **_):
-        self.daemon.due.release()
+        self.due.release()
         logger.info("dispatch resumed")
         return 200, {"paused": False}, {}
 
@@ -3014,7 +3055,7 @@ class Api:
 
     def metrics(self, **_):
         counts = self.store.counts()
-        counters, buckets, total, count = self.daemon.stats.read()
+        counters, buckets, total, count = self.stats.read()
         journal = self.store.journal
         lines = []
 
@@ -3033,10 +3074,10 @@ class Api:
                [('{table="%s"}' % t, tables[t]) for t in ("waiting", "cron", "success", "dead")])
         metric("oldest_due_age_seconds", "gauge",
                "How long the most overdue waiting task has been due (0 if none).",
-               [("", self.store.oldest_due_age(self.daemon.clock()))])
+               [("", self.store.oldest_due_age(self.clock()))])
         metric("in_flight", "gauge", "Delivery attempts under way.",
                [("", self.store.in_flight())])
-        metric("paused", "gauge", "1 while dispatch is paused.", [("", int(self.daemon.due.held))])
+        metric("paused", "gauge", "1 while dispatch is paused.", [("", int(self.due.held))])
         metric("attempts_total", "counter", "Delivery attempts by outcome.",
                [('{outcome="%s"}' % o, counters.get("attempts_" + o, 0))
                 for o in ("success", "failure", "error")])
@@ -3066,7 +3107,7 @@ class Api:
         metric("healthy", "gauge", "0 while the journal cannot be written.",
                [("", int(journal.healthy))])
         metric("open_circuit_breakers", "gauge", "Origins whose circuit is open.",
-               [("", len(self.daemon.dispatcher.breakers.open_origins()))])
+               [("", len(self.breakers.open_origins()))])
         text = "\n".join(lines) + "\n"
         return 200, Raw("text/plain; version=0.0.4; charset=utf-8", text.encode()), {}
 
@@ -3095,6 +3136,24 @@ _STATUS_TEXT = {200: "OK", 201: "Created", 400: "Bad input (the error names the 
                      "daemon's name (DNS rebinding)",
                 503: "Cannot persist (disk full or read-only); retry later",
                 507: "Quota reached (--max-waiting, --max-stored-bytes); nothing stored"}
+
+
+_SCHEMA_TYPES = {"string": "string", "integer": "integer", "time": "integer", "number": "number",
+                 "bytes": "string", "object": "object", "list": "array"}
+
+
+def _field_schema(field):
+    """The JSON schema of one TASK_FIELDS entry."""
+    kind = _SCHEMA_TYPES[field.kind]
+    schema = {"type": kind if field.default is not None or field.kind == "list"
+              else [kind, "null"]}
+    if field.kind == "bytes":
+        schema["contentEncoding"] = "base64"
+    elif field.kind == "time":
+        schema["description"] = "Unix time in nanoseconds"
+    elif field.kind == "list":
+        schema["items"] = {"type": "object"}
+    return schema
 
 
 def openapi_document(routes):
@@ -3180,17 +3239,9 @@ def openapi_document(routes):
                                    "headers": headers, "max_tries": integer}},
                 "Task": {
                     "type": "object",
-                    "properties": {
-                        "id": string, "url": string, "payload": string, "expected": integer,
-                        "schedule": string, "next_scheduled_run": integer,
-                        "next_run": integer, "tries": integer, "last_run": integer,
-                        "last_error_body": nullable("string"),
-                        "last_error_status_code": integer, "created": integer,
-                        "max_tries": nullable("integer"), "timeout_s": nullable("number"),
-                        "headers": {"type": ["object", "null"]},
-                        "idempotency_key": nullable("string"), "cron_id": nullable("string"),
-                        "attempts": {"type": "array", "items": {"type": "object"}},
-                        "state": {"enum": ["waiting", "success", "dead"]}}},
+                    "properties": dict(
+                        {f.name: _field_schema(f) for f in TASK_FIELDS},
+                        state={"enum": ["waiting", "success", "dead"]})},
                 "TaskList": {
                     "type": "object",
                     "properties": {"tasks": {"type": "array",
@@ -3329,36 +3380,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return False
         self.command, self.path, self.request_version = command, path, version
         self.close_connection = version == "HTTP/1.0"
-        headers = Headers()
-        budget = MAX_HEAD - len(self.raw_requestline)
-        for _ in range(MAX_HEADERS + 1):
-            raw = self.rfile.readline(budget + 1)
-            budget -= len(raw)
-            if budget < 0:
-                self.send_error(431, "the request head is larger than %d bytes" % MAX_HEAD)
-                return False
-            if raw in (b"\r\n", b"\n", b""):
-                break
-            name, colon, value = raw.decode("iso-8859-1").partition(":")
-            if not colon or not _HEADER_NAME.fullmatch(name):
-                self.send_error(400, "bad header line %r" % raw[:100])
-                return False
-            value = value.rstrip("\r\n").strip(" \t")
-            if _CTL.search(value):
-                self.send_error(400, "the value of header %s has CR, LF or NUL in it" % name)
-                return False
-            key = name.lower()
-            if key in headers:
-                if key in ("content-length", "host") and headers[key] != value:
-                    self.send_error(400, "conflicting %s headers" % name)
-                    return False
-                if key != "transfer-encoding":
-                    continue
-            dict.__setitem__(headers, key, value)
-        else:
-            self.send_error(431, "more than %d headers" % MAX_HEADERS)
+        try:
+            self.headers = headers = read_head(self.rfile, MAX_HEAD - len(self.raw_requestline))
+        except HTTPError as exc:
+            self.send_error(exc.status, exc.message)
             return False
-        self.headers = headers
         if "transfer-encoding" in headers:
             self.send_error(400, "Transfer-Encoding is not supported: send the body with "
                                  "a Content-Length")
@@ -3613,11 +3639,12 @@ class Envelope:
 
 
 class GetTask:
-    """A task from a listing, with the original client's fields, decoded."""
+    """A task from a listing, with the original client's fields, decoded:
+    ``task_id`` for ``id``, ``payload`` parsed as JSON (or text), times as
+    datetimes, the error body as text; every other field of TASK_FIELDS as
+    it is, plus ``state`` and the ``raw`` JSON."""
 
-    FIELDS = ("task_id", "payload", "expected", "schedule", "next_run", "tries", "url",
-              "last_error_status_code", "last_error_body", "last_run", "state", "attempts",
-              "raw")
+    FIELDS = ("task_id",) + TASK_NAMES[1:] + ("state", "raw")
     __slots__ = FIELDS
 
     def __init__(self, **fields):
@@ -3632,21 +3659,24 @@ class GetTask:
 
     @classmethod
     def from_json(cls, doc):
-        raw_payload = base64.b64decode(doc.get("payload") or "")
-        try:
-            payload = json.loads(raw_payload)
-        except ValueError:
-            payload = raw_payload.decode("utf-8", "replace")
-        body = doc.get("last_error_body")
-        stamp = lambda ns: datetime.fromtimestamp(ns / 1e9) if ns else None
-        return cls(task_id=doc["id"], payload=payload, expected=doc["expected"],
-                   schedule=doc["schedule"], next_run=datetime.fromtimestamp(doc["next_run"] / 1e9),
-                   tries=doc["tries"], url=doc["url"],
-                   last_error_status_code=doc["last_error_status_code"],
-                   last_error_body=base64.b64decode(body).decode("utf-8", "replace")
-                   if body else body,
-                   last_run=stamp(doc.get("last_run")), state=doc.get("state"),
-                   attempts=doc.get("attempts", []), raw=doc)
+        fields = {"task_id": doc["id"], "state": doc.get("state"), "raw": doc}
+        for field in TASK_FIELDS[1:]:
+            value = doc.get(field.name)
+            if field.kind == "bytes" and value is not None:
+                value = base64.b64decode(value)
+                if field.name == "payload":
+                    try:
+                        value = json.loads(value)
+                    except ValueError:
+                        value = value.decode("utf-8", "replace")
+                else:
+                    value = value.decode("utf-8", "replace")
+            elif field.kind == "time":
+                value = datetime.fromtimestamp(value / 1e9) if value else None
+            fields[field.name] = value
+        if fields["next_run"] is None:
+            fields["next_run"] = datetime.fromtimestamp(0)
+        return cls(**fields)
 
 
 def api_url_of(text):
@@ -3726,24 +3756,15 @@ class PousseTaches:
         if self.api_key:
             hdrs["Authorization"] = "Bearer " + self.api_key
         hdrs.update(headers or {})
-        for attempt in (1, 2):
-            conn = self._connection()
-            reused = conn.sock is not None
-            try:
-                conn.request(method, self._prefix + path, body=data, headers=hdrs)
-                response = conn.getresponse()
-                text = response.read()
-                break
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                self.close()
-                if reused and attempt == 1:
-                    continue  # the daemon closed an idle keep-alive connection: once more
-                raise DaemonUnavailable(-1, "no answer from poussetaches at %s: %s"
-                                        % (self.api_url, exc)) from None
-            except (OSError, http.client.HTTPException) as exc:
-                self.close()
-                raise DaemonUnavailable(-1, "cannot reach poussetaches at %s: %s"
-                                        % (self.api_url, exc)) from None
+        conn = self._connection()
+        try:
+            response = exchange(conn, method, self._prefix + path, data, hdrs,
+                                reused=conn.sock is not None)
+            text = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise DaemonUnavailable(-1, "cannot reach poussetaches at %s: %s"
+                                    % (self.api_url, exc)) from None
         if response.will_close:
             self.close()
         if not parse and response.status < 400:
@@ -3834,16 +3855,14 @@ class PousseTaches:
         raise AuthError("the request carries neither poussetaches' auth key nor a signature")
 
     def pause(self):
-        self.request("POST", "/pause")
+        return self.request("POST", "/pause")[2]
 
     def resume(self):
-        self.request("POST", "/resume")
+        return self.request("POST", "/resume")[2]
 
     def _get_tasks(self, table, limit=None, offset=0):
         """A table's tasks (all of them without ``limit``, as the original's client)."""
-        query = "" if limit is None else "?limit=%d&offset=%d" % (limit, offset)
-        _, _, doc = self.request("GET", "/" + table + query)
-        return [GetTask.from_json(t) for t in doc["tasks"]]
+        return [GetTask.from_json(t) for t in self.listing(table, limit, offset)["tasks"]]
 
     def get_cron(self):
         return self._get_tasks("cron")
@@ -3858,6 +3877,15 @@ class PousseTaches:
         return self._get_tasks("dead")
 
     # -- our calls ----------------------------------------------------------------
+
+    def enqueue(self, body):
+        """POST an enqueue body as it is (SPEC 2's fields); returns the task's JSON."""
+        return self.request("POST", "/", body)[2]
+
+    def listing(self, table, limit=None, offset=0):
+        """A table's JSON answer ({"tasks", "total", ...}), a page of it with ``limit``."""
+        query = "" if limit is None else "?limit=%d&offset=%d" % (limit, offset)
+        return self.request("GET", "/" + table + query)[2]
 
     def status(self):
         return self.request("GET", "/")[2]
@@ -3919,7 +3947,7 @@ class Daemon:
                  request_timeout=DEFAULT_REQUEST_TIMEOUT, allow_hosts=(),
                  signature_only=False, max_connections=DEFAULT_MAX_CONNECTIONS,
                  max_waiting=DEFAULT_MAX_WAITING, max_stored_bytes=DEFAULT_MAX_STORED_BYTES,
-                 tls=None):
+                 tls=None, on_change=None):
         def need(ok, message):
             if not ok:
                 raise ConfigError(message)
@@ -3956,6 +3984,7 @@ class Daemon:
             self.due.hold()
         self._fs = fs
         self.request_timeout = request_timeout
+        self._on_change = on_change  # Store's hook: called after each change of the tables
         self._settings = dict(workers=workers, max_tries=max_tries, min_backoff=min_backoff,
                               max_backoff=max_backoff, on_dead=on_dead, rng=rng,
                               keep_success=keep_success)
@@ -3988,14 +4017,17 @@ class Daemon:
             s = self._settings
             self.store = Store(self.data_dir, self.due, fsync=self.fsync == "always",
                                keep_success=s["keep_success"], clock=self.clock,
-                               fs=self._fs, on_dirty=self._wake.set, quota=self._quota,
+                               fs=self._fs, on_dirty=self._wake.set, on_change=self._on_change,
+                               quota=self._quota,
                                cron_tz=self.cron_tz)
             self.dispatcher = Dispatcher(
                 self.store, self.due, self._delivery, workers=s["workers"],
                 max_tries=s["max_tries"], min_backoff=s["min_backoff"],
                 max_backoff=s["max_backoff"], limiter=self._limiter, on_dead=s["on_dead"],
                 clock=self.clock, rng=s["rng"], cron_tz=self.cron_tz, stats=self.stats)
-            self.api = Api(self)
+            self.api = Api(self.store, self.due, self.dispatcher.breakers, self.stats,
+                           ApiSettings(self.api_key, self.allow_list, self.allowed_hosts,
+                                       self.loopback_bound, self.cron_tz, self.clock))
             try:
                 self.server = _Server((self.host, self.port), self.api, self.max_body,
                                       self.request_timeout, self.max_connections)
@@ -4248,13 +4280,16 @@ def _print_table(rows, headers, out):
 
 
 def _print_task(doc, out):
-    for key in ("id", "state", "url", "schedule", "expected", "tries", "max_tries", "next_run",
-                "last_run", "last_error_status_code", "cron_id", "idempotency_key"):
-        value = doc.get(key)
-        if key in ("next_run", "last_run"):
+    out.write("%-23s %s\n" % ("state:", doc.get("state")))
+    for field in TASK_FIELDS:
+        value = doc.get(field.name)
+        if not field.show or value in (None, "", {}):
+            continue
+        if field.kind == "time":
             value = _when(value)
-        if value not in (None, ""):
-            out.write("%-23s %s\n" % (key + ":", value))
+        elif field.kind == "object":
+            value = ", ".join("%s: %s" % item for item in value.items())
+        out.write("%-23s %s\n" % (field.name + ":", value))
     payload = base64.b64decode(doc.get("payload") or "")
     out.write("%-23s %s\n" % ("payload:", payload[:500].decode("utf-8", "replace")))
     if doc.get("last_error_body"):
@@ -4296,13 +4331,11 @@ def run_client(args, out=None):
                     if not sep:
                         raise PousseTachesError("--header must look like 'Name: value'")
                     body["headers"][name.strip()] = value.strip()
-            _, headers, doc = client.request("POST", "/", body)
-            out.write(json.dumps(doc, indent=2) + "\n" if args.print_task
-                      else headers["Poussetaches-Task-ID"] + "\n")
+            doc = client.enqueue(body)
+            out.write(json.dumps(doc, indent=2) + "\n" if args.print_task else doc["id"] + "\n")
             return 0
         if args.command == "ls":
-            _, _, doc = client.request("GET", "/%s?limit=%d&offset=%d"
-                                       % (args.table, args.limit, args.offset))
+            doc = client.listing(args.table, args.limit, args.offset)
             if args.as_json:
                 out.write(json.dumps(doc, indent=2) + "\n")
                 return 0
@@ -4331,13 +4364,15 @@ def run_client(args, out=None):
                       "".join(run + "\n" for run in runs))
             return 0
         if args.command in ("show", "run", "cancel"):
-            method, path = {"show": ("GET", "/tasks/%s"), "run": ("POST", "/tasks/%s/run"),
-                            "cancel": ("DELETE", "/tasks/%s")}[args.command]
-            _, _, doc = client.request(method, path % _expand_id(client, args.task_id))
+            call = {"show": client.get_task, "run": client.run, "cancel": client.cancel}
+            doc = call[args.command](_expand_id(client, args.task_id))
+            doc = doc.raw if isinstance(doc, GetTask) else doc
         elif args.command == "retry-dead":
             doc = {"requeued": client.retry_dead(args.url_prefix)}
-        elif args.command in ("pause", "resume"):
-            doc = client.request("POST", "/" + args.command)[2]
+        elif args.command == "pause":
+            doc = client.pause()
+        elif args.command == "resume":
+            doc = client.resume()
         else:
             doc = client.status()
         if args.as_json:
@@ -4367,8 +4402,8 @@ def _expand_id(client, prefix):
     if len(prefix) >= 32 or not re.fullmatch("[0-9a-f]+", prefix):
         return prefix
     for table in ("waiting", "dead", "success"):
-        _, _, doc = client.request("GET", "/%s?limit=%d" % (table, MAX_LIST_LIMIT))
-        found = [t["id"] for t in doc["tasks"] if t["id"].startswith(prefix)]
+        found = [t["id"] for t in client.listing(table, MAX_LIST_LIMIT)["tasks"]
+                 if t["id"].startswith(prefix)]
         if len(found) == 1:
             return found[0]
         if len(found) > 1:

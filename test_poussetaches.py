@@ -67,6 +67,7 @@ class Receiver:
         self.got = []
         self.answers = {}
         self.cond = threading.Condition()
+        self.changes = Changes()  # one event per request received
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -86,6 +87,7 @@ class Receiver:
                                          "body": body, "at": time.time(),
                                          "json": json.loads(body) if body else None})
                     receiver.cond.notify_all()
+                receiver.changes.note()
                 try:
                     self.send_response(status)
                     for name, value in headers.items():
@@ -142,6 +144,7 @@ def running_daemon(data_dir=None, **kwargs):
     kwargs.setdefault("min_backoff", 0.05)
     kwargs.setdefault("max_backoff", 0.2)
     kwargs.setdefault("grace", 2.0)
+    kwargs.setdefault("on_change", CHANGES.note)
     daemon = pt.Daemon(host="127.0.0.1", port=0, data_dir=data_dir, **kwargs)
     daemon.start()
     try:
@@ -177,17 +180,44 @@ def b64(data):
     return base64.b64encode(data).decode()
 
 
-def wait_until(predicate, timeout=WAIT, what="condition"):
-    """Wait for a condition observed from outside (an HTTP listing, a file)."""
+class Changes:
+    """A count of events with a Condition: ``note()`` from any thread, and
+    ``wait_past(seen)`` blocks until the count moves past ``seen``."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.count = 0
+
+    def note(self):
+        with self.cond:
+            self.count += 1
+            self.cond.notify_all()
+
+    def wait_past(self, seen, timeout):
+        with self.cond:
+            self.cond.wait_for(lambda: self.count != seen, timeout)
+
+
+# every daemon a test starts notes each change of its tables (and each snapshot) here
+CHANGES = Changes()
+
+
+def wait_until(predicate, timeout=WAIT, what="condition", changes=CHANGES, poll=None):
+    """Wait for a condition observed from outside (an HTTP listing, a file): the
+    predicate is evaluated again each time ``changes`` notes an event, never on a
+    timer, unless ``poll`` (seconds) is given: for state that notes no event (a
+    daemon in another process, the server's connection count).  Returns the
+    predicate's true value."""
     deadline = time.monotonic() + timeout
-    event = threading.Event()
     while True:
+        seen = changes.count
         value = predicate()
         if value:
             return value
-        if time.monotonic() > deadline:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             raise AssertionError("timed out waiting for " + what)
-        event.wait(0.02)
+        changes.wait_past(seen, remaining if poll is None else min(poll, remaining))
 
 
 def ts(text):
@@ -2674,7 +2704,7 @@ class TestSafeByDefault(unittest.TestCase):
                 s = socket.create_connection(("127.0.0.1", d.port), timeout=WAIT)
                 s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{")
                 busy.append(s)
-            wait_until(lambda: d.server._active == 4, what="four busy connections")
+            wait_until(lambda: d.server._active == 4, what="four busy connections", poll=0.02)
             answers = []
             late = threading.Thread(target=lambda: answers.append(call(d.url, "GET", "/")))
             late.start()
@@ -3742,7 +3772,7 @@ class TestStorage(unittest.TestCase):
         s.close()
         with open(os.path.join(self.dir, "snapshot.json")) as f:
             doc = json.load(f)
-        self.assertEqual((doc["version"], tuple(doc["fields"])), (2, pt.Task.ROW))
+        self.assertEqual((doc["version"], tuple(doc["fields"])), (2, pt.TASK_NAMES))
         self.assertEqual(self.store().get(task.id)[1], task.to_json())
 
     def test_files_are_private(self):
@@ -4227,10 +4257,11 @@ class TestReliability(unittest.TestCase):
             for t in clients:
                 t.join(WAIT)
         try:
-            def all_delivered():
-                seen = {g["headers"]["Poussetaches-Task-ID"] for g in rx.got}
-                return acked <= seen and call(final.url, "GET", "/waiting")[2]["total"] == 0
-            wait_until(all_delivered, timeout=60, what="every acknowledged task delivered")
+            wait_until(lambda: acked <= {g["headers"]["Poussetaches-Task-ID"] for g in rx.got},
+                       timeout=60, what="every acknowledged task delivered", changes=rx.changes)
+            # the daemon is another process: its last outcomes can only be asked for
+            wait_until(lambda: call(final.url, "GET", "/waiting")[2]["total"] == 0,
+                       what="every outcome recorded", poll=0.05)
         finally:
             final.terminate()
         counts = {}
