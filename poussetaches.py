@@ -184,11 +184,12 @@ class InvalidEnvelope(PousseTachesError):
 class HTTPError(PousseTachesError):
     """An API answer other than success: raised anywhere, turned into JSON once."""
 
-    def __init__(self, status, message, headers=None):
+    def __init__(self, status, message, headers=None, field=None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
+        self.field = field           # the body field at fault, when there is one
 
 
 # --------------------------------------------------------------------------
@@ -2498,8 +2499,82 @@ class Dispatcher:
 # HTTP API: validation, routes and one error boundary
 # --------------------------------------------------------------------------
 
-ENQUEUE_FIELDS = ("url", "payload", "expected", "schedule", "delay", "json", "delay_s",
-                  "eta", "max_tries", "timeout_s", "headers", "idempotency_key")
+class Param(collections.namedtuple("Param", "name schema message")):
+    """One field an enqueue body accepts, declared once: its JSON schema (served in
+    /openapi.json, and checked here: type, range, length) and the 400 message for
+    a value that does not fit.  null is the same as absent, for every field."""
+
+
+ENQUEUE_PARAMS = (
+    Param("url", {"type": "string", "format": "uri", "maxLength": 4096},
+          "url must be an absolute http:// or https:// URL of at most 4096 characters"),
+    Param("payload", {"type": "string", "contentEncoding": "base64"},
+          "payload must be a base64 string"),
+    Param("json", {}, "json may be any JSON value"),
+    Param("expected", {"type": "integer", "minimum": 0, "maximum": 599},
+          "expected must be an HTTP status from 100 to 599 (or 0 for 200)"),
+    Param("schedule", {"type": "string", "maxLength": 256},
+          "schedule must be a cron spec string of at most 256 characters"),
+    Param("delay", {"type": "integer", "minimum": 0},
+          "delay must be a whole, non-negative number of minutes"),
+    Param("delay_s", {"type": "number", "minimum": 0, "maximum": MAX_FIRST_RUN_S},
+          "delay_s must be a number of seconds from 0 to 10 years"),
+    Param("eta", {"type": ["number", "string"]},
+          "eta must be Unix seconds or an RFC 3339 time with an offset, such as "
+          "2026-01-31T09:00:00Z"),
+    Param("max_tries", {"type": "integer", "minimum": 1, "maximum": 100},
+          "max_tries must be a whole number from 1 to 100"),
+    Param("timeout_s", {"type": "number", "minimum": 0.1, "maximum": 3600},
+          "timeout_s must be a number of seconds from 0.1 to 3600"),
+    Param("headers", {"type": "object", "maxProperties": 64,
+                      "additionalProperties": {"type": "string", "maxLength": 8192}},
+          "headers must be an object of at most 64 strings"),
+    Param("idempotency_key", {"type": "string", "minLength": 1, "maxLength": 200},
+          "idempotency_key must be a string of 1 to 200 characters"),
+)
+ENQUEUE = {param.name: param for param in ENQUEUE_PARAMS}
+RUN_OVERRIDES = ("url", "payload", "json", "headers", "max_tries")  # POST /tasks/<id>/run
+
+_LATIN1 = re.compile("[\x00-\xff]*")  # what a header value can carry
+_JSON_TYPES = {"string": lambda v: isinstance(v, str), "integer": lambda v: _is_int(v),
+               "number": lambda v: _is_number(v), "object": lambda v: isinstance(v, dict)}
+
+
+def fits(value, schema):
+    """Does ``value`` fit the subset of JSON schema the Params use?"""
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        if not any(_JSON_TYPES[kind](value) for kind in kinds):
+            return False
+    if _is_number(value):
+        return schema.get("minimum", value) <= value <= schema.get("maximum", value)
+    if isinstance(value, str):
+        return schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
+    if isinstance(value, dict):
+        inner = schema.get("additionalProperties", {})
+        return (len(value) <= schema.get("maxProperties", len(value))
+                and all(fits(item, inner) for item in value.values()))
+    return True
+
+
+def checked(doc, names):
+    """The fields ``names`` of a body that are present and not null, each checked
+    against its Param; unknown fields and misfits are a 400 naming the field."""
+    unknown = sorted(set(doc) - set(names))
+    if unknown:
+        raise HTTPError(400, "unknown field(s): %s" % ", ".join(u[:50] for u in unknown[:10]),
+                        field=unknown[0][:50])
+    values = {}
+    for name in names:
+        value = doc.get(name)
+        if value is not None or name == "json" and name in doc:  # json: null is a value
+            if not fits(value, ENQUEUE[name].schema):
+                raise HTTPError(400, ENQUEUE[name].message, field=name)
+            values[name] = value
+    return values
+
+
 _TASK_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # used with fullmatch, as every pattern here
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(?::[0-9]{1,5})?")
@@ -2663,7 +2738,10 @@ class Api:
                 self._check_api_key(headers)
             return handler(params=params, query=query, headers=headers, read_body=read_body)
         except HTTPError as exc:
-            return exc.status, {"error": exc.message}, exc.headers
+            answer = {"error": exc.message}
+            if exc.field is not None:
+                answer["field"] = exc.field
+            return exc.status, answer, exc.headers
         except PersistError as exc:
             logger.error("refused a change that cannot be persisted: %s", exc)
             return 503, {"error": "%s; nothing was stored, retry later" % exc}, {"Retry-After": "1"}
@@ -2771,10 +2849,8 @@ class Api:
         return url
 
     def _check_url(self, url, field):
-        if not isinstance(url, str) or not url:
-            raise HTTPError(400, "%s must be a non-empty string" % field)
-        if len(url) > 4096:
-            raise HTTPError(400, "%s is longer than 4096 characters" % field)
+        if not isinstance(url, str) or not url or len(url) > 4096:
+            raise HTTPError(400, ENQUEUE["url"].message, field=field)
         if re.search(r"[\x00-\x20\x7f]", url):
             raise HTTPError(400, "%s must not contain spaces or control characters" % field)
         if not url.isascii():
@@ -2796,123 +2872,86 @@ class Api:
                             % (field, " ".join(self.settings.allow_list.prefixes)))
         return url
 
-    def check_headers(self, value):
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise HTTPError(400, "headers must be an object of strings")
-        if len(value) > 64:
-            raise HTTPError(400, "headers: at most 64 headers")
+    @staticmethod
+    def check_headers(value):
+        """Task headers as they will go on the wire: token names, Latin-1 values
+        without CR, LF or NUL (full-string matches), none of ours."""
         for name, text in value.items():
-            if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
-                raise HTTPError(400, "headers: %r is not a valid header name" % name[:100])
+            if not _HEADER_NAME.fullmatch(name):
+                raise HTTPError(400, "headers: %r is not a valid header name" % name[:100],
+                                field="headers")
             lower = name.lower()
             if lower in RESERVED_HEADERS or lower.startswith("poussetaches-"):
-                raise HTTPError(400, "headers: %s is set by poussetaches and cannot be given" % name)
-            if not isinstance(text, str):
-                raise HTTPError(400, "headers: the value of %s must be a string" % name)
-            if re.search(r"[\r\n\x00]", text) or len(text) > 8192:
-                raise HTTPError(400, "headers: the value of %s has CR, LF or NUL, or is too long"
-                                % name)
-            try:
-                text.encode("latin-1")
-            except UnicodeEncodeError:
-                raise HTTPError(400, "headers: the value of %s must be Latin-1 text "
-                                "(HTTP headers cannot carry other characters)" % name) from None
+                raise HTTPError(400, "headers: %s is set by poussetaches and cannot be given"
+                                % name, field="headers")
+            if _CTL.search(text) or not _LATIN1.fullmatch(text):
+                raise HTTPError(400, "headers: the value of %s must be Latin-1 text without "
+                                "CR, LF or NUL (what HTTP headers can carry)" % name,
+                                field="headers")
         return dict(value)
 
-    def _payload(self, doc):
-        has_payload = doc.get("payload") is not None
-        if has_payload and "json" in doc:
-            raise HTTPError(400, "payload and json are exclusive: send one of them")
-        if "json" in doc:
-            return json.dumps(doc["json"], separators=(",", ":")).encode()
-        if not has_payload:
-            return b""
-        if not isinstance(doc["payload"], str):
-            raise HTTPError(400, "payload must be a base64 string")
+    @staticmethod
+    def _payload(values):
+        """The payload bytes of checked ``values``: ``json`` encoded, or ``payload`` decoded."""
+        if "json" in values:
+            if "payload" in values:
+                raise HTTPError(400, "payload and json are exclusive: send one of them",
+                                field="json")
+            return json.dumps(values["json"], separators=(",", ":")).encode()
         try:
-            return base64.b64decode(doc["payload"], validate=True)
+            return base64.b64decode(values.get("payload", ""), validate=True)
         except (binascii.Error, ValueError):
-            raise HTTPError(400, "payload is not valid standard base64") from None
+            raise HTTPError(400, "payload is not valid standard base64", field="payload") from None
 
-    def new_task(self, doc, headers, now):
-        """Validate an enqueue body; return an unsaved Task.  Raises HTTPError(400)."""
-        unknown = sorted(set(doc) - set(ENQUEUE_FIELDS))
-        if unknown:
-            raise HTTPError(400, "unknown field(s): %s" % ", ".join(u[:50] for u in unknown[:10]))
-        if "url" not in doc:
-            raise HTTPError(400, "url is required")
-        url = self.check_url(doc["url"])
-        payload = self._payload(doc)
-
-        expected = doc.get("expected")
-        if expected is None or expected == 0:
-            expected = 200
-        if not _is_int(expected) or not 100 <= expected <= 599:
-            raise HTTPError(400, "expected must be an HTTP status from 100 to 599 (or 0 for 200)")
-
-        schedule = doc.get("schedule") or ""
-        if not isinstance(schedule, str):
-            raise HTTPError(400, "schedule must be a cron spec string")
-        if len(schedule) > 256:
-            raise HTTPError(400, "schedule is longer than 256 characters")
-
-        delay = doc.get("delay")
-        if delay is None:
-            delay = 0
-        if not _is_int(delay) or delay < 0:
-            raise HTTPError(400, "delay must be a whole, non-negative number of minutes")
-        start = now + delay * 60 * 10 ** 9
-        given = [name for name in ("delay_s", "eta") if doc.get(name) is not None]
-        if delay:
-            given.append("delay")
+    def _first_run(self, values, now):
+        """When a task first runs: now, or ``delay`` minutes, ``delay_s`` or ``eta`` later."""
+        given = [name for name in ("delay", "delay_s", "eta") if values.get(name)]
         if len(given) > 1:
-            raise HTTPError(400, "%s are exclusive: send one of them" % " and ".join(given))
-        if doc.get("delay_s") is not None:
-            if not _is_number(doc["delay_s"]) or doc["delay_s"] < 0:
-                raise HTTPError(400, "delay_s must be a non-negative number of seconds")
-            if doc["delay_s"] > MAX_FIRST_RUN_S:
-                raise HTTPError(400, "delay_s puts the first run more than 10 years ahead")
-            start = now + int(doc["delay_s"] * 1e9)
-        if doc.get("eta") is not None:
-            eta = doc["eta"]
+            raise HTTPError(400, "%s are exclusive: send one of them" % " and ".join(given),
+                            field=given[1])
+        start = now + values.get("delay", 0) * 60 * 10 ** 9
+        if "delay_s" in values:
+            start = now + int(values["delay_s"] * 1e9)
+        if "eta" in values:
+            eta = values["eta"]
             try:
                 seconds = eta if _is_number(eta) else parse_rfc3339(eta)
             except (ValueError, OverflowError):
-                raise HTTPError(400, "eta must be Unix seconds or an RFC 3339 time with an "
-                                "offset, such as 2026-01-31T09:00:00Z") from None
-            if seconds < 0 or seconds > 1e11:
-                raise HTTPError(400, "eta is out of range")
+                raise HTTPError(400, ENQUEUE["eta"].message, field="eta") from None
+            if not 0 <= seconds <= 1e11:
+                raise HTTPError(400, "eta is out of range", field="eta")
             start = max(now, int(seconds * 1e9))
         if start - now > MAX_FIRST_RUN_S * 10 ** 9:
-            raise HTTPError(400, "the first run is more than 10 years ahead")
+            raise HTTPError(400, "the first run is more than 10 years ahead", field=given[0])
+        return start
 
-        max_tries = doc.get("max_tries")
-        if max_tries is not None and (not _is_int(max_tries) or not 1 <= max_tries <= 100):
-            raise HTTPError(400, "max_tries must be a whole number from 1 to 100")
-        timeout_s = doc.get("timeout_s")
-        if timeout_s is not None and (not _is_number(timeout_s) or not 0.1 <= timeout_s <= 3600):
-            raise HTTPError(400, "timeout_s must be a number of seconds from 0.1 to 3600")
-        extra_headers = self.check_headers(doc.get("headers"))
-
-        key = doc.get("idempotency_key")
-        if key is None:
-            key = headers.get("Idempotency-Key")
-        if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200):
-            raise HTTPError(400, "idempotency_key must be a string of 1 to 200 characters")
-
-        task = Task(new_id(), url, payload, expected, created=now, next_run=start,
-                    max_tries=max_tries, timeout_s=timeout_s, headers=extra_headers,
+    def new_task(self, doc, headers, now):
+        """Validate an enqueue body; return an unsaved Task.  Raises HTTPError(400)."""
+        values = checked(doc, ENQUEUE)
+        if "url" not in values:
+            raise HTTPError(400, "url is required", field="url")
+        url = self.check_url(values["url"])
+        payload = self._payload(values)
+        expected = values.get("expected") or 200
+        if expected < 100:
+            raise HTTPError(400, ENQUEUE["expected"].message, field="expected")
+        key = values.get("idempotency_key", headers.get("Idempotency-Key"))
+        if key is not None and not fits(key, ENQUEUE["idempotency_key"].schema):
+            raise HTTPError(400, ENQUEUE["idempotency_key"].message, field="idempotency_key")
+        task = Task(new_id(), url, payload, expected, created=now,
+                    next_run=self._first_run(values, now), max_tries=values.get("max_tries"),
+                    timeout_s=values.get("timeout_s"),
+                    headers=self.check_headers(values["headers"]) if "headers" in values else None,
                     idempotency_key=key)
+        schedule = values.get("schedule", "")
         if schedule:
             spec = self.cron_spec(schedule, "schedule")
-            task.schedule = schedule
-            task.id = cron_id(url, payload, schedule)
-            first = spec.next_after(start - 1)
+            first = spec.next_after(task.next_run - 1)
             if first is None:
                 raise HTTPError(400, "schedule %r matches no time in the next %d years"
-                                % (schedule, CRON_HORIZON_YEARS))
+                                % (schedule, CRON_HORIZON_YEARS), field="schedule")
+            task.schedule = schedule
+            task.id = cron_id(url, payload, schedule)
             task.next_run = task.next_scheduled_run = first
         return task
 
@@ -3027,21 +3066,17 @@ class Api:
     def run_task(self, params, read_body, **_):
         task_id = self._task_id(params)
         doc = self._body_json(read_body, required=False)
-        unknown = sorted(set(doc) - {"url", "payload", "json", "headers", "max_tries"})
-        if unknown:
-            raise HTTPError(400, "unknown field(s): %s" % ", ".join(u[:50] for u in unknown[:10]))
-        changes = {}
-        if "url" in doc:
-            changes["url"] = self.check_url(doc["url"])
-        if doc.get("payload") is not None or "json" in doc:
-            changes["payload"] = self._payload(doc)
-        if "headers" in doc:
-            changes["headers"] = self.check_headers(doc["headers"])
-        if "max_tries" in doc:
-            value = doc["max_tries"]
-            if value is not None and (not _is_int(value) or not 1 <= value <= 100):
-                raise HTTPError(400, "max_tries must be a whole number from 1 to 100")
-            changes["max_tries"] = value
+        values = checked(doc, RUN_OVERRIDES)
+        # a null headers or max_tries clears the task's own (the daemon's default applies)
+        changes = {name: None for name in ("headers", "max_tries") if name in doc}
+        if "url" in values:
+            changes["url"] = self.check_url(values["url"])
+        if "payload" in values or "json" in values:
+            changes["payload"] = self._payload(values)
+        if "headers" in values:
+            changes["headers"] = self.check_headers(values["headers"])
+        if "max_tries" in values:
+            changes["max_tries"] = values["max_tries"]
         view = self.store.run_now(task_id, changes)
         if view is None:
             raise HTTPError(404, "no waiting or dead task with id %r" % task_id)
@@ -3142,6 +3177,14 @@ _SCHEMA_TYPES = {"string": "string", "integer": "integer", "time": "integer", "n
                  "bytes": "string", "object": "object", "list": "array"}
 
 
+def _nullable(schema):
+    """A Param's schema with null allowed (null is the same as absent)."""
+    kinds = schema.get("type")
+    if kinds is None:
+        return schema
+    return dict(schema, type=(kinds if isinstance(kinds, list) else [kinds]) + ["null"])
+
+
 def _field_schema(field):
     """The JSON schema of one TASK_FIELDS entry."""
     kind = _SCHEMA_TYPES[field.kind]
@@ -3222,21 +3265,11 @@ def openapi_document(routes):
                           "properties": {"error": string}},
                 "EnqueueRequest": {
                     "type": "object", "required": ["url"], "additionalProperties": False,
-                    "properties": {
-                        "url": {"type": "string", "format": "uri"},
-                        "payload": {"type": ["string", "null"], "contentEncoding": "base64"},
-                        "json": {}, "expected": integer, "schedule": string,
-                        "delay": {"type": "integer", "minimum": 0},
-                        "delay_s": {"type": "number", "minimum": 0},
-                        "eta": {"type": ["number", "string"]},
-                        "max_tries": {"type": "integer", "minimum": 1, "maximum": 100},
-                        "timeout_s": {"type": "number", "minimum": 0.1, "maximum": 3600},
-                        "headers": headers,
-                        "idempotency_key": {"type": "string", "maxLength": 200}}},
+                    "properties": {p.name: _nullable(p.schema) for p in ENQUEUE_PARAMS}},
                 "RunRequest": {
                     "type": "object", "additionalProperties": False,
-                    "properties": {"url": string, "payload": string, "json": {},
-                                   "headers": headers, "max_tries": integer}},
+                    "properties": {name: _nullable(ENQUEUE[name].schema)
+                                   for name in RUN_OVERRIDES}},
                 "Task": {
                     "type": "object",
                     "properties": dict(
