@@ -58,6 +58,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -214,6 +215,74 @@ def iso_utc(t_ns, timespec="seconds"):
     """Unix ns as ISO 8601 in UTC: 2026-11-28T09:00:00Z."""
     when = datetime.fromtimestamp(t_ns / 1e9, timezone.utc)
     return when.isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+# every pattern is used with fullmatch (a "$" would match before a final newline)
+_TASK_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")   # an RFC 9110 token
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]{0,8192}")     # RFC 9110 field-value chars
+
+
+def url_problem(url):
+    """What is wrong with a task URL, as the end of a sentence, or None.
+
+    An absolute http(s) URL of at most 4096 ASCII characters, without spaces
+    or control characters, user info (``user@host``) or ``.``/``..`` segments.
+    """
+    if not isinstance(url, str) or not url or len(url) > 4096:
+        return "must be an absolute http:// or https:// URL of at most 4096 characters"
+    if re.search(r"[\x00-\x20\x7f]", url):
+        return "must not contain spaces or control characters"
+    if not url.isascii():
+        return "must be ASCII: percent-encode the path and use the punycode form of the host"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        return "is not a valid URL: %s" % exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an absolute http:// or https:// URL"
+    if "@" in parts.netloc:
+        return "must not carry a user name or password (user@host)"
+    if any(urllib.parse.unquote(segment) in (".", "..") for segment in parts.path.split("/")):
+        return "must not have . or .. path segments"
+    return None
+
+
+def headers_problem(headers):
+    """What is wrong with a task's extra headers, or None: at most 64, token
+    names, values of RFC 9110 field characters (no CR, LF, NUL or other
+    control), none of those poussetaches sets itself."""
+    if not isinstance(headers, dict) or len(headers) > 64:
+        return "must be an object of at most 64 strings"
+    for name, text in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            return "%r is not a valid header name" % str(name)[:100]
+        lower = name.lower()
+        if lower in RESERVED_HEADERS or lower.startswith("poussetaches-"):
+            return "%s is set by poussetaches and cannot be given" % name
+        if not isinstance(text, str) or not _FIELD_VALUE.fullmatch(text):
+            return ("the value of %s must be at most 8192 characters of Latin-1 text "
+                    "without control characters (what HTTP headers carry)" % name)
+    return None
+
+
+def imported_task_problem(task):
+    """What makes a task from the original's files unfit to deliver, or None: the
+    checks an enqueue makes, which the original never made (its files may hold
+    anything that reached its API)."""
+    if not _TASK_ID.fullmatch(task.id):
+        return "the id %r is not 1-64 letters, digits, - or _" % task.id[:80]
+    problem = url_problem(task.url)
+    if problem:
+        return "url " + problem
+    if task.headers is not None and headers_problem(task.headers):
+        return "headers: " + headers_problem(task.headers)
+    if not isinstance(task.expected, int) or not 100 <= task.expected <= 599:
+        return "expected is not an HTTP status"
+    if not isinstance(task.schedule, str) or len(task.schedule) > 256:
+        return "schedule is not a cron spec string"
+    return None
 
 
 def encode_task(task):
@@ -1124,7 +1193,13 @@ class Store:
                 continue
             for name in sorted(os.listdir(folder)):
                 try:
-                    task = Task.from_json(json.loads(read_private(os.path.join(folder, name))))
+                    path = os.path.join(folder, name)
+                    if not stat.S_ISREG(os.lstat(path).st_mode):
+                        raise ValueError("not a regular file")
+                    task = Task.from_json(json.loads(read_private(path)))
+                    problem = imported_task_problem(task)
+                    if problem:
+                        raise ValueError(problem)
                     if task.schedule:
                         CronSpec(task.schedule, self.cron_tz)
                 except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -1245,7 +1320,7 @@ class Store:
                         existing = None  # a cron's twin is its schedule: a record is no twin
                     if existing is not None:
                         return existing, False, encode_task(existing)
-                    self._check_quota(task)
+                    self._check_quota(1, len(task.payload))
                     ticket = self._put("waiting", task)
                     self._pending[task.id] = ticket
                     self.enqueued += 1
@@ -1270,11 +1345,13 @@ class Store:
         self._on_change()
         return task, True, ticket.body
 
-    def _check_quota(self, task):
-        if len(self._tables["waiting"]) >= self.max_waiting:
+    def _check_quota(self, tasks, size):
+        """QuotaError unless ``tasks`` more waiting tasks and ``size`` more payload
+        bytes fit under --max-waiting and --max-stored-bytes."""
+        if tasks and len(self._tables["waiting"]) + tasks > self.max_waiting:
             raise QuotaError("the waiting table holds %d tasks, the most allowed "
                              "(--max-waiting)" % len(self._tables["waiting"]))
-        if self.waiting_bytes + len(task.payload) > self.max_stored_bytes:
+        if size > 0 and self.waiting_bytes + size > self.max_stored_bytes:
             raise QuotaError("the waiting tasks' payloads would pass %d bytes, the most "
                              "allowed (--max-stored-bytes)" % self.max_stored_bytes)
 
@@ -1357,13 +1434,16 @@ class Store:
         """Make a waiting task due now, or requeue a dead one with tries reset.
 
         ``changes`` (already validated) overrides fields first.  Returns the
-        task JSON, or None when there is no such waiting or dead task.
+        task JSON, or None when there is no such waiting or dead task; raises
+        QuotaError when the waiting table cannot take it.
         """
         now = self.clock() if now is None else now
         with self._lock:
             table, task = self._find(task_id)
             if task is None or table == "success":
                 return None
+            size = len((changes or {}).get("payload", task.payload))
+            self._check_quota(table == "dead", size - (table == "waiting") * len(task.payload))
             self._remove(task_id)  # out of its table (and the byte count) before the edit
             for name, value in (changes or {}).items():
                 setattr(task, name, value)
@@ -1386,6 +1466,7 @@ class Store:
         now = self.clock() if now is None else now
         with self._lock:
             chosen = [t for t in self._tables["dead"].values() if t.url.startswith(url_prefix)]
+            self._check_quota(len(chosen), sum(len(t.payload) for t in chosen))
             ticket = None
             for task in chosen:
                 task.tries = 0
@@ -1876,8 +1957,6 @@ class Headers(dict):
 
 
 MAX_HEADERS = 100
-# every pattern below is used with fullmatch (a "$" would match before a final newline)
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
 _CTL = re.compile(r"[\r\n\x00]")                # never inside a header value or request line
 
 
@@ -2535,7 +2614,6 @@ ENQUEUE_PARAMS = (
 ENQUEUE = {param.name: param for param in ENQUEUE_PARAMS}
 RUN_OVERRIDES = ("url", "payload", "json", "headers", "max_tries")  # POST /tasks/<id>/run
 
-_LATIN1 = re.compile("[\x00-\xff]*")  # what a header value can carry
 _JSON_TYPES = {"string": lambda v: isinstance(v, str), "integer": lambda v: _is_int(v),
                "number": lambda v: _is_number(v), "object": lambda v: isinstance(v, dict)}
 
@@ -2575,8 +2653,8 @@ def checked(doc, names):
     return values
 
 
-_TASK_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # used with fullmatch, as every pattern here
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")
+_REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")  # visible ASCII, as RFC 3986 allows
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(?::[0-9]{1,5})?")
 
 
@@ -2610,8 +2688,10 @@ def _is_int(value):
 
 
 def _is_number(value):
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    """An int (any size) or a finite float; not a bool."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_rfc3339(text):
@@ -2725,15 +2805,18 @@ class Api:
     def handle(self, method, target, headers, read_body):
         """Answer one request: returns (status, JSON-able object, extra headers)."""
         try:
-            parts = urllib.parse.urlsplit(target)
+            self._check_host(headers)
+            self._check_browser(headers)
+            if not target.startswith("/") or target.startswith("//"):
+                raise HTTPError(400, "the request target must be a path such as /waiting, "
+                                "not %r" % target[:100])
+            path, _, query = target.partition("?")
             try:
-                query = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
+                query = urllib.parse.parse_qs(query, keep_blank_values=True,
                                               strict_parsing=False, max_num_fields=50)
             except ValueError as exc:
                 raise HTTPError(400, "bad query string: %s" % exc) from None
-            self._check_host(headers)
-            self._check_browser(headers)
-            handler, params = self._route(method, parts.path)
+            handler, params = self._route(method, path)
             if handler != self.healthz:
                 self._check_api_key(headers)
             return handler(params=params, query=query, headers=headers, read_body=read_body)
@@ -2785,10 +2868,10 @@ class Api:
     def _check_browser(headers):
         """CSRF: a web page may send us requests through the operator's browser;
         browsers mark them, and only the dashboard's own (same-origin) calls pass."""
-        site = headers.get("Sec-Fetch-Site", "").lower()
-        if site in ("cross-site", "same-site"):
+        site = headers.get("Sec-Fetch-Site")
+        if site is not None and site.lower() not in ("same-origin", "none"):
             raise HTTPError(403, "a %s browser request is refused: web pages cannot drive "
-                            "poussetaches" % site)
+                            "poussetaches" % site[:40])
         origin = headers.get("Origin")
         if origin is not None:
             host = headers.get("Host", "").lower()
@@ -2849,45 +2932,19 @@ class Api:
         return url
 
     def _check_url(self, url, field):
-        if not isinstance(url, str) or not url or len(url) > 4096:
-            raise HTTPError(400, ENQUEUE["url"].message, field=field)
-        if re.search(r"[\x00-\x20\x7f]", url):
-            raise HTTPError(400, "%s must not contain spaces or control characters" % field)
-        if not url.isascii():
-            raise HTTPError(400, "%s must be ASCII: percent-encode the path and use the "
-                            "punycode form of the host" % field)
-        try:
-            parts = urllib.parse.urlsplit(url)
-            parts.port  # raises ValueError on a bad port
-        except ValueError as exc:
-            raise HTTPError(400, "%s is not a valid URL: %s" % (field, exc)) from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise HTTPError(400, "%s must be an absolute http:// or https:// URL" % field)
-        if "@" in parts.netloc:
-            raise HTTPError(400, "%s must not carry a user name or password (user@host)" % field)
-        if any(urllib.parse.unquote(segment) in (".", "..") for segment in parts.path.split("/")):
-            raise HTTPError(400, "%s must not have . or .. path segments" % field)
+        problem = url_problem(url)
+        if problem is not None:
+            raise HTTPError(400, "%s %s" % (field, problem), field=field)
         if not self.settings.allow_list.allows(url):
             raise HTTPError(400, "%s is outside the allowed URLs (--allow-url %s)"
-                            % (field, " ".join(self.settings.allow_list.prefixes)))
+                            % (field, " ".join(self.settings.allow_list.prefixes)), field=field)
         return url
 
     @staticmethod
     def check_headers(value):
-        """Task headers as they will go on the wire: token names, Latin-1 values
-        without CR, LF or NUL (full-string matches), none of ours."""
-        for name, text in value.items():
-            if not _HEADER_NAME.fullmatch(name):
-                raise HTTPError(400, "headers: %r is not a valid header name" % name[:100],
-                                field="headers")
-            lower = name.lower()
-            if lower in RESERVED_HEADERS or lower.startswith("poussetaches-"):
-                raise HTTPError(400, "headers: %s is set by poussetaches and cannot be given"
-                                % name, field="headers")
-            if _CTL.search(text) or not _LATIN1.fullmatch(text):
-                raise HTTPError(400, "headers: the value of %s must be Latin-1 text without "
-                                "CR, LF or NUL (what HTTP headers can carry)" % name,
-                                field="headers")
+        problem = headers_problem(value)
+        if problem is not None:
+            raise HTTPError(400, "headers: " + problem, field="headers")
         return dict(value)
 
     @staticmethod
@@ -3397,10 +3454,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self.server.busy(self.connection)
         self.requestline = line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = line.split()
-        if not words:
+        if not line:
             return False
-        if len(words) != 3 or _CTL.search(line):
+        words = line.split(" ")  # RFC 9112: exactly one SP between the three parts
+        if len(words) != 3 or not _HEADER_NAME.fullmatch(words[0]) or not words[1] \
+                or not _REQUEST_TARGET.fullmatch(words[1]):
             self.send_error(400, "bad request line %r" % line[:100])
             return False
         command, path, version = words
@@ -3454,9 +3512,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self):
         api = self.server.api
         status, doc, headers = api.handle(self.command, self.path, self.headers, self._read_body)
-        if self._body_state is None:  # a body the call did not need (a GET with a body)
+        if self._body_state is None:  # a body the call did not need, or a refused request's
             length = self.headers.get("Content-Length")
-            if length is not None and int(length) <= self.server.max_body:
+            if length is not None and int(length) <= 65536:
                 try:
                     self._read_body()  # drain it: the connection stays usable
                 except HTTPError:
@@ -3577,6 +3635,8 @@ class _Server(http.server.ThreadingHTTPServer):
         self._active = 0            # connections accepted and not yet closed
         self._idle = set()          # their sockets that wait for a request
         self._closing = False
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6  # --host ::1 or --host ::
         super().__init__(address, _Handler)
 
     def get_request(self):

@@ -3107,6 +3107,123 @@ class TestDropIn(unittest.TestCase):
             self.assertEqual(done["attempts"][0]["error"], "down")
 
 
+class TestAttackerFindings(unittest.TestCase):
+    """The second attacker's pass (after issue 9's fixes), each finding replayed."""
+
+    def test_imported_tasks_are_checked_like_enqueues(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "data")
+        with receiver() as rx:
+            smuggle = "b\r\n\r\n" + "POST /comments HTTP/1.1\r\nHost: app\r\nContent-Length: 120\r\n\r\n"
+            files = [("waiting", original_file(rx.url("/task"), task_id="steal")),
+                     ("waiting", original_file(rx.url("/task?x HTTP/1.1\r\nX-Injected: yes"),
+                                               task_id="crlfurl")),
+                     ("waiting", original_file(rx.url("/task"), task_id="..%2fdead")),
+                     ("waiting", original_file("javascript:alert(1)", task_id="js")),
+                     ("waiting", original_file(rx.url("/good"), task_id="good"))]
+            write_original(data, files)
+            for task_id, headers in (("steal", {"X-A": smuggle}), ("evilhost", {"Host": "evil"})):
+                path = os.path.join(data, "waiting", task_id)
+                doc = json.loads(original_file(rx.url("/task"), task_id=task_id)[1])
+                doc["headers"] = headers
+                with open(path, "w") as f:
+                    json.dump(doc, f)
+            os.mkfifo(os.path.join(data, "waiting", "fifo"))  # must not hang the start
+            with self.assertLogs("poussetaches", "WARNING") as logs:
+                with running_daemon(data_dir=data, auth_key="s3cr3t",
+                                    allow_urls=[rx.url("/task"), rx.url("/good")]) as d:
+                    rx.wait_for(1, path="/good")
+                    self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 0)
+            skipped = [m for m in logs.output if "import: skipped" in m]
+            self.assertEqual(len(skipped), 6, logs.output)
+            self.assertEqual([g["path"] for g in rx.got], ["/good"])
+
+    def test_no_500_before_the_checks_and_origin_form_only(self):
+        errors = ErrorRecords()
+        logging.getLogger("poussetaches").addHandler(errors)
+        self.addCleanup(logging.getLogger("poussetaches").removeHandler, errors)
+        with running_daemon() as d:
+            evil = b"Host: evil.example\r\nSec-Fetch-Site: cross-site\r\n"
+            for line, status in ((b"GET //[ HTTP/1.1\r\n" + evil, b"403"),
+                                 (b"GET http://[/ HTTP/1.1\r\n" + evil, b"403"),
+                                 (b"GET http://evil/waiting HTTP/1.1\r\nHost: localhost\r\n", b"400"),
+                                 (b"GET //evil/waiting HTTP/1.1\r\nHost: localhost\r\n", b"400"),
+                                 (b"POST\x85/pause HTTP/1.1\r\nHost: localhost\r\n", b"400"),
+                                 (b"GET  /waiting HTTP/1.1\r\nHost: localhost\r\n", b"400"),
+                                 (b"GET / HTTP/1.1\r\nHost: localhost\r\n"
+                                  b"Sec-Fetch-Site: cross-site, none\r\n", b"403")):
+                with self.subTest(line=line):
+                    answer = raw_exchange(d.port, line + b"Connection: close\r\n\r\n")
+                    self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), answer[:80])
+            self.assertFalse(call(d.url, "GET", "/")[2]["paused"])
+        self.assertEqual(errors.records, [])
+
+    def test_huge_integers_and_control_characters_are_400(self):
+        with receiver() as rx, running_daemon() as d:
+            url = json.dumps(rx.url("/x"))
+            for text in ('{"url": %s, "delay_s": 1%s}' % (url, "0" * 400),
+                         '{"url": %s, "timeout_s": 1%s}' % (url, "0" * 400),
+                         '{"url": %s, "max_tries": 1%s}' % (url, "0" * 400)):
+                self.assertEqual(call(d.url, "POST", "/", raw=text.encode())[0], 400)
+            for value in ("a\x01b", "a\x0bb", "a\x7fb", "a\x1fb"):
+                status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/x"),
+                                                           "headers": {"X-A": value}})
+                self.assertEqual((status, doc.get("field")), (400, "headers"))
+            self.assertEqual(call(d.url, "POST", "/", {"url": rx.url("/x"),
+                                                       "headers": {"X-A": "caf\u00e9 \t ok"}})[0], 201)
+
+    def test_redrive_respects_the_quotas(self):
+        with running_daemon(paused=True, max_waiting=3, max_stored_bytes=1000, max_tries=1) as d:
+            ids = [call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/x"})[2]["id"]
+                   for _ in range(2)]
+            status, _, doc = call(d.url, "POST", "/tasks/%s/run" % ids[0],
+                                  {"payload": b64(b"x" * 2000)})
+            self.assertEqual(status, 507, doc)
+            self.assertEqual(call(d.url, "POST", "/tasks/%s/run" % ids[0],
+                                  {"payload": b64(b"x" * 900)})[0], 200)
+            self.assertEqual(d.store.waiting_bytes, 900)
+            call(d.url, "POST", "/resume")
+            wait_until(lambda: call(d.url, "GET", "/")[2]["dead"] == 2, what="two dead")
+            call(d.url, "POST", "/pause")
+            for _ in range(2):
+                call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/y", "delay_s": 60})
+            self.assertEqual(call(d.url, "POST", "/dead/retry")[0], 507)  # 2 + 2 > 3
+            self.assertEqual(call(d.url, "POST", "/tasks/%s/run" % ids[1])[0], 200)  # 3 fit
+            self.assertEqual(call(d.url, "GET", "/")[2]["waiting"], 3)
+
+    def test_a_refused_large_body_is_not_read(self):
+        with running_daemon() as d:
+            with socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) as s:
+                s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nOrigin: http://evil.example\r\n"
+                          b"Content-Length: 10000000\r\n\r\n")
+                started = time.monotonic()
+                answer = s.recv(4096)  # answered at once, without the 10 MB
+            self.assertTrue(answer.startswith(b"HTTP/1.1 403"), answer[:60])
+            self.assertLess(time.monotonic() - started, 5.0)
+
+    @unittest.skipUnless(socket.has_ipv6, "this Python has no IPv6")
+    def test_ipv6_loopback(self):
+        try:
+            probe = socket.socket(socket.AF_INET6)
+            probe.bind(("::1", 0))
+            probe.close()
+        except OSError:
+            self.skipTest("no IPv6 loopback on this machine")
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        daemon = pt.Daemon(host="::1", port=0, data_dir=os.path.join(tmp, "d"))
+        daemon.start()
+        try:
+            self.assertTrue(daemon.loopback_bound)
+            conn = http.client.HTTPConnection("::1", daemon.port, timeout=WAIT)
+            conn.request("GET", "/healthz")
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+        finally:
+            daemon.stop()
+
+
 class RestartableReceiver(Receiver):
     """A receiver that can go down and come back on the same port."""
 
@@ -4592,7 +4709,7 @@ class TestReliability(unittest.TestCase):
             task = {"url": target, "payload": b64(b"x"), "expected": 200, "schedule": "",
                     "delay": 0}
             for _ in range(rng.randrange(1, 4)):
-                task[rng.choice(list(pt.ENQUEUE_FIELDS) + [text(6)])] = value()
+                task[rng.choice(list(pt.ENQUEUE) + [text(6)])] = value()
             body = json.dumps(task).encode()
         headers = {}
         for _ in range(rng.randrange(3)):
