@@ -55,6 +55,7 @@ import os
 import queue
 import random
 import re
+import selectors
 import shutil
 import signal
 import socket
@@ -3635,6 +3636,8 @@ class _Server(http.server.ThreadingHTTPServer):
         self._active = 0            # connections accepted and not yet closed
         self._idle = set()          # their sockets that wait for a request
         self._closing = False
+        self._stopped = threading.Event()    # serve_forever() has returned
+        self._wake = os.pipe()               # a byte here ends serve_forever's select
         if ":" in address[0]:
             self.address_family = socket.AF_INET6  # --host ::1 or --host ::
         super().__init__(address, _Handler)
@@ -3671,11 +3674,33 @@ class _Server(http.server.ThreadingHTTPServer):
             self._idle.discard(sock)
             self._slots.notify()
 
+    def serve_forever(self, poll_interval=None):
+        """Accept connections until shutdown().  socketserver's own loop notices
+        a shutdown only at its next poll; here a pipe wakes the select at once."""
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake[0], selectors.EVENT_READ)
+                while not self._closing:
+                    for key, _ in selector.select():
+                        if key.fileobj is self and not self._closing:
+                            self._handle_request_noblock()
+        finally:
+            self._stopped.set()
+
+    def server_close(self):
+        super().server_close()
+        for fd in self._wake:
+            os.close(fd)
+        self._wake = ()
+
     def shutdown(self):
+        """Stop serve_forever() (it must be running) and wait until it has."""
         with self._slots:
             self._closing = True
             self._slots.notify_all()
-        super().shutdown()
+        os.write(self._wake[1], b"x")
+        self._stopped.wait()
 
     def http_date(self):
         """The Date header's value, formatted once a second."""
@@ -4136,9 +4161,7 @@ class Daemon:
         if self.store.snapshot_wanted():
             self._wake.set()
         self.dispatcher.start()
-        # socketserver's shutdown() is noticed at the next poll_interval tick
-        serve = lambda: self.server.serve_forever(poll_interval=0.1)
-        for target, name in ((serve, "http"), (self._persist, "persister")):
+        for target, name in ((self.server.serve_forever, "http"), (self._persist, "persister")):
             thread = threading.Thread(target=target, name="poussetaches-" + name, daemon=True)
             thread.start()
             self._threads.append(thread)
