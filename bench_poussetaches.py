@@ -44,8 +44,10 @@ def _serve(handler, port_file):
     server.serve_forever()
 
 
-def role_receiver(port_file):
-    """The app: answers 200 to every POST, records when each task arrived."""
+def role_receiver(port_file, close=False):
+    """The app: answers 200 to every POST, records when each task arrived.
+    ``close``: every answer closes its connection, as gunicorn's sync workers
+    (microblog.pub's deployment) and HTTP/1.0 servers do."""
     import http.server
 
     arrivals = {}
@@ -65,6 +67,9 @@ def role_receiver(port_file):
                     arrived.notify_all()
             self.send_response(200)
             self.send_header("Content-Length", "0")
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
 
         def do_GET(self):
@@ -225,7 +230,8 @@ def role_e2e(url, base, threads, n):
     print(json.dumps({"start": time.monotonic(), "count": per * threads}))
 
 
-ROLES = {"receiver": role_receiver, "noop": role_noop}
+ROLES = {"receiver": role_receiver, "noop": role_noop,
+         "receiver-close": lambda port_file: role_receiver(port_file, close=True)}
 
 
 # --------------------------------------------------------------------------
@@ -369,7 +375,8 @@ def run(quick):
     try:
         receiver_proc, receiver = start_server("receiver", tmp)
         noop_proc, noop = start_server("noop", tmp)
-        procs += [receiver_proc, noop_proc]
+        closing_proc, closing = start_server("receiver-close", tmp)
+        procs += [receiver_proc, noop_proc, closing_proc]
         target = receiver + "/task"
 
         # -- delivery -------------------------------------------------------
@@ -384,6 +391,17 @@ def run(quick):
         rate = n / (wait_count(receiver, n) - t0)
         d.stop()
         table.add("delivery: tasks/s, 4 workers", rate, "/s", bare, 0.90)
+        get(closing + "/take")
+        bare_close = client("bare", closing + "/task", 4, n)["rate"]
+        get(closing + "/take")
+        d = Daemon(os.path.join(tmp, "delivery-close"), "--paused", "--workers", "4")
+        n = client("enqueue", d.url, closing + "/task", 8, n, 0, 0)["count"]
+        t0 = time.monotonic()
+        post(d.url + "/resume")
+        rate = n / (wait_count(closing, n) - t0)
+        d.stop()
+        table.add("delivery to an app that closes every connection", rate, "/s", bare_close,
+                  0.90)
 
         # -- enqueue ----------------------------------------------------------
         n = sizes["enqueue"]

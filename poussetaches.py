@@ -41,6 +41,7 @@ import binascii
 import bisect
 import collections
 import email.utils
+import functools
 import hashlib
 import heapq
 import hmac
@@ -1802,6 +1803,7 @@ BREAKER_FIRST_PROBE = 1.0    # seconds; doubles after each failed probe
 BREAKER_MAX_PROBE = 60.0
 
 
+@functools.lru_cache(maxsize=4096)
 def origin_of(url):
     """(scheme, host, port) of a URL: the unit a circuit breaker guards."""
     parts = urllib.parse.urlsplit(url)
@@ -2007,7 +2009,8 @@ class _Deadline:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout("timed out")
-            self.settimeout(remaining)
+            if abs((self.gettimeout() or 0.0) - remaining) > 0.01:  # settimeout is 2 syscalls
+                self.settimeout(remaining)
         return super().recv_into(buffer, *args, **kwargs)
 
 
