@@ -187,12 +187,13 @@ class InvalidEnvelope(PousseTachesError):
 class HTTPError(PousseTachesError):
     """An API answer other than success: raised anywhere, turned into JSON once."""
 
-    def __init__(self, status, message, headers=None, field=None):
+    def __init__(self, status, message, headers=None, field=None, index=None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
         self.field = field           # the body field at fault, when there is one
+        self.index = index           # ... and the task's place in a batch
 
 
 # --------------------------------------------------------------------------
@@ -287,6 +288,18 @@ def imported_task_problem(task):
     return None
 
 
+def named_cron_id(name):
+    """A named cron's id: from its name alone, so a new schedule replaces the old."""
+    return hashlib.sha1(b"name:" + name.encode()).hexdigest()
+
+
+def _differs(old, new):
+    """Does a re-posted named cron change what it runs or how?"""
+    return any(getattr(old, name) != getattr(new, name) for name in (
+        "url", "payload", "expected", "schedule", "max_tries", "timeout_s", "headers",
+        "queue", "priority", "ordering_key"))
+
+
 def encode_task(task):
     """A task's JSON form as compact bytes (journal records and API answers)."""
     return json.dumps(task.to_json(), separators=(",", ":")).encode()
@@ -323,6 +336,11 @@ TASK_FIELDS = (
     Field("headers", "object", None, True),
     Field("idempotency_key", "string", None, True),
     Field("cron_id", "string", None, True),
+    Field("queue", "string", "default", True),
+    Field("priority", "integer", 0, True),
+    Field("ordering_key", "string", None, True),
+    Field("name", "string", None, True),
+    Field("seq", "integer", 0, False),   # enqueue order: an ordering key's tasks run by it
     Field("attempts", "list", None, False),
 )
 TASK_NAMES = tuple(f.name for f in TASK_FIELDS)
@@ -1015,6 +1033,12 @@ class SortedKeys:
         elif j == len(block):
             self._maxes[i] = block[-1]
 
+    def rank(self, key):
+        """How many keys are smaller than ``key``."""
+        i = bisect.bisect_left(self._maxes, key)
+        return sum(len(block) for block in self._blocks[:i]) + (
+            bisect.bisect_left(self._blocks[i], key) if i < len(self._blocks) else 0)
+
     def first(self):
         """The smallest key, or None."""
         return self._blocks[0][0] if self._blocks else None
@@ -1079,6 +1103,12 @@ class Store:
         # each table by (next_run, id), and "cron": the waiting tasks with a schedule
         self._order = {name: SortedKeys() for name in TABLES + ("cron",)}
         self._idempotency = {}        # idempotency key -> task id
+        self._queues = {"default": {}}  # queue name -> its settings (QUEUE_PARAMS), persisted
+        self._by_queue = {}           # queue name -> SortedKeys of its waiting tasks' order keys
+        self._keys = {}               # (queue, ordering key) -> SortedKeys of (seq, id) waiting
+        self._seq = 0                 # the last enqueue sequence number given
+        self._heads = {}              # (queue, ordering key) -> id of the head last scheduled
+        self._released = set()        # ordering keys whose head may have changed
         self._inflight = {}           # task id -> version being attempted
         self._pending = {}            # task id -> Ticket of an enqueue not yet durable
         self._dirty = threading.Event()  # a journal write failed: snapshot soon
@@ -1130,6 +1160,7 @@ class Store:
                     build = lambda row: Task.from_json(dict(zip(fields, row)))
                 else:         # version 1: one object per task
                     build = Task.from_json
+                self._queues.update(doc.get("queues") or {})
                 for table in TABLES:
                     for item in doc.get(table, ()):
                         self._place(table, build(item), fresh=True)
@@ -1174,6 +1205,10 @@ class Store:
             self._place(record["table"], Task.from_json(record["task"]))
         elif record["op"] == "del":
             self._remove(record["id"])
+        elif record["op"] == "queue":
+            self._queues[str(record["name"])] = dict(record["settings"])
+        elif record["op"] == "unqueue":
+            self._queues.pop(record["name"], None)
         else:
             raise ValueError("unknown op")
 
@@ -1252,6 +1287,12 @@ class Store:
             self.waiting_bytes += len(task.payload)
             if task.schedule:
                 self._order["cron"].add(key)
+            self._queues.setdefault(task.queue, {})
+            self._by_queue.setdefault(task.queue, SortedKeys()).add(key)
+            if task.ordering_key is not None:
+                self._keys.setdefault((task.queue, task.ordering_key),
+                                      SortedKeys()).add((task.seq, task.id))
+            self._seq = max(self._seq, task.seq)
         if task.idempotency_key:
             self._idempotency[task.idempotency_key] = task.id
         if table == "success":
@@ -1265,6 +1306,13 @@ class Store:
                 if name == "waiting":
                     self.waiting_bytes -= len(task.payload)
                     self._order["cron"].discard(task.order_key)
+                    self._by_queue[task.queue].discard(task.order_key)
+                    if task.ordering_key is not None:
+                        key = (task.queue, task.ordering_key)
+                        self._keys[key].discard((task.seq, task.id))
+                        if not self._keys[key]:
+                            del self._keys[key]
+                        self._released.add(key)  # its head may have changed
                 if task.idempotency_key and self._idempotency.get(task.idempotency_key) == task_id:
                     del self._idempotency[task.idempotency_key]
                 task.version += 1
@@ -1292,60 +1340,138 @@ class Store:
         return self.journal.put(table, encode_task(task))
 
     def _schedule(self, task):
-        """Push a waiting task on the due-time queue (its current version)."""
-        self.due.put_task(task.next_run, task.id, task.version)
+        """Push a waiting task on the due-time queue (its current version); a task
+        with an ordering key only when it is its key's head (its turn)."""
+        if task.ordering_key is not None:
+            key = (task.queue, task.ordering_key)
+            fifo = self._keys.get(key)
+            if fifo is None or fifo.first()[1] != task.id:
+                return  # scheduled when the tasks before it are done
+            self._heads[key] = task.id
+        self.due.put_task(task.next_run, task.id, task.version, task.queue, task.priority)
+
+    def _release_heads(self):
+        """Schedule the new head of every ordering key whose head left (it
+        succeeded, went dead, or was cancelled).  Caller holds _lock."""
+        for key in self._released:
+            fifo = self._keys.get(key)
+            if fifo is None:
+                self._heads.pop(key, None)
+                continue
+            head = self._tables["waiting"].get(fifo.first()[1])
+            if self._heads.get(key) != head.id and head.id not in self._pending:
+                self._schedule(head)
+        self._released.clear()
 
     # -- the API's calls -----------------------------------------------------
 
     def start(self):
+        """Open the journal and put every runnable waiting task on the DueQueue:
+        the one-off and cron tasks, and the head of each ordering key."""
         self.journal.start()
         with self._lock:
-            self.due.put_many((t.next_run, t.id, t.version)
-                              for t in self._tables["waiting"].values())
+            for name, settings in self._queues.items():
+                self._configure(name, settings)
+            heads = {fifo.first()[1] for fifo in self._keys.values()}
+            self._heads = {key: fifo.first()[1] for key, fifo in self._keys.items()}
+            self.due.put_many((t.next_run, t.id, t.version, t.queue, t.priority)
+                              for t in self._tables["waiting"].values()
+                              if t.ordering_key is None or t.id in heads)
 
     def add(self, task):
-        """Store a new task durably; returns (task, created, its JSON as bytes).
+        """Store one new task durably: ``add_many([task])``'s one answer."""
+        return self.add_many([task])[0]
 
-        An existing task with the same id (cron dedup) or idempotency key is
-        returned instead, with created False.  Raises PersistError (after
-        undoing the change) when the record cannot be written.
+    def add_many(self, tasks):
+        """Store new tasks durably, all or nothing, with one journal write and
+        one fsync for all of them.
+
+        Returns ``[(task, outcome, its JSON as bytes)]`` in order.  ``outcome``
+        is ``created``; ``existing`` when a task with the same id (cron dedup,
+        or a named cron unchanged) or idempotency key is there (that task is
+        returned); or ``replaced`` for a named cron given a new schedule, URL,
+        payload or settings (same id).  Raises QuotaError, or PersistError after
+        undoing every change.
         """
         while True:
             with self._lock:
-                existing_id = task.id
-                if task.idempotency_key and task.idempotency_key in self._idempotency:
-                    existing_id = self._idempotency[task.idempotency_key]
-                pending = self._pending.get(existing_id)
+                pending = next((self._pending[i] for i in self._twins(tasks)
+                                if i in self._pending), None)
                 if pending is None:
-                    table, existing = self._find(existing_id)
-                    if task.schedule and existing_id == task.id and table != "waiting":
-                        existing = None  # a cron's twin is its schedule: a record is no twin
-                    if existing is not None:
-                        return existing, False, encode_task(existing)
-                    self._check_quota(1, len(task.payload))
-                    ticket = self._put("waiting", task)
-                    self._pending[task.id] = ticket
-                    self.enqueued += 1
+                    results, placed, ticket = self._admit(tasks)
                     break
             try:
                 pending.wait()  # a twin request is being written: answer after it
             except PersistError:
-                pass  # it failed and was undone: try again as a new task
+                pass  # it failed and was undone: try again
+        if ticket is None:
+            return results
         try:
             ticket.wait()
         except PersistError:
             with self._lock:
-                del self._pending[task.id]
-                self.enqueued -= 1
-                if self._tables["waiting"].get(task.id) is task:
-                    self._remove(task.id)
+                for task, old in reversed(placed):
+                    self._pending.pop(task.id, None)
+                    if self._tables["waiting"].get(task.id) is task:
+                        self._remove(task.id)
+                        if old is not None:
+                            self._place("waiting", old, fresh=True)
+                    self.enqueued -= old is None
+                self._release_heads()
             raise
         with self._lock:
-            del self._pending[task.id]
-            if self._tables["waiting"].get(task.id) is task:
-                self._schedule(task)
+            for task, _ in placed:
+                del self._pending[task.id]
+                if self._tables["waiting"].get(task.id) is task:
+                    self._schedule(task)
+            self._release_heads()
         self._on_change()
-        return task, True, ticket.body
+        return results
+
+    def _twins(self, tasks):
+        """The ids an enqueue of ``tasks`` could find already there (caller holds _lock)."""
+        for task in tasks:
+            yield self._idempotency.get(task.idempotency_key, task.id)
+
+    def _admit(self, tasks):
+        """add_many's work under _lock: (results, [(placed task, replaced one)], last Ticket)."""
+        outcomes, new, seen = [], [], {}
+        for task in tasks:  # first, what each one is: nothing changes if the quota says no
+            existing_id = seen.get(task.idempotency_key) or self._idempotency.get(
+                task.idempotency_key, task.id)
+            table, existing = self._find(existing_id)
+            if task.schedule and existing_id == task.id and table != "waiting":
+                existing = None  # a cron's twin is its schedule: a run record is no twin
+            if existing is None and existing_id in seen.values():
+                existing = next(t for t in new if t.id == existing_id)
+            if existing is None:
+                new.append(task)
+                seen[task.idempotency_key or task.id] = task.id
+                outcomes.append("created")
+            elif task.name is not None and existing.id == task.id and _differs(existing, task):
+                outcomes.append("replaced")
+            else:
+                outcomes.append(existing)
+        self._check_quota(len(new), sum(len(t.payload) for t in new))
+        results, placed, ticket = [], [], None
+        for task, outcome in zip(tasks, outcomes):
+            if not isinstance(outcome, str):
+                results.append((outcome, "existing", encode_task(outcome)))
+                continue
+            if task.queue not in self._queues:  # naming a queue creates it
+                self._queues[task.queue] = {}
+                self.journal.append({"op": "queue", "name": task.queue, "settings": {}})
+            old = self._tables["waiting"].get(task.id) if outcome == "replaced" else None
+            if old is not None:
+                task.created = old.created
+            self._seq += 1
+            task.seq = self._seq
+            ticket = self._put("waiting", task)
+            self._pending[task.id] = ticket
+            self.enqueued += old is None
+            placed.append((task, old))
+            results.append((task, outcome, ticket.body))
+        return results, placed, ticket
 
     def _check_quota(self, tasks, size):
         """QuotaError unless ``tasks`` more waiting tasks and ``size`` more payload
@@ -1375,34 +1501,58 @@ class Store:
             out["cron"] = len(self._order["cron"])
             return out
 
-    def listing(self, table, limit=None, offset=0):
+    def listing(self, table, limit=None, offset=0, match=None):
         """(total, pieces) of a table by next_run ascending (``cron`` is a view of
-        waiting): its size now, and an iterator over lists of task JSON.
+        waiting): how many tasks it holds (that ``match(task)``, when given), and
+        an iterator over lists of their JSON, from ``offset``, ``limit`` at most.
 
         Each piece of at most LIST_PIECE tasks is read in one short hold of the
         lock, and the next one resumes after the last key seen, so a listing of
         every task neither stalls enqueues nor holds the whole table in memory.
         A task rescheduled while the listing runs may be left out or appear twice.
         """
-        with self._lock:
-            total = len(self._order[table])
-        return total, self._pieces(table, limit, offset)
+        if match is None:
+            with self._lock:
+                total = len(self._order[table])
+        else:  # a first pass counts: filters are for operators, not the hot path
+            total = sum(len(piece) for piece in self._pieces(table, None, 0, match, False))
+        return total, self._pieces(table, limit, offset, match, True)
 
-    def _pieces(self, table, limit, offset):
+    def _pieces(self, table, limit, offset, match, encode):
         source = "waiting" if table == "cron" else table
         remaining = float("inf") if limit is None else limit
+        skip = offset if match is not None else 0
         last = None
         while remaining > 0:
-            count = int(min(LIST_PIECE, remaining))
+            count = LIST_PIECE if match is not None else int(min(LIST_PIECE, remaining))
             with self._lock:
                 order, tasks = self._order[table], self._tables[source]
-                keys = order.page(offset, count) if last is None else order.after(last, count)
-                piece = [tasks[key[1]].to_json() for key in keys if key[1] in tasks]
+                if last is None and match is None:
+                    keys = order.page(offset, count)
+                else:
+                    keys = order.page(0, count) if last is None else order.after(last, count)
+                found = [tasks[key[1]] for key in keys if key[1] in tasks]
+                if match is not None:
+                    found = [task for task in found if match(task)]
+                    dropped, skip = min(skip, len(found)), skip - min(skip, len(found))
+                    found = found[dropped:][:int(min(len(found), remaining))]
+                piece = [task.to_json() for task in found] if encode else found
             if not keys:
                 return
             last = keys[-1]
-            remaining -= len(keys)
+            remaining -= len(found) if match is not None else len(keys)
             yield piece
+
+    def resolve(self, prefix):
+        """The ids (at most two) of every table that start with ``prefix``."""
+        with self._lock:
+            ids = [list(table) for table in self._tables.values()]
+        found = []
+        for table_ids in ids:  # outside the lock: a copy of the keys is cheap, a scan is not
+            found.extend(task_id for task_id in table_ids if task_id.startswith(prefix))
+            if len(found) > 1:
+                break
+        return found[:2]
 
     def delete(self, task_id):
         """Cancel a waiting task or drop a record; returns the state it had, or None."""
@@ -1412,6 +1562,7 @@ class Store:
                 return None
             self._remove(task_id)
             ticket = self.journal.append({"op": "del", "id": task_id})
+            self._release_heads()
         ticket.wait()
         self._on_change()
         return table
@@ -1427,6 +1578,7 @@ class Store:
             for task_id in ids:
                 self._remove(task_id)
                 ticket = self.journal.append({"op": "del", "id": task_id})
+            self._release_heads()
         if ticket is not None:
             ticket.wait()
         self._on_change()
@@ -1451,10 +1603,13 @@ class Store:
                 setattr(task, name, value)
             if table == "dead":
                 task.tries = 0
+                self._seq += 1
+                task.seq = self._seq  # redriven: after the tasks of its ordering key
             task.next_run = now
             task.version += 1
             ticket = self._put("waiting", task)
             version = task.version
+            self._release_heads()
         ticket.wait()
         with self._lock:
             if task.version == version and self._tables["waiting"].get(task_id) is task:
@@ -1473,6 +1628,8 @@ class Store:
             for task in chosen:
                 task.tries = 0
                 task.next_run = now
+                self._seq += 1
+                task.seq = self._seq
                 ticket = self._put("waiting", task)
         if ticket is not None:
             ticket.wait()
@@ -1482,6 +1639,57 @@ class Store:
                     self._schedule(task)
         self._on_change()
         return len(chosen)
+
+    # -- queues -------------------------------------------------------------------
+
+    def _configure(self, name, settings):
+        self.due.configure(name, settings.get("paused", False), settings.get("concurrency"),
+                           settings.get("rate"), settings.get("burst"))
+
+    def queue_settings(self, name):
+        """A queue's own settings (a copy; {} for the defaults)."""
+        with self._lock:
+            return dict(self._queues.get(name) or {})
+
+    def queues(self, now, name=None):
+        """[{name, settings, waiting, due}] of every queue (or of ``name``; [] if unknown)."""
+        with self._lock:
+            names = sorted(self._queues) if name is None else [name] * (name in self._queues)
+            out = []
+            for queue_name in names:
+                index = self._by_queue.get(queue_name) or SortedKeys()
+                first = index.first()
+                out.append({"name": queue_name, "settings": dict(self._queues[queue_name]),
+                            "waiting": len(index), "due": index.rank((now, "~")),
+                            "oldest_due_age_s": max(0.0, (now - first[0]) / 1e9)
+                            if first is not None and first[0] <= now else 0.0})
+            return out
+
+    def set_queue(self, name, changes):
+        """Change a queue's settings (creating it), durably; returns them."""
+        with self._lock:
+            settings = dict(self._queues.get(name) or {}, **changes)
+            settings = {key: value for key, value in settings.items() if value is not None}
+            self._queues[name] = settings
+            ticket = self.journal.append({"op": "queue", "name": name, "settings": settings})
+            self._configure(name, settings)
+        ticket.wait()
+        self._on_change()
+        return dict(settings)
+
+    def delete_queue(self, name):
+        """Forget a queue: True; False if it holds waiting tasks; None if unknown."""
+        with self._lock:
+            if name not in self._queues:
+                return None
+            if self._by_queue.get(name):
+                return False
+            del self._queues[name]
+            self._configure(name, {})
+            ticket = self.journal.append({"op": "unqueue", "name": name})
+        ticket.wait()
+        self._on_change()
+        return True
 
     # -- the workers' calls ---------------------------------------------------
 
@@ -1519,6 +1727,7 @@ class Store:
             if live.version != task.version:
                 # redriven during the attempt: its new queue entry may have been
                 # skipped while this attempt was in flight, so queue it again
+                self._heads.pop((live.queue, live.ordering_key), None)
                 self._schedule(live)
                 return None
             task.version = live.version + 1  # entries of the claimed version are stale now
@@ -1527,6 +1736,7 @@ class Store:
             self._put(table, task)
             if table == "waiting":
                 self._schedule(task)
+            self._release_heads()
         # nobody waits for these records: at-least-once survives their loss,
         # and the next snapshot has them anyway; but write them now
         self.journal.flush()
@@ -1554,6 +1764,7 @@ class Store:
             with self._lock:
                 seq, ticket = self.journal.rotate()
                 tables = {name: list(table.values()) for name, table in self._tables.items()}
+                tables["queues"] = {name: dict(q) for name, q in self._queues.items()}
             ticket.wait()  # every record before the rotation is in the older files
             try:
                 count = self._write_snapshot(seq, tables)
@@ -1580,8 +1791,9 @@ class Store:
         fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o600)
         try:
             try:
-                chunk = ['{"version": 2, "journal": %d, "created": %d, "fields": %s'
-                         % (seq, self.clock(), json.dumps(TASK_NAMES))]
+                chunk = ['{"version": 2, "journal": %d, "created": %d, "fields": %s, "queues": %s'
+                         % (seq, self.clock(), json.dumps(TASK_NAMES),
+                            json.dumps(tables["queues"]))]
                 size = 0
                 for name in TABLES:
                     chunk.append(',\n"%s": [' % name)
@@ -1686,67 +1898,167 @@ class DirLock:
 # Scheduling and delivery: the due-time queue, workers, rate limit
 # --------------------------------------------------------------------------
 
-class DueQueue(queue.PriorityQueue):
-    """A PriorityQueue of ``(due_ns, seq, task_id, version)`` whose ``get_due``
-    sleeps until the head is due.
+class _Gate:
+    """One queue's dispatch state inside the DueQueue (guarded by its mutex):
+    its ready heap of due entries by priority, and what may hold them."""
 
-    Waits use the queue's own ``not_empty`` Condition against the head's due
-    time: a put of an earlier task notifies a waiter, which recomputes its
-    sleep.  Nothing polls.  ``seq`` breaks ties so that ids never compare.
-    Stale entries (a task cancelled or rescheduled since) are the caller's to
-    skip, by comparing versions.  ``hold()`` pauses dispatch, ``close()`` ends it.
+    __slots__ = ("ready", "paused", "concurrency", "in_flight", "rate", "burst", "tokens",
+                 "stamp")
+
+    def __init__(self):
+        self.ready = []          # (-priority, due_ns, seq, entry): due, waiting for a worker
+        self.paused = False
+        self.concurrency = None  # at most this many entries taken and not done
+        self.in_flight = 0
+        self.rate = None         # entries per second (token bucket), None: unlimited
+        self.burst = 1.0
+        self.tokens = 1.0
+        self.stamp = 0
+
+
+class DueQueue(queue.PriorityQueue):
+    """The queue.PriorityQueue of scheduled entries that workers consume.
+
+    An entry is ``(due_ns, seq, task_id, version, queue, priority)``.  It waits
+    in the due-time heap (``self.queue``) until its time, then moves to its
+    queue's ready heap, where the highest priority, then the earliest due, then
+    the earliest queued goes first.  ``get_due`` takes the best ready entry of
+    the queues that may run now: not paused, under their concurrency, with a
+    rate token.  A held queue keeps its ready heap and is simply not in
+    ``_runnable``: held entries cost a worker nothing, and block no other queue.
+
+    Waits use the queue's own ``not_empty`` Condition against the next due
+    time or the next rate token: a put of a new earliest entry, a resumed
+    queue, a freed slot wake one waiter, which recomputes its sleep.  Nothing
+    polls.  ``seq`` breaks ties so that ids never compare.  Stale entries (a
+    task cancelled or rescheduled since) are the caller's to skip, by comparing
+    versions; the caller says ``done(queue)`` for every entry it took.
+    ``hold()`` pauses all dispatch, ``close()`` ends it.
     """
 
     def __init__(self, clock=time.time_ns):
         super().__init__()
         self.clock = clock
         self._seq = itertools.count()
-        self._held = False     # guarded by self.mutex
-        self._closed = False   # guarded by self.mutex
+        self._held = False     # guarded by self.mutex, as everything below
+        self._closed = False
+        self._gates = {}       # queue name -> _Gate
+        self._runnable = set()  # names of gates that are open and have ready entries
+        self._throttled = []   # heap of (ns when a token is back, queue name)
 
-    def put_task(self, due_ns, task_id, version):
+    def _gate(self, name):
+        gate = self._gates.get(name)
+        if gate is None:
+            gate = self._gates[name] = _Gate()
+        return gate
+
+    def _update(self, name, gate, now):
+        """Is the gate runnable now?  A rate-limited one without a token is
+        throttled until its next token instead."""
+        runnable = bool(gate.ready) and not gate.paused and (
+            gate.concurrency is None or gate.in_flight < gate.concurrency)
+        if runnable and gate.rate is not None:
+            gate.tokens = min(gate.burst, gate.tokens + (now - gate.stamp) * gate.rate / 1e9)
+            gate.stamp = now
+            if gate.tokens < 1:
+                runnable = False
+                heapq.heappush(self._throttled,
+                               (now + int((1 - gate.tokens) / gate.rate * 1e9) + 1, name))
+        if runnable:
+            self._runnable.add(name)
+        else:
+            self._runnable.discard(name)
+
+    def configure(self, name, paused=False, concurrency=None, rate=None, burst=None):
+        """Set a queue's dispatch settings; the others' waits are woken to see them."""
+        with self.mutex:
+            gate = self._gate(name)
+            gate.paused, gate.concurrency = bool(paused), concurrency
+            if rate != gate.rate:
+                gate.rate = rate
+                gate.burst = float(burst if burst else max(1.0, rate or 1.0))
+                gate.tokens, gate.stamp = gate.burst, self.clock()
+            elif burst:
+                gate.burst = float(burst)
+            self._update(name, gate, self.clock())
+            self.not_empty.notify_all()
+
+    def put_task(self, due_ns, task_id, version, queue="default", priority=0):
         """Queue an entry in O(log n).  A sleeping worker is woken only when the
         entry is the new head: the others' waits are still right."""
-        item = (due_ns, next(self._seq), task_id, version)
+        item = (due_ns, next(self._seq), task_id, version, queue, priority)
         with self.mutex:
             wake = not self._held and (not self.queue or item < self.queue[0])
             heapq.heappush(self.queue, item)
             if wake:
                 self.not_empty.notify()
 
+    def put_entry(self, due_ns, entry):
+        """Queue again, due at ``due_ns``, an entry that get_due gave."""
+        self.put_task(due_ns, entry[2], entry[3], entry[4], entry[5])
+
     def get_due(self):
-        """Block until an entry is due (and not held); return it, or None once closed."""
+        """Block until an entry may run; return it, or None once closed."""
         with self.not_empty:
             while True:
                 if self._closed:
                     return None
-                if self._held or not self._qsize():
+                now = self.clock()
+                while self.queue and self.queue[0][0] <= now:
+                    entry = heapq.heappop(self.queue)
+                    gate = self._gate(entry[4])
+                    heapq.heappush(gate.ready, (-entry[5], entry[0], entry[1], entry))
+                    if entry[4] not in self._runnable:
+                        self._update(entry[4], gate, now)
+                while self._throttled and self._throttled[0][0] <= now:
+                    name = heapq.heappop(self._throttled)[1]
+                    self._update(name, self._gates[name], now)
+                if not self._held and self._runnable:
+                    name = min(self._runnable, key=lambda n: self._gates[n].ready[0])
+                    gate = self._gates[name]
+                    entry = heapq.heappop(gate.ready)[3]
+                    gate.in_flight += 1
+                    if gate.rate is not None:
+                        gate.tokens -= 1
+                    self._update(name, gate, now)
+                    if self._runnable or (self.queue and self.queue[0][0] <= now):
+                        self.not_empty.notify()  # more may run: the next worker looks
+                    return entry
+                times = [heap[0][0] for heap in (self.queue, self._throttled) if heap]
+                if self._held or not times:
                     self.not_empty.wait()
-                    continue
-                delay = self.queue[0][0] - self.clock()
-                if delay > 0:
-                    self.not_empty.wait(delay / 1e9)
-                    continue
-                item = self._get()
-                if self._qsize():
-                    self.not_empty.notify()  # the next head may be due too
-                self.not_full.notify()
-                return item
+                else:  # until the next entry is due, or the next rate token is back
+                    self.not_empty.wait(max(0, min(times) - now) / 1e9)
+
+    def done(self, name):
+        """An entry of queue ``name`` that get_due gave is finished (or skipped)."""
+        with self.mutex:
+            gate = self._gate(name)
+            gate.in_flight -= 1
+            was = name in self._runnable
+            self._update(name, gate, self.clock())
+            if name in self._runnable and not was and not self._held:
+                self.not_empty.notify()
+
+    def queue_stats(self):
+        """{queue: (ready entries, in flight)}, for GET /queues and /metrics."""
+        with self.mutex:
+            return {name: (len(g.ready), g.in_flight) for name, g in self._gates.items()}
 
     # queue.PriorityQueue's own put/get would bypass hold() and close(): they are these
     def put(self, item, block=True, timeout=None):
-        """Queue ``(due_ns, task_id, version)``: the same as put_task."""
+        """Queue ``(due_ns, task_id, version[, queue, priority])``: as put_task."""
         self.put_task(*item)
 
     def get(self, block=True, timeout=None):
-        """The next due entry, as get_due (the queue never blocks a putter)."""
+        """The next entry that may run, as get_due (the queue never blocks a putter)."""
         return self.get_due()
 
     def put_many(self, entries):
-        """Queue many ``(due_ns, task_id, version)`` at once: O(n), for a start."""
+        """Queue many ``(due_ns, task_id, version, queue, priority)`` at once: O(n)."""
         with self.mutex:
-            self.queue.extend((due, next(self._seq), task_id, version)
-                              for due, task_id, version in entries)
+            self.queue.extend((due, next(self._seq), task_id, version, queue, priority)
+                              for due, task_id, version, queue, priority in entries)
             heapq.heapify(self.queue)
             if not self._held:
                 self.not_empty.notify_all()
@@ -1913,7 +2225,7 @@ class Breakers:
             if breaker.probing:
                 breaker.held.append(entry)
             else:
-                self.due.put_task(breaker.open_until, entry[2], entry[3])
+                self.due.put_entry(breaker.open_until, entry)
             return False
 
     def record(self, origin, unavailable):
@@ -1927,7 +2239,7 @@ class Breakers:
                     logger.info("%s answers again: circuit closed, %d held tasks released",
                                 origin, len(breaker.held))
                     for entry in breaker.held:
-                        self.due.put_task(self.clock(), entry[2], entry[3])
+                        self.due.put_entry(self.clock(), entry)
                 return
             count = self._failures[origin] = self._failures.get(origin, 0) + 1
             now = self.clock()
@@ -1941,7 +2253,7 @@ class Breakers:
                 breaker.backoff = min(breaker.backoff * 2, BREAKER_MAX_PROBE)
                 breaker.open_until = now + int(breaker.backoff * 1e9)
                 for entry in breaker.held:
-                    self.due.put_task(breaker.open_until, entry[2], entry[3])
+                    self.due.put_entry(breaker.open_until, entry)
                 breaker.held = []
 
 
@@ -2306,7 +2618,7 @@ class Delivery:
                 headers["webhook-signature"] = sign(self.auth_key, task.id, stamp, body)
         return urllib.request.Request(task.url, data=body, headers=headers, method="POST")
 
-    def attempt(self, task):
+    def attempt(self, task, timeout=None):
         """POST the task once; return an Outcome.  Never raises for network faults."""
         tries = task.tries + 1
         req_id = new_id(6)
@@ -2315,7 +2627,7 @@ class Delivery:
         retry_after = None
         try:
             req = self.request(task, tries, req_id)
-            response = self.opener.open(req, timeout=task.timeout_s or self.timeout)
+            response = self.opener.open(req, timeout=task.timeout_s or timeout or self.timeout)
             if response is None:
                 raise urllib.error.URLError("unsupported URL scheme")
             try:
@@ -2429,14 +2741,16 @@ class Dispatcher:
             spec = self._specs[schedule] = CronSpec(schedule, self.cron_tz)
         return spec
 
-    def backoff(self, tries, retry_after=None):
-        """Seconds before attempt ``tries + 1``: min * 4**(tries-1), jittered, capped."""
-        delay = self.min_backoff * 4.0 ** min(tries - 1, 64)
+    def backoff(self, tries, retry_after=None, policy=None):
+        """Seconds before attempt ``tries + 1``: min * 4**(tries-1), jittered, capped
+        (``policy``: the task's queue settings, over the daemon's)."""
+        policy = policy or {}
+        delay = policy.get("min_backoff", self.min_backoff) * 4.0 ** min(tries - 1, 64)
         with self._rng_lock:
             delay *= self.rng.uniform(1 - JITTER, 1 + JITTER)
         if retry_after is not None:
             delay = max(delay, retry_after)
-        return min(delay, self.max_backoff)
+        return min(delay, policy.get("max_backoff", self.max_backoff))
 
     def _work(self):
         try:
@@ -2446,38 +2760,48 @@ class Dispatcher:
 
     def _work_loop(self):
         while not self._stopping.is_set():
-            item = self.due.get_due()
-            if item is None:
+            entry = self.due.get_due()
+            if entry is None:
                 return
-            _, _, task_id, version = item
-            if self.limiter is not None and not self.limiter.acquire(self._stopping):
-                return
-            task = self.store.claim(task_id, version)
-            if task is None:
-                continue  # cancelled, redriven or rescheduled since it was queued
-            origin = origin_of(task.url)
-            if not self.breakers.admit(origin, item):
-                self.store.release(task_id)
-                continue
             try:
-                self._deliver(task, version, origin)
-            except Exception:  # a bug here must not kill the worker or lose the task
-                logger.exception("unexpected error delivering task %s", task_id)
-                self.store.release(task_id)
-                self.due.put_task(self.clock() + int(self.min_backoff * 1e9), task_id, version)
+                self._take(entry)
+            finally:
+                self.due.done(entry[4])  # its queue's slot is free again
+
+    def _take(self, entry):
+        """Claim and deliver one entry that the DueQueue gave."""
+        task_id, version = entry[2], entry[3]
+        if self.limiter is not None and not self.limiter.acquire(self._stopping):
+            self.due.put_entry(entry[0], entry)  # stopping: it stays queued
+            return
+        task = self.store.claim(task_id, version)
+        if task is None:
+            return  # cancelled, redriven or rescheduled since it was queued
+        origin = origin_of(task.url)
+        if not self.breakers.admit(origin, entry):
+            self.store.release(task_id)
+            return
+        try:
+            self._deliver(task, version, origin)
+        except Exception:  # a bug here must not kill the worker or lose the task
+            logger.exception("unexpected error delivering task %s", task_id)
+            self.store.release(task_id)
+            self.due.put_entry(self.clock() + int(self.min_backoff * 1e9), entry)
 
     def _deliver(self, task, version, origin):
-        outcome = self.delivery.attempt(task)
+        policy = self.store.queue_settings(task.queue)  # a task's fields > its queue > flags
+        outcome = self.delivery.attempt(task, policy.get("timeout_s"))
         self.breakers.record(origin, outcome.status in UNAVAILABLE and
                              outcome.status != task.expected)
         ok = outcome.status == task.expected
         self.stats.inc("attempts_" + ("success" if ok else
                                       "error" if outcome.status < 0 else "failure"))
         self.stats.observe(outcome.duration)
-        self.stats.inc("origin_attempts", key=(origin, "success" if ok else
-                                               "error" if outcome.status < 0 else "failure"))
+        result = "success" if ok else "error" if outcome.status < 0 else "failure"
+        self.stats.inc("origin_attempts", key=(origin, result))
+        self.stats.inc("queue_attempts", key=(task.queue, result))
         buried, next_run, attempt = [], [], task.tries + 1
-        table, records = self.decide(task, outcome, buried, next_run)  # on our copy, no lock
+        table, records = self.decide(task, outcome, buried, next_run, policy)  # on our copy
         table = self.store.settle(task, table, records)
         if table is None:
             buried = []  # cancelled or redriven meanwhile: nothing died
@@ -2506,12 +2830,15 @@ class Dispatcher:
                        attempt, task.url, outcome.status, outcome.duration * 1000,
                        fields["error"].replace("\n", " ")[:200], what, extra=fields)
 
-    def decide(self, task, outcome, buried, next_run=None):
+    def decide(self, task, outcome, buried, next_run=None, policy=None):
         """Apply an attempt's outcome to ``task`` (the worker's claimed copy: no lock).
 
-        Returns ``(table, copies)`` for Store.finish; dead records go in
+        Returns ``(table, copies)`` for Store.settle; dead records go in
         ``buried``, and the time of the next attempt (if any) in ``next_run``.
+        ``policy``: the task's queue settings (max_tries, backoffs).
         """
+        policy = policy or {}
+        max_tries = task.max_tries or policy.get("max_tries") or self.max_tries
         now = self.clock()
         task.tries += 1
         task.last_run = outcome.started
@@ -2527,26 +2854,26 @@ class Dispatcher:
         task.last_error_status_code = outcome.status
         task.last_error_body = None if error is None else clip_error_body(error)
         if task.schedule:
-            decision = self._decide_cron(task, outcome, error, now, buried)
+            decision = self._decide_cron(task, outcome, error, now, buried, max_tries, policy)
         elif error is None:
             decision = "success", []
-        elif outcome.status == 410 or task.tries >= (task.max_tries or self.max_tries):
+        elif outcome.status == 410 or task.tries >= max_tries:
             buried.append(task.to_json())
             decision = "dead", []
         else:
-            task.next_run = now + int(self.backoff(task.tries, outcome.retry_after) * 1e9)
+            task.next_run = now + int(
+                self.backoff(task.tries, outcome.retry_after, policy) * 1e9)
             decision = "waiting", []
         if next_run is not None and decision[0] == "waiting":
             next_run.append(task.next_run)
         return decision
 
-    def _decide_cron(self, task, outcome, error, now, buried):
+    def _decide_cron(self, task, outcome, error, now, buried, max_tries, policy):
         """A cron run: success or a spent run leaves a copy; the schedule goes on."""
         following = self.spec(task.schedule).next_after(max(now, task.next_scheduled_run))
         if error is not None and following is not None:
-            retry_at = now + int(self.backoff(task.tries, outcome.retry_after) * 1e9)
-            if (outcome.status != 410 and retry_at < following
-                    and task.tries < (task.max_tries or self.max_tries)):
+            retry_at = now + int(self.backoff(task.tries, outcome.retry_after, policy) * 1e9)
+            if outcome.status != 410 and retry_at < following and task.tries < max_tries:
                 task.next_run = retry_at
                 return "waiting", []
         record = task.copy(id=new_id(), cron_id=task.id, schedule="", idempotency_key=None)
@@ -2614,12 +2941,38 @@ ENQUEUE_PARAMS = (
           "headers must be an object of at most 64 strings"),
     Param("idempotency_key", {"type": "string", "minLength": 1, "maxLength": 200},
           "idempotency_key must be a string of 1 to 200 characters"),
+    Param("queue", {"type": "string", "pattern": "[a-z0-9_-]{1,64}"},
+          "queue must be 1 to 64 of a-z, 0-9, _ and -"),
+    Param("priority", {"type": "integer", "minimum": -100, "maximum": 100},
+          "priority must be a whole number from -100 to 100 (higher runs first)"),
+    Param("ordering_key", {"type": "string", "minLength": 1, "maxLength": 200},
+          "ordering_key must be a string of 1 to 200 characters"),
+    Param("name", {"type": "string", "minLength": 1, "maxLength": 200},
+          "name must be a string of 1 to 200 characters, on a task with a schedule"),
 )
 ENQUEUE = {param.name: param for param in ENQUEUE_PARAMS}
+
+QUEUE_PARAMS = (  # a queue's settings; a task's own fields override them, they the flags
+    Param("rate", {"type": "number", "minimum": 0.001, "maximum": 1000000},
+          "rate must be a positive number of attempts per second"),
+    Param("burst", {"type": "number", "minimum": 1, "maximum": 1000000},
+          "burst must be a number of attempts, at least 1"),
+    Param("concurrency", {"type": "integer", "minimum": 1, "maximum": 100000},
+          "concurrency must be a whole number of attempts at once, at least 1"),
+    Param("max_tries", ENQUEUE["max_tries"].schema, ENQUEUE["max_tries"].message),
+    Param("min_backoff", {"type": "number", "minimum": 0.001, "maximum": 31536000},
+          "min_backoff must be a positive number of seconds"),
+    Param("max_backoff", {"type": "number", "minimum": 0.001, "maximum": 31536000},
+          "max_backoff must be a positive number of seconds"),
+    Param("timeout_s", ENQUEUE["timeout_s"].schema, ENQUEUE["timeout_s"].message),
+    Param("paused", {"type": "boolean"}, "paused must be true or false"),
+)
+QUEUE = {param.name: param for param in QUEUE_PARAMS}
 RUN_OVERRIDES = ("url", "payload", "json", "headers", "max_tries")  # POST /tasks/<id>/run
 
 _JSON_TYPES = {"string": lambda v: isinstance(v, str), "integer": lambda v: _is_int(v),
-               "number": lambda v: _is_number(v), "object": lambda v: isinstance(v, dict)}
+               "number": lambda v: _is_number(v), "object": lambda v: isinstance(v, dict),
+               "boolean": lambda v: isinstance(v, bool)}
 
 
 def fits(value, schema):
@@ -2632,7 +2985,8 @@ def fits(value, schema):
     if _is_number(value):
         return schema.get("minimum", value) <= value <= schema.get("maximum", value)
     if isinstance(value, str):
-        return schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
+        return (schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
+                and ("pattern" not in schema or re.fullmatch(schema["pattern"], value)))
     if isinstance(value, dict):
         inner = schema.get("additionalProperties", {})
         return (len(value) <= schema.get("maxProperties", len(value))
@@ -2640,9 +2994,11 @@ def fits(value, schema):
     return True
 
 
-def checked(doc, names):
+def checked(doc, names, params=None):
     """The fields ``names`` of a body that are present and not null, each checked
-    against its Param; unknown fields and misfits are a 400 naming the field."""
+    against its Param (of ENQUEUE, or ``params``); unknown fields and misfits
+    are a 400 naming the field."""
+    params = params or ENQUEUE
     unknown = sorted(set(doc) - set(names))
     if unknown:
         raise HTTPError(400, "unknown field(s): %s" % ", ".join(u[:50] for u in unknown[:10]),
@@ -2651,8 +3007,8 @@ def checked(doc, names):
     for name in names:
         value = doc.get(name)
         if value is not None or name == "json" and name in doc:  # json: null is a value
-            if not fits(value, ENQUEUE[name].schema):
-                raise HTTPError(400, ENQUEUE[name].message, field=name)
+            if not fits(value, params[name].schema):
+                raise HTTPError(400, params[name].message, field=name)
             values[name] = value
     return values
 
@@ -2722,7 +3078,11 @@ class Route(collections.namedtuple("Route", "method pattern handler summary stat
 
 
 PAGING = (("limit", "integer", "page size, 0-100000 (default: every task, streamed)"),
-          ("offset", "integer", "tasks to skip (default 0)"))
+          ("offset", "integer", "tasks to skip (default 0)"),
+          ("queue", "string", "only the tasks of this queue"),
+          ("url_prefix", "string", "only the tasks whose URL starts with this"),
+          ("q", "string", "only the tasks whose id, URL or idempotency key contains this "
+                          "(case-insensitive)"))
 
 
 class Raw(collections.namedtuple("Raw", "content_type body")):
@@ -2760,7 +3120,9 @@ class Api:
     ROUTES = (
         Route("GET", "/", "status", "Daemon status: paused, in flight, table counts", (200,)),
         Route("POST", "/", "enqueue", "Enqueue a task (201), or find its twin (200)",
-              (200, 201, 400, 411, 413, 503, 507), body="EnqueueRequest"),
+              (200, 201, 400, 413, 503, 507), body="EnqueueRequest"),
+        Route("POST", "/batch", "batch", "Enqueue 1 to 1000 tasks, all or nothing",
+              (201, 400, 413, 503, 507), body="BatchRequest"),
         Route("GET", "/waiting", "list_waiting", "Pending tasks, cron included, by next_run",
               (200, 400), PAGING),
         Route("GET", "/success", "list_success", "The newest successful tasks", (200, 400),
@@ -2776,12 +3138,23 @@ class Api:
                            ("n", "integer", "how many runs, 1-100 (default 5)"))),
         Route("POST", "/pause", "pause", "Stop dispatching (enqueues still accepted)", (200,)),
         Route("POST", "/resume", "resume", "Resume dispatching", (200,)),
-        Route("GET", "/tasks/{id}", "get_task", "One task, with its state", (200, 404)),
+        Route("GET", "/tasks/{id}", "get_task",
+              "One task, with its state (an id prefix of 6+ hex characters will do)",
+              (200, 400, 404, 409)),
         Route("DELETE", "/tasks/{id}", "delete_task", "Cancel a task or drop its record",
-              (200, 404, 503)),
+              (200, 400, 404, 409, 503)),
         Route("POST", "/tasks/{id}/run", "run_task",
               "Run a waiting task now, or redrive a dead one (optional overrides)",
-              (200, 400, 404, 411, 413, 503), body="RunRequest"),
+              (200, 400, 404, 409, 413, 503, 507), body="RunRequest"),
+        Route("GET", "/queues", "list_queues", "Every queue: settings, counts, lag", (200,)),
+        Route("GET", "/queues/{name}", "get_queue", "One queue", (200, 404)),
+        Route("PUT", "/queues/{name}", "put_queue", "Change a queue's settings (partial)",
+              (200, 400, 413, 503), body="QueueSettings"),
+        Route("DELETE", "/queues/{name}", "delete_queue", "Remove a queue that holds no task",
+              (200, 400, 404, 409, 503)),
+        Route("POST", "/queues/{name}/pause", "pause_queue", "Pause one queue", (200, 400, 503)),
+        Route("POST", "/queues/{name}/resume", "resume_queue", "Resume one queue",
+              (200, 400, 503)),
         Route("GET", "/healthz", "healthz",
               "200 when serving and storage is healthy, else 503; no API key needed",
               (200, 503)),
@@ -2800,8 +3173,8 @@ class Api:
         self._good_urls = {}   # a cache of URLs that passed check_url (the rules never change)
         self._routes = []
         for route in self.ROUTES:
-            regex = re.compile("^" + re.escape(route.pattern).replace(r"\{id\}", "(?P<id>[^/]+)")
-                               + "$")
+            regex = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)",
+                                      re.escape(route.pattern)) + r"\Z")
             self._routes.append((route.method, regex, getattr(self, route.handler)))
 
     # -- the boundary ----------------------------------------------------------
@@ -2828,6 +3201,8 @@ class Api:
             answer = {"error": exc.message}
             if exc.field is not None:
                 answer["field"] = exc.field
+            if exc.index is not None:
+                answer["index"] = exc.index
             return exc.status, answer, exc.headers
         except PersistError as exc:
             logger.error("refused a change that cannot be persisted: %s", exc)
@@ -3003,8 +3378,12 @@ class Api:
                     next_run=self._first_run(values, now), max_tries=values.get("max_tries"),
                     timeout_s=values.get("timeout_s"),
                     headers=self.check_headers(values["headers"]) if "headers" in values else None,
-                    idempotency_key=key)
+                    idempotency_key=key, queue=values.get("queue", "default"),
+                    priority=values.get("priority", 0), ordering_key=values.get("ordering_key"),
+                    name=values.get("name"))
         schedule = values.get("schedule", "")
+        if task.name is not None and not schedule:
+            raise HTTPError(400, "name is for cron tasks: give a schedule too", field="name")
         if schedule:
             spec = self.cron_spec(schedule, "schedule")
             first = spec.next_after(task.next_run - 1)
@@ -3012,7 +3391,7 @@ class Api:
                 raise HTTPError(400, "schedule %r matches no time in the next %d years"
                                 % (schedule, CRON_HORIZON_YEARS), field="schedule")
             task.schedule = schedule
-            task.id = cron_id(url, payload, schedule)
+            task.id = named_cron_id(task.name) if task.name else cron_id(url, payload, schedule)
             task.next_run = task.next_scheduled_run = first
         return task
 
@@ -3046,17 +3425,32 @@ class Api:
     def enqueue(self, headers, read_body, **_):
         doc = self._body_json(read_body)
         task = self.new_task(doc, headers, self.clock())
-        task, created, body = self.store.add(task)
-        if created:
+        task, outcome, body = self.store.add(task)
+        if outcome == "created":
             logger.debug("task %s queued for %s%s", task.id, task.url,
-                        " (%s)" % task.schedule if task.schedule else "")
-        return ((201 if created else 200), Raw("application/json", body + b"\n"),
+                         " (%s)" % task.schedule if task.schedule else "")
+        elif outcome == "replaced":  # a named cron given a new schedule, URL or payload
+            body = body[:-1] + b',"replaced":true}'
+        return ((201 if outcome == "created" else 200), Raw("application/json", body + b"\n"),
                 {"Poussetaches-Task-ID": task.id})
 
     def _listing(self, table, query):
+        unknown = sorted(set(query) - {name for name, _, _ in PAGING})
+        if unknown:
+            raise HTTPError(400, "unknown query parameter(s): %s; use %s" % (
+                ", ".join(u[:50] for u in unknown[:5]), ", ".join(n for n, _, _ in PAGING)))
         limit = self._int_param(query, "limit", None, 0, MAX_LIST_LIMIT)
         offset = self._int_param(query, "offset", 0, 0, 10 ** 9)
-        total, pieces = self.store.listing(table, limit, offset)
+        match = None
+        filters = {name: query[name][-1] for name in ("queue", "url_prefix", "q") if name in query}
+        if filters:
+            queue_name, prefix = filters.get("queue"), filters.get("url_prefix", "")
+            text = filters.get("q", "").lower()
+            match = lambda t: ((queue_name is None or t.queue == queue_name)
+                               and t.url.startswith(prefix)
+                               and (not text or text in t.id or text in t.url.lower()
+                                    or text in (t.idempotency_key or "").lower()))
+        total, pieces = self.store.listing(table, limit, offset, match)
         head = '{"total":%d,"limit":%s,"offset":%d,"tasks":[' % (
             total, "null" if limit is None else limit, offset)
         return 200, Stream("application/json", _json_list(head, pieces, "]}\n")), {}
@@ -3106,10 +3500,95 @@ class Api:
         return 200, {"paused": False}, {}
 
     def _task_id(self, params):
+        """The task id of a path: a whole id, or a unique prefix of 6+ hex characters."""
         task_id = params["id"]
         if not _TASK_ID.fullmatch(task_id):
             raise HTTPError(404, "no task with id %r" % task_id[:80])
+        if len(task_id) < 32 and re.fullmatch("[0-9a-f]+", task_id):
+            found = self.store.resolve(task_id)
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise HTTPError(409, "%r is the start of several task ids: give more of it"
+                                % task_id)
+            if len(task_id) < 6:
+                raise HTTPError(400, "give at least 6 characters of a task id, not %r" % task_id)
         return task_id
+
+    def batch(self, headers, read_body, **_):
+        doc = self._body_json(read_body)
+        items = doc.get("tasks")
+        if set(doc) != {"tasks"} or not isinstance(items, list) or not 1 <= len(items) <= 1000:
+            raise HTTPError(400, 'the body must be {"tasks": [1 to 1000 enqueue bodies]}',
+                            field="tasks")
+        now, tasks = self.clock(), []
+        for index, item in enumerate(items):
+            try:
+                if not isinstance(item, dict):
+                    raise HTTPError(400, "a task must be a JSON object")
+                tasks.append(self.new_task(item, {}, now))
+            except HTTPError as exc:
+                raise HTTPError(400, "tasks[%d]: %s" % (index, exc.message),
+                                field=exc.field, index=index) from None
+        results = self.store.add_many(tasks)
+        return 201, {"tasks": [dict({"id": task.id, "created": outcome == "created"},
+                                    **({"replaced": True} if outcome == "replaced" else {}))
+                               for task, outcome, _ in results]}, {}
+
+    # -- queues ------------------------------------------------------------------
+
+    def _queue_view(self, name):
+        found = self.store.queues(self.clock(), name)
+        if not found:
+            raise HTTPError(404, "no queue %r" % name[:80])
+        in_flight = self.due.queue_stats().get(name, (0, 0))[1]
+        return dict(found[0], in_flight=in_flight)
+
+    @staticmethod
+    def _queue_name(params):
+        name = params["name"]
+        if not fits(name, ENQUEUE["queue"].schema):
+            raise HTTPError(400, ENQUEUE["queue"].message, field="queue")
+        return name
+
+    def list_queues(self, **_):
+        flights = self.due.queue_stats()
+        return 200, {"queues": [dict(q, in_flight=flights.get(q["name"], (0, 0))[1])
+                                for q in self.store.queues(self.clock())]}, {}
+
+    def get_queue(self, params, **_):
+        return 200, self._queue_view(params["name"]), {}
+
+    def put_queue(self, params, read_body, **_):
+        name = self._queue_name(params)
+        doc = self._body_json(read_body)
+        changes = checked(doc, QUEUE, QUEUE)
+        changes.update((key, None) for key in doc if doc[key] is None)  # null: the default
+        merged = dict(self.store.queue_settings(name), **changes)
+        if merged.get("min_backoff", 0) > merged.get("max_backoff", float("inf")):
+            raise HTTPError(400, "min_backoff must not be above max_backoff",
+                            field="min_backoff")
+        self.store.set_queue(name, changes)
+        return 200, self._queue_view(name), {}
+
+    def delete_queue(self, params, **_):
+        done = self.store.delete_queue(self._queue_name(params))
+        if done is None:
+            raise HTTPError(404, "no queue %r" % params["name"][:80])
+        if not done:
+            raise HTTPError(409, "queue %s still holds waiting tasks: cancel or deliver them "
+                            "first" % params["name"])
+        return 200, {"deleted": params["name"]}, {}
+
+    def pause_queue(self, params, **_):
+        self.store.set_queue(self._queue_name(params), {"paused": True})
+        logger.info("queue %s paused", params["name"])
+        return 200, self._queue_view(params["name"]), {}
+
+    def resume_queue(self, params, **_):
+        self.store.set_queue(self._queue_name(params), {"paused": None})
+        logger.info("queue %s resumed", params["name"])
+        return 200, self._queue_view(params["name"]), {}
 
     def get_task(self, params, **_):
         state, view = self.store.get(self._task_id(params))
@@ -3226,6 +3705,7 @@ def _label(value):
 _STATUS_TEXT = {200: "OK", 201: "Created", 400: "Bad input (the error names the field)",
                 401: "Missing or wrong API key", 404: "No such task or path",
                 405: "Wrong method (see Allow)", 408: "The body did not arrive in time",
+                409: "An id prefix of several tasks, or a queue that still holds tasks",
                 411: "A body without Content-Length",
                 413: "Body larger than --max-body",
                 403: "A browser-borne (cross-site) request, or a Host that is not this "
@@ -3287,15 +3767,18 @@ def openapi_document(routes):
                 responses["201"]["headers"] = {"Poussetaches-Task-ID": {
                     "schema": {"type": "string"}, "description": "the task id"}}
         else:
-            responses["200"]["content"] = {"application/json": {"schema": {"type": "object"}}}
+            responses[str(min(route.statuses))]["content"] = {
+                "application/json": {"schema": {"type": "object"}}}
         operation = {"operationId": route.handler, "summary": route.summary,
                      "responses": responses}
         if route.handler == "healthz":
             operation["security"] = []
         params = [{"name": name, "in": "query", "required": False, "schema": {"type": kind},
                    "description": text} for name, kind, text in route.params]
-        if "{id}" in route.pattern:
-            params.insert(0, task_id)
+        for name in re.findall(r"\{(\w+)\}", route.pattern):
+            params.insert(0, task_id if name == "id" else
+                          {"name": name, "in": "path", "required": True,
+                           "schema": ENQUEUE["queue"].schema})
         if route.handler == "enqueue":
             params.append({"name": "Idempotency-Key", "in": "header", "required": False,
                            "schema": {"type": "string", "maxLength": 200}})
@@ -3303,7 +3786,7 @@ def openapi_document(routes):
             operation["parameters"] = params
         if route.body:
             operation["requestBody"] = {
-                "required": route.body == "EnqueueRequest",
+                "required": route.body != "RunRequest",
                 "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/" + route.body}}}}
         paths.setdefault(route.pattern, {})[route.method.lower()] = operation
@@ -3331,6 +3814,14 @@ def openapi_document(routes):
                     "type": "object", "additionalProperties": False,
                     "properties": {name: _nullable(ENQUEUE[name].schema)
                                    for name in RUN_OVERRIDES}},
+                "BatchRequest": {
+                    "type": "object", "required": ["tasks"], "additionalProperties": False,
+                    "properties": {"tasks": {
+                        "type": "array", "minItems": 1, "maxItems": 1000,
+                        "items": {"$ref": "#/components/schemas/EnqueueRequest"}}}},
+                "QueueSettings": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {p.name: _nullable(p.schema) for p in QUEUE_PARAMS}},
                 "Task": {
                     "type": "object",
                     "properties": dict(

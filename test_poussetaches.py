@@ -3279,7 +3279,7 @@ class TestBreakerAndHooks(unittest.TestCase):
         for _ in range(5):
             breakers.record("http://a:80", True)
         self.assertEqual(breakers.open_origins(), ["http://a:80"])
-        self.assertFalse(breakers.admit("http://a:80", (0, 0, "t", 0)))
+        self.assertFalse(breakers.admit("http://a:80", (0, 0, "t", 0, "default", 0)))
         self.assertTrue(breakers.admit("http://b:80", (0, 0, "t", 0)))
         breakers.record("http://a:80", False)
         self.assertEqual(breakers.open_origins(), [])
@@ -3767,15 +3767,15 @@ class TestOperate(unittest.TestCase):
                 always = (403,) if route.handler == "healthz" else (401, 403)
                 self.assertEqual(set(op["responses"]), {str(c) for c in route.statuses + always})
                 names = {p["name"] for p in op.get("parameters", ())}
-                expected = {n for n, _, _ in route.params} | ({"id"} if "{id}" in route.pattern
-                                                             else set())
+                expected = {n for n, _, _ in route.params} | set(
+                    re.findall(r"\{(\w+)\}", route.pattern))
                 if route.handler == "enqueue":
                     expected.add("Idempotency-Key")
                 self.assertEqual(names, expected, route)
             # and against the live server: undocumented methods are 405 with the
             # documented ones in Allow; documented ones answer a documented status
             for path, ops in doc["paths"].items():
-                concrete = path.replace("{id}", "0" * 32)
+                concrete = path.replace("{id}", "0" * 32).replace("{name}", "some-queue")
                 allowed = sorted(m.upper() for m in ops)
                 for method in ("GET", "POST", "DELETE", "PUT", "PATCH"):
                     with self.subTest(path=path, method=method):
