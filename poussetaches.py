@@ -3504,15 +3504,16 @@ class Api:
         task_id = params["id"]
         if not _TASK_ID.fullmatch(task_id):
             raise HTTPError(404, "no task with id %r" % task_id[:80])
-        if len(task_id) < 32 and re.fullmatch("[0-9a-f]+", task_id):
+        if len(task_id) < 32 and re.fullmatch("[0-9a-f]+", task_id) \
+                and self.store.get(task_id)[0] is None:
+            if len(task_id) < 6:
+                raise HTTPError(400, "give at least 6 characters of a task id, not %r" % task_id)
             found = self.store.resolve(task_id)
             if len(found) == 1:
                 return found[0]
             if len(found) > 1:
                 raise HTTPError(409, "%r is the start of several task ids: give more of it"
                                 % task_id)
-            if len(task_id) < 6:
-                raise HTTPError(400, "give at least 6 characters of a task id, not %r" % task_id)
         return task_id
 
     def batch(self, headers, read_body, **_):

@@ -4,6 +4,7 @@ Run: python3 -m unittest -v
 """
 
 import base64
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -3225,6 +3226,263 @@ class TestAttackerFindings(unittest.TestCase):
             conn.close()
         finally:
             daemon.stop()
+
+
+class TestQueues(unittest.TestCase):
+    """Issue 12: queues, ordering keys, priorities, batches, named crons, filters."""
+
+    def test_paused_and_saturated_queues_do_not_block_others(self):
+        with receiver() as rx, running_daemon(workers=4) as d:
+            self.assertEqual(call(d.url, "POST", "/queues/held/pause")[0], 200)
+            status, _, q = call(d.url, "PUT", "/queues/slow", {"concurrency": 1})
+            self.assertEqual((status, q["settings"]), (200, {"concurrency": 1}))
+            rx.answers["/slow"] = [(200, b"", {}, 1.0)]
+            for i in range(3):
+                call(d.url, "POST", "/", {"url": rx.url("/held"), "queue": "held"})
+                call(d.url, "POST", "/", {"url": rx.url("/slow"), "queue": "slow"})
+            rx.wait_for(1, path="/slow")
+            started = time.monotonic()
+            for i in range(5):
+                call(d.url, "POST", "/", {"url": rx.url("/fast"), "queue": "fast"})
+            rx.wait_for(5, path="/fast")
+            self.assertLess(time.monotonic() - started, 0.9)  # not behind the slow ones
+            self.assertEqual(len([g for g in rx.got if g["path"] == "/held"]), 0)
+            slow = call(d.url, "GET", "/queues/slow")[2]
+            self.assertEqual(slow["in_flight"], 1)  # the one in flight is still waiting
+            self.assertIn(slow["waiting"], (2, 3))
+            held = call(d.url, "GET", "/queues/held")[2]
+            self.assertEqual((held["waiting"], held["due"], held["settings"]),
+                             (3, 3, {"paused": True}))
+            self.assertGreaterEqual(held["oldest_due_age_s"], 0)
+            self.assertEqual(call(d.url, "POST", "/queues/held/resume")[0], 200)
+            rx.wait_for(3, path="/held")
+            # at most one /slow at a time
+            got = [g["at"] for g in rx.wait_for(3, path="/slow", timeout=WAIT)]
+            self.assertTrue(all(b - a >= 0.9 for a, b in zip(got, got[1:])), got)
+
+    def test_per_queue_rate(self):
+        with receiver() as rx, running_daemon(workers=4) as d:
+            call(d.url, "PUT", "/queues/partner", {"rate": 10, "burst": 1})
+            started = time.time()
+            for i in range(20):
+                call(d.url, "POST", "/", {"url": rx.url("/partner"), "queue": "partner"})
+                call(d.url, "POST", "/", {"url": rx.url("/free")})
+            free = rx.wait_for(20, path="/free")
+            partner = rx.wait_for(20, path="/partner", timeout=WAIT)
+            span = partner[-1]["at"] - partner[0]["at"]
+            self.assertGreater(span, 1.6)   # 20 at 10/s, burst 1: about 1.9 s
+            self.assertLess(span, 3.5)
+            self.assertLess(free[-1]["at"] - started, 1.5)  # the other queue is not throttled
+
+    def test_ordering_keys(self):
+        with receiver() as rx, running_daemon(workers=4, max_tries=5,
+                                              min_backoff=0.02, max_backoff=0.05) as d:
+            for key in range(5):
+                rx.answers["/k%d/0" % key] = [(500, b"no"), (500, b"no"), (200, b"")]
+            for i in range(10):
+                for key in range(5):
+                    call(d.url, "POST", "/", {"url": rx.url("/k%d/%d" % (key, i)),
+                                              "ordering_key": "k%d" % key, "json": i})
+            rx.wait_for(50 + 10)  # 50 tasks, each key's first failing twice
+            wait_until(lambda: call(d.url, "GET", "/")[2]["waiting"] == 0, what="all done")
+            for key in range(5):
+                mine = [g for g in rx.got if g["path"].startswith("/k%d/" % key)]
+                order = [int(g["path"].split("/")[2]) for g in mine]
+                firsts = [i for i, n in enumerate(order) if n != 0]
+                self.assertEqual(order[firsts[0]:], list(range(1, 10)), order)  # in order
+                self.assertEqual(order[:3], [0, 0, 0])
+            # a dead head releases its key
+            rx.answers["/dies"] = [(500, b"no")]
+            call(d.url, "POST", "/", {"url": rx.url("/dies"), "ordering_key": "x",
+                                      "max_tries": 1})
+            call(d.url, "POST", "/", {"url": rx.url("/after-death"), "ordering_key": "x"})
+            rx.wait_for(1, path="/after-death")
+            self.assertEqual(call(d.url, "GET", "/")[2]["dead"], 1)
+
+    def test_no_overlap_within_a_key(self):
+        with receiver() as rx, running_daemon(workers=4) as d:
+            rx.answers["/o"] = [(200, b"", {}, 0.15)]
+            for i in range(4):
+                call(d.url, "POST", "/", {"url": rx.url("/o"), "ordering_key": "same"})
+            got = rx.wait_for(4, path="/o")
+            gaps = [b["at"] - a["at"] for a, b in zip(got, got[1:])]
+            self.assertTrue(all(gap >= 0.14 for gap in gaps), gaps)
+
+    def test_priority_then_fifo(self):
+        with receiver() as rx, running_daemon(workers=1, paused=True) as d:
+            rng = random.Random(SEED_UNIT)
+            sent = []
+            for i in range(30):
+                priority = rng.choice([-5, 0, 0, 3, 10])
+                call(d.url, "POST", "/", {"url": rx.url("/p/%d" % i), "priority": priority})
+                sent.append((priority, i))
+            call(d.url, "POST", "/resume")
+            got = [int(g["path"].split("/")[2]) for g in rx.wait_for(30)]
+            expected = [i for _, i in sorted(sent, key=lambda pi: (-pi[0], pi[1]))]
+            self.assertEqual(got, expected)
+            status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/x"), "priority": 101})
+            self.assertEqual((status, doc["field"]), (400, "priority"))
+
+    def test_batch(self):
+        with receiver() as rx, running_daemon(paused=True) as d:
+            body = {"tasks": [{"url": rx.url("/b/%d" % i)} for i in range(5)]
+                    + [{"url": rx.url("/b/key"), "idempotency_key": "k1"}] * 2}
+            status, _, doc = call(d.url, "POST", "/batch", body)
+            self.assertEqual(status, 201)
+            self.assertEqual([t["created"] for t in doc["tasks"]], [True] * 6 + [False])
+            self.assertEqual(doc["tasks"][5]["id"], doc["tasks"][6]["id"])
+            status, _, doc = call(d.url, "POST", "/batch", body)  # again: the keyed one is a twin
+            self.assertEqual([t["created"] for t in doc["tasks"]], [True] * 5 + [False] * 2)
+            bad = {"tasks": [{"url": rx.url("/ok")}, {"url": rx.url("/ok"), "max_tries": 0}]}
+            status, _, doc = call(d.url, "POST", "/batch", bad)
+            self.assertEqual((status, doc["index"], doc["field"]), (400, 1, "max_tries"))
+            self.assertEqual(call(d.url, "GET", "/")[2]["waiting"], 11)  # nothing of it
+            for wrong in ({}, {"tasks": []}, {"tasks": [{}] * 1001}, {"tasks": {}},
+                          {"tasks": [1]}, {"tasks": [{"url": rx.url("/")}], "x": 1}):
+                self.assertEqual(call(d.url, "POST", "/batch", wrong)[0], 400, wrong)
+            self.assertEqual(call(d.url, "POST", "/batch", body,
+                                  headers={"Origin": "http://evil.example"})[0], 403)
+
+    def test_batch_is_on_disk_before_the_answer(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        daemon = DaemonProcess(os.path.join(tmp, "d"), "--paused")
+        try:
+            body = {"tasks": [{"url": "http://127.0.0.1:9/b/%d" % i} for i in range(1000)]}
+            status, _, doc = call(daemon.url, "POST", "/batch", body)
+            self.assertEqual(status, 201)
+        finally:
+            daemon.kill()  # right after the answer
+        ids = {t["id"] for t in doc["tasks"]}
+        again = DaemonProcess(os.path.join(tmp, "d"), "--paused")
+        try:
+            listed = {t["id"] for t in call(again.url, "GET", "/waiting")[2]["tasks"]}
+        finally:
+            again.terminate()
+        self.assertEqual(listed, ids)
+
+    def test_named_cron_replaces_in_place(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "d")
+        with running_daemon(data_dir=data, paused=True) as d:
+            first = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/digest", "name": "digest",
+                                              "schedule": "0 7 * * *"})
+            self.assertEqual(first[0], 201)
+            same = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/digest", "name": "digest",
+                                             "schedule": "0 7 * * *"})
+            self.assertEqual((same[0], same[2].get("replaced")), (200, None))
+            new = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/digest", "name": "digest",
+                                            "schedule": "0 8 * * *"})
+            self.assertEqual((new[0], new[2]["id"], new[2]["replaced"]),
+                             (200, first[2]["id"], True))
+            crons = call(d.url, "GET", "/cron")[2]["tasks"]
+            self.assertEqual([(c["id"], c["schedule"]) for c in crons],
+                             [(first[2]["id"], "0 8 * * *")])
+            self.assertNotEqual(crons[0]["next_run"], first[2]["next_run"])
+            self.assertEqual(call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x",
+                                                       "name": "n"})[2]["field"], "name")
+        # the replacement is one journal record: a restart finds exactly one cron
+        with running_daemon(data_dir=data, paused=True) as d:
+            crons = call(d.url, "GET", "/cron")[2]["tasks"]
+            self.assertEqual([c["schedule"] for c in crons], ["0 8 * * *"])
+
+    def test_filters_and_prefixes(self):
+        with running_daemon(paused=True) as d:
+            ids = {}
+            for name, body in (("a", {"url": "http://127.0.0.1:9/mail/1", "queue": "mail"}),
+                               ("b", {"url": "http://127.0.0.1:9/mail/2", "queue": "mail",
+                                      "idempotency_key": "Order-77"}),
+                               ("c", {"url": "http://127.0.0.1:9/sitemap"})):
+                ids[name] = call(d.url, "POST", "/", body)[2]["id"]
+            get = lambda q: call(d.url, "GET", "/waiting?" + q)[2]
+            self.assertEqual(get("queue=mail")["total"], 2)
+            self.assertEqual(get("url_prefix=" + urllib_quote("http://127.0.0.1:9/site"))["total"], 1)
+            self.assertEqual([t["id"] for t in get("q=order-77")["tasks"]], [ids["b"]])
+            self.assertEqual(get("queue=mail&limit=1&offset=1")["total"], 2)
+            self.assertEqual(len(get("queue=mail&limit=1&offset=1")["tasks"]), 1)
+            self.assertEqual(call(d.url, "GET", "/waiting?bogus=1")[0], 400)
+            self.assertEqual(call(d.url, "GET", "/dead?queue=mail")[2]["total"], 0)
+            status, _, doc = call(d.url, "GET", "/tasks/" + ids["a"][:8])
+            self.assertEqual((status, doc["id"]), (200, ids["a"]))
+            self.assertEqual(call(d.url, "GET", "/tasks/" + ids["a"][:5])[0], 400)
+            # an ambiguous prefix: find two ids that share one
+            more = [call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/%d" % i})[2]["id"]
+                    for i in range(300)]
+            firsts = collections.Counter(i[:6] for i in more + list(ids.values()))
+            shared = [p for p, n in firsts.items() if n > 1]
+            if shared:
+                self.assertEqual(call(d.url, "GET", "/tasks/" + shared[0])[0], 409)
+            self.assertEqual(call(d.url, "GET", "/tasks/" + "0" * 31)[0], 404)
+
+    def test_queue_calls_and_bad_settings(self):
+        with running_daemon(paused=True) as d:
+            for body, field in (({"rate": 0}, "rate"), ({"concurrency": 1.5}, "concurrency"),
+                                ({"paused": "yes"}, "paused"), ({"bogus": 1}, "bogus"),
+                                ({"min_backoff": 5, "max_backoff": 1}, "min_backoff")):
+                status, _, doc = call(d.url, "PUT", "/queues/q", body)
+                self.assertEqual((status, doc.get("field")), (400, field), body)
+            self.assertEqual(call(d.url, "PUT", "/queues/Bad!", {})[0], 400)
+            self.assertEqual(call(d.url, "GET", "/queues/none")[0], 404)
+            call(d.url, "PUT", "/queues/q", {"rate": 5, "max_tries": 3})
+            status, _, q = call(d.url, "PUT", "/queues/q", {"rate": None, "timeout_s": 5})
+            self.assertEqual(q["settings"], {"max_tries": 3, "timeout_s": 5})
+            call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x", "queue": "q"})
+            self.assertEqual(call(d.url, "DELETE", "/queues/q")[0], 409)
+            names = [q["name"] for q in call(d.url, "GET", "/queues")[2]["queues"]]
+            self.assertEqual(names, ["default", "q"])
+            self.assertEqual(call(d.url, "PUT", "/queues/q", {},
+                                  headers={"Sec-Fetch-Site": "cross-site"})[0], 403)
+            call(d.url, "DELETE", "/waiting")  # 405, harmless
+            call(d.url, "DELETE", "/tasks/" + call(d.url, "GET", "/waiting?queue=q")[2]
+                 ["tasks"][0]["id"])
+            self.assertEqual(call(d.url, "DELETE", "/queues/q")[0], 200)
+            self.assertEqual(call(d.url, "GET", "/queues/q")[0], 404)
+
+    def test_queue_policy_and_state_survive_a_crash(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "d")
+        with receiver() as rx:
+            daemon = DaemonProcess(data, "--paused")
+            try:
+                call(daemon.url, "PUT", "/queues/slow", {"concurrency": 1, "max_tries": 1})
+                call(daemon.url, "POST", "/queues/slow/pause")
+                for i in range(3):
+                    call(daemon.url, "POST", "/", {"url": rx.url("/s/%d" % i), "queue": "slow",
+                                                   "ordering_key": "k"})
+            finally:
+                daemon.kill()
+            again = DaemonProcess(data)
+            try:
+                q = call(again.url, "GET", "/queues/slow")[2]
+                self.assertEqual(q["settings"], {"concurrency": 1, "max_tries": 1, "paused": True})
+                self.assertEqual(q["waiting"], 3)
+                call(again.url, "POST", "/queues/slow/resume")
+                got = [g["path"] for g in rx.wait_for(3)]
+                self.assertEqual(got, ["/s/0", "/s/1", "/s/2"])
+                call(again.url, "POST", "/", {"url": rx.url("/snap"), "queue": "slow",
+                                              "delay_s": 60})
+            finally:
+                self.assertEqual(again.terminate(), 0)  # a final snapshot
+            third = DaemonProcess(data, "--paused")
+            try:
+                q = call(third.url, "GET", "/queues/slow")[2]
+                self.assertEqual((q["settings"], q["waiting"]),
+                                 ({"concurrency": 1, "max_tries": 1}, 1))
+            finally:
+                third.terminate()
+
+    def test_held_tasks_cost_nothing_per_dispatch(self):
+        q = pt.DueQueue()
+        for n in range(100):
+            q.configure("held-%d" % n, paused=True)
+            for i in range(100):
+                q.put_task(0, "h-%d-%d" % (n, i), 0, "held-%d" % n)
+        q.put_task(0, "free", 0, "default")
+        entry = q.get_due()  # moves every due entry to its ready heap, once
+        self.assertEqual(entry[2], "free")
+        self.assertEqual(q._runnable, set())  # the 100 paused queues are not even looked at
 
 
 class RestartableReceiver(Receiver):
