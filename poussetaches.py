@@ -36,6 +36,7 @@ connections; one persister thread writes the tables to a snapshot.
 __version__ = "1.0.0"
 
 import argparse
+import asyncio
 import base64
 import binascii
 import bisect
@@ -4292,6 +4293,18 @@ class GetTask:
         return cls(**fields)
 
 
+def _answer(status, text):
+    """The JSON of an API answer; ClientError for a 4xx or 5xx, with its message."""
+    try:
+        doc = json.loads(text) if text else {}
+    except ValueError:
+        doc = {"error": text[:200].decode("utf-8", "replace")}
+    if status >= 400:
+        message = doc.get("error") if isinstance(doc, dict) else None
+        raise ClientError(status, "the daemon answered %d: %s" % (status, message or "?"))
+    return doc
+
+
 def api_url_of(text):
     """The daemon's URL from ``http://host:port``, ``host:port`` or a bare host
     (http assumed); ConfigError naming the value when it is none of those."""
@@ -4365,9 +4378,7 @@ class PousseTaches:
         """One API call; returns (status, headers, JSON; None unless ``parse``).
         Raises ClientError on 4xx/5xx, DaemonUnavailable when nothing answers."""
         data = None if body is None else json.dumps(body).encode()
-        hdrs = {"Content-Type": "application/json"} if data is not None else {}
-        if self.api_key:
-            hdrs["Authorization"] = "Bearer " + self.api_key
+        hdrs = self._head(data)
         hdrs.update(headers or {})
         conn = self._connection()
         try:
@@ -4382,30 +4393,44 @@ class PousseTaches:
             self.close()
         if not parse and response.status < 400:
             return response.status, response.headers, None
-        try:
-            doc = json.loads(text) if text else {}
-        except ValueError:
-            doc = {"error": text[:200].decode("utf-8", "replace")}
-        if response.status >= 400:
-            message = doc.get("error") if isinstance(doc, dict) else None
-            raise ClientError(response.status, "the daemon answered %d: %s"
-                              % (response.status, message or response.reason))
-        return response.status, response.headers, doc
+        return response.status, response.headers, _answer(response.status, text)
+
+    def _head(self, body):
+        """The request headers of a call with ``body`` (None: no body)."""
+        hdrs = {"Content-Type": "application/json"} if body is not None else {}
+        if self.api_key:
+            hdrs["Authorization"] = "Bearer " + self.api_key
+        return hdrs
 
     # -- the original client's methods ------------------------------------------
+
+    def _body(self, payload, path, expected=200, schedule="", delay=0, **extra):
+        """The enqueue body of push()'s arguments."""
+        body = {"url": self.base_url + path,
+                "payload": b64(json.dumps(payload).encode()),
+                "expected": expected, "schedule": schedule, "delay": delay}
+        body.update(extra)
+        return body
 
     def push(self, payload, path, expected=200, schedule="", delay=0, **extra):
         """Enqueue ``payload`` (JSON-encoded) for ``base_url + path``; return the task id.
 
         ``extra`` takes the other enqueue fields: delay_s, eta, max_tries,
-        timeout_s, headers, idempotency_key.
+        timeout_s, headers, idempotency_key, queue, priority, ordering_key, name.
         """
-        body = {"url": self.base_url + path,
-                "payload": b64(json.dumps(payload).encode()),
-                "expected": expected, "schedule": schedule, "delay": delay}
-        body.update(extra)
+        body = self._body(payload, path, expected, schedule, delay, **extra)
         _, headers, _ = self.request("POST", "/", body, parse=False)
         return headers["Poussetaches-Task-ID"]
+
+    def push_many(self, items):
+        """Enqueue many tasks, each a dict of push()'s keyword arguments; returns
+        their ids in order.  One call (one fsync) per 1000: each call is all or nothing."""
+        bodies = [self._body(**item) for item in items]
+        ids = []
+        for start in range(0, len(bodies), 1000):
+            doc = self.request("POST", "/batch", {"tasks": bodies[start:start + 1000]})[2]
+            ids.extend(task["id"] for task in doc["tasks"])
+        return ids
 
     def parse(self, request=None, headers=None, body=None, tolerance=300, now=None):
         """Check and decode a task request: a Flask/Werkzeug or Django request, or
@@ -4534,6 +4559,138 @@ class PousseTaches:
         """The next ``n`` run times of a spec as ISO strings; ClientError(400) if invalid."""
         query = urllib.parse.urlencode({"schedule": schedule, "n": n})
         return self.request("GET", "/cron/preview?" + query)[2]["next_runs_iso"]
+
+
+class AsyncPousseTaches:
+    """PousseTaches for asyncio apps (FastAPI and the like): the same methods,
+    coroutines for every call that does I/O (``parse`` stays a plain
+    function), over one kept-alive asyncio stream connection per client that
+    carries one call at a time.  Create it in the event loop that uses it.
+    """
+
+    def __init__(self, api_url=None, base_url="", auth_key=None, api_key=None, timeout=30.0):
+        self._sync = PousseTaches(api_url, base_url, auth_key, api_key, timeout)
+        self.api_url, self.base_url = self._sync.api_url, base_url
+        self.timeout = timeout
+        self._streams = None
+        self._lock = asyncio.Lock()
+
+    def parse(self, request=None, headers=None, body=None, tolerance=300, now=None):
+        """As PousseTaches.parse (no I/O: a plain function)."""
+        return self._sync.parse(request, headers, body, tolerance, now)
+
+    async def close(self):
+        if self._streams is not None:
+            self._streams[1].close()
+            self._streams = None
+
+    async def request(self, method, path, body=None):
+        """One API call; returns its JSON.  Raises ClientError on 4xx/5xx,
+        DaemonUnavailable when nothing answers (a reset kept-alive connection
+        is retried once, as the sync client does)."""
+        data = b"" if body is None else json.dumps(body).encode()
+        hdrs = self._sync._head(body)
+        hdrs.update({"Host": "%s:%d" % self._sync._address, "Content-Length": str(len(data))})
+        head = "%s %s HTTP/1.1\r\n%s\r\n\r\n" % (method, self._sync._prefix + path, "\r\n".join(
+            "%s: %s" % item for item in hdrs.items()))
+        async with self._lock:
+            for reused in (self._streams is not None, False):
+                try:
+                    if self._streams is None:
+                        self._streams = await asyncio.wait_for(asyncio.open_connection(
+                            *self._sync._address, ssl=self._sync._https or None), self.timeout)
+                    status, close, text = await asyncio.wait_for(
+                        self._exchange(head.encode("latin-1") + data), self.timeout)
+                    break
+                except (OSError, EOFError, asyncio.TimeoutError, ValueError) as exc:
+                    await self.close()
+                    if not reused or not isinstance(exc, (ConnectionError, EOFError)):
+                        raise DaemonUnavailable(-1, "cannot reach poussetaches at %s: %s"
+                                                % (self.api_url, exc or type(exc).__name__)) \
+                            from None
+            if close:
+                await self.close()
+        return _answer(status, text)
+
+    async def _exchange(self, data):
+        """Write a request, read its answer: (status, must close?, body)."""
+        reader, writer = self._streams
+        writer.write(data)
+        await writer.drain()
+        line = await reader.readline()
+        if not line:
+            raise EOFError("the daemon closed the connection")
+        status = int(line.split()[1])
+        headers = {}
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            chunks = []
+            while True:  # a listing comes in pieces
+                size = int((await reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    await reader.readline()
+                    break
+                chunks.append(await reader.readexactly(size))
+                await reader.readline()
+            text = b"".join(chunks)
+        else:
+            text = await reader.readexactly(int(headers.get("content-length", 0)))
+        return status, headers.get("connection", "").lower() == "close", text
+
+    async def push(self, payload, path, expected=200, schedule="", delay=0, **extra):
+        body = self._sync._body(payload, path, expected, schedule, delay, **extra)
+        return (await self.request("POST", "/", body))["id"]
+
+    async def push_many(self, items):
+        bodies = [self._sync._body(**item) for item in items]
+        ids = []
+        for start in range(0, len(bodies), 1000):
+            doc = await self.request("POST", "/batch", {"tasks": bodies[start:start + 1000]})
+            ids.extend(task["id"] for task in doc["tasks"])
+        return ids
+
+    async def _get_tasks(self, table):
+        return [GetTask.from_json(t) for t in (await self.request("GET", "/" + table))["tasks"]]
+
+    async def get_cron(self):
+        return await self._get_tasks("cron")
+
+    async def get_success(self):
+        return await self._get_tasks("success")
+
+    async def get_waiting(self):
+        return await self._get_tasks("waiting")
+
+    async def get_dead(self):
+        return await self._get_tasks("dead")
+
+    async def pause(self):
+        return await self.request("POST", "/pause")
+
+    async def resume(self):
+        return await self.request("POST", "/resume")
+
+    async def status(self):
+        return await self.request("GET", "/")
+
+    async def get_task(self, task_id):
+        return GetTask.from_json(await self.request("GET", "/tasks/" + task_id))
+
+    async def cancel(self, task_id):
+        return await self.request("DELETE", "/tasks/" + task_id)
+
+    async def run(self, task_id, **overrides):
+        return GetTask.from_json(await self.request("POST", "/tasks/%s/run" % task_id,
+                                                    overrides or None))
+
+    async def retry_dead(self, url_prefix=""):
+        query = "?url_prefix=" + urllib.parse.quote(url_prefix, safe="") if url_prefix else ""
+        return (await self.request("POST", "/dead/retry" + query))["requeued"]
 
 
 # --------------------------------------------------------------------------

@@ -3691,6 +3691,59 @@ class TestClient(unittest.TestCase):
             pt.PousseTaches("ftp://x")
 
 
+class TestAsyncClient(unittest.TestCase):
+    def test_async_client_under_asyncio_run(self):
+        import asyncio
+        key = "whsec_" + b64(b"a" * 24)
+        with receiver() as rx, running_daemon(auth_key=key, paused=True) as d:
+            async def main():
+                client = pt.AsyncPousseTaches(d.url, rx.base, auth_key=key)
+                try:
+                    one = await client.push({"n": 1}, "/a", queue="q1", priority=5)
+                    many = await client.push_many([{"payload": {"n": i}, "path": "/m"}
+                                                   for i in range(1500)])
+                    twin = await client.push({}, "/c", schedule="@daily")
+                    again = await client.push({}, "/c", schedule="@daily")
+                    waiting = await client.get_waiting()  # streamed: chunked answer
+                    cron = await client.get_cron()
+                    task = await client.get_task(one[:8])
+                    status = await client.status()
+                    await client.resume()
+                    with self.assertRaises(pt.ClientError) as ctx:
+                        await client.push({}, "/x", priority=1000)
+                    return one, many, twin, again, waiting, cron, task, status, ctx.exception
+                finally:
+                    await client.close()
+            one, many, twin, again, waiting, cron, task, status, error = asyncio.run(main())
+            self.assertEqual(len(many), 1500)
+            self.assertEqual(len(set(many)), 1500)
+            self.assertEqual(twin, again)
+            self.assertEqual(len(waiting), 1502)
+            self.assertEqual([c.task_id for c in cron], [twin])
+            self.assertEqual((task.task_id, task.raw["queue"], task.raw["priority"]),
+                             (one, "q1", 5))
+            self.assertTrue(status["paused"])
+            self.assertEqual(error.status, 400)
+            got = rx.wait_for(1, path="/a")[0]
+            envelope = pt.AsyncPousseTaches(d.url, auth_key=key).parse(
+                headers=dict(got["headers"].items()), body=got["body"])
+            self.assertEqual(envelope.payload, {"n": 1})
+            rx.wait_for(1500, path="/m")
+
+    def test_push_many_sync(self):
+        with running_daemon(paused=True) as d:
+            client = pt.PousseTaches(d.url, "http://127.0.0.1:9")
+            self.addCleanup(client.close)
+            ids = client.push_many([{"payload": i, "path": "/p", "idempotency_key": "k%d" % (i % 3)}
+                                    for i in range(1200)])
+            self.assertEqual(len(ids), 1200)
+            self.assertEqual(len(set(ids)), 3)  # three keys: the rest are twins
+            with self.assertRaises(pt.ClientError) as ctx:
+                client.push_many([{"payload": 1, "path": "/p"}, {"payload": 1, "path": "/p",
+                                                                  "max_tries": 0}])
+            self.assertIn("tasks[1]", str(ctx.exception))
+
+
 class TestCli(unittest.TestCase):
     def run_cli(self, *args, env=None):
         """``poussetaches ARGS`` as the console script runs it (main() with the
