@@ -3665,6 +3665,22 @@ class Api:
             lines.append("poussetaches_attempt_duration_seconds_bucket%s %d" % (labels, value))
         lines.append("poussetaches_attempt_duration_seconds_sum %r" % total)
         lines.append("poussetaches_attempt_duration_seconds_count %d" % count)
+        queues = self.store.queues(self.clock())
+        flights = self.due.queue_stats()
+        for name, key, help_text in (
+                ("queue_waiting", "waiting", "Waiting tasks per queue."),
+                ("queue_due", "due", "Waiting tasks whose time has come, per queue (held ones "
+                                     "included)."),
+                ("queue_oldest_due_age_seconds", "oldest_due_age_s",
+                 "How long the most overdue task of a queue has been due.")):
+            metric(name, "gauge", help_text,
+                   [('{queue="%s"}' % q["name"], q[key]) for q in queues])
+        metric("queue_in_flight", "gauge", "Attempts under way per queue.",
+               [('{queue="%s"}' % q["name"], flights.get(q["name"], (0, 0))[1]) for q in queues])
+        metric("queue_attempts_total", "counter", "Delivery attempts by queue and outcome.",
+               [('{queue="%s",outcome="%s"}' % key[1], n)
+                for key, n in sorted(counters.items(), key=str)
+                if isinstance(key, tuple) and key[0] == "queue_attempts"])
         metric("origin_attempts_total", "counter", "Delivery attempts by target origin and outcome.",
                [('{origin="%s",outcome="%s"}' % (_label(key[1][0]), key[1][1]), n)
                 for key, n in sorted(counters.items(), key=str)
@@ -4425,12 +4441,7 @@ class PousseTaches:
     def push_many(self, items):
         """Enqueue many tasks, each a dict of push()'s keyword arguments; returns
         their ids in order.  One call (one fsync) per 1000: each call is all or nothing."""
-        bodies = [self._body(**item) for item in items]
-        ids = []
-        for start in range(0, len(bodies), 1000):
-            doc = self.request("POST", "/batch", {"tasks": bodies[start:start + 1000]})[2]
-            ids.extend(task["id"] for task in doc["tasks"])
-        return ids
+        return self.batch([self._body(**item) for item in items])
 
     def parse(self, request=None, headers=None, body=None, tolerance=300, now=None):
         """Check and decode a task request: a Flask/Werkzeug or Django request, or
@@ -4520,10 +4531,40 @@ class PousseTaches:
         """POST an enqueue body as it is (SPEC 2's fields); returns the task's JSON."""
         return self.request("POST", "/", body)[2]
 
-    def listing(self, table, limit=None, offset=0):
-        """A table's JSON answer ({"tasks", "total", ...}), a page of it with ``limit``."""
-        query = "" if limit is None else "?limit=%d&offset=%d" % (limit, offset)
-        return self.request("GET", "/" + table + query)[2]
+    def listing(self, table, limit=None, offset=0, **filters):
+        """A table's JSON answer ({"tasks", "total", ...}), a page of it with ``limit``;
+        ``filters``: queue, url_prefix, q (None: not given)."""
+        query = {} if limit is None else {"limit": limit, "offset": offset}
+        query.update((k, v) for k, v in filters.items() if v is not None)
+        return self.request("GET", "/" + table + (
+            "?" + urllib.parse.urlencode(query) if query else ""))[2]
+
+    def batch(self, bodies):
+        """POST enqueue bodies as they are, 1000 per call; returns the ids in order."""
+        ids = []
+        for start in range(0, len(bodies), 1000):
+            doc = self.request("POST", "/batch", {"tasks": bodies[start:start + 1000]})[2]
+            ids.extend(task["id"] for task in doc["tasks"])
+        return ids
+
+    def queues(self):
+        return self.request("GET", "/queues")[2]["queues"]
+
+    def queue(self, name):
+        return self.request("GET", "/queues/" + name)[2]
+
+    def set_queue(self, name, **settings):
+        """Change some of a queue's settings (None: back to the default)."""
+        return self.request("PUT", "/queues/" + name, settings)[2]
+
+    def pause_queue(self, name):
+        return self.request("POST", "/queues/%s/pause" % name)[2]
+
+    def resume_queue(self, name):
+        return self.request("POST", "/queues/%s/resume" % name)[2]
+
+    def delete_queue(self, name):
+        return self.request("DELETE", "/queues/" + name)[2]
 
     def status(self):
         return self.request("GET", "/")[2]
@@ -4986,8 +5027,12 @@ def build_parser():
                              help="print JSON instead of a table")
         return cmd
 
-    push = client("push", "Enqueue a task", json_flag=False)
-    push.add_argument("target", metavar="URL", help="the URL poussetaches will POST to")
+    push = client("push", "Enqueue a task (or many, --from-file)", json_flag=False)
+    push.add_argument("target", metavar="URL", nargs="?",
+                      help="the URL poussetaches will POST to")
+    push.add_argument("--from-file", metavar="FILE",
+                      help="enqueue the JSON lines of FILE (enqueue bodies; - for stdin), "
+                           "1000 per call, each call all or nothing")
     body = push.add_mutually_exclusive_group()
     body.add_argument("--json", dest="payload_json", metavar="J",
                       help="the payload, as JSON text")
@@ -5000,6 +5045,11 @@ def build_parser():
     push.add_argument("--expected", type=int, help="the status that means done (default 200)")
     push.add_argument("--max-tries", type=int, help="attempts before dead")
     push.add_argument("--idempotency-key", metavar="K", help="enqueue at most once per key")
+    push.add_argument("--queue", metavar="NAME", help="the queue (default: default)")
+    push.add_argument("--ordering-key", metavar="K",
+                      help="tasks of one key run one at a time, in order")
+    push.add_argument("--priority", type=int, help="-100 to 100: higher runs first")
+    push.add_argument("--name", help="a named cron: a new schedule replaces the old one")
     push.add_argument("--header", action="append", metavar="'NAME: VALUE'",
                       help="an extra header for the delivery; repeatable")
     push.add_argument("--print-task", action="store_true",
@@ -5008,6 +5058,23 @@ def build_parser():
     ls.add_argument("table", choices=("waiting", "success", "dead", "cron"))
     ls.add_argument("--limit", type=int, default=100, help="default %(default)s")
     ls.add_argument("--offset", type=int, default=0)
+    ls.add_argument("--queue", metavar="NAME", help="only the tasks of this queue")
+    ls.add_argument("--url-prefix", metavar="P", help="only the tasks whose URL starts with P")
+    ls.add_argument("-q", "--search", metavar="TEXT",
+                    help="only the tasks whose id, URL or idempotency key contains TEXT")
+    queue_cmd = sub.add_parser("queue", help="Queues: ls, show, set, pause, resume, rm")
+    actions = queue_cmd.add_subparsers(dest="action", metavar="ACTION", required=True)
+    client("ls", "List the queues, their counts and lag", parent=actions)
+    for action, help_text in (("show", "Show one queue"), ("pause", "Pause one queue"),
+                              ("resume", "Resume one queue"), ("rm", "Remove an empty queue")):
+        client(action, help_text, parent=actions).add_argument("queue_name", metavar="NAME")
+    setq = client("set", "Change a queue's settings (others stay)", parent=actions)
+    setq.add_argument("queue_name", metavar="NAME")
+    for param in QUEUE_PARAMS:
+        if param.name != "paused":
+            setq.add_argument("--" + param.name.replace("_", "-"),
+                              type=int if param.schema["type"] == "integer" else float,
+                              help=param.message)
     for name, help_text in (("show", "Show one task and its attempts"),
                             ("run", "Run a waiting task now, or redrive a dead one"),
                             ("cancel", "Cancel a task, or drop a success/dead record")):
@@ -5076,7 +5143,15 @@ def run_client(args, out=None):
     client = None
     try:
         client = PousseTaches(args.url)
+        if args.command == "push" and args.from_file:
+            if args.target:
+                raise PousseTachesError("give a URL or --from-file, not both")
+            for task_id in client.batch(_json_lines(args.from_file)):
+                out.write(task_id + "\n")
+            return 0
         if args.command == "push":
+            if not args.target:
+                raise PousseTachesError("push needs a URL (or --from-file FILE)")
             body = {"url": args.target}
             if args.payload_json is not None:
                 try:
@@ -5086,7 +5161,8 @@ def run_client(args, out=None):
             elif args.payload_file:
                 with open(args.payload_file, "rb") as f:
                     body["payload"] = b64(f.read())
-            for name in ("delay_s", "schedule", "expected", "max_tries", "idempotency_key"):
+            for name in ("delay_s", "schedule", "expected", "max_tries", "idempotency_key",
+                         "queue", "ordering_key", "priority", "name"):
                 if getattr(args, name) is not None:
                     body[name] = getattr(args, name)
             if args.eta is not None:
@@ -5102,8 +5178,11 @@ def run_client(args, out=None):
             doc = client.enqueue(body)
             out.write(json.dumps(doc, indent=2) + "\n" if args.print_task else doc["id"] + "\n")
             return 0
+        if args.command == "queue":
+            return _queue_command(client, args, out)
         if args.command == "ls":
-            doc = client.listing(args.table, args.limit, args.offset)
+            doc = client.listing(args.table, args.limit, args.offset, queue=args.queue,
+                                 url_prefix=args.url_prefix, q=args.search)
             if args.as_json:
                 out.write(json.dumps(doc, indent=2) + "\n")
                 return 0
@@ -5163,6 +5242,58 @@ def run_client(args, out=None):
     finally:
         if client is not None:
             client.close()
+
+
+def _json_lines(path):
+    """The enqueue bodies of a JSON-lines file (``-``: stdin)."""
+    stream = sys.stdin if path == "-" else open(path)
+    try:
+        bodies = []
+        for number, line in enumerate(stream, 1):
+            if line.strip():
+                try:
+                    bodies.append(json.loads(line))
+                except ValueError as exc:
+                    raise PousseTachesError("%s line %d is not JSON: %s" % (path, number, exc))
+        return bodies
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+
+
+def _queue_command(client, args, out):
+    """``poussetaches queue ls|show|set|pause|resume|rm``."""
+    if args.action == "ls":
+        queues = client.queues()
+        if args.as_json:
+            out.write(json.dumps(queues, indent=2) + "\n")
+            return 0
+        _print_table([[q["name"], str(q["waiting"]), str(q["due"]), str(q["in_flight"]),
+                       "%.1f s" % q["oldest_due_age_s"],
+                       " ".join("%s=%s" % item for item in sorted(q["settings"].items()))]
+                      for q in queues],
+                     ["QUEUE", "WAITING", "DUE", "IN FLIGHT", "LAG", "SETTINGS"], out)
+        return 0
+    name = args.queue_name
+    if args.action == "rm":
+        client.delete_queue(name)
+        out.write("queue %s removed\n" % name)
+        return 0
+    if args.action == "set":
+        changes = {p.name: getattr(args, p.name) for p in QUEUE_PARAMS
+                   if getattr(args, p.name, None) is not None}
+        doc = client.set_queue(name, **changes)
+    elif args.action in ("pause", "resume"):
+        doc = getattr(client, args.action + "_queue")(name)
+    else:
+        doc = client.queue(name)
+    if args.as_json:
+        out.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        for key in ("name", "waiting", "due", "in_flight", "oldest_due_age_s"):
+            out.write("%-17s %s\n" % (key + ":", doc[key]))
+        out.write("%-17s %s\n" % ("settings:", json.dumps(doc["settings"], sort_keys=True)))
+    return 0
 
 
 def _expand_id(client, prefix):

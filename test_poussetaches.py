@@ -3473,6 +3473,62 @@ class TestQueues(unittest.TestCase):
             finally:
                 third.terminate()
 
+    def test_cli(self):
+        run_cli = TestCli.run_cli
+        with running_daemon(paused=True) as d:
+            env = {"POUSSETACHES_URL": d.url}
+            code, out, err = run_cli(self, "push", "http://127.0.0.1:9/m", "--queue", "mail",
+                                     "--ordering-key", "u1", "--priority", "7", env=env)
+            self.assertEqual((code, err), (0, ""))
+            task = call(d.url, "GET", "/tasks/" + out.strip())[2]
+            self.assertEqual((task["queue"], task["ordering_key"], task["priority"]),
+                             ("mail", "u1", 7))
+            lines = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
+            self.addCleanup(os.unlink, lines.name)
+            with lines:
+                for i in range(3):
+                    lines.write(json.dumps({"url": "http://127.0.0.1:9/f/%d" % i,
+                                            "queue": "mail"}) + "\n")
+            code, out, err = run_cli(self, "push", "--from-file", lines.name, env=env)
+            self.assertEqual((code, len(out.split())), (0, 3))
+            code, out, _ = run_cli(self, "ls", "waiting", "--queue", "mail", "-q", "/f/", env=env)
+            self.assertIn("3 of 3 waiting tasks", out)
+            self.assertEqual(run_cli(self, "queue", "set", "mail", "--rate", "2",
+                                     "--concurrency", "1", env=env)[0], 0)
+            code, out, _ = run_cli(self, "queue", "show", "mail", env=env)
+            self.assertIn('settings:         {"concurrency": 1, "rate": 2.0}', out)
+            self.assertIn("waiting:          4", out)
+            self.assertEqual(run_cli(self, "queue", "pause", "mail", env=env)[0], 0)
+            code, out, _ = run_cli(self, "queue", "ls", env=env)
+            self.assertTrue(out.startswith("QUEUE"))
+            self.assertIn("paused=True", out)
+            code, out, err = run_cli(self, "queue", "rm", "mail", env=env)
+            self.assertEqual(code, 1)
+            self.assertIn("409", err)
+            self.assertEqual(len(err.splitlines()), 1)
+            code, _, err = run_cli(self, "push", env=env)
+            self.assertEqual((code, err), (1, "poussetaches: error: push needs a URL (or "
+                                               "--from-file FILE)\n"))
+
+    def test_queue_metrics(self):
+        with receiver() as rx, running_daemon() as d:
+            call(d.url, "POST", "/queues/held/pause")
+            call(d.url, "POST", "/", {"url": rx.url("/h"), "queue": "held"})
+            call(d.url, "POST", "/", {"url": rx.url("/m"), "queue": "mail"})
+            rx.wait_for(1, path="/m")
+            wait_until(lambda: call(d.url, "GET", "/queues/mail")[2]["waiting"] == 0, what="mail")
+            _, _, text = call(d.url, "GET", "/metrics")
+            types, samples = parse_prometheus(text.decode())
+            m = lambda name, **labels: samples[("poussetaches_" + name,
+                                                tuple(sorted(labels.items())))]
+            self.assertEqual((m("queue_waiting", queue="held"), m("queue_due", queue="held")),
+                             (1, 1))
+            self.assertEqual(m("queue_waiting", queue="mail"), 0)
+            self.assertEqual(m("queue_attempts_total", queue="mail", outcome="success"), 1)
+            self.assertEqual(m("queue_in_flight", queue="held"), 0)
+            self.assertGreaterEqual(m("queue_oldest_due_age_seconds", queue="held"), 0)
+            self.assertEqual(types["poussetaches_queue_attempts_total"], "counter")
+
     def test_held_tasks_cost_nothing_per_dispatch(self):
         q = pt.DueQueue()
         for n in range(100):
