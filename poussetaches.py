@@ -3876,7 +3876,9 @@ th{color:var(--mute);font-weight:600}td.url{word-break:break-all}.ok{color:var(-
 <header><h1>poussetaches</h1><div class="counts" id="counts"></div>
 <span id="state" class="mute"></span><button id="toggle" type="button">Pause</button>
 <span id="err" role="alert"></span></header>
-<main><nav role="tablist" id="tabs"></nav><div id="actions" class="pager"></div>
+<main><table><thead><tr><th>Queue</th><th>Waiting</th><th>Due</th><th>In flight</th><th>Lag</th><th>Settings</th><th></th></tr></thead>
+<tbody id="queues"></tbody></table>
+<nav role="tablist" id="tabs"></nav><div id="actions" class="pager"><input id="filter" type="search" placeholder="filter: id, URL or key" aria-label="filter"></div>
 <table><thead><tr><th>ID</th><th>URL</th><th id="when">Next run</th><th>Tries</th><th id="last">Last error</th><th></th></tr></thead>
 <tbody id="rows"></tbody></table>
 <div class="pager"><button id="prev" type="button">Previous</button><span id="page" class="mute"></span>
@@ -3899,9 +3901,9 @@ function row(t){const tr=el("tr"),done=table==="success",dead=table==="dead";
  const last=done?String(t.last_error_status_code||""):t.last_error_status_code?t.last_error_status_code+" "+decode(t.last_error_body).slice(0,80):"";
  const acts=el("td",{"data-label":"Actions"});const details=el("button",{type:"button"},"Details");
  details.onclick=()=>{open[t.id]=!open[t.id];refresh()};acts.append(details," ");
- if(!done){const run=el("button",{type:"button"},dead?"Redrive":"Run now");run.onclick=()=>act("POST","/tasks/"+t.id+"/run");acts.append(run," ")}
+ if(!done){const run=el("button",{type:"button"},dead?"Redrive":"Run now");run.onclick=()=>act("POST","/tasks/"+encodeURIComponent(t.id)+"/run");acts.append(run," ")}
  const del=el("button",{type:"button"},table==="waiting"||table==="cron"?"Cancel":"Delete");
- del.onclick=()=>{if(confirm("Delete task "+t.id+"?"))act("DELETE","/tasks/"+t.id)};acts.append(del);
+ del.onclick=()=>{if(confirm("Delete task "+t.id+"?"))act("DELETE","/tasks/"+encodeURIComponent(t.id))};acts.append(del);
  const b=!done&&!dead&&held[origin(t.url)];
  const next=done||dead?when(t.last_run):b?el("span",{"class":"bad"},when(t.next_run),el("div",{},"held: "+b.origin+" is down; next probe "+when(b.next_probe))):when(t.next_run);
  tr.append(el("td",{"data-label":"ID"},t.id.slice(0,12)),el("td",{"data-label":"URL","class":"url"},t.url,t.schedule?el("div",{"class":"mute"},t.schedule):""),
@@ -3916,7 +3918,12 @@ function row(t){const tr=el("tr"),done=table==="success",dead=table==="dead";
    when(a.at)+"  "+a.status+"  "+a.duration_ms+" ms"+(a.error?"  "+a.error:"")));
   if(!(t.attempts||[]).length)box.append(el("span",{"class":"mute"},"no attempts yet"));out.push(el("tr",{},box))}
  return out}
-function actions(){const out=[];if(table==="dead"){const r=el("button",{type:"button"},"Retry every dead task");
+function queueRow(q){const p=q.settings.paused,b=el("button",{type:"button"},p?"Resume":"Pause");
+ b.onclick=()=>act("POST","/queues/"+encodeURIComponent(q.name)+(p?"/resume":"/pause"));
+ return el("tr",{},el("td",{"data-label":"Queue"},q.name),el("td",{"data-label":"Waiting"},q.waiting),el("td",{"data-label":"Due"},q.due),
+  el("td",{"data-label":"In flight"},q.in_flight),el("td",{"data-label":"Lag","class":q.oldest_due_age_s>60?"bad":""},q.oldest_due_age_s.toFixed(1)+" s"),
+  el("td",{"data-label":"Settings","class":p?"bad":"mute"},Object.entries(q.settings).map(e=>e.join("=")).join(" ")||"-"),el("td",{"data-label":"Actions"},b))}
+function actions(){const out=[$("filter")];if(table==="dead"){const r=el("button",{type:"button"},"Retry every dead task");
   r.onclick=()=>{if(confirm("Requeue every dead task?"))act("POST","/dead/retry")};
   const p=el("button",{type:"button"},"Purge dead");p.onclick=()=>{if(confirm("Delete every dead task?"))act("DELETE","/dead")};out.push(r,p)}
  return out}
@@ -3927,11 +3934,13 @@ async function refresh(){try{const s=await api("GET","/");paused=s.paused;$("err
  $("tabs").replaceChildren(...TABLES.map(n=>{const b=el("button",{type:"button",role:"tab","aria-selected":String(n===table)},n);b.onclick=()=>{table=n;offset=0;location.hash=n;refresh()};return b}));
  $("actions").replaceChildren(...actions());
  $("when").textContent=table==="success"||table==="dead"?"Last run":"Next run";$("last").textContent=table==="success"?"Status":"Last error";
- const page=await api("GET","/"+table+"?limit="+PAGE+"&offset="+offset);
+ $("queues").replaceChildren(...(await api("GET","/queues")).queues.map(queueRow));
+ const q=$("filter").value.trim(),page=await api("GET","/"+table+"?limit="+PAGE+"&offset="+offset+(q?"&q="+encodeURIComponent(q):""));
  $("rows").replaceChildren(...page.tasks.flatMap(row));
  $("page").textContent=page.total?(offset+1)+"-"+(offset+page.tasks.length)+" of "+page.total:"no tasks";
  $("prev").disabled=offset===0;$("next").disabled=offset+PAGE>=page.total}catch(e){$("err").textContent=e.message}}
 $("toggle").onclick=()=>act("POST",paused?"/resume":"/pause");
+$("filter").oninput=()=>{offset=0;refresh()};
 $("prev").onclick=()=>{offset=Math.max(0,offset-PAGE);refresh()};$("next").onclick=()=>{offset+=PAGE;refresh()};
 refresh();setInterval(refresh,3000);
 </script></body></html>

@@ -4196,7 +4196,8 @@ class TestOperate(unittest.TestCase):
         script = "".join(parser.scripts)
         for needle in ('"/pause"', '"/resume"', '"/dead/retry"', '"/tasks/"', "setInterval",
                        "attempts", "offset", "@media", 'act("DELETE","/dead")', "s.breakers",
-                       "next_probe", "t.headers", "pretty(t.payload)", 'table==="dead"'):
+                       "next_probe", "t.headers", "pretty(t.payload)", 'table==="dead"',
+                       '"/queues"', '"&q="', "oldest_due_age_s"):
             self.assertIn(needle, script + text, needle)
 
     @unittest.skipIf(shutil.which("node") is None, "node is not installed to check the script")
