@@ -230,6 +230,74 @@ def role_e2e(url, base, threads, n):
     print(json.dumps({"start": time.monotonic(), "count": per * threads}))
 
 
+def role_batch(url, target, n, size):
+    """POST /batch with ``size`` tasks per call until ``n`` are enqueued; prints the rate."""
+    conn = _connection(url)
+    body = json.dumps({"tasks": [{"url": target, "payload": "eyJrIjogMX0=",
+                                  "delay_s": 3600}] * size})
+    t0 = time.monotonic()
+    for _ in range(n // size):
+        conn.request("POST", "/batch", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 201:
+            raise SystemExit("batch answered %d" % resp.status)
+    print(json.dumps({"rate": (n // size) * size / (time.monotonic() - t0)}))
+
+
+def role_e2e_many(url, base, threads, n, size):
+    """App threads enqueueing with push_many (``size`` per call) through the client."""
+    sys.path.insert(0, HERE)
+    import poussetaches
+    per = n // threads
+    gate = threading.Barrier(threads + 1)
+
+    def worker():
+        client = poussetaches.PousseTaches(url, base)
+        gate.wait()
+        for _ in range(per // size):
+            client.push_many([{"payload": {"k": 1}, "path": "/e2e"}] * size)
+        client.close()
+
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    gate.wait()
+    print(json.dumps({"start": time.monotonic(), "count": per // size * size * threads}))
+
+
+def role_huey(tmp, threads, n):
+    """Huey's end to end: SqliteHuey, 4 thread workers, ``n`` no-op tasks enqueued by
+    ``threads`` app threads and drained; prints the rate (or that huey is missing)."""
+    try:
+        from huey import SqliteHuey
+    except ImportError:
+        print(json.dumps({"rate": None}))
+        return
+    huey = SqliteHuey(filename=os.path.join(tmp, "huey.db"))
+    done, lock, count = threading.Event(), threading.Lock(), [0]
+
+    @huey.task()
+    def noop():
+        with lock:
+            count[0] += 1
+            if count[0] == n:
+                done.set()
+
+    consumer = huey.create_consumer(workers=4, worker_type="thread", periodic=False,
+                                    initial_delay=0.001, backoff=1.0, max_delay=0.01)
+    consumer.start()
+    t0 = time.monotonic()
+    enqueuers = [threading.Thread(target=lambda: [noop() for _ in range(n // threads)])
+                 for _ in range(threads)]
+    for t in enqueuers:
+        t.start()
+    done.wait(600)
+    rate = n / (time.monotonic() - t0)
+    consumer.stop(graceful=False)
+    print(json.dumps({"rate": rate}))
+
+
 ROLES = {"receiver": role_receiver, "noop": role_noop,
          "receiver-close": lambda port_file: role_receiver(port_file, close=True)}
 
@@ -367,6 +435,7 @@ def fmt(value, unit):
 
 def run(quick):
     sizes = {"delivery": 1500 if quick else 6000, "enqueue": 2000 if quick else 8000,
+             "batch": 20000 if quick else 100000,
              "latency": 100 if quick else 300, "timer": 100 if quick else 300,
              "backlog": 10000 if quick else 100000, "e2e": 1500 if quick else 6000}
     table = Table()
@@ -415,6 +484,26 @@ def run(quick):
                   limit, 0.60)
         table.add("enqueue: POST / per s, 8 clients, fsync never", rates["never"], "/s",
                   limit, 0.85)
+        d = Daemon(os.path.join(tmp, "batch"), "--paused", "--fsync", "always")
+        batch = client("batch", d.url, target, sizes["batch"], 500)["rate"]
+        d.stop()
+        table.add("batch enqueue: tasks/s in POST /batch of 500, fsync always", batch, "/s",
+                  rates["always"], 10.0)
+
+        # -- dispatch with 100 paused queues holding 10,000 tasks -------------------
+        n = sizes["delivery"]
+        get(receiver + "/take")
+        d = Daemon(os.path.join(tmp, "held"), "--paused", "--workers", "4")
+        for q in range(100):
+            post(d.url + "/queues/held-%d/pause" % q)
+            post(d.url + "/batch", {"tasks": [{"url": target, "queue": "held-%d" % q}] * 100})
+        n = client("enqueue", d.url, target, 8, n, 0, 0)["count"]
+        t0 = time.monotonic()
+        post(d.url + "/resume")
+        held_rate = n / (wait_count(receiver, n) - t0)
+        d.stop()
+        table.add("delivery with 100 paused queues holding 10k tasks", held_rate, "/s",
+                  table.rows[0]["value"], 0.90)
 
         # -- dispatch latency and timer precision (idle daemon) ------------------
         get(receiver + "/take")
@@ -493,6 +582,19 @@ def run(quick):
         d.stop()
         combined = 1 / (1 / bare + 1 / limit)
         table.add("end to end: 4 app threads via PousseTaches", rate, "/s", combined, 1.0)
+        n = sizes["e2e"]
+        get(receiver + "/take")
+        d = Daemon(os.path.join(tmp, "e2e-many"), "--workers", "4")
+        result = client("e2e_many", d.url, receiver, 4, n, 100)
+        n = result["count"]
+        many = n / (wait_count(receiver, n) - result["start"])
+        d.stop()
+        huey = client("huey", tmp, 4, n)["rate"]
+        if huey is None:
+            print("huey not installed, skipped", file=sys.stderr)
+        else:
+            table.add("end to end with push_many (100 a call) vs Huey (SqliteHuey, 4 threads)",
+                      many, "/s", huey, 2.0)
         return table, growth
     finally:
         for p in procs:
@@ -521,6 +623,12 @@ def main(argv=None):
             return role_latency(rest[0], rest[1], int(rest[2]))
         if name == "e2e":
             return role_e2e(rest[0], rest[1], int(rest[2]), int(rest[3]))
+        if name == "batch":
+            return role_batch(rest[0], rest[1], int(rest[2]), int(rest[3]))
+        if name == "e2e_many":
+            return role_e2e_many(rest[0], rest[1], int(rest[2]), int(rest[3]), int(rest[4]))
+        if name == "huey":
+            return role_huey(rest[0], int(rest[1]), int(rest[2]))
         raise SystemExit("unknown role " + name)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, under a minute")

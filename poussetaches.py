@@ -361,12 +361,14 @@ class Task:
     _DEFAULTS = tuple((f.name, f.default) for f in TASK_FIELDS)
 
     def __init__(self, id, url, payload=b"", expected=200, schedule="", **fields):
-        for name, default in self._DEFAULTS:
-            setattr(self, name, fields.pop(name, default))
-        if fields:
-            raise TypeError("unknown task fields: %s" % ", ".join(sorted(fields)))
+        if not fields.keys() <= _TASK_NAME_SET:
+            raise TypeError("unknown task fields: %s" % ", ".join(sorted(
+                set(fields) - _TASK_NAME_SET)))
         self.id, self.url, self.payload, self.expected, self.schedule = (
             id, url, payload, expected, schedule)
+        get = fields.get
+        for name, default in self._DEFAULTS[5:]:
+            setattr(self, name, get(name, default))
         if not self.next_scheduled_run:
             self.next_scheduled_run = self.next_run
         if self.attempts is None:
@@ -442,6 +444,7 @@ class Task:
 
 
 _BYTES_AT = tuple(i for i, f in enumerate(TASK_FIELDS) if f.kind == "bytes")
+_TASK_NAME_SET = frozenset(TASK_NAMES)
 
 
 # --------------------------------------------------------------------------
@@ -3000,14 +3003,13 @@ def checked(doc, names, params=None):
     against its Param (of ENQUEUE, or ``params``); unknown fields and misfits
     are a 400 naming the field."""
     params = params or ENQUEUE
-    unknown = sorted(set(doc) - set(names))
-    if unknown:
+    if not doc.keys() <= (names.keys() if isinstance(names, dict) else frozenset(names)):
+        unknown = sorted(set(doc) - set(names))
         raise HTTPError(400, "unknown field(s): %s" % ", ".join(u[:50] for u in unknown[:10]),
                         field=unknown[0][:50])
     values = {}
-    for name in names:
-        value = doc.get(name)
-        if value is not None or name == "json" and name in doc:  # json: null is a value
+    for name, value in doc.items():
+        if value is not None or name == "json":  # json: null is a value
             if not fits(value, params[name].schema):
                 raise HTTPError(400, params[name].message, field=name)
             values[name] = value
