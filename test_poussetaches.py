@@ -3237,32 +3237,31 @@ class TestQueues(unittest.TestCase):
             status, _, q = call(d.url, "PUT", "/queues/slow", {"concurrency": 1})
             self.assertEqual((status, q["settings"]), (200, {"concurrency": 1}))
             rx.answers["/slow"] = [(200, b"", {}, 1.0)]
-            for i in range(3):
+            for i in range(2):
                 call(d.url, "POST", "/", {"url": rx.url("/held"), "queue": "held"})
                 call(d.url, "POST", "/", {"url": rx.url("/slow"), "queue": "slow"})
-            rx.wait_for(1, path="/slow")
-            started = time.monotonic()
+            wait_until(lambda: call(d.url, "GET", "/queues/slow")[2]["in_flight"] == 1,
+                       what="a slow task under way", poll=0.02)
             for i in range(5):
                 call(d.url, "POST", "/", {"url": rx.url("/fast"), "queue": "fast"})
             rx.wait_for(5, path="/fast")
-            self.assertLess(time.monotonic() - started, 0.9)  # not behind the slow ones
-            self.assertEqual(len([g for g in rx.got if g["path"] == "/held"]), 0)
+            # the slow queue is saturated (its first task still runs) and the paused one
+            # holds its tasks, yet the fast ones went through
             slow = call(d.url, "GET", "/queues/slow")[2]
-            self.assertEqual(slow["in_flight"], 1)  # the one in flight is still waiting
-            self.assertIn(slow["waiting"], (2, 3))
+            self.assertEqual((slow["in_flight"], slow["waiting"]), (1, 2))
+            self.assertEqual(len([g for g in rx.got if g["path"] == "/held"]), 0)
             held = call(d.url, "GET", "/queues/held")[2]
             self.assertEqual((held["waiting"], held["due"], held["settings"]),
-                             (3, 3, {"paused": True}))
+                             (2, 2, {"paused": True}))
             self.assertGreaterEqual(held["oldest_due_age_s"], 0)
             self.assertEqual(call(d.url, "POST", "/queues/held/resume")[0], 200)
-            rx.wait_for(3, path="/held")
-            # at most one /slow at a time
-            got = [g["at"] for g in rx.wait_for(3, path="/slow", timeout=WAIT)]
-            self.assertTrue(all(b - a >= 0.9 for a, b in zip(got, got[1:])), got)
+            rx.wait_for(2, path="/held")
+            got = [g["at"] for g in rx.wait_for(2, path="/slow")]
+            self.assertGreaterEqual(got[1] - got[0], 0.9)  # one /slow at a time
 
     def test_per_queue_rate(self):
         with receiver() as rx, running_daemon(workers=4) as d:
-            call(d.url, "PUT", "/queues/partner", {"rate": 10, "burst": 1})
+            call(d.url, "PUT", "/queues/partner", {"rate": 20, "burst": 1})
             started = time.time()
             for i in range(20):
                 call(d.url, "POST", "/", {"url": rx.url("/partner"), "queue": "partner"})
@@ -3270,9 +3269,11 @@ class TestQueues(unittest.TestCase):
             free = rx.wait_for(20, path="/free")
             partner = rx.wait_for(20, path="/partner", timeout=WAIT)
             span = partner[-1]["at"] - partner[0]["at"]
-            self.assertGreater(span, 1.6)   # 20 at 10/s, burst 1: about 1.9 s
-            self.assertLess(span, 3.5)
-            self.assertLess(free[-1]["at"] - started, 1.5)  # the other queue is not throttled
+            self.assertGreater(span, 0.8)   # 20 at 20/s, burst 1: about 0.95 s
+            self.assertLess(span, 2.5)
+            # the other queue is not throttled: all of it is done before half of the partner's
+            self.assertLess(free[-1]["at"], partner[10]["at"])
+            self.assertLess(free[-1]["at"] - started, 2.0)
 
     def test_ordering_keys(self):
         with receiver() as rx, running_daemon(workers=4, max_tries=5,
@@ -3757,7 +3758,7 @@ class TestAsyncClient(unittest.TestCase):
                 try:
                     one = await client.push({"n": 1}, "/a", queue="q1", priority=5)
                     many = await client.push_many([{"payload": {"n": i}, "path": "/m"}
-                                                   for i in range(1500)])
+                                                   for i in range(1200)])
                     twin = await client.push({}, "/c", schedule="@daily")
                     again = await client.push({}, "/c", schedule="@daily")
                     waiting = await client.get_waiting()  # streamed: chunked answer
@@ -3771,10 +3772,10 @@ class TestAsyncClient(unittest.TestCase):
                 finally:
                     await client.close()
             one, many, twin, again, waiting, cron, task, status, error = asyncio.run(main())
-            self.assertEqual(len(many), 1500)
-            self.assertEqual(len(set(many)), 1500)
+            self.assertEqual(len(many), 1200)
+            self.assertEqual(len(set(many)), 1200)
             self.assertEqual(twin, again)
-            self.assertEqual(len(waiting), 1502)
+            self.assertEqual(len(waiting), 1202)
             self.assertEqual([c.task_id for c in cron], [twin])
             self.assertEqual((task.task_id, task.raw["queue"], task.raw["priority"]),
                              (one, "q1", 5))
@@ -3784,7 +3785,6 @@ class TestAsyncClient(unittest.TestCase):
             envelope = pt.AsyncPousseTaches(d.url, auth_key=key).parse(
                 headers=dict(got["headers"].items()), body=got["body"])
             self.assertEqual(envelope.payload, {"n": 1})
-            rx.wait_for(1500, path="/m")
 
     def test_push_many_sync(self):
         with running_daemon(paused=True) as d:
@@ -5117,7 +5117,7 @@ class TestReliability(unittest.TestCase):
         return method, path, body, headers
 
     def test_fuzz(self):
-        cases = 50000 if STRESS else 2000
+        cases = 50000 if STRESS else 1000
         rng = random.Random(SEED)
         with receiver() as rx, running_daemon(allow_urls=[rx.url("/")], max_tries=1) as d:
             conn = None
