@@ -209,8 +209,9 @@ def role_latency(url, target, n):
     print(json.dumps(sent))
 
 
-def role_e2e(url, base, threads, n):
-    """App threads enqueueing through the project's own PousseTaches client."""
+def role_e2e(url, base, threads, n, size=1):
+    """App threads enqueueing through the project's own PousseTaches client: push,
+    or push_many with ``size`` tasks a call."""
     sys.path.insert(0, HERE)
     import poussetaches
     per = n // threads
@@ -219,15 +220,18 @@ def role_e2e(url, base, threads, n):
     def worker():
         client = poussetaches.PousseTaches(url, base)
         gate.wait()
-        for _ in range(per):
-            client.push({"k": 1}, "/e2e")
+        for _ in range(per // size):
+            if size == 1:
+                client.push({"k": 1}, "/e2e")
+            else:
+                client.push_many([{"payload": {"k": 1}, "path": "/e2e"}] * size)
         client.close()
 
     workers = [threading.Thread(target=worker) for _ in range(threads)]
     for w in workers:
         w.start()
     gate.wait()
-    print(json.dumps({"start": time.monotonic(), "count": per * threads}))
+    print(json.dumps({"start": time.monotonic(), "count": per // size * size * threads}))
 
 
 def role_batch(url, target, n, size):
@@ -243,27 +247,6 @@ def role_batch(url, target, n, size):
         if resp.status != 201:
             raise SystemExit("batch answered %d" % resp.status)
     print(json.dumps({"rate": (n // size) * size / (time.monotonic() - t0)}))
-
-
-def role_e2e_many(url, base, threads, n, size):
-    """App threads enqueueing with push_many (``size`` per call) through the client."""
-    sys.path.insert(0, HERE)
-    import poussetaches
-    per = n // threads
-    gate = threading.Barrier(threads + 1)
-
-    def worker():
-        client = poussetaches.PousseTaches(url, base)
-        gate.wait()
-        for _ in range(per // size):
-            client.push_many([{"payload": {"k": 1}, "path": "/e2e"}] * size)
-        client.close()
-
-    workers = [threading.Thread(target=worker) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    gate.wait()
-    print(json.dumps({"start": time.monotonic(), "count": per // size * size * threads}))
 
 
 def role_huey(tmp, threads, n):
@@ -585,7 +568,7 @@ def run(quick):
         n = sizes["e2e"]
         get(receiver + "/take")
         d = Daemon(os.path.join(tmp, "e2e-many"), "--workers", "4")
-        result = client("e2e_many", d.url, receiver, 4, n, 100)
+        result = client("e2e", d.url, receiver, 4, n, 100)
         n = result["count"]
         many = n / (wait_count(receiver, n) - result["start"])
         d.stop()
@@ -622,11 +605,9 @@ def main(argv=None):
         if name == "latency":
             return role_latency(rest[0], rest[1], int(rest[2]))
         if name == "e2e":
-            return role_e2e(rest[0], rest[1], int(rest[2]), int(rest[3]))
+            return role_e2e(rest[0], rest[1], *[int(x) for x in rest[2:]])
         if name == "batch":
             return role_batch(rest[0], rest[1], int(rest[2]), int(rest[3]))
-        if name == "e2e_many":
-            return role_e2e_many(rest[0], rest[1], int(rest[2]), int(rest[3]), int(rest[4]))
         if name == "huey":
             return role_huey(rest[0], int(rest[1]), int(rest[2]))
         raise SystemExit("unknown role " + name)
