@@ -53,6 +53,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import queue
 import random
@@ -301,9 +302,12 @@ def _differs(old, new):
         "queue", "priority", "ordering_key"))
 
 
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode  # shared, stateless
+
+
 def encode_task(task):
     """A task's JSON form as compact bytes (journal records and API answers)."""
-    return json.dumps(task.to_json(), separators=(",", ":")).encode()
+    return _compact(task.to_json()).encode()
 
 
 class Field(collections.namedtuple("Field", "name kind default show")):
@@ -381,7 +385,7 @@ class Task:
 
     def to_row(self):
         """The task as a list of TASK_NAMES' values (a snapshot's rows), bytes in base64."""
-        row = [getattr(self, name) for name in TASK_NAMES]
+        row = list(_GET_ROW(self))
         for i in _BYTES_AT:
             if row[i] is not None:
                 row[i] = b64(row[i])
@@ -397,8 +401,7 @@ class Task:
     def from_row(cls, row):
         """The inverse of to_row (fast: a restart builds every task this way)."""
         task = cls.__new__(cls)
-        for name, value in zip(TASK_NAMES, row):
-            setattr(task, name, value)
+        _SET_ROW(task, row)
         for name in cls._BYTES:
             value = getattr(task, name)
             if value is not None:
@@ -445,6 +448,19 @@ class Task:
 
 _BYTES_AT = tuple(i for i, f in enumerate(TASK_FIELDS) if f.kind == "bytes")
 _TASK_NAME_SET = frozenset(TASK_NAMES)
+_GET_ROW = operator.attrgetter(*TASK_NAMES)  # every field's value, in one C call
+
+
+def _compile_row_setter(names):
+    """``f(task, row)`` setting the fields ``names`` from a row in one unpacking: a
+    restart builds every task with it (a setattr loop costs twice as much)."""
+    namespace = {}
+    exec("def set_row(task, row):\n    (%s,) = row\n"
+         % ", ".join("task." + name for name in names), namespace)
+    return namespace["set_row"]
+
+
+_SET_ROW = _compile_row_setter(TASK_NAMES)
 
 
 # --------------------------------------------------------------------------
@@ -807,7 +823,7 @@ class Journal:
 
     def append(self, record):
         """Queue one record (a dict); return its Ticket.  Order is call order."""
-        data = json.dumps(record, separators=(",", ":")).encode()
+        data = _compact(record).encode()
         return self._queue(b"%08x %s\n" % (binascii.crc32(data), data))
 
     def put(self, table, body):
@@ -1338,9 +1354,9 @@ class Store:
                 return name, task
         return None, None
 
-    def _put(self, table, task):
+    def _put(self, table, task, fresh=False):
         """Place a task and queue its record; returns the Ticket."""
-        self._place(table, task)
+        self._place(table, task, fresh)
         return self.journal.put(table, encode_task(task))
 
     def _schedule(self, task):
@@ -1424,10 +1440,15 @@ class Store:
                 self._release_heads()
             raise
         with self._lock:
+            ready = []
             for task, _ in placed:
                 del self._pending[task.id]
                 if self._tables["waiting"].get(task.id) is task:
-                    self._schedule(task)
+                    if task.ordering_key is None:
+                        ready.append(task)
+                    else:
+                        self._schedule(task)
+            self.due.put_tasks((t.next_run, t.id, t.version, t.queue, t.priority) for t in ready)
             self._release_heads()
         self._on_change()
         return results
@@ -1439,24 +1460,25 @@ class Store:
 
     def _admit(self, tasks):
         """add_many's work under _lock: (results, [(placed task, replaced one)], last Ticket)."""
-        outcomes, new, seen = [], [], {}
+        outcomes, new, keys = [], {}, {}   # new: id -> task of this batch; keys: key -> id
         for task in tasks:  # first, what each one is: nothing changes if the quota says no
-            existing_id = seen.get(task.idempotency_key) or self._idempotency.get(
+            existing_id = keys.get(task.idempotency_key) or self._idempotency.get(
                 task.idempotency_key, task.id)
             table, existing = self._find(existing_id)
             if task.schedule and existing_id == task.id and table != "waiting":
                 existing = None  # a cron's twin is its schedule: a run record is no twin
-            if existing is None and existing_id in seen.values():
-                existing = next(t for t in new if t.id == existing_id)
             if existing is None:
-                new.append(task)
-                seen[task.idempotency_key or task.id] = task.id
+                existing = new.get(existing_id)  # a twin earlier in this batch
+            if existing is None:
+                new[task.id] = task
+                if task.idempotency_key:
+                    keys[task.idempotency_key] = task.id
                 outcomes.append("created")
             elif task.name is not None and existing.id == task.id and _differs(existing, task):
                 outcomes.append("replaced")
             else:
                 outcomes.append(existing)
-        self._check_quota(len(new), sum(len(t.payload) for t in new))
+        self._check_quota(len(new), sum(len(t.payload) for t in new.values()))
         results, placed, ticket = [], [], None
         for task, outcome in zip(tasks, outcomes):
             if not isinstance(outcome, str):
@@ -1470,7 +1492,7 @@ class Store:
                 task.created = old.created
             self._seq += 1
             task.seq = self._seq
-            ticket = self._put("waiting", task)
+            ticket = self._put("waiting", task, fresh=old is None)  # a new id is in no table
             self._pending[task.id] = ticket
             self.enqueued += old is None
             placed.append((task, old))
@@ -1803,7 +1825,7 @@ class Store:
                     chunk.append(',\n"%s": [' % name)
                     sep = "\n"
                     for task in tables[name]:
-                        line = json.dumps(task.to_row(), separators=(",", ":"))
+                        line = _compact(task.to_row())
                         chunk.append(sep)
                         chunk.append(line)
                         sep = ",\n"
@@ -1995,6 +2017,17 @@ class DueQueue(queue.PriorityQueue):
             wake = not self._held and (not self.queue or item < self.queue[0])
             heapq.heappush(self.queue, item)
             if wake:
+                self.not_empty.notify()
+
+    def put_tasks(self, entries):
+        """put_task for many ``(due_ns, task_id, version, queue, priority)``, under one
+        hold of the mutex, waking one worker if the head changed."""
+        with self.mutex:
+            head = self.queue[0] if self.queue else None
+            for due_ns, task_id, version, queue, priority in entries:
+                heapq.heappush(self.queue, (due_ns, next(self._seq), task_id, version, queue,
+                                            priority))
+            if not self._held and self.queue and self.queue[0] is not head:
                 self.not_empty.notify()
 
     def put_entry(self, due_ns, entry):
@@ -3102,7 +3135,7 @@ def _json_list(head, pieces, tail):
     sep = b""
     for piece in pieces:
         if piece:
-            yield sep + b",".join(json.dumps(item, separators=(",", ":")).encode()
+            yield sep + b",".join(_compact(item).encode()
                                   for item in piece)
             sep = b","
     yield tail.encode()
@@ -3336,7 +3369,7 @@ class Api:
             if "payload" in values:
                 raise HTTPError(400, "payload and json are exclusive: send one of them",
                                 field="json")
-            return json.dumps(values["json"], separators=(",", ":")).encode()
+            return _compact(values["json"]).encode()
         try:
             return base64.b64decode(values.get("payload", ""), validate=True)
         except (binascii.Error, ValueError):
@@ -4093,7 +4126,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             content_type, body = doc
         else:
             content_type = "application/json"
-            body = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+            body = _compact(doc).encode() + b"\n"
         self.log_request(status, "-" if stream else len(body))
         head = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
                 "Server: " + self.server_version, "Date: " + self.server.http_date(),
