@@ -5280,6 +5280,9 @@ def run_client(args, out=None):
             for key, value in doc.items():
                 out.write("%-15s %s\n" % (key + ":", value))
         return 0
+    except BrokenPipeError:  # `poussetaches ls waiting | head`: the reader is gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (PousseTachesError, OSError) as exc:
         sys.stderr.write("poussetaches: error: %s\n" % exc)
         return 1

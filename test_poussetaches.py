@@ -5213,6 +5213,7 @@ class TestReliability(unittest.TestCase):
                     samples.append((rss_bytes(pid), thread_count(pid)))
                     next_sample += 10
             rx.wait_for(pushed, timeout=60)
+            client.close()
         finally:
             daemon.terminate()
         warm = samples[6:]  # after the first minute: the success table is full by then
