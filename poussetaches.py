@@ -2802,6 +2802,8 @@ class Dispatcher:
                 return
             try:
                 self._take(entry)
+            except Exception:  # a bug here must not kill the worker
+                logger.exception("unexpected error dispatching task %s", entry[2])
             finally:
                 self.due.done(entry[4])  # its queue's slot is free again
 
