@@ -1019,6 +1019,18 @@ class TestCronIssue14(unittest.TestCase):
                           % (text, start, type(exc).__name__, exc))
             self.assertIsNone(got, "%r after %d gave %r, beyond 64-bit ns" % (text, start, got))
 
+    @staticmethod
+    def refused_as_cron_error(call, what, problems):
+        """(True, value or None when CronError), or (False, None) after noting any other
+        exception in ``problems``."""
+        try:
+            return True, call()
+        except pt.CronError:
+            return True, None
+        except Exception as exc:  # noqa: BLE001
+            problems.append("%s raised %s (%s), not CronError" % (what, type(exc).__name__, exc))
+            return False, None
+
     def test_go_duration_conformance(self):
         """pt.parse_duration against Go's ParseDuration on valid and invalid text.
         Values below 1 s or negative may also be refused (they are invalid for
@@ -1038,30 +1050,21 @@ class TestCronIssue14(unittest.TestCase):
                 want = None
             if want is not None:   # the exact fraction and Go's float64 fraction agree here
                 self.assertEqual(want, go_parse_duration(text, float_fraction=True), text)
-            try:
-                got = pt.parse_duration(text)
-            except pt.CronError:
-                got = None
-            except Exception as exc:  # noqa: BLE001
-                problems.append("parse_duration(%r) raised %s (%s), not CronError"
-                                % (text, type(exc).__name__, exc))
+            ok, got = self.refused_as_cron_error(lambda: pt.parse_duration(text),
+                                                 "parse_duration(%r)" % text, problems)
+            if not ok:
                 continue
             if want is None and got is not None:
                 problems.append("parse_duration(%r) = %r but Go refuses it" % (text, got))
-            elif want is not None and want >= NS and got != want:
-                problems.append("parse_duration(%r) = %r, Go gives %r" % (text, got, want))
-            elif want is not None and got not in (None, want):
+            elif want is not None and (got != want if want >= NS else got not in (None, want)):
                 problems.append("parse_duration(%r) = %r, Go gives %r" % (text, got, want))
             # and at the spec level: valid iff Go accepts it and it is 1s .. max
             if not text or text.strip() != text:
                 continue
-            try:
-                every = pt.CronSpec("@every " + text).every_ns
-            except pt.CronError:
-                every = None
-            except Exception as exc:  # noqa: BLE001
-                problems.append("CronSpec('@every %s') raised %s (%s), not CronError"
-                                % (text, type(exc).__name__, exc))
+            ok, every = self.refused_as_cron_error(
+                lambda: pt.CronSpec("@every " + text).every_ns,
+                "CronSpec('@every %s')" % text, problems)
+            if not ok:
                 continue
             expected = want if want is not None and want >= NS else None
             if every != expected:
