@@ -203,7 +203,7 @@ class HTTPError(PousseTachesError):
 # --------------------------------------------------------------------------
 
 def new_id(nbytes=16):
-    """Random lowercase hex id: 32 chars for tasks, 12 for request ids."""
+    """Random lowercase hex id from os.urandom: 32 chars, a task's."""
     return binascii.hexlify(os.urandom(nbytes)).decode()
 
 
@@ -1101,9 +1101,10 @@ class Store:
     ``_lock`` guards the tables, the indexes and every Task's fields.  No I/O
     happens under it: records are queued on the journal, and callers
     that must answer only once the record is durable wait on the Ticket after
-    releasing the lock.  A new task goes on ``due`` (the DueQueue) only once
-    its record is durable; a retry at once (were its record lost, the
-    attempt would only be repeated).
+    releasing the lock.  A new task goes on ``due`` (the DueQueue) once its
+    record is written, while the fsync runs (a kill -9 cannot lose it then,
+    and the answer still waits for the fsync); a retry at once (were its
+    record lost, the attempt would only be repeated).
     """
 
     def __init__(self, directory, due, fsync=True, keep_success=DEFAULT_KEEP_SUCCESS,
@@ -1426,32 +1427,47 @@ class Store:
                 pass  # it failed and was undone: try again
         if ticket is None:
             return results
+        # Written (not yet fsync'ed), the tasks survive a kill -9: their delivery
+        # may start while the fsync runs.  Only the answer waits for the fsync.
+        self.journal.flush()
+        if ticket.error is None:
+            with self._lock:
+                ready = []
+                for task, _ in placed:
+                    if self._tables["waiting"].get(task.id) is task:
+                        if task.ordering_key is None:
+                            ready.append(task)
+                        else:
+                            self._schedule(task)
+                self.due.put_tasks((t.next_run, t.id, t.version, t.queue, t.priority)
+                                   for t in ready)
+                self._release_heads()
         try:
             ticket.wait()
         except PersistError:
-            with self._lock:
-                for task, old in reversed(placed):
-                    self._pending.pop(task.id, None)
-                    if self._tables["waiting"].get(task.id) is task:
-                        self._remove(task.id)
-                        if old is not None:
-                            self._place("waiting", old, fresh=True)
-                    self.enqueued -= old is None
-                self._release_heads()
+            self._undo(placed)
             raise
         with self._lock:
-            ready = []
             for task, _ in placed:
                 del self._pending[task.id]
-                if self._tables["waiting"].get(task.id) is task:
-                    if task.ordering_key is None:
-                        ready.append(task)
-                    else:
-                        self._schedule(task)
-            self.due.put_tasks((t.next_run, t.id, t.version, t.queue, t.priority) for t in ready)
-            self._release_heads()
         self._on_change()
         return results
+
+    def _undo(self, placed):
+        """Take back an add_many whose records could not be persisted.  A task
+        whose attempt already settled as a retry goes too (same ``seq``); one
+        delivered meanwhile stays in ``success``: it ran, as at-least-once allows."""
+        with self._lock:
+            for task, old in reversed(placed):
+                self._pending.pop(task.id, None)
+                live = self._tables["waiting"].get(task.id)
+                if live is not None and live.seq == task.seq:
+                    self._remove(task.id)
+                    if old is not None:
+                        self._place("waiting", old, fresh=True)
+                        self._schedule(old)
+                self.enqueued -= old is None
+            self._release_heads()
 
     def _twins(self, tasks):
         """The ids an enqueue of ``tasks`` could find already there (caller holds _lock)."""
@@ -2364,7 +2380,32 @@ class _Deadline:
 
 
 class DeadlineSocket(_Deadline, socket.socket):
-    """A plain socket under a deadline (see _Deadline)."""
+    """A plain socket under a deadline (see _Deadline).
+
+    Its sends try one ``write`` first: a socket with a time-out is
+    non-blocking underneath, and socket.send would ``poll`` before each send
+    (two system calls, each a release of the GIL that the other threads
+    queue on).  What does not fit the send buffer at once goes the usual way.
+    """
+
+    def send(self, data, flags=0):
+        if not flags:
+            try:
+                return os.write(self.fileno(), data)
+            except BlockingIOError:
+                pass
+        return super().send(data, flags)
+
+    def sendall(self, data, flags=0):
+        if not flags:
+            try:
+                sent = os.write(self.fileno(), data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return None
+            data = memoryview(data)[sent:]
+        return super().sendall(data, flags)
 
     @classmethod
     def adopt(cls, sock, deadline=None):
@@ -2426,6 +2467,17 @@ class _DeadlineConnection(http.client.HTTPConnection):
 
     response_class = _LeanResponse
     deadline = None
+
+    def _send_output(self, message_body=None, encode_chunked=False):
+        # http.client frames the head, then sends it and the body apart: two
+        # writes, two TCP segments for the app to read.  A bytes body joins its head.
+        if not isinstance(message_body, bytes) or encode_chunked:
+            return super()._send_output(message_body, encode_chunked)
+        self._buffer.extend((b"", b""))
+        head = b"\r\n".join(self._buffer)
+        del self._buffer[:]
+        self.send(head + message_body)
+        return None
 
     def set_deadline(self, deadline):
         self.deadline = deadline
@@ -2658,7 +2710,7 @@ class Delivery:
     def attempt(self, task, timeout=None):
         """POST the task once; return an Outcome.  Never raises for network faults."""
         tries = task.tries + 1
-        req_id = new_id(6)
+        req_id = "%012x" % random.getrandbits(48)  # unique enough, and no system call
         started = self.clock()
         t0 = time.monotonic()
         retry_after = None
@@ -5360,6 +5412,10 @@ def _expand_id(client, prefix):
 
 
 def serve(args):
+    # logging's documented knobs for what no line of ours prints: the caller's
+    # frame, process and thread, looked up per record (a delivery logs a line)
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler()
     handler.setFormatter(JSONFormatter() if args.log_json else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
