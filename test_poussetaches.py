@@ -4412,6 +4412,42 @@ class TestStorage(unittest.TestCase):
             rx.wait_for(2)
             self.assertNotIn("/lost", [g["path"] for g in rx.got])
 
+    def test_fsync_failure_after_an_early_delivery_takes_the_change_back(self):
+        # A new task is dispatched once written, while its fsync runs.  When that
+        # fsync fails, the answer is a 503 and the task does not stay: not even
+        # as the retry its early attempt settled as.  A named cron whose
+        # replacement fails keeps its old schedule, and that schedule still runs.
+        failing = []   # [wait first for the early attempt to settle?]: the next fsync fails
+
+        class FailingFsync(pt.FileSystem):
+            def fsync(self, fd):
+                if failing:
+                    if failing.pop():  # the attempt was made and settled (not in flight)
+                        wait_until(lambda: rx.got and not d.store.in_flight(), poll=0.005,
+                                   what="the early attempt")
+                    raise OSError(5, "Input/output error")
+                os.fsync(fd)
+
+        with receiver() as rx, running_daemon(fs=FailingFsync(), max_tries=5,
+                                              min_backoff=30, max_backoff=30) as d:
+            rx.answers["/retry"] = [(500, b"not yet")]
+            failing.append(True)
+            status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/retry")})
+            self.assertEqual((status, "Input/output error" in doc["error"]), (503, True))
+            self.assertEqual(rx.wait_for(1, path="/retry")[0]["path"], "/retry")
+            self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 0)
+
+            cron = {"url": rx.url("/old"), "schedule": "@every 1s", "name": "digest"}
+            self.assertEqual(call(d.url, "POST", "/", cron)[0], 201)
+            failing.append(False)
+            status, _, _ = call(d.url, "POST", "/", dict(cron, url=rx.url("/new"),
+                                                         schedule="@every 1h"))
+            self.assertEqual(status, 503)
+            tasks = call(d.url, "GET", "/cron")[2]["tasks"]
+            self.assertEqual([(t["url"], t["schedule"]) for t in tasks],
+                             [(rx.url("/old"), "@every 1s")])
+            rx.wait_for(1, path="/old")  # the old schedule is still on the due queue
+
 
 # --------------------------------------------------------------------------
 # Crash recovery with a real daemon process
