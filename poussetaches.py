@@ -63,6 +63,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -857,6 +858,8 @@ class Journal:
     def flush(self, ticket=None):
         """Write every queued record.  With a ticket, also make the journal durable
         up to it (fsync in fsync mode), unless a thread before us did."""
+        if ticket is not None and (ticket.error or ticket.seq <= self._synced):
+            return  # read without the lock: _synced only grows, and the lock re-checks
         with self._write_lock:
             if ticket is not None and (ticket.error or ticket.seq <= self._synced):
                 return  # a thread before us wrote and synced it along with its own
@@ -925,6 +928,8 @@ class Journal:
             self.records += len(group)
             self.commits += 1
             self._written = group[-1].seq
+            if not self.fsync:
+                self._synced = self._written  # written is all that fsync mode "never" waits for
             if not self.healthy:
                 logger.warning("journal writes succeed again")
             self.healthy = True
@@ -1450,6 +1455,9 @@ class Store:
         with self._lock:
             for task, _ in placed:
                 del self._pending[task.id]
+                if task.ordering_key is not None:  # its key's head may have left meanwhile
+                    self._released.add((task.queue, task.ordering_key))
+            self._release_heads()
         self._on_change()
         return results
 
@@ -2374,7 +2382,7 @@ class _Deadline:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout("timed out")
-            if abs((self.gettimeout() or 0.0) - remaining) > 0.01:  # settimeout is 2 syscalls
+            if abs((self.gettimeout() or 0.0) - remaining) > 0.01:  # a system call or two
                 self.settimeout(remaining)
         return super().recv_into(buffer, *args, **kwargs)
 
@@ -2382,30 +2390,49 @@ class _Deadline:
 class DeadlineSocket(_Deadline, socket.socket):
     """A plain socket under a deadline (see _Deadline).
 
-    Its sends try one ``write`` first: a socket with a time-out is
-    non-blocking underneath, and socket.send would ``poll`` before each send
-    (two system calls, each a release of the GIL that the other threads
-    queue on).  What does not fit the send buffer at once goes the usual way.
+    Where the kernel has SO_RCVTIMEO and SO_SNDTIMEO (POSIX), the socket stays
+    in blocking mode and the kernel bounds each receive and send: one system
+    call each.  A socket with a Python time-out polls before every receive and
+    send, and each of those calls releases the GIL that the other threads
+    queue on: a third of a delivery's CPU went to that queue.  ``gettimeout``
+    gives the time-out set; a receive or send past it raises socket.timeout.
     """
 
+    _kernel_timeouts = hasattr(socket, "SO_RCVTIMEO") and sys.platform != "win32"
+    _timeout = None
+
+    def settimeout(self, value):
+        if not self._kernel_timeouts:
+            return super().settimeout(value)
+        super().settimeout(None)
+        self._timeout = value
+        # struct timeval; 0 is "no time-out", so a time-out is at least 1 ms
+        seconds = 0.0 if value is None else max(value, 0.001)
+        timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+        self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        return None
+
+    def gettimeout(self):
+        return self._timeout if self._kernel_timeouts else super().gettimeout()
+
+    def recv_into(self, buffer, *args, **kwargs):
+        try:
+            return super().recv_into(buffer, *args, **kwargs)
+        except BlockingIOError:  # the kernel's time-out ran out
+            raise socket.timeout("timed out") from None
+
     def send(self, data, flags=0):
-        if not flags:
-            try:
-                return os.write(self.fileno(), data)
-            except BlockingIOError:
-                pass
-        return super().send(data, flags)
+        try:
+            return super().send(data, flags)
+        except BlockingIOError:
+            raise socket.timeout("timed out") from None
 
     def sendall(self, data, flags=0):
-        if not flags:
-            try:
-                sent = os.write(self.fileno(), data)
-            except BlockingIOError:
-                sent = 0
-            if sent == len(data):
-                return None
-            data = memoryview(data)[sent:]
-        return super().sendall(data, flags)
+        try:
+            return super().sendall(data, flags)
+        except BlockingIOError:
+            raise socket.timeout("timed out") from None
 
     @classmethod
     def adopt(cls, sock, deadline=None):
@@ -3069,11 +3096,12 @@ _JSON_TYPES = {"string": lambda v: isinstance(v, str), "integer": lambda v: _is_
 def fits(value, schema):
     """Does ``value`` fit the subset of JSON schema the Params use?"""
     kinds = schema.get("type")
-    if kinds is not None:
-        kinds = kinds if isinstance(kinds, list) else [kinds]
-        if not any(_JSON_TYPES[kind](value) for kind in kinds):
-            return False
-    if _is_number(value):
+    if kinds is not None and not (_JSON_TYPES[kinds](value) if isinstance(kinds, str) else
+                                  any(_JSON_TYPES[kind](value) for kind in kinds)):
+        return False
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (int, float)):  # finite: parse_json refuses NaN and infinities
         return schema.get("minimum", value) <= value <= schema.get("maximum", value)
     if isinstance(value, str):
         return (schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
@@ -3261,6 +3289,8 @@ class Api:
         self.settings = settings
         self.clock = settings.clock
         self._good_urls = {}   # a cache of URLs that passed check_url (the rules never change)
+        self._good_hosts = {}  # ... and of Host values that passed _check_host
+        self._ids = collections.deque()  # task ids from one os.urandom call per 128
         self._routes = []
         for route in self.ROUTES:
             regex = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)",
@@ -3324,11 +3354,13 @@ class Api:
         if not allowed and not self.settings.loopback_bound:
             return
         value = headers.get("Host")
-        if value is None:  # HTTP/1.0 without Host: not a browser
+        if value is None or value in self._good_hosts:  # HTTP/1.0 without Host: no browser
             return
         match = _HOST.fullmatch(value)
         name = match.group(1).lower() if match else None
         if name in allowed or (self.settings.loopback_bound and is_loopback_name(name)):
+            if len(self._good_hosts) < 64:  # the rules never change: check each value once
+                self._good_hosts[value] = True
             return
         raise HTTPError(403, "Host %r is not this daemon's name: a DNS-rebinding page? "
                         "(serve other names with --allow-host NAME)" % value[:100])
@@ -3464,7 +3496,7 @@ class Api:
         key = values.get("idempotency_key", headers.get("Idempotency-Key"))
         if key is not None and not fits(key, ENQUEUE["idempotency_key"].schema):
             raise HTTPError(400, ENQUEUE["idempotency_key"].message, field="idempotency_key")
-        task = Task(new_id(), url, payload, expected, created=now,
+        task = Task(self._new_id(), url, payload, expected, created=now,
                     next_run=self._first_run(values, now), max_tries=values.get("max_tries"),
                     timeout_s=values.get("timeout_s"),
                     headers=self.check_headers(values["headers"]) if "headers" in values else None,
@@ -3484,6 +3516,15 @@ class Api:
             task.id = named_cron_id(task.name) if task.name else cron_id(url, payload, schedule)
             task.next_run = task.next_scheduled_run = first
         return task
+
+    def _new_id(self):
+        """new_id()'s kind of id, without a system call per enqueue."""
+        try:
+            return self._ids.popleft()
+        except IndexError:
+            raw = binascii.hexlify(os.urandom(16 * 128)).decode()
+            self._ids.extend(raw[i:i + 32] for i in range(32, len(raw), 32))
+            return raw[:32]
 
     def cron_spec(self, schedule, field):
         try:

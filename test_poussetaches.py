@@ -3303,6 +3303,28 @@ class TestQueues(unittest.TestCase):
             rx.wait_for(1, path="/after-death")
             self.assertEqual(call(d.url, "GET", "/")[2]["dead"], 1)
 
+    def test_the_head_leaves_while_the_next_task_is_fsynced(self):
+        # B is written while A is its key's head (so not scheduled then), and A
+        # succeeds while B's fsync runs: B must still be scheduled.
+        hold = []
+
+        class SlowFsync(pt.FileSystem):
+            def fsync(self, fd):
+                if hold:
+                    hold.pop()
+                    wait_until(lambda: d.store.counts()["success"] == 1, poll=0.005,
+                               what="the head to succeed")
+                os.fsync(fd)
+
+        with receiver() as rx, running_daemon(fs=SlowFsync()) as d:
+            rx.answers["/a"] = [(200, b"", {}, 0.3)]
+            call(d.url, "POST", "/", {"url": rx.url("/a"), "ordering_key": "k"})
+            wait_until(lambda: d.store.in_flight() == 1, poll=0.005, what="A in flight")
+            hold.append(True)
+            self.assertEqual(call(d.url, "POST", "/", {"url": rx.url("/b"),
+                                                       "ordering_key": "k"})[0], 201)
+            rx.wait_for(1, path="/b")
+
     def test_no_overlap_within_a_key(self):
         with receiver() as rx, running_daemon(workers=4) as d:
             rx.answers["/o"] = [(200, b"", {}, 0.15)]
