@@ -1754,6 +1754,29 @@ class TestDelivery(unittest.TestCase):
         _, _, doc = call(d.url, "GET", "/" + table)
         return next((t for t in doc["tasks"] if t["id"] == task_id), None)
 
+    def test_deadline_socket_times_out_receives_and_sends(self):
+        # the kernel's time-outs (or Python's, where there are none) end a
+        # receive at the deadline and a send that the peer never reads
+        near, far = socket.socketpair()
+        self.addCleanup(far.close)
+        sock = pt.DeadlineSocket.adopt(near, time.monotonic() + 0.3)
+        self.addCleanup(sock.close)
+        sock.settimeout(0.3)
+        self.assertEqual(sock.gettimeout(), 0.3)
+        started = time.monotonic()
+        with self.assertRaises(socket.timeout):
+            sock.recv_into(bytearray(10))
+        self.assertLess(time.monotonic() - started, 2.0)
+        far.sendall(b"hello")
+        sock.deadline = time.monotonic() + 5
+        buffer = bytearray(10)
+        self.assertEqual(sock.recv_into(buffer), 5)
+        sock.settimeout(0.3)  # a receive under a deadline set the time-out to what was left
+        started = time.monotonic()
+        with self.assertRaises(socket.timeout):
+            sock.sendall(b"x" * (64 << 20))  # more than any socket buffer holds
+        self.assertLess(time.monotonic() - started, 3.0)
+
     def test_envelope_and_headers(self):
         with running_daemon(auth_key="s3cret") as d:
             started = time.time()
