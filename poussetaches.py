@@ -363,17 +363,15 @@ class Task:
 
     __slots__ = TASK_NAMES + ("version", "order_key")
     _BYTES = tuple(f.name for f in TASK_FIELDS if f.kind == "bytes")
-    _DEFAULTS = tuple((f.name, f.default) for f in TASK_FIELDS)
 
     def __init__(self, id, url, payload=b"", expected=200, schedule="", **fields):
         if not fields.keys() <= _TASK_NAME_SET:
             raise TypeError("unknown task fields: %s" % ", ".join(sorted(
                 set(fields) - _TASK_NAME_SET)))
-        self.id, self.url, self.payload, self.expected, self.schedule = (
-            id, url, payload, expected, schedule)
-        get = fields.get
-        for name, default in self._DEFAULTS[5:]:
-            setattr(self, name, get(name, default))
+        row = [id, url, payload, expected, schedule] + _DEFAULT_ROW[5:]
+        for name, value in fields.items():
+            row[_FIELD_AT[name]] = value
+        _SET_ROW(self, row)
         if not self.next_scheduled_run:
             self.next_scheduled_run = self.next_run
         if self.attempts is None:
@@ -437,8 +435,8 @@ class Task:
     def copy(self, **changes):
         """A detached copy: for a delivery, or a cron run's success/dead record."""
         twin = Task.__new__(Task)
-        for name in Task.__slots__:
-            setattr(twin, name, getattr(self, name))
+        _SET_ROW(twin, _GET_ROW(self))
+        twin.version, twin.order_key = self.version, self.order_key
         twin.attempts = list(self.attempts)
         if self.headers is not None:
             twin.headers = dict(self.headers)
@@ -449,6 +447,8 @@ class Task:
 
 _BYTES_AT = tuple(i for i, f in enumerate(TASK_FIELDS) if f.kind == "bytes")
 _TASK_NAME_SET = frozenset(TASK_NAMES)
+_FIELD_AT = {name: i for i, name in enumerate(TASK_NAMES)}
+_DEFAULT_ROW = [f.default for f in TASK_FIELDS]
 _GET_ROW = operator.attrgetter(*TASK_NAMES)  # every field's value, in one C call
 
 
@@ -854,6 +854,11 @@ class Journal:
                 batch.append(self._pending.popleft())
         except IndexError:
             return batch
+
+    def write(self, ticket):
+        """Write (no fsync) the queued records up to ``ticket``, unless a thread did."""
+        if ticket.error is None and ticket.seq > self._written:  # read unlocked: it only grows
+            self.flush()
 
     def flush(self, ticket=None):
         """Write every queued record.  With a ticket, also make the journal durable
@@ -1434,7 +1439,7 @@ class Store:
             return results
         # Written (not yet fsync'ed), the tasks survive a kill -9: their delivery
         # may start while the fsync runs.  Only the answer waits for the fsync.
-        self.journal.flush()
+        self.journal.write(ticket)
         if ticket.error is None:
             with self._lock:
                 ready = []
