@@ -860,19 +860,30 @@ class Journal:
         if ticket.error is None and ticket.seq > self._written:  # read unlocked: it only grows
             self.flush()
 
-    def flush(self, ticket=None):
+    def flush(self, ticket=None, wait=True):
         """Write every queued record.  With a ticket, also make the journal durable
-        up to it (fsync in fsync mode), unless a thread before us did."""
+        up to it (fsync in fsync mode), unless a thread before us did.
+
+        ``wait=False`` (a delivery's outcome): while another thread writes,
+        return at once.  That thread writes our record: every writer looks at
+        the queue again after releasing the lock, and writes what came meanwhile.
+        """
         if ticket is not None and (ticket.error or ticket.seq <= self._synced):
             return  # read without the lock: _synced only grows, and the lock re-checks
-        with self._write_lock:
-            if ticket is not None and (ticket.error or ticket.seq <= self._synced):
-                return  # a thread before us wrote and synced it along with its own
-            batch = self._drain()
-            if batch:
-                self._write(batch)
-            if ticket is not None and ticket.error is None and ticket.seq > self._synced:
-                self._sync(ticket)
+        while self._write_lock.acquire(blocking=wait):
+            try:
+                if ticket is not None and (ticket.error or ticket.seq <= self._synced):
+                    return  # a thread before us wrote and synced it along with its own
+                batch = self._drain()
+                if batch:
+                    self._write(batch)
+                if ticket is not None and ticket.error is None and ticket.seq > self._synced:
+                    self._sync(ticket)
+            finally:
+                self._write_lock.release()
+            if not self._pending:
+                return
+            ticket, wait = None, False  # queued while we wrote: ours to write, unless taken
 
     def _sync(self, ticket):
         if self.fsync and self._fd is not None:
@@ -1793,8 +1804,9 @@ class Store:
                 self._schedule(task)
             self._release_heads()
         # nobody waits for these records: at-least-once survives their loss,
-        # and the next snapshot has them anyway; but write them now
-        self.journal.flush()
+        # and the next snapshot has them anyway; but write them now (or let
+        # the thread that is writing take them along)
+        self.journal.flush(wait=False)
         self._on_change()
         return table
 
