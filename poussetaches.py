@@ -855,6 +855,10 @@ class Journal:
         except IndexError:
             return batch
 
+    def durable(self, ticket):
+        """Is the ticket's record written and, in fsync mode, fsync'ed?"""
+        return ticket.error is None and ticket.seq <= self._synced
+
     def write(self, ticket):
         """Write (no fsync) the queued records up to ``ticket``, unless a thread did."""
         if ticket.error is None and ticket.seq > self._written:  # read unlocked: it only grows
@@ -1451,6 +1455,7 @@ class Store:
         # Written (not yet fsync'ed), the tasks survive a kill -9: their delivery
         # may start while the fsync runs.  Only the answer waits for the fsync.
         self.journal.write(ticket)
+        durable = self.journal.durable(ticket)  # already: fsync off, or another's fsync
         if ticket.error is None:
             with self._lock:
                 ready = []
@@ -1462,20 +1467,28 @@ class Store:
                             self._schedule(task)
                 self.due.put_tasks((t.next_run, t.id, t.version, t.queue, t.priority)
                                    for t in ready)
+                if durable:
+                    self._settled(placed)
                 self._release_heads()
-        try:
-            ticket.wait()
-        except PersistError:
-            self._undo(placed)
-            raise
-        with self._lock:
-            for task, _ in placed:
-                del self._pending[task.id]
-                if task.ordering_key is not None:  # its key's head may have left meanwhile
-                    self._released.add((task.queue, task.ordering_key))
-            self._release_heads()
+        if not durable:
+            try:
+                ticket.wait()
+            except PersistError:
+                self._undo(placed)
+                raise
+            with self._lock:
+                self._settled(placed)
+                self._release_heads()
         self._on_change()
         return results
+
+    def _settled(self, placed):
+        """add_many's tasks are durable: twins need not wait for them any more, and an
+        ordering key whose head left meanwhile gets its next head (caller holds _lock)."""
+        for task, _ in placed:
+            del self._pending[task.id]
+            if task.ordering_key is not None:
+                self._released.add((task.queue, task.ordering_key))
 
     def _undo(self, placed):
         """Take back an add_many whose records could not be persisted.  A task
@@ -2416,10 +2429,11 @@ class DeadlineSocket(_Deadline, socket.socket):
     """
 
     _kernel_timeouts = hasattr(socket, "SO_RCVTIMEO") and sys.platform != "win32"
-    _timeout = None
+    _timeout = None   # the time-out the kernel enforces (None: Python's own mode is on)
 
     def settimeout(self, value):
-        if not self._kernel_timeouts:
+        self._timeout = None
+        if not self._kernel_timeouts or value == 0:  # 0: non-blocking, Python's own mode
             return super().settimeout(value)
         super().settimeout(None)
         self._timeout = value
@@ -2431,7 +2445,7 @@ class DeadlineSocket(_Deadline, socket.socket):
         return None
 
     def gettimeout(self):
-        return self._timeout if self._kernel_timeouts else super().gettimeout()
+        return super().gettimeout() if self._timeout is None else self._timeout
 
     def recv_into(self, buffer, *args, **kwargs):
         try:
