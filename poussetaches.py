@@ -857,7 +857,8 @@ class Journal:
 
     def durable(self, ticket):
         """Is the ticket's record written and, in fsync mode, fsync'ed?"""
-        return ticket.error is None and ticket.seq <= self._synced
+        synced = self._synced  # first: an error is set before _synced can pass the ticket
+        return ticket.seq <= synced and ticket.error is None
 
     def write(self, ticket):
         """Write (no fsync) the queued records up to ``ticket``, unless a thread did."""
@@ -870,19 +871,22 @@ class Journal:
 
         ``wait=False`` (a delivery's outcome): while another thread writes,
         return at once.  That thread writes our record: every writer looks at
-        the queue again after releasing the lock, and writes what came meanwhile.
+        the queue again after releasing the lock, and writes what came
+        meanwhile (for a few rounds at most: under a steady stream of records,
+        the next writer is never far).
         """
         if ticket is not None and (ticket.error or ticket.seq <= self._synced):
             return  # read without the lock: _synced only grows, and the lock re-checks
-        while self._write_lock.acquire(blocking=wait):
+        for _ in range(4):
+            if not self._write_lock.acquire(blocking=wait):
+                return
             try:
-                if ticket is not None and (ticket.error or ticket.seq <= self._synced):
-                    return  # a thread before us wrote and synced it along with its own
-                batch = self._drain()
-                if batch:
-                    self._write(batch)
-                if ticket is not None and ticket.error is None and ticket.seq > self._synced:
-                    self._sync(ticket)
+                if ticket is None or not (ticket.error or ticket.seq <= self._synced):
+                    batch = self._drain()  # else a thread before us synced it with its own
+                    if batch:
+                        self._write(batch)
+                    if ticket is not None and ticket.error is None and ticket.seq > self._synced:
+                        self._sync(ticket)
             finally:
                 self._write_lock.release()
             if not self._pending:
@@ -1486,7 +1490,7 @@ class Store:
         """add_many's tasks are durable: twins need not wait for them any more, and an
         ordering key whose head left meanwhile gets its next head (caller holds _lock)."""
         for task, _ in placed:
-            del self._pending[task.id]
+            self._pending.pop(task.id, None)  # one id twice: a batch naming a cron twice
             if task.ordering_key is not None:
                 self._released.add((task.queue, task.ordering_key))
 
@@ -1543,6 +1547,9 @@ class Store:
             old = self._tables["waiting"].get(task.id) if outcome == "replaced" else None
             if old is not None:
                 task.created = old.created
+                # above every version the old one had: its claimed copies and queue
+                # entries must not match the replacement
+                task.version = old.version + 1
             self._seq += 1
             task.seq = self._seq
             ticket = self._put("waiting", task, fresh=old is None)  # a new id is in no table
@@ -2429,41 +2436,69 @@ class DeadlineSocket(_Deadline, socket.socket):
     """
 
     _kernel_timeouts = hasattr(socket, "SO_RCVTIMEO") and sys.platform != "win32"
-    _timeout = None   # the time-out the kernel enforces (None: Python's own mode is on)
+    _timeout = None       # the time-out the kernel enforces (None: Python's own mode is on)
+    _send_timeout = None  # SO_SNDTIMEO as last set: sendall sets it to the time left
 
     def settimeout(self, value):
         self._timeout = None
-        if not self._kernel_timeouts or value == 0:  # 0: non-blocking, Python's own mode
-            return super().settimeout(value)
-        super().settimeout(None)
-        self._timeout = value
-        # struct timeval; 0 is "no time-out", so a time-out is at least 1 ms
-        seconds = 0.0 if value is None else max(value, 0.001)
-        timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
-        self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        return None
+        if self._kernel_timeouts and value != 0:  # 0: non-blocking, Python's own mode
+            try:
+                self._set_kernel(socket.SO_RCVTIMEO, value)
+                self._set_kernel(socket.SO_SNDTIMEO, value)
+            except OSError:  # a struct timeval of another shape (32-bit, 64-bit time_t)
+                pass
+            else:
+                super().settimeout(None)
+                self._timeout = self._send_timeout = value
+                return None
+        return super().settimeout(value)
+
+    def _set_kernel(self, option, seconds):
+        seconds = 0.0 if seconds is None else max(seconds, 0.001)  # 0 would be "never"
+        self.setsockopt(socket.SOL_SOCKET, option,
+                        struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
 
     def gettimeout(self):
         return super().gettimeout() if self._timeout is None else self._timeout
 
+    def setblocking(self, flag):
+        self.settimeout(None if flag else 0.0)
+
     def recv_into(self, buffer, *args, **kwargs):
         try:
             return super().recv_into(buffer, *args, **kwargs)
-        except BlockingIOError:  # the kernel's time-out ran out
-            raise socket.timeout("timed out") from None
+        except BlockingIOError:
+            if self._timeout is None:
+                raise
+            raise socket.timeout("timed out") from None  # the kernel's time-out ran out
 
     def send(self, data, flags=0):
         try:
             return super().send(data, flags)
         except BlockingIOError:
+            if self._timeout is None:
+                raise
             raise socket.timeout("timed out") from None
 
     def sendall(self, data, flags=0):
-        try:
+        """All of ``data`` within the time-out (and the deadline) as a whole, as
+        socket.sendall with a Python time-out: SO_SNDTIMEO bounds one send only,
+        and a peer that reads slowly makes each send return a little."""
+        if self._timeout is None:
             return super().sendall(data, flags)
-        except BlockingIOError:
-            raise socket.timeout("timed out") from None
+        end = time.monotonic() + self._timeout
+        if self.deadline is not None:
+            end = min(end, self.deadline)
+        view = memoryview(data).cast("B")
+        while view:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out")
+            if abs(self._send_timeout - remaining) > 0.01:
+                self._set_kernel(socket.SO_SNDTIMEO, remaining)
+                self._send_timeout = remaining
+            view = view[self.send(view, flags):]
+        return None
 
     @classmethod
     def adopt(cls, sock, deadline=None):

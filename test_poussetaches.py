@@ -1757,10 +1757,17 @@ class TestDelivery(unittest.TestCase):
     def test_deadline_socket_times_out_receives_and_sends(self):
         # the kernel's time-outs (or Python's, where there are none) end a
         # receive at the deadline and a send that the peer never reads
-        near, far = socket.socketpair()
-        self.addCleanup(far.close)
-        sock = pt.DeadlineSocket.adopt(near, time.monotonic() + 0.3)
-        self.addCleanup(sock.close)
+        def tcp_pair():
+            listener = socket.create_server(("127.0.0.1", 0))
+            near = socket.create_connection(listener.getsockname())
+            far, _ = listener.accept()
+            listener.close()
+            self.addCleanup(far.close)
+            sock = pt.DeadlineSocket.adopt(near, time.monotonic() + 0.3)
+            self.addCleanup(sock.close)
+            return sock, far
+
+        sock, far = tcp_pair()
         sock.settimeout(0.3)
         self.assertEqual(sock.gettimeout(), 0.3)
         started = time.monotonic()
@@ -1776,6 +1783,24 @@ class TestDelivery(unittest.TestCase):
         with self.assertRaises(socket.timeout):
             sock.sendall(b"x" * (64 << 20))  # more than any socket buffer holds
         self.assertLess(time.monotonic() - started, 3.0)
+        # a peer that reads a little now and then: the time-out bounds the whole
+        # send (the kernel's SO_SNDTIMEO bounds one send call only)
+        sock, far = tcp_pair()
+        stop = threading.Event()
+
+        def trickle():
+            deadline = time.monotonic() + 4.0  # then stop reading: never a hang
+            while not stop.wait(0.05) and time.monotonic() < deadline:
+                far.recv(16384)
+        reader = threading.Thread(target=trickle)
+        reader.start()
+        self.addCleanup(reader.join)
+        self.addCleanup(stop.set)
+        sock.settimeout(0.5)
+        started = time.monotonic()
+        with self.assertRaises(socket.timeout):
+            sock.sendall(b"x" * (64 << 20))
+        self.assertLess(time.monotonic() - started, 2.0)
 
     def test_envelope_and_headers(self):
         with running_daemon(auth_key="s3cret") as d:
@@ -3435,6 +3460,28 @@ class TestQueues(unittest.TestCase):
         with running_daemon(data_dir=data, paused=True) as d:
             crons = call(d.url, "GET", "/cron")[2]["tasks"]
             self.assertEqual([c["schedule"] for c in crons], ["0 8 * * *"])
+
+    def test_a_replacement_outlives_the_old_definitions_attempt(self):
+        # the old definition's attempt, in flight during the replacement, settles
+        # after it: the replacement stays (its version is above the old one's)
+        with receiver() as rx, running_daemon() as d:
+            rx.answers["/old"] = [(200, b"", {}, 0.5)]
+            cron = {"url": rx.url("/old"), "name": "digest", "schedule": "@every 1s"}
+            self.assertEqual(call(d.url, "POST", "/", cron)[0], 201)
+            wait_until(lambda: d.store.in_flight() == 1, poll=0.01, what="the old attempt")
+            new = call(d.url, "POST", "/", dict(cron, url=rx.url("/new"), schedule="@every 1h"))
+            self.assertEqual((new[0], new[2]["replaced"]), (200, True))
+            rx.wait_for(1, path="/old")
+            wait_until(lambda: d.store.in_flight() == 0, poll=0.01, what="its settling")
+            crons = call(d.url, "GET", "/cron")[2]["tasks"]
+            self.assertEqual([(c["url"], c["schedule"]) for c in crons],
+                             [(rx.url("/new"), "@every 1h")])
+            # a batch naming one cron twice: the second definition, and no error
+            twice = call(d.url, "POST", "/batch", {"tasks": [
+                dict(cron, schedule="@every 2h"), dict(cron, schedule="@every 3h")]})
+            self.assertEqual(twice[0], 201, twice[2])
+            crons = call(d.url, "GET", "/cron")[2]["tasks"]
+            self.assertEqual([c["schedule"] for c in crons], ["@every 3h"])
 
     def test_filters_and_prefixes(self):
         with running_daemon(paused=True) as d:
