@@ -2851,10 +2851,15 @@ class Stats:
         with self._lock:
             self._counters[name if key is None else (name, key)] += n
 
-    def observe(self, seconds):
-        """Add one attempt duration to the histogram."""
+    def attempt(self, result, seconds, origin, queue):
+        """Count one attempt (``result``: success, failure or error) in every
+        series it belongs to, and its duration in the histogram: one lock hold."""
         i = bisect.bisect_left(self.BUCKETS, seconds)
+        counters = self._counters
         with self._lock:
+            counters["attempts_" + result] += 1
+            counters[("origin_attempts", (origin, result))] += 1
+            counters[("queue_attempts", (queue, result))] += 1
             if i < len(self._buckets):
                 self._buckets[i] += 1
             self._sum += seconds
@@ -2978,12 +2983,8 @@ class Dispatcher:
         self.breakers.record(origin, outcome.status in UNAVAILABLE and
                              outcome.status != task.expected)
         ok = outcome.status == task.expected
-        self.stats.inc("attempts_" + ("success" if ok else
-                                      "error" if outcome.status < 0 else "failure"))
-        self.stats.observe(outcome.duration)
         result = "success" if ok else "error" if outcome.status < 0 else "failure"
-        self.stats.inc("origin_attempts", key=(origin, result))
-        self.stats.inc("queue_attempts", key=(task.queue, result))
+        self.stats.attempt(result, outcome.duration, origin, task.queue)
         buried, next_run, attempt = [], [], task.tries + 1
         table, records = self.decide(task, outcome, buried, next_run, policy)  # on our copy
         table = self.store.settle(task, table, records)
