@@ -3465,7 +3465,7 @@ class TestQueues(unittest.TestCase):
         # the old definition's attempt, in flight during the replacement, settles
         # after it: the replacement stays (its version is above the old one's)
         with receiver() as rx, running_daemon() as d:
-            rx.answers["/old"] = [(200, b"", {}, 0.5)]
+            rx.answers["/old"] = [(200, b"", {}, 0.3)]
             cron = {"url": rx.url("/old"), "name": "digest", "schedule": "@every 1s"}
             self.assertEqual(call(d.url, "POST", "/", cron)[0], 201)
             wait_until(lambda: d.store.in_flight() == 1, poll=0.01, what="the old attempt")
@@ -4856,7 +4856,7 @@ class TestReliability(unittest.TestCase):
     # -- kill -9 ---------------------------------------------------------------
 
     def test_kill9_loop_loses_nothing(self):
-        kills = 30 if STRESS else 5
+        kills = 30 if STRESS else 3
         workers = 4
         rng = random.Random(SEED)
         acked, lock = set(), threading.Lock()
