@@ -307,8 +307,9 @@ _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode  # 
 
 
 def encode_task(task):
-    """A task's JSON form as compact bytes (journal records and API answers)."""
-    return _compact(task.to_json()).encode()
+    """A task's JSON form as compact bytes (journal records and API answers):
+    ``_compact(task.to_json())``, in one string format (_compile_encoder)."""
+    return _ENCODE(task).encode()
 
 
 class Field(collections.namedtuple("Field", "name kind default show")):
@@ -462,6 +463,33 @@ def _compile_row_setter(names):
 
 
 _SET_ROW = _compile_row_setter(TASK_NAMES)
+
+
+def _compile_encoder(fields):
+    """``f(task)``: the text of ``_compact(task.to_json())``, each field encoded by its
+    kind in one string format; a value of an unexpected type goes through the
+    JSON encoder.  Every stored task is encoded for the journal, and this is
+    three times faster than building the dict and encoding it."""
+    values = []
+    for f in fields:
+        v = "task." + f.name
+        if f.kind == "string":
+            value = "_str(%s) if %s.__class__ is str" % (v, v)
+        elif f.kind in ("integer", "time"):
+            value = "%s if %s.__class__ is int" % (v, v)
+        elif f.kind == "bytes":
+            value = '\'"\' + b64(%s) + \'"\' if %s.__class__ is bytes' % (v, v)
+        else:
+            value = "'[]' if %s == []" % v
+        values.append("('null' if %s is None else %s else _json(%s))" % (v, value, v))
+    template = "{%s}" % ",".join('"%s":%%s' % f.name for f in fields)
+    namespace = {"_str": json.encoder.encode_basestring_ascii, "_json": _compact, "b64": b64}
+    exec("def encode(task):\n    return %r %% (\n        %s,)"
+         % (template, ",\n        ".join(values)), namespace)
+    return namespace["encode"]
+
+
+_ENCODE = _compile_encoder(TASK_FIELDS)
 
 
 # --------------------------------------------------------------------------
@@ -2435,7 +2463,7 @@ class DeadlineSocket(_Deadline, socket.socket):
     gives the time-out set; a receive or send past it raises socket.timeout.
     """
 
-    _kernel_timeouts = hasattr(socket, "SO_RCVTIMEO") and sys.platform != "win32"
+    _kernel_timeouts = sys.platform.startswith("linux")  # where SO_SNDTIMEO bounds connect too
     _timeout = None       # the time-out the kernel enforces (None: Python's own mode is on)
     _send_timeout = None  # SO_SNDTIMEO as last set: sendall sets it to the time left
 
@@ -2499,6 +2527,31 @@ class DeadlineSocket(_Deadline, socket.socket):
                 self._send_timeout = remaining
             view = view[self.send(view, flags):]
         return None
+
+    def connect(self, address):
+        try:
+            return super().connect(address)
+        except BlockingIOError:  # EINPROGRESS: SO_SNDTIMEO ran out first
+            if self._timeout is None:
+                raise
+            raise socket.timeout("timed out") from None
+
+    @classmethod
+    def connect_to(cls, address, timeout, deadline=None):
+        """A new connection to ``(host, port)``, as socket.create_connection
+        (each address in turn), made in this class: no second socket object."""
+        error = OSError("no address for %s" % address[0])
+        for family, kind, proto, _, where in socket.getaddrinfo(*address, 0, socket.SOCK_STREAM):
+            sock = cls(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                sock.deadline = deadline
+                sock.connect(where)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error
 
     @classmethod
     def adopt(cls, sock, deadline=None):
@@ -2578,8 +2631,9 @@ class _DeadlineConnection(http.client.HTTPConnection):
             self.sock.deadline = deadline
 
     def connect(self):
-        super().connect()
-        self.sock = DeadlineSocket.adopt(self.sock, self.deadline)
+        self.sock = DeadlineSocket.connect_to((self.host, self.port), self.timeout,
+                                              self.deadline)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection

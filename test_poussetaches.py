@@ -1300,6 +1300,28 @@ class TestTaskModel(unittest.TestCase):
         back = pt.Task.from_json(json.loads(json.dumps(doc)))
         self.assertEqual(back.to_json(), doc)
 
+    def test_encoded_task_is_what_the_json_module_writes(self):
+        # encode_task formats each field by its kind; the stdlib encoder of the
+        # task's dict is the oracle, over random values of every field
+        rng = random.Random(7)
+        texts = ["", "plain", 'q"uote\\', "line\nbreak\x00\x1f", "é\u2028\U0001f600", "</script>"]
+        pick = {
+            "string": lambda: rng.choice(texts),
+            "integer": lambda: rng.choice([0, 1, -7, 2 ** 63, True, 3.5]),
+            "time": lambda: rng.choice([0, 1_764_000_000_000_000_000, 12.25]),
+            "number": lambda: rng.choice([0.1, 3600, 1e-7, 2.5]),
+            "bytes": lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(9))),
+            "object": lambda: {rng.choice(texts): rng.choice(texts) for _ in range(3)},
+            "list": lambda: rng.choice([[], [{"at": 1, "error": None}], [None, "x", 1.5]]),
+        }
+        for _ in range(3000 if STRESS else 300):
+            task = pt.Task(pt.new_id(), "http://x/y")
+            for field in pt.TASK_FIELDS:
+                nullable = field.default is None and field.kind != "list" and rng.random() < 0.3
+                setattr(task, field.name, None if nullable else pick[field.kind]())
+            expected = json.dumps(task.to_json(), separators=(",", ":")).encode()
+            self.assertEqual(pt.encode_task(task), expected)
+
     def test_original_layout_record(self):
         original = {"id": "0123456789ab", "url": "http://a/b", "payload": b64(b"{}"),
                     "expected": 0, "schedule": "", "next_run": 1600000000000000000,
@@ -1801,6 +1823,32 @@ class TestDelivery(unittest.TestCase):
         with self.assertRaises(socket.timeout):
             sock.sendall(b"x" * (64 << 20))
         self.assertLess(time.monotonic() - started, 2.0)
+
+    def test_a_connect_that_is_never_accepted_times_out(self):
+        # a listener whose backlog is full drops new SYNs: the connect waits
+        # for an answer that does not come, until the time-out (the kernel's
+        # SO_SNDTIMEO on Linux, Python's own elsewhere)
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        for _ in range(8):  # the first few fill the backlog
+            started = time.monotonic()
+            try:
+                sock = pt.DeadlineSocket.connect_to(address, 0.3)
+            except socket.timeout:
+                break
+            self.addCleanup(sock.close)
+        else:
+            self.fail("eight connects to a full backlog all succeeded")
+        self.assertLess(time.monotonic() - started, 3.0)
+        # and a delivery to it fails at its time-out, as a network error
+        task = pt.Task(pt.new_id(), "http://127.0.0.1:%d/" % address[1], timeout_s=0.3)
+        outcome = pt.Delivery().attempt(task)
+        self.assertEqual(outcome.status, -1)
+        self.assertIn("timed out", outcome.body.decode())
+        self.assertLess(outcome.duration, 3.0)
 
     def test_envelope_and_headers(self):
         with running_daemon(auth_key="s3cret") as d:
