@@ -4354,6 +4354,18 @@ class TestOperate(unittest.TestCase):
         proc = subprocess.run(["node", "--check", f.name], capture_output=True, timeout=WAIT)
         self.assertEqual(proc.returncode, 0, proc.stderr.decode())
 
+    def test_text_log_lines_are_logging_s_own(self):
+        # the formatter caches the time's text per second; logging's own
+        # Formatter is the oracle, across second boundaries and back in time
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        ours, stdlib = pt.TextFormatter(fmt), logging.Formatter(fmt)
+        for created in (1764000000.0, 1764000000.999, 1764000001.0005, 1764000000.5,
+                        1764086399.9996, 1764086400.25):
+            record = logging.LogRecord("poussetaches", logging.INFO, __file__, 1, "x %s",
+                                       ("y",), None)
+            record.created, record.msecs = created, (created - int(created)) * 1000
+            self.assertEqual(ours.format(record), stdlib.format(record))
+
     def test_log_json(self):
         record = logging.LogRecord("poussetaches", logging.WARNING, __file__, 1,
                                    "task %s attempt %d -> %s", ("abc", 2, 500), None)
