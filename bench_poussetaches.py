@@ -57,6 +57,8 @@ def role_receiver(port_file, close=False):
     arrivals = {}
     lock = threading.Lock()
     arrived = threading.Condition(lock)
+    wanted = []  # the counts that GET /wait callers wait for: woken when one is reached,
+    # not at every arrival (a wake-up per task would cost the app CPU the bare loop never pays)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -68,7 +70,8 @@ def role_receiver(port_file, close=False):
             with lock:
                 if task_id not in arrivals:
                     arrivals[task_id] = now
-                    arrived.notify_all()
+                    if wanted and len(arrivals) >= min(wanted):
+                        arrived.notify_all()
             self.send_response(200)
             self.send_header("Content-Length", "0")
             if close:
@@ -80,7 +83,9 @@ def role_receiver(port_file, close=False):
             with lock:
                 if self.path.startswith("/wait?n="):  # block until n tasks arrived
                     n = int(self.path.split("=")[1])
+                    wanted.append(n)
                     arrived.wait_for(lambda: len(arrivals) >= n, 120)
+                    wanted.remove(n)
                     doc = {"count": len(arrivals),
                            "last": max(arrivals.values()) if arrivals else None}
                 elif self.path == "/count":
@@ -324,28 +329,40 @@ def start_server(role, tmp):
 
 
 class Daemon:
+    """The daemon in a subprocess, its log (a line per delivery) in a file, as a
+    service manager's would be: a pipe read here would wake this process for
+    every line, on the cores the figures share."""
+
     def __init__(self, data_dir, *flags):
         started = time.monotonic()
-        self.p = Proc([DAEMON, "serve", "--port", "0", "--data-dir", data_dir] + list(flags))
+        self.log = open(data_dir + ".log", "w+b")
+        self.proc = subprocess.Popen(
+            [sys.executable, DAEMON, "serve", "--port", "0", "--data-dir", data_dir]
+            + list(flags), stdout=subprocess.DEVNULL, stderr=self.log, cwd=HERE)
         self.url = None
-        for line in self.p.proc.stderr:
-            match = re.search(rb"serving on (http://\S+)", line)
+        deadline = time.monotonic() + 60
+        while self.url is None and time.monotonic() < deadline and self.proc.poll() is None:
+            match = re.search(rb"serving on (http://\S+)", open(self.log.name, "rb").read())
             if match:
                 self.url = match.group(1).decode()
-                break
+            else:
+                time.sleep(0.005)
         if self.url is None:
+            self.stop()
             raise SystemExit("the daemon did not start")
         get(self.url + "/")
         self.startup = time.monotonic() - started
-        self.pid = self.p.proc.pid
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self):
-        for _ in self.p.proc.stderr:
-            pass
+        self.pid = self.proc.pid
 
     def stop(self):
-        self.p.stop()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
 
     def rss(self):
         with open("/proc/%d/status" % self.pid) as f:
