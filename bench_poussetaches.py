@@ -4,6 +4,7 @@
     python3 bench_poussetaches.py            # full run, under 5 minutes on 2 cores
     python3 bench_poussetaches.py --quick    # under a minute
     python3 bench_poussetaches.py --json     # the same figures as JSON
+    python3 bench_poussetaches.py --rounds 5 # steadier medians on a noisy machine
 
 Every figure is measured in this run, beside the limit it is compared with
 (a bare urllib loop, a no-op stdlib server...), because absolute times on
@@ -444,7 +445,7 @@ def fmt(value, unit):
     return "%s %s" % (value, unit)
 
 
-def run(quick):
+def run(quick, rounds=None):
     sizes = {"delivery": 1500 if quick else 6000, "enqueue": 2000 if quick else 8000,
              "batch": 20000 if quick else 100000,
              "latency": 100 if quick else 300, "timer": 100 if quick else 300,
@@ -462,7 +463,7 @@ def run(quick):
         # -- delivery -------------------------------------------------------
         # each limit and its figure are measured side by side, ``rounds`` times:
         # the machine's speed drifts within a run, a ratio of neighbours less
-        rounds = 1 if quick else 3
+        rounds = rounds or (1 if quick else 3)
 
         def delivery(app, tag):
             n = sizes["delivery"]
@@ -601,7 +602,7 @@ def run(quick):
         combined = 1 / (1 / bare + 1 / limit)
         table.add("end to end: 4 app threads via PousseTaches", rate, "/s", combined, 1.0)
         pairs = []
-        for k in range(min(rounds, 2)):
+        for k in range(max(1, rounds - 1)):
             n = sizes["e2e"]
             get(receiver + "/take")
             d = Daemon(os.path.join(tmp, "e2e-many-%d" % k), "--workers", "4")
@@ -656,6 +657,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, under a minute")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="measure each paired figure N times (default 3, 1 with --quick; "
+                             "N-1 against Huey): more rounds, steadier medians")
     args = parser.parse_args(argv)
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
                "platform": platform.platform()}
@@ -663,7 +667,7 @@ def main(argv=None):
                      % (machine["cpus"], machine["python"], machine["platform"],
                         ", quick" if args.quick else ""))
     started = time.monotonic()
-    table, growth = run(args.quick)
+    table, growth = run(args.quick, args.rounds)
     elapsed = time.monotonic() - started
     if args.json:
         print(json.dumps({"machine": machine, "quick": args.quick, "seconds": elapsed,
