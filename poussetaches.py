@@ -3165,10 +3165,51 @@ class Dispatcher:
 # HTTP API: validation, routes and one error boundary
 # --------------------------------------------------------------------------
 
+_JSON_TYPES = {"string": lambda v: isinstance(v, str), "integer": lambda v: _is_int(v),
+               "number": lambda v: _is_number(v), "object": lambda v: isinstance(v, dict),
+               "boolean": lambda v: isinstance(v, bool)}
+
+
+def schema_check(schema):
+    """``fits(value)``: does a value fit ``schema``, of the subset of JSON schema
+    the Params use (type, range, length, pattern, an object's values)?  The
+    schema is read once, here, not at every enqueue."""
+    kinds = schema.get("type")
+    kinds = [_JSON_TYPES[k] for k in ([kinds] if isinstance(kinds, str) else kinds or ())]
+    of_type = kinds[0] if len(kinds) == 1 else lambda v: not kinds or any(k(v) for k in kinds)
+    low, high = schema.get("minimum"), schema.get("maximum")
+    shortest, longest = schema.get("minLength", 0), schema.get("maxLength")
+    pattern = re.compile(schema["pattern"]) if "pattern" in schema else None
+    most = schema.get("maxProperties")
+    inner = (schema_check(schema["additionalProperties"]) if "additionalProperties" in schema
+             else None)
+
+    def fits(value):
+        if not of_type(value):
+            return False
+        if isinstance(value, bool):
+            return True
+        if isinstance(value, (int, float)):  # finite: parse_json refuses NaN and infinities
+            return (low is None or low <= value) and (high is None or value <= high)
+        if isinstance(value, str):
+            return (shortest <= len(value) and (longest is None or len(value) <= longest)
+                    and (pattern is None or pattern.fullmatch(value) is not None))
+        if isinstance(value, dict):
+            return ((most is None or len(value) <= most)
+                    and (inner is None or all(inner(item) for item in value.values())))
+        return True
+    return fits
+
+
 class Param(collections.namedtuple("Param", "name schema message")):
     """One field an enqueue body accepts, declared once: its JSON schema (served in
     /openapi.json, and checked here: type, range, length) and the 400 message for
     a value that does not fit.  null is the same as absent, for every field."""
+
+    def __new__(cls, name, schema, message):
+        param = super().__new__(cls, name, schema, message)
+        param.fits = schema_check(schema)
+        return param
 
 
 ENQUEUE_PARAMS = (
@@ -3226,31 +3267,6 @@ QUEUE_PARAMS = (  # a queue's settings; a task's own fields override them, they 
 QUEUE = {param.name: param for param in QUEUE_PARAMS}
 RUN_OVERRIDES = ("url", "payload", "json", "headers", "max_tries")  # POST /tasks/<id>/run
 
-_JSON_TYPES = {"string": lambda v: isinstance(v, str), "integer": lambda v: _is_int(v),
-               "number": lambda v: _is_number(v), "object": lambda v: isinstance(v, dict),
-               "boolean": lambda v: isinstance(v, bool)}
-
-
-def fits(value, schema):
-    """Does ``value`` fit the subset of JSON schema the Params use?"""
-    kinds = schema.get("type")
-    if kinds is not None and not (_JSON_TYPES[kinds](value) if isinstance(kinds, str) else
-                                  any(_JSON_TYPES[kind](value) for kind in kinds)):
-        return False
-    if isinstance(value, bool):
-        return True
-    if isinstance(value, (int, float)):  # finite: parse_json refuses NaN and infinities
-        return schema.get("minimum", value) <= value <= schema.get("maximum", value)
-    if isinstance(value, str):
-        return (schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
-                and ("pattern" not in schema or re.fullmatch(schema["pattern"], value)))
-    if isinstance(value, dict):
-        inner = schema.get("additionalProperties", {})
-        return (len(value) <= schema.get("maxProperties", len(value))
-                and all(fits(item, inner) for item in value.values()))
-    return True
-
-
 def checked(doc, names, params=None):
     """The fields ``names`` of a body that are present and not null, each checked
     against its Param (of ENQUEUE, or ``params``); unknown fields and misfits
@@ -3263,7 +3279,7 @@ def checked(doc, names, params=None):
     values = {}
     for name, value in doc.items():
         if value is not None or name == "json":  # json: null is a value
-            if not fits(value, params[name].schema):
+            if not params[name].fits(value):
                 raise HTTPError(400, params[name].message, field=name)
             values[name] = value
     return values
@@ -3447,8 +3463,9 @@ class Api:
                                 "not %r" % target[:100])
             path, _, query = target.partition("?")
             try:
-                query = urllib.parse.parse_qs(query, keep_blank_values=True,
-                                              strict_parsing=False, max_num_fields=50)
+                query = urllib.parse.parse_qs(
+                    query, keep_blank_values=True, strict_parsing=False, max_num_fields=50
+                ) if query else {}
             except ValueError as exc:
                 raise HTTPError(400, "bad query string: %s" % exc) from None
             handler, params = self._route(method, path)
@@ -3632,7 +3649,7 @@ class Api:
         if expected < 100:
             raise HTTPError(400, ENQUEUE["expected"].message, field="expected")
         key = values.get("idempotency_key", headers.get("Idempotency-Key"))
-        if key is not None and not fits(key, ENQUEUE["idempotency_key"].schema):
+        if key is not None and not ENQUEUE["idempotency_key"].fits(key):
             raise HTTPError(400, ENQUEUE["idempotency_key"].message, field="idempotency_key")
         task = Task(self._new_id(), url, payload, expected, created=now,
                     next_run=self._first_run(values, now), max_tries=values.get("max_tries"),
@@ -3817,7 +3834,7 @@ class Api:
     @staticmethod
     def _queue_name(params):
         name = params["name"]
-        if not fits(name, ENQUEUE["queue"].schema):
+        if not ENQUEUE["queue"].fits(name):
             raise HTTPError(400, ENQUEUE["queue"].message, field="queue")
         return name
 
