@@ -1383,7 +1383,8 @@ class Store:
                 self._order[name].discard(task.order_key)
                 if name == "waiting":
                     self.waiting_bytes -= len(task.payload)
-                    self._order["cron"].discard(task.order_key)
+                    if task.schedule:  # as _place filed it
+                        self._order["cron"].discard(task.order_key)
                     self._by_queue[task.queue].discard(task.order_key)
                     if task.ordering_key is not None:
                         key = (task.queue, task.ordering_key)
@@ -2657,7 +2658,8 @@ class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection
 
     def connect(self):
         http.client.HTTPConnection.connect(self)
-        self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
+        if self.deadline is not None:  # the client's calls have none: a time-out per receive
+            self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
         self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
         self.sock.deadline = self.deadline
 
@@ -4673,8 +4675,11 @@ class PousseTaches:
     def _connection(self):
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            conn = self._local.conn = cls(*self._address, timeout=self.timeout)
+            # the deliveries' connections: one write per request, the strict head reader
+            conn = self._local.conn = (
+                _DeadlineHTTPSConnection(*self._address, timeout=self.timeout,
+                                         context=tls_context()) if self._https
+                else _DeadlineConnection(*self._address, timeout=self.timeout))
         return conn
 
     def close(self):
