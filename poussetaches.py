@@ -2489,7 +2489,8 @@ class DeadlineSocket(_Deadline, socket.socket):
             except OSError:  # a struct timeval of another shape (32-bit, 64-bit time_t)
                 pass
             else:
-                super().settimeout(None)
+                if super().gettimeout() is not None:  # else already blocking: no system call
+                    super().settimeout(None)
                 self._timeout = self._send_timeout = value
                 return None
         return super().settimeout(value)
@@ -2506,11 +2507,18 @@ class DeadlineSocket(_Deadline, socket.socket):
         self.settimeout(None if flag else 0.0)
 
     def recv_into(self, buffer, *args, **kwargs):
-        try:
+        if self._timeout is None:  # Python's own time-outs, under _Deadline's bound
             return super().recv_into(buffer, *args, **kwargs)
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out")
+            if self._timeout - remaining > 0.01:  # the receive time-out alone: one system call
+                self._set_kernel(socket.SO_RCVTIMEO, remaining)
+                self._timeout = remaining
+        try:
+            return socket.socket.recv_into(self, buffer, *args, **kwargs)
         except BlockingIOError:
-            if self._timeout is None:
-                raise
             raise socket.timeout("timed out") from None  # the kernel's time-out ran out
 
     def send(self, data, flags=0):
