@@ -5254,10 +5254,16 @@ class JSONFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """The plain log line, whose time is formatted once a second (a delivery
-    logs a line; time.strftime was a sixth of its cost)."""
+    """The plain log line, ``FORMAT``, put together directly and its time
+    formatted once a second: a delivery logs a line, and logging's generic
+    formatting (the %-style dict, time.strftime) was a fifth of its cost.
+    A record with a traceback goes through logging's own formatting."""
 
+    FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     _second = (None, "")  # (second, its text): replaced whole, so read without a lock
+
+    def __init__(self):
+        super().__init__(self.FORMAT)
 
     def formatTime(self, record, datefmt=None):
         if datefmt is not None:
@@ -5268,6 +5274,13 @@ class TextFormatter(logging.Formatter):
             text = time.strftime(self.default_time_format, self.converter(second))
             self._second = (second, text)
         return self.default_msec_format % (text, record.msecs)
+
+    def format(self, record):
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        return "%s %s %s: %s" % (record.asctime, record.levelname, record.name, record.message)
 
 
 def _env(name, default=None):
@@ -5643,8 +5656,7 @@ def serve(args):
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler()
-    handler.setFormatter(JSONFormatter() if args.log_json else TextFormatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JSONFormatter() if args.log_json else TextFormatter())
     logger.addHandler(handler)
     logger.setLevel(args.log_level)
     logger.propagate = False

@@ -4357,14 +4357,20 @@ class TestOperate(unittest.TestCase):
     def test_text_log_lines_are_logging_s_own(self):
         # the formatter caches the time's text per second; logging's own
         # Formatter is the oracle, across second boundaries and back in time
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-        ours, stdlib = pt.TextFormatter(fmt), logging.Formatter(fmt)
-        for created in (1764000000.0, 1764000000.999, 1764000001.0005, 1764000000.5,
-                        1764086399.9996, 1764086400.25):
+        ours, stdlib = pt.TextFormatter(), logging.Formatter(pt.TextFormatter.FORMAT)
+        try:
+            raise KeyError("boom")
+        except KeyError:
+            failure = sys.exc_info()
+        for created, exc_info in ((1764000000.0, None), (1764000000.999, None),
+                                  (1764000001.0005, failure), (1764000000.5, None),
+                                  (1764086399.9996, None), (1764086400.25, failure)):
             record = logging.LogRecord("poussetaches", logging.INFO, __file__, 1, "x %s",
-                                       ("y",), None)
-            record.created, record.msecs = created, (created - int(created)) * 1000
-            self.assertEqual(ours.format(record), stdlib.format(record))
+                                       ("y",), exc_info)
+            twin = logging.makeLogRecord(record.__dict__)
+            for one in (record, twin):
+                one.created, one.msecs = created, (created - int(created)) * 1000
+            self.assertEqual(ours.format(record), stdlib.format(twin))
 
     def test_log_json(self):
         record = logging.LogRecord("poussetaches", logging.WARNING, __file__, 1,
