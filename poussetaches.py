@@ -2489,8 +2489,7 @@ class DeadlineSocket(_Deadline, socket.socket):
             except OSError:  # a struct timeval of another shape (32-bit, 64-bit time_t)
                 pass
             else:
-                if super().gettimeout() is not None:  # else already blocking: no system call
-                    super().settimeout(None)
+                super().settimeout(None)
                 self._timeout = self._send_timeout = value
                 return None
         return super().settimeout(value)
@@ -2513,7 +2512,7 @@ class DeadlineSocket(_Deadline, socket.socket):
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout("timed out")
-            if self._timeout - remaining > 0.01:  # the receive time-out alone: one system call
+            if abs(self._timeout - remaining) > 0.01:  # the receive time-out alone: one call
                 self._set_kernel(socket.SO_RCVTIMEO, remaining)
                 self._timeout = remaining
         try:
