@@ -1824,6 +1824,27 @@ class TestDelivery(unittest.TestCase):
             sock.sendall(b"x" * (64 << 20))
         self.assertLess(time.monotonic() - started, 2.0)
 
+    def test_a_later_deadline_gets_its_whole_time(self):
+        # a receive near one deadline shortens the socket's time-out; the next
+        # exchange (a kept-alive API connection's next request) has a later
+        # deadline, and a receive must wait until it, not until the old one
+        listener = socket.create_server(("127.0.0.1", 0))
+        near = pt.DeadlineSocket.connect_to(listener.getsockname(), 5.0)
+        far, _ = listener.accept()
+        listener.close()
+        for sock in (near, far):
+            self.addCleanup(sock.close)
+        near.deadline = time.monotonic() + 0.3
+        far.sendall(b"a")
+        time.sleep(0.1)
+        buffer = bytearray(1)
+        self.assertEqual(near.recv_into(buffer), 1)  # at 0.2 s from the deadline
+        near.deadline = time.monotonic() + 5.0
+        timer = threading.Timer(0.6, far.sendall, (b"b",))
+        timer.start()
+        self.addCleanup(timer.cancel)
+        self.assertEqual((near.recv_into(buffer), buffer), (1, bytearray(b"b")))
+
     def test_a_connect_that_is_never_accepted_times_out(self):
         # a listener whose backlog is full drops new SYNs: the connect waits
         # for an answer that does not come, until the time-out (the kernel's
