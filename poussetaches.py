@@ -2468,16 +2468,21 @@ def _addresses(host, port):
 class DeadlineSocket(_Deadline, socket.socket):
     """A plain socket under a deadline (see _Deadline).
 
-    On Linux, the socket stays in blocking mode and the kernel bounds each
-    connect, receive and send (SO_SNDTIMEO, SO_RCVTIMEO): one system call
-    each.  Elsewhere, Python's own time-outs.  A socket with a Python time-out polls before every receive and
-    send, and each of those calls releases the GIL that the other threads
-    queue on (strace counted 53 futex calls per delivery).  ``gettimeout``
-    gives the time-out set; a receive or send past it raises socket.timeout.
+    On Linux, a connected socket stays in blocking mode and the kernel bounds
+    each receive and send (SO_RCVTIMEO, SO_SNDTIMEO): one system call each.
+    A socket with a Python time-out polls before every receive and send, and
+    each of those calls releases the GIL that the other threads queue on
+    (strace counted 53 futex calls per delivery).  Python's own time-outs are
+    kept elsewhere, for the connect (a signal interrupting a blocking connect
+    leaves it unbounded), and where ``_kernel_timeouts`` is False (the
+    client, in apps whose timers and profilers send signals: each one would
+    restart a kernel time-out).  ``gettimeout`` gives the time-out set; a
+    receive or send past it raises socket.timeout.
     """
 
-    _kernel_timeouts = sys.platform.startswith("linux")  # where SO_SNDTIMEO bounds connect too
-    _timeout = None       # the time-out the kernel enforces (None: Python's own mode is on)
+    _kernel_timeouts = sys.platform.startswith("linux")
+    _timeout = None       # the time-out set, in the kernel's mode (None: Python's own mode)
+    _rcv_timeout = None   # SO_RCVTIMEO as last set: a receive sets it to the deadline's
     _send_timeout = None  # SO_SNDTIMEO as last set: sendall sets it to the time left
 
     def settimeout(self, value):
@@ -2490,7 +2495,7 @@ class DeadlineSocket(_Deadline, socket.socket):
                 pass
             else:
                 super().settimeout(None)
-                self._timeout = self._send_timeout = value
+                self._timeout = self._rcv_timeout = self._send_timeout = value
                 return None
         return super().settimeout(value)
 
@@ -2506,18 +2511,20 @@ class DeadlineSocket(_Deadline, socket.socket):
         self.settimeout(None if flag else 0.0)
 
     def recv_into(self, buffer, *args, **kwargs):
-        if self._timeout is None:  # Python's own time-outs, under _Deadline's bound
-            return super().recv_into(buffer, *args, **kwargs)
-        if self.deadline is not None:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("timed out")
-            if abs(self._timeout - remaining) > 0.01:  # the receive time-out alone: one call
-                self._set_kernel(socket.SO_RCVTIMEO, remaining)
-                self._timeout = remaining
         try:
+            if self._timeout is None:  # Python's own time-outs, under _Deadline's bound
+                return super().recv_into(buffer, *args, **kwargs)
+            if self.deadline is not None:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("timed out")
+                if abs(self._rcv_timeout - remaining) > 0.01:  # the receive's alone: one call
+                    self._set_kernel(socket.SO_RCVTIMEO, remaining)
+                    self._rcv_timeout = remaining
             return socket.socket.recv_into(self, buffer, *args, **kwargs)
         except BlockingIOError:
+            if self._timeout is None:  # non-blocking by choice (settimeout(0))
+                raise
             raise socket.timeout("timed out") from None  # the kernel's time-out ran out
 
     def send(self, data, flags=0):
@@ -2548,25 +2555,23 @@ class DeadlineSocket(_Deadline, socket.socket):
             view = view[self.send(view, flags):]
         return None
 
-    def connect(self, address):
-        try:
-            return super().connect(address)
-        except BlockingIOError:  # EINPROGRESS: SO_SNDTIMEO ran out first
-            if self._timeout is None:
-                raise
-            raise socket.timeout("timed out") from None
-
     @classmethod
-    def connect_to(cls, address, timeout, deadline=None):
+    def connect_to(cls, address, timeout, deadline=None, kernel=True):
         """A new connection to ``(host, port)``, as socket.create_connection
-        (each address in turn), made in this class: no second socket object."""
+        (each address in turn), made in this class: no second socket object.
+        ``kernel``: False keeps Python's own time-outs after the connect too."""
+        if not isinstance(timeout, (int, float)):  # http.client's "the default" sentinel
+            timeout = socket.getdefaulttimeout()
         error = OSError("no address for %s" % address[0])
         for family, kind, proto, _, where in _addresses(*address):
             sock = cls(family, kind, proto)
             try:
-                sock.settimeout(timeout)
-                sock.deadline = deadline
+                if not kernel:
+                    sock._kernel_timeouts = False
+                socket.socket.settimeout(sock, timeout)  # Python's for the connect
                 sock.connect(where)
+                sock.settimeout(timeout)  # then the kernel's, where it may
+                sock.deadline = deadline
                 return sock
             except OSError as exc:
                 sock.close()
@@ -2637,6 +2642,7 @@ class _DeadlineConnection(http.client.HTTPConnection):
 
     response_class = _LeanResponse
     deadline = None
+    kernel_timeouts = True  # the client's are False: see DeadlineSocket
 
     def _send_output(self, message_body=None, encode_chunked=False):
         # http.client frames the head, then sends it and the body apart: two
@@ -2656,7 +2662,7 @@ class _DeadlineConnection(http.client.HTTPConnection):
 
     def connect(self):
         self.sock = DeadlineSocket.connect_to((self.host, self.port), self.timeout,
-                                              self.deadline)
+                                              self.deadline, self.kernel_timeouts)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -4676,11 +4682,12 @@ class PousseTaches:
     def _connection(self):
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            # the deliveries' connections: one write per request, the strict head reader
-            conn = self._local.conn = (
-                _DeadlineHTTPSConnection(*self._address, timeout=self.timeout,
-                                         context=tls_context()) if self._https
-                else _DeadlineConnection(*self._address, timeout=self.timeout))
+            # the deliveries' connections (one write per request, the strict head
+            # reader), with Python's own time-outs and, over https, http.client's context
+            conn = self._local.conn = (_DeadlineHTTPSConnection if self._https
+                                       else _DeadlineConnection)(*self._address,
+                                                                 timeout=self.timeout)
+            conn.kernel_timeouts = False
         return conn
 
     def close(self):

@@ -1790,6 +1790,11 @@ class TestDelivery(unittest.TestCase):
             return sock, far
 
         sock, far = tcp_pair()
+        started = time.monotonic()  # no time-out set: the deadline alone ends the receive
+        with self.assertRaises(socket.timeout):
+            sock.recv_into(bytearray(10))
+        self.assertLess(time.monotonic() - started, 2.0)
+        sock, far = tcp_pair()
         sock.settimeout(0.3)
         self.assertEqual(sock.gettimeout(), 0.3)
         started = time.monotonic()
@@ -1839,11 +1844,44 @@ class TestDelivery(unittest.TestCase):
         time.sleep(0.1)
         buffer = bytearray(1)
         self.assertEqual(near.recv_into(buffer), 1)  # at 0.2 s from the deadline
+        self.assertEqual(near.gettimeout(), 5.0)  # what sendall bounds a send by: not lowered
         near.deadline = time.monotonic() + 5.0
         timer = threading.Timer(0.6, far.sendall, (b"b",))
         timer.start()
         self.addCleanup(timer.cancel)
         self.assertEqual((near.recv_into(buffer), buffer), (1, bytearray(b"b")))
+
+    @unittest.skipUnless(hasattr(signal, "setitimer"), "needs signal.setitimer (POSIX)")
+    def test_time_outs_hold_under_a_stream_of_signals(self):
+        # an app's timer or profiler interrupts system calls: a kernel time-out
+        # restarts at each signal and a blocking connect interrupted by one
+        # has no bound, so the connect and the client keep Python's time-outs
+        started = time.monotonic()
+
+        def tick(signum, frame):
+            if time.monotonic() - started > 8:  # a regression fails, rather than hangs
+                raise AssertionError("a time-out did not hold under signals")
+        previous = signal.signal(signal.SIGALRM, tick)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        self.addCleanup(signal.setitimer, signal.ITIMER_REAL, 0)
+        silent = socket.create_server(("127.0.0.1", 0), backlog=0)  # accepts, never answers
+        self.addCleanup(silent.close)
+        signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+        client = pt.PousseTaches("http://127.0.0.1:%d" % silent.getsockname()[1], timeout=0.3)
+        self.addCleanup(client.close)
+        with self.assertRaises(pt.DaemonUnavailable):
+            client.status()
+        self.assertLess(time.monotonic() - started, 3.0)
+        for _ in range(8):  # the backlog fills: a connect then waits for an answer
+            started = time.monotonic()
+            try:
+                sock = pt.DeadlineSocket.connect_to(silent.getsockname(), 0.2)
+            except socket.timeout:
+                break
+            self.addCleanup(sock.close)
+        else:
+            self.fail("eight connects to a full backlog all succeeded")
+        self.assertLess(time.monotonic() - started, 3.0)
 
     def test_a_connect_that_is_never_accepted_times_out(self):
         # a listener whose backlog is full drops new SYNs: the connect waits
