@@ -3077,12 +3077,13 @@ class Dispatcher:
 
     def _log_outcome(self, task, attempt, outcome, ok, table, next_run):
         """One INFO line per delivery (WARNING for a failure), with fields for --log-json."""
-        fields = {"event": "delivery", "task_id": task.id, "url": task.url,
+        fields = {"event": "delivery", "task_id": task.id, "queue": task.queue, "url": task.url,
                   "status": outcome.status, "attempt": attempt,
                   "duration_ms": round(outcome.duration * 1000, 1), "table": table}
         if ok:
-            logger.info("task %s delivered to %s: %s in %.1f ms", task.id, task.url,
-                        outcome.status, outcome.duration * 1000, extra=fields)
+            logger.info("task %s (queue %s) delivered to %s: %s in %.1f ms", task.id,
+                        task.queue, task.url, outcome.status, outcome.duration * 1000,
+                        extra=fields)
             return
         fields["error"] = outcome.body[:ATTEMPT_ERROR_LIMIT].decode("utf-8", "replace")
         if table == "waiting" and next_run is not None:
@@ -3091,8 +3092,9 @@ class Dispatcher:
                 iso_utc(next_run), max(0.0, (next_run - self.clock()) / 1e9))
         else:
             what = "no further attempt" if table else "cancelled meanwhile"
-        logger.warning("task %s attempt %d to %s failed: %s in %.1f ms: %s; %s", task.id,
-                       attempt, task.url, outcome.status, outcome.duration * 1000,
+        logger.warning("task %s (queue %s) attempt %d to %s failed: %s in %.1f ms: %s; %s",
+                       task.id, task.queue, attempt, task.url, outcome.status,
+                       outcome.duration * 1000,
                        fields["error"].replace("\n", " ")[:200], what, extra=fields)
 
     def decide(self, task, outcome, buried, next_run=None, policy=None):
@@ -3157,7 +3159,7 @@ class Dispatcher:
         logger.warning("task %s is dead after %d tries (last status %s)", task_json["id"],
                        task_json["tries"], task_json["last_error_status_code"],
                        extra={"event": "dead", "task_id": task_json["id"],
-                              "url": task_json["url"],
+                              "queue": task_json["queue"], "url": task_json["url"],
                               "status": task_json["last_error_status_code"]})
         if not self.on_dead:
             return
@@ -5231,7 +5233,7 @@ class Daemon:
         self.stop()
 
 
-LOG_FIELDS = ("event", "task_id", "url", "attempt", "status", "duration_ms", "table",
+LOG_FIELDS = ("event", "task_id", "queue", "url", "attempt", "status", "duration_ms", "table",
               "next_run", "error", "count", "origin")
 
 

@@ -4091,18 +4091,31 @@ class TestOperatorWeek(unittest.TestCase):
         logger = logging.getLogger("poussetaches")
         with receiver() as rx, running_daemon(min_backoff=5.0, max_backoff=5.0) as d:
             rx.answers["/bad"] = [(500, b"Traceback...\nKeyError: 'user'")]
+            rx.answers["/gone"] = [(410, b"")]
             with self.assertLogs("poussetaches", "INFO") as logs:
                 ok = call(d.url, "POST", "/", {"url": rx.url("/ok")})[2]["id"]
-                bad = call(d.url, "POST", "/", {"url": rx.url("/bad")})[2]["id"]
+                bad = call(d.url, "POST", "/", {"url": rx.url("/bad"), "queue": "mail"})[2]["id"]
+                gone = call(d.url, "POST", "/", {"url": rx.url("/gone"), "queue": "mail"})[2]["id"]
                 rx.wait_for(1, path="/ok")
                 rx.wait_for(1, path="/bad")
                 wait_until(lambda: call(d.url, "GET", "/tasks/" + bad)[2]["tries"] == 1
-                           and call(d.url, "GET", "/tasks/" + ok)[2]["state"] == "success",
-                           what="both outcomes")
+                           and call(d.url, "GET", "/tasks/" + ok)[2]["state"] == "success"
+                           and call(d.url, "GET", "/tasks/" + gone)[2]["state"] == "dead",
+                           what="the three outcomes")
+                # each line follows its outcome: wait for the lines themselves
+                wait_until(lambda: {ok, bad, gone} <= {
+                    getattr(r, "task_id", None) for r in logs.records
+                    if getattr(r, "event", "") == "delivery"} and any(
+                    getattr(r, "event", "") == "dead" for r in logs.records),
+                    what="the log lines", poll=0.05)
+        dead = [r for r in logs.records if getattr(r, "event", "") == "dead"]
+        self.assertEqual([(r.task_id, r.queue, r.status) for r in dead], [(gone, "mail", 410)])
         records = {r.task_id: r for r in logs.records if getattr(r, "event", "") == "delivery"}
         self.assertEqual(records[ok].levelno, logging.INFO)
         self.assertIn(rx.url("/ok"), records[ok].getMessage())
-        self.assertEqual((records[ok].status, records[ok].url), (200, rx.url("/ok")))
+        self.assertEqual((records[ok].status, records[ok].url, records[ok].queue),
+                         (200, rx.url("/ok"), "default"))
+        self.assertIn("(queue mail)", records[bad].getMessage())  # SPEC 6: the queue, too
         failed = records[bad]
         self.assertEqual(failed.levelno, logging.WARNING)
         self.assertIn("KeyError: 'user'", failed.getMessage())
@@ -4110,8 +4123,9 @@ class TestOperatorWeek(unittest.TestCase):
         doc = json.loads(pt.JSONFormatter().format(failed))
         self.assertRegex(doc["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
         self.assertRegex(doc["next_run"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-        self.assertEqual((doc["level"], doc["event"], doc["task_id"], doc["url"], doc["status"],
-                          doc["attempt"]), ("WARNING", "delivery", bad, rx.url("/bad"), 500, 1))
+        self.assertEqual((doc["level"], doc["event"], doc["task_id"], doc["queue"], doc["url"],
+                          doc["status"], doc["attempt"]),
+                         ("WARNING", "delivery", bad, "mail", rx.url("/bad"), 500, 1))
         self.assertIsInstance(doc["duration_ms"], float)
         self.assertIn("KeyError", doc["error"])
         next_run = datetime.fromisoformat(doc["next_run"].replace("Z", "+00:00")).timestamp()
