@@ -5286,62 +5286,6 @@ class TextFormatter(logging.Formatter):
         return "%s %s %s: %s" % (record.asctime, record.levelname, record.name, record.message)
 
 
-class LogWriter(logging.Handler):
-    """The daemon's log handler: each thread formats its own record, and the
-    lines go to the stream's file descriptor with ``os.write``, all those
-    queued at that moment in one write.  A thread that finds another one
-    writing leaves its line to it and goes on, as the journal's outcome
-    records do: logging's StreamHandler holds its lock across the write, so
-    its busy workers queued behind one another (a sixth of their time), and
-    a log pipe that stops draining stopped every worker.  Past ``MAX_PENDING``
-    queued lines a thread waits its turn: a stuck stderr slows the daemon
-    down rather than fill its memory."""
-
-    MAX_PENDING = 10000
-
-    def __init__(self, stream):
-        super().__init__()
-        self.fd = stream.fileno()           # raises where the stream has no descriptor
-        self.encoding = getattr(stream, "encoding", None) or "utf-8"
-        self._pending = collections.deque()  # encoded lines, in the order they were logged
-        self._write_lock = threading.Lock()  # held by the one thread writing
-
-    def handle(self, record):
-        # logging.Handler.handle holds the handler's lock around emit(): not needed here
-        if not self.filter(record):
-            return False
-        self.emit(record)
-        return True
-
-    def emit(self, record):
-        try:
-            line = (self.format(record) + "\n").encode(self.encoding, "backslashreplace")
-        except Exception:
-            self.handleError(record)
-            return
-        self._pending.append(line)
-        self.flush(wait=len(self._pending) > self.MAX_PENDING)
-
-    def flush(self, wait=True):
-        """Write every queued line.  ``wait=False``: not while another thread
-        writes; that one looks at the queue again once it is done."""
-        while self._write_lock.acquire(blocking=wait):
-            try:
-                lines = []
-                while self._pending:
-                    lines.append(self._pending.popleft())
-                data = b"".join(lines)
-                while data:
-                    data = data[os.write(self.fd, data):]
-            except OSError:
-                pass  # stderr is gone, and the lines with it: nowhere to say so
-            finally:
-                self._write_lock.release()
-            if not self._pending:
-                return
-            wait = False
-
-
 def _env(name, default=None):
     value = os.environ.get(name)
     return default if value in (None, "") else value
@@ -5714,10 +5658,7 @@ def serve(args):
     # frame, process and thread, looked up per record (a delivery logs a line)
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    try:
-        handler = LogWriter(sys.stderr)
-    except (AttributeError, OSError, ValueError):  # a stderr without a descriptor
-        handler = logging.StreamHandler()
+    handler = logging.StreamHandler()
     handler.setFormatter(JSONFormatter() if args.log_json else TextFormatter())
     logger.addHandler(handler)
     logger.setLevel(args.log_level)

@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import re
-import select
 import shutil
 import signal
 import socket
@@ -4436,94 +4435,6 @@ class TestOperate(unittest.TestCase):
             for one in (record, twin):
                 one.created, one.msecs = created, (created - int(created)) * 1000
             self.assertEqual(ours.format(record), stdlib.format(twin))
-
-    def _log_writer(self, stream):
-        handler = pt.LogWriter(stream)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger = logging.getLogger("pt-test-log-writer-%d" % id(handler))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-        self.addCleanup(logger.removeHandler, handler)
-        return handler, logger
-
-    def test_log_writer_writes_every_line_whole_and_in_order(self):
-        """Eight threads log at once, lines longer than a pipe's atomic write
-        among them: every line is in the file once, whole, each thread's in its
-        order, and none waits for a later line to be written."""
-        tmp = tempfile.mkdtemp(prefix="pt-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        path = os.path.join(tmp, "log")
-        rng = random.Random(SEED_UNIT)
-        sizes = [rng.choice((0, 10, 300, 5000)) for _ in range(400)]
-        with open(path, "w", encoding="utf-8") as stream:
-            handler, logger = self._log_writer(stream)
-            gate = threading.Barrier(8)
-
-            def talk(k):
-                gate.wait()
-                for i, size in enumerate(sizes):
-                    logger.info("%d %d %s", k, i, "é" * size)
-
-            threads = [threading.Thread(target=talk, args=(k,)) for k in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(WAIT)
-            self.assertEqual(list(handler._pending), [])  # nothing left for a later call
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        self.assertEqual(lines.pop(), "")
-        seen = collections.defaultdict(list)
-        for line in lines:
-            k, i, text = line.split(" ")
-            self.assertEqual(text, "é" * sizes[int(i)])
-            seen[int(k)].append(int(i))
-        self.assertEqual(dict(seen), {k: list(range(len(sizes))) for k in range(8)})
-
-    def test_log_writer_never_holds_a_thread_behind_a_stuck_write(self):
-        """A write blocked on a full pipe holds no other logging thread (up to
-        MAX_PENDING lines), and the lines queued behind it follow it out with no
-        further call; past MAX_PENDING a thread waits its turn."""
-        read_end, write_end = os.pipe()
-        reading = [True]
-        self.addCleanup(lambda: reading[0] and os.close(read_end))
-        stream = os.fdopen(write_end, "w")
-        self.addCleanup(stream.close)
-        handler, logger = self._log_writer(stream)
-        handler.MAX_PENDING = 5
-        big = "x" * (1 << 20)  # more than a pipe holds: its write blocks until read
-
-        def read_exactly(n):
-            got = b""
-            while len(got) < n:
-                ready = select.select([read_end], [], [], WAIT)[0]
-                self.assertTrue(ready, "lines stayed queued with nobody to write them")
-                got += os.read(read_end, n - len(got))
-            return got
-
-        for held_count in (0, 1):
-            writer = threading.Thread(target=logger.info, args=(big,))
-            writer.start()
-            wait_until(handler._write_lock.locked, what="a blocked write", poll=0.01)
-            quick = threading.Thread(target=lambda: [logger.info("line %d", i) for i in range(5)])
-            quick.start()
-            quick.join(WAIT)
-            self.assertFalse(quick.is_alive(), "a thread waited for another's write")
-            held = threading.Thread(target=logger.info, args=("line 5",))
-            if held_count:
-                held.start()
-                held.join(0.2)
-                self.assertTrue(held.is_alive(), "past MAX_PENDING a thread waits its turn")
-            lines = b"".join(b"line %d\n" % i for i in range(5 + held_count))
-            self.assertEqual(read_exactly(len(big) + 1 + len(lines)), (big + "\n").encode() + lines)
-            for thread in (writer, held)[:1 + held_count]:
-                thread.join(WAIT)
-                self.assertFalse(thread.is_alive())
-        os.close(read_end)  # nobody reads any more
-        reading[0] = False
-        logger.info("into a pipe without reader")  # dropped, and the caller goes on
-        self.assertEqual(list(handler._pending), [])
 
     def test_log_json(self):
         record = logging.LogRecord("poussetaches", logging.WARNING, __file__, 1,
