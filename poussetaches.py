@@ -4626,6 +4626,12 @@ def _answer(status, text):
     return doc
 
 
+def _env(name, default=None):
+    """An environment variable; set but empty counts as unset."""
+    value = os.environ.get(name)
+    return default if value in (None, "") else value
+
+
 def api_url_of(text):
     """The daemon's URL from ``http://host:port``, ``host:port`` or a bare host
     (http assumed); ConfigError naming the value when it is none of those."""
@@ -5284,11 +5290,6 @@ class TextFormatter(logging.Formatter):
         record.message = record.getMessage()
         record.asctime = self.formatTime(record)
         return "%s %s %s: %s" % (record.asctime, record.levelname, record.name, record.message)
-
-
-def _env(name, default=None):
-    value = os.environ.get(name)
-    return default if value in (None, "") else value
 
 
 def build_parser():
