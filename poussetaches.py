@@ -4662,7 +4662,106 @@ def _header(headers, name):
     return value
 
 
-class PousseTaches:
+class _ApiCalls:
+    """The daemon's calls, written once for both clients: each returns what
+    the client's ``_call`` returns, the answer in PousseTaches and a
+    coroutine of it in AsyncPousseTaches.  ``then`` makes the answer's JSON
+    into what the method returns."""
+
+    def pause(self):
+        return self._call("POST", "/pause")
+
+    def resume(self):
+        return self._call("POST", "/resume")
+
+    def _get_tasks(self, table):
+        """A table's tasks, all of them (as the original's client)."""
+        return self._call("GET", "/" + table,
+                          then=lambda doc: [GetTask.from_json(t) for t in doc["tasks"]])
+
+    def get_cron(self):
+        return self._get_tasks("cron")
+
+    def get_success(self):
+        return self._get_tasks("success")
+
+    def get_waiting(self):
+        return self._get_tasks("waiting")
+
+    def get_dead(self):
+        return self._get_tasks("dead")
+
+    # -- our calls ----------------------------------------------------------------
+
+    def enqueue(self, body):
+        """POST an enqueue body as it is (SPEC 2's fields); returns the task's JSON."""
+        return self._call("POST", "/", body)
+
+    def listing(self, table, limit=None, offset=0, **filters):
+        """A table's JSON answer ({"tasks", "total", ...}), a page of it with ``limit``;
+        ``filters``: queue, url_prefix, q (None: not given)."""
+        query = {} if limit is None else {"limit": limit, "offset": offset}
+        query.update((k, v) for k, v in filters.items() if v is not None)
+        return self._call("GET", "/" + table + (
+            "?" + urllib.parse.urlencode(query) if query else ""))
+
+    def queues(self):
+        return self._call("GET", "/queues", then=operator.itemgetter("queues"))
+
+    def queue(self, name):
+        return self._call("GET", "/queues/" + name)
+
+    def set_queue(self, name, **settings):
+        """Change some of a queue's settings (None: back to the default)."""
+        return self._call("PUT", "/queues/" + name, settings)
+
+    def pause_queue(self, name):
+        return self._call("POST", "/queues/%s/pause" % name)
+
+    def resume_queue(self, name):
+        return self._call("POST", "/queues/%s/resume" % name)
+
+    def delete_queue(self, name):
+        return self._call("DELETE", "/queues/" + name)
+
+    def status(self):
+        return self._call("GET", "/")
+
+    def get_task(self, task_id):
+        """The task (a GetTask with ``state``); raises ClientError(404) if unknown."""
+        return self._call("GET", "/tasks/" + task_id, then=GetTask.from_json)
+
+    def cancel(self, task_id):
+        return self._call("DELETE", "/tasks/" + task_id)
+
+    def run(self, task_id, **overrides):
+        """Run a waiting task now or redrive a dead one, with optional overrides."""
+        return self._call("POST", "/tasks/%s/run" % task_id, overrides or None,
+                          then=GetTask.from_json)
+
+    def retry_dead(self, url_prefix=""):
+        """Requeue the dead tasks (those whose URL starts with ``url_prefix``); how many."""
+        query = "?url_prefix=" + urllib.parse.quote(url_prefix, safe="") if url_prefix else ""
+        return self._call("POST", "/dead/retry" + query, then=operator.itemgetter("requeued"))
+
+    def purge_dead(self):
+        """Drop every dead task; returns how many."""
+        return self._call("DELETE", "/dead", then=operator.itemgetter("deleted"))
+
+    def delete_cron(self, task_id=None):
+        """Remove one cron task (by id), or every one; returns how many."""
+        if task_id is None:
+            return self._call("DELETE", "/cron", then=operator.itemgetter("deleted"))
+        return self._call("DELETE", "/tasks/" + task_id, then=lambda doc: 1)
+
+    def preview_cron(self, schedule, n=5):
+        """The next ``n`` run times of a spec as ISO strings; ClientError(400) if invalid."""
+        query = urllib.parse.urlencode({"schedule": schedule, "n": n})
+        return self._call("GET", "/cron/preview?" + query,
+                          then=operator.itemgetter("next_runs_iso"))
+
+
+class PousseTaches(_ApiCalls):
     """The client apps import, compatible with the original's.
 
     ``PousseTaches(api_url, base_url)``: the daemon's URL and the app's own
@@ -4727,6 +4826,10 @@ class PousseTaches:
             return response.status, response.headers, None
         return response.status, response.headers, _answer(response.status, text)
 
+    def _call(self, method, path, body=None, then=None):
+        doc = self.request(method, path, body)[2]
+        return doc if then is None else then(doc)
+
     def _head(self, body):
         """The request headers of a call with ``body`` (None: no body)."""
         hdrs = {"Content-Type": "application/json"} if body is not None else {}
@@ -4758,6 +4861,14 @@ class PousseTaches:
         """Enqueue many tasks, each a dict of push()'s keyword arguments; returns
         their ids in order.  One call (one fsync) per 1000: each call is all or nothing."""
         return self.batch([self._body(**item) for item in items])
+
+    def batch(self, bodies):
+        """POST enqueue bodies as they are, 1000 per call; returns the ids in order."""
+        ids = []
+        for start in range(0, len(bodies), 1000):
+            doc = self.request("POST", "/batch", {"tasks": bodies[start:start + 1000]})[2]
+            ids.extend(task["id"] for task in doc["tasks"])
+        return ids
 
     def parse(self, request=None, headers=None, body=None, tolerance=300, now=None):
         """Check and decode a task request: a Flask/Werkzeug or Django request, or
@@ -4819,106 +4930,7 @@ class PousseTaches:
                             "not share the same POUSSETACHES_AUTH_KEY")
         raise AuthError("the request carries neither poussetaches' auth key nor a signature")
 
-    def pause(self):
-        return self.request("POST", "/pause")[2]
-
-    def resume(self):
-        return self.request("POST", "/resume")[2]
-
-    def _get_tasks(self, table, limit=None, offset=0):
-        """A table's tasks (all of them without ``limit``, as the original's client)."""
-        return [GetTask.from_json(t) for t in self.listing(table, limit, offset)["tasks"]]
-
-    def get_cron(self):
-        return self._get_tasks("cron")
-
-    def get_success(self):
-        return self._get_tasks("success")
-
-    def get_waiting(self):
-        return self._get_tasks("waiting")
-
-    def get_dead(self):
-        return self._get_tasks("dead")
-
-    # -- our calls ----------------------------------------------------------------
-
-    def enqueue(self, body):
-        """POST an enqueue body as it is (SPEC 2's fields); returns the task's JSON."""
-        return self.request("POST", "/", body)[2]
-
-    def listing(self, table, limit=None, offset=0, **filters):
-        """A table's JSON answer ({"tasks", "total", ...}), a page of it with ``limit``;
-        ``filters``: queue, url_prefix, q (None: not given)."""
-        query = {} if limit is None else {"limit": limit, "offset": offset}
-        query.update((k, v) for k, v in filters.items() if v is not None)
-        return self.request("GET", "/" + table + (
-            "?" + urllib.parse.urlencode(query) if query else ""))[2]
-
-    def batch(self, bodies):
-        """POST enqueue bodies as they are, 1000 per call; returns the ids in order."""
-        ids = []
-        for start in range(0, len(bodies), 1000):
-            doc = self.request("POST", "/batch", {"tasks": bodies[start:start + 1000]})[2]
-            ids.extend(task["id"] for task in doc["tasks"])
-        return ids
-
-    def queues(self):
-        return self.request("GET", "/queues")[2]["queues"]
-
-    def queue(self, name):
-        return self.request("GET", "/queues/" + name)[2]
-
-    def set_queue(self, name, **settings):
-        """Change some of a queue's settings (None: back to the default)."""
-        return self.request("PUT", "/queues/" + name, settings)[2]
-
-    def pause_queue(self, name):
-        return self.request("POST", "/queues/%s/pause" % name)[2]
-
-    def resume_queue(self, name):
-        return self.request("POST", "/queues/%s/resume" % name)[2]
-
-    def delete_queue(self, name):
-        return self.request("DELETE", "/queues/" + name)[2]
-
-    def status(self):
-        return self.request("GET", "/")[2]
-
-    def get_task(self, task_id):
-        """The task (a GetTask with ``state``); raises ClientError(404) if unknown."""
-        return GetTask.from_json(self.request("GET", "/tasks/" + task_id)[2])
-
-    def cancel(self, task_id):
-        return self.request("DELETE", "/tasks/" + task_id)[2]
-
-    def run(self, task_id, **overrides):
-        """Run a waiting task now or redrive a dead one, with optional overrides."""
-        return GetTask.from_json(self.request("POST", "/tasks/%s/run" % task_id,
-                                              overrides or None)[2])
-
-    def retry_dead(self, url_prefix=""):
-        query = "?url_prefix=" + urllib.parse.quote(url_prefix, safe="") if url_prefix else ""
-        return self.request("POST", "/dead/retry" + query)[2]["requeued"]
-
-    def purge_dead(self):
-        """Drop every dead task; returns how many."""
-        return self.request("DELETE", "/dead")[2]["deleted"]
-
-    def delete_cron(self, task_id=None):
-        """Remove one cron task (by id), or every one; returns how many."""
-        if task_id is None:
-            return self.request("DELETE", "/cron")[2]["deleted"]
-        self.cancel(task_id)
-        return 1
-
-    def preview_cron(self, schedule, n=5):
-        """The next ``n`` run times of a spec as ISO strings; ClientError(400) if invalid."""
-        query = urllib.parse.urlencode({"schedule": schedule, "n": n})
-        return self.request("GET", "/cron/preview?" + query)[2]["next_runs_iso"]
-
-
-class AsyncPousseTaches:
+class AsyncPousseTaches(_ApiCalls):
     """PousseTaches for asyncio apps (FastAPI and the like): the same methods,
     coroutines for every call that does I/O (``parse`` stays a plain
     function), over one kept-alive asyncio stream connection per client that
@@ -5004,50 +5016,18 @@ class AsyncPousseTaches:
         return (await self.request("POST", "/", body))["id"]
 
     async def push_many(self, items):
-        bodies = [self._sync._body(**item) for item in items]
+        return await self.batch([self._sync._body(**item) for item in items])
+
+    async def batch(self, bodies):
         ids = []
         for start in range(0, len(bodies), 1000):
             doc = await self.request("POST", "/batch", {"tasks": bodies[start:start + 1000]})
             ids.extend(task["id"] for task in doc["tasks"])
         return ids
 
-    async def _get_tasks(self, table):
-        return [GetTask.from_json(t) for t in (await self.request("GET", "/" + table))["tasks"]]
-
-    async def get_cron(self):
-        return await self._get_tasks("cron")
-
-    async def get_success(self):
-        return await self._get_tasks("success")
-
-    async def get_waiting(self):
-        return await self._get_tasks("waiting")
-
-    async def get_dead(self):
-        return await self._get_tasks("dead")
-
-    async def pause(self):
-        return await self.request("POST", "/pause")
-
-    async def resume(self):
-        return await self.request("POST", "/resume")
-
-    async def status(self):
-        return await self.request("GET", "/")
-
-    async def get_task(self, task_id):
-        return GetTask.from_json(await self.request("GET", "/tasks/" + task_id))
-
-    async def cancel(self, task_id):
-        return await self.request("DELETE", "/tasks/" + task_id)
-
-    async def run(self, task_id, **overrides):
-        return GetTask.from_json(await self.request("POST", "/tasks/%s/run" % task_id,
-                                                    overrides or None))
-
-    async def retry_dead(self, url_prefix=""):
-        query = "?url_prefix=" + urllib.parse.quote(url_prefix, safe="") if url_prefix else ""
-        return (await self.request("POST", "/dead/retry" + query))["requeued"]
+    async def _call(self, method, path, body=None, then=None):
+        doc = await self.request(method, path, body)
+        return doc if then is None else then(doc)
 
 
 # --------------------------------------------------------------------------

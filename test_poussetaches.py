@@ -3982,6 +3982,76 @@ class TestAsyncClient(unittest.TestCase):
                 headers=dict(got["headers"].items()), body=got["body"])
             self.assertEqual(envelope.payload, {"n": 1})
 
+    def test_async_client_has_every_call_of_the_sync_one(self):
+        """SPEC 7: the same methods, coroutines wherever there is I/O.  The sync
+        client, against the same daemon, is the oracle for each answer."""
+        import asyncio
+        import inspect
+        public = lambda cls: {name for name, value in inspect.getmembers(cls, callable)
+                              if not name.startswith("_")}
+        self.assertEqual(public(pt.PousseTaches) - public(pt.AsyncPousseTaches), set())
+        gone = "http://127.0.0.1:9"  # discard: refused, so max_tries=1 makes them dead
+        with running_daemon(max_tries=1) as d:
+            sync = pt.PousseTaches(d.url, gone)
+            self.addCleanup(sync.close)
+            dead = [sync.push({}, "/one"), sync.push({}, "/two"), sync.push({}, "/two")]
+            wait_until(lambda: sync.listing("dead")["total"] == 3, what="three dead tasks")
+
+            async def main():
+                client = pt.AsyncPousseTaches(d.url, gone)
+                calls = {}
+                try:
+                    for name in public(pt.AsyncPousseTaches) - {"parse", "request", "close"}:
+                        self.assertTrue(inspect.iscoroutinefunction(getattr(client, name))
+                                        or name in vars(pt._ApiCalls), name)
+                    calls["pause"] = await client.pause()
+                    calls["set_queue"] = await client.set_queue("mail", rate=5, concurrency=2)
+                    calls["pause_queue"] = await client.pause_queue("mail")
+                    calls["ids"] = await client.batch([{"url": gone + "/b", "queue": "mail"}] * 3)
+                    calls["enqueue"] = await client.enqueue({"url": gone + "/e", "queue": "mail"})
+                    calls["listing"] = await client.listing("waiting", limit=2, queue="mail")
+                    calls["queue"] = await client.queue("mail")
+                    calls["queues"] = await client.queues()
+                    # the oracle, at the same moment (a blocking call: fine in a test)
+                    calls["oracle"] = (sync.listing("waiting", limit=2, queue="mail"),
+                                       sync.queues())
+                    calls["retry_dead"] = await client.retry_dead(gone + "/one")
+                    calls["purge_dead"] = await client.purge_dead()
+                    calls["preview"] = await client.preview_cron("@daily", 3)
+                    await client.push({}, "/c", schedule="@hourly")
+                    calls["delete_cron"] = await client.delete_cron()
+                    calls["resume_queue"] = await client.resume_queue("mail")
+                    await client.set_queue("spare")
+                    calls["delete_queue"] = await client.delete_queue("spare")
+                    calls["run"] = await client.run(calls["ids"][0], max_tries=7)
+                    calls["cancel"] = await client.cancel(calls["ids"][1])
+                    with self.assertRaises(pt.ClientError) as ctx:
+                        await client.get_task(calls["ids"][1])
+                    calls["missing"] = ctx.exception.status
+                    return calls
+                finally:
+                    await client.close()
+
+            calls = asyncio.run(main())
+            self.assertTrue(calls["pause"]["paused"])
+            self.assertEqual(calls["set_queue"]["settings"], {"rate": 5, "concurrency": 2})
+            self.assertTrue(calls["pause_queue"]["settings"]["paused"])
+            ageless = lambda queues: [dict(q, oldest_due_age_s=None) for q in queues]
+            self.assertEqual((calls["listing"], ageless(calls["queues"])),
+                             (calls["oracle"][0], ageless(calls["oracle"][1])))
+            self.assertEqual(calls["listing"]["total"], 4)
+            self.assertEqual(sync.get_task(calls["enqueue"]["id"]).raw["queue"], "mail")
+            self.assertEqual((calls["queue"]["name"], calls["queue"]["waiting"]), ("mail", 4))
+            self.assertEqual((calls["retry_dead"], calls["purge_dead"]), (1, 2))
+            self.assertEqual(sync.get_task(dead[0]).raw["state"], "waiting")
+            self.assertEqual(calls["preview"], sync.preview_cron("@daily", 3))
+            self.assertEqual((calls["delete_cron"], sync.get_cron()), (1, []))
+            self.assertFalse(calls["resume_queue"]["settings"].get("paused"))
+            self.assertEqual(calls["delete_queue"]["deleted"], "spare")
+            self.assertEqual((calls["run"].task_id, calls["run"].raw["max_tries"]),
+                             (calls["ids"][0], 7))
+            self.assertEqual(calls["missing"], 404)
+
     def test_push_many_sync(self):
         with running_daemon(paused=True) as d:
             client = pt.PousseTaches(d.url, "http://127.0.0.1:9")
