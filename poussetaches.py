@@ -3460,7 +3460,8 @@ class Api:
         for route in self.ROUTES:
             regex = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)",
                                       re.escape(route.pattern)) + r"\Z")
-            self._routes.append((route.method, regex, getattr(self, route.handler)))
+            self._routes.append((route.method, regex, getattr(self, route.handler),
+                                 tuple(name for name, _, _ in route.params)))
 
     # -- the boundary ----------------------------------------------------------
 
@@ -3479,9 +3480,14 @@ class Api:
                 ) if query else {}
             except ValueError as exc:
                 raise HTTPError(400, "bad query string: %s" % exc) from None
-            handler, params = self._route(method, path)
+            handler, params, names = self._route(method, path)
             if handler != self.healthz:
                 self._check_api_key(headers)
+            unknown = sorted(set(query) - set(names))
+            if unknown:  # a mistyped filter must not widen a purge or a retry to everything
+                raise HTTPError(400, "unknown query parameter(s): %s; %s" % (
+                    ", ".join(u[:50] for u in unknown[:5]),
+                    "use " + ", ".join(names) if names else "this call takes none"))
             return handler(params=params, query=query, headers=headers, read_body=read_body)
         except HTTPError as exc:
             answer = {"error": exc.message}
@@ -3501,11 +3507,11 @@ class Api:
 
     def _route(self, method, path):
         allowed = []
-        for route_method, regex, handler in self._routes:
+        for route_method, regex, handler, names in self._routes:
             match = regex.match(path)
             if match:
                 if route_method == method:
-                    return handler, match.groupdict()
+                    return handler, match.groupdict(), names
                 allowed.append(route_method)
         if allowed:
             raise HTTPError(405, "method %s not allowed on %s; use %s"
@@ -3732,10 +3738,6 @@ class Api:
                 {"Poussetaches-Task-ID": task.id})
 
     def _listing(self, table, query):
-        unknown = sorted(set(query) - {name for name, _, _ in PAGING})
-        if unknown:
-            raise HTTPError(400, "unknown query parameter(s): %s; use %s" % (
-                ", ".join(u[:50] for u in unknown[:5]), ", ".join(n for n, _, _ in PAGING)))
         limit = self._int_param(query, "limit", None, 0, MAX_LIST_LIMIT)
         offset = self._int_param(query, "offset", 0, 0, 10 ** 9)
         match = None
@@ -3823,7 +3825,7 @@ class Api:
         for index, item in enumerate(items):
             try:
                 if not isinstance(item, dict):
-                    raise HTTPError(400, "a task must be a JSON object")
+                    raise HTTPError(400, "a task must be a JSON object", field="tasks")
                 tasks.append(self.new_task(item, {}, now))
             except HTTPError as exc:
                 raise HTTPError(400, "tasks[%d]: %s" % (index, exc.message),
@@ -4054,6 +4056,12 @@ def _field_schema(field):
     return schema
 
 
+# the answers that have a schema of their own in /openapi.json, by handler
+ANSWERS = {"list_queues": "QueueList", "get_queue": "Queue", "put_queue": "Queue",
+           "pause_queue": "Queue", "resume_queue": "Queue", "delete_queue": "QueueDeleted",
+           "batch": "BatchAnswer"}
+
+
 def openapi_document(routes):
     """The OpenAPI 3.1 document of ``routes``: what /openapi.json serves."""
     error = {"$ref": "#/components/schemas/Error"}
@@ -4061,7 +4069,9 @@ def openapi_document(routes):
     paths = {}
     for route in routes:
         responses = {}
-        for code in route.statuses + ((403,) if route.handler == "healthz" else (401, 403)):
+        # every call answers 400 to a bad target or an unknown query parameter
+        for code in sorted(set(route.statuses) | {400, 403} |
+                           (set() if route.handler == "healthz" else {401})):
             answer = {"description": _STATUS_TEXT[code]}
             if code >= 400:
                 answer["content"] = {"application/json": {"schema": error}}
@@ -4073,6 +4083,9 @@ def openapi_document(routes):
         elif route.handler.startswith("list_"):
             responses["200"]["content"] = {"application/json": {
                 "schema": {"$ref": "#/components/schemas/TaskList"}}}
+        elif route.handler in ANSWERS:
+            responses[str(min(route.statuses))]["content"] = {"application/json": {
+                "schema": {"$ref": "#/components/schemas/" + ANSWERS[route.handler]}}}
         elif route.handler in ("enqueue", "get_task", "run_task"):
             responses["200"]["content"] = {"application/json": {
                 "schema": {"$ref": "#/components/schemas/Task"}}}
@@ -4120,7 +4133,23 @@ def openapi_document(routes):
                                 "basic": {"type": "http", "scheme": "basic"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"],
-                          "properties": {"error": string}},
+                          "properties": {"error": string,
+                                         "field": dict(string, description="the field at fault"),
+                                         "index": dict(integer, description="the task at "
+                                                       "fault in a batch")}},
+                "Queue": {
+                    "type": "object",
+                    "properties": {"name": string,
+                                   "settings": {"$ref": "#/components/schemas/QueueSettings"},
+                                   "waiting": integer, "due": integer, "in_flight": integer,
+                                   "oldest_due_age_s": {"type": "number"}}},
+                "QueueList": {"type": "object", "properties": {"queues": {
+                    "type": "array", "items": {"$ref": "#/components/schemas/Queue"}}}},
+                "QueueDeleted": {"type": "object", "properties": {"deleted": string}},
+                "BatchAnswer": {"type": "object", "properties": {"tasks": {
+                    "type": "array", "items": {"type": "object", "properties": {
+                        "id": string, "created": {"type": "boolean"},
+                        "replaced": {"type": "boolean"}}}}}},
                 "EnqueueRequest": {
                     "type": "object", "required": ["url"], "additionalProperties": False,
                     "properties": {p.name: _nullable(p.schema) for p in ENQUEUE_PARAMS}},

@@ -3735,6 +3735,37 @@ class TestQueues(unittest.TestCase):
         self.assertEqual(q._runnable, set())  # the 100 paused queues are not even looked at
 
 
+    def test_an_unknown_query_parameter_is_refused_by_every_call(self):
+        """A mistyped filter (``?queue=`` on a retry, ``?url-prefix=``) must not widen
+        a retry or a purge to every task: every call refuses what it does not take,
+        before doing anything."""
+        with running_daemon(max_tries=1) as d:
+            dead = [call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/%s" % q, "queue": q}
+                         )[2]["id"] for q in ("qa", "qa", "qb")]
+            wait_until(lambda: call(d.url, "GET", "/dead")[2]["total"] == 3, what="3 dead")
+            task = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x", "delay_s": 3600,
+                                             "queue": "mail"})[2]["id"]
+            for route in pt.Api.ROUTES:
+                path = route.pattern.replace("{id}", task).replace("{name}", "mail")
+                for query in ("bogus=1", "queue=qa&url-prefix=x")[:1 if route.params else 2]:
+                    status, _, doc = call(d.url, route.method, path + "?" + query,
+                                          {} if route.method in ("POST", "PUT") else None)
+                    self.assertEqual(status, 400, (route.method, path, query, doc))
+                    self.assertIn("unknown query parameter(s): ", doc["error"])
+                    self.assertIn("use " + route.params[0][0] if route.params
+                                  else "this call takes none", doc["error"])
+            # nothing was done: no retry, no purge, no cancel, no pause
+            self.assertEqual(sorted(t["id"] for t in call(d.url, "GET", "/dead")[2]["tasks"]),
+                             sorted(dead))
+            self.assertEqual(call(d.url, "GET", "/tasks/" + task)[2]["state"], "waiting")
+            self.assertFalse(call(d.url, "GET", "/")[2]["paused"])
+            self.assertFalse(call(d.url, "GET", "/queues/mail")[2]["settings"].get("paused"))
+            # and the filters that are there still work
+            status, _, doc = call(d.url, "POST", "/dead/retry?url_prefix=" +
+                                  urllib_quote("http://127.0.0.1:9/qb"))
+            self.assertEqual((status, doc["requeued"]), (200, 1))
+
+
 class RestartableReceiver(Receiver):
     """A receiver that can go down and come back on the same port."""
 
@@ -4411,7 +4442,7 @@ class TestOperate(unittest.TestCase):
             self.assertEqual(served, documented)
             for route in pt.Api.ROUTES:
                 op = doc["paths"][route.pattern][route.method.lower()]
-                always = (403,) if route.handler == "healthz" else (401, 403)
+                always = (400, 403) if route.handler == "healthz" else (400, 401, 403)
                 self.assertEqual(set(op["responses"]), {str(c) for c in route.statuses + always})
                 names = {p["name"] for p in op.get("parameters", ())}
                 expected = {n for n, _, _ in route.params} | set(
@@ -4419,6 +4450,23 @@ class TestOperate(unittest.TestCase):
                 if route.handler == "enqueue":
                     expected.add("Idempotency-Key")
                 self.assertEqual(names, expected, route)
+            # the answers with a schema of their own carry its properties, no others
+            schemas = doc["components"]["schemas"]
+            self.assertEqual(call(d.url, "PUT", "/queues/mail", {"rate": 5})[0], 200)
+            queue = call(d.url, "GET", "/queues/mail")[2]
+            self.assertEqual(set(queue), set(schemas["Queue"]["properties"]))
+            self.assertLessEqual(set(queue["settings"]), set(schemas["QueueSettings"]["properties"]))
+            self.assertEqual(set(call(d.url, "GET", "/queues")[2]),
+                             set(schemas["QueueList"]["properties"]))
+            batch = call(d.url, "POST", "/batch", {"tasks": [{"url": "http://127.0.0.1:9/b"}]})[2]
+            self.assertLessEqual(set(batch["tasks"][0]), set(
+                schemas["BatchAnswer"]["properties"]["tasks"]["items"]["properties"]))
+            error = call(d.url, "POST", "/batch", {"tasks": [{"url": "http://127.0.0.1:9/b"}, 1]})
+            self.assertEqual((error[0], error[2]), (400, {
+                "error": "tasks[1]: a task must be a JSON object", "index": 1, "field": "tasks"}))
+            self.assertEqual(set(error[2]), set(schemas["Error"]["properties"]))
+            self.assertEqual(set(call(d.url, "DELETE", "/queues/mail")[2]),
+                             set(schemas["QueueDeleted"]["properties"]))
             # and against the live server: undocumented methods are 405 with the
             # documented ones in Allow; documented ones answer a documented status
             for path, ops in doc["paths"].items():
