@@ -983,7 +983,7 @@ class Journal:
             if not self.fsync:
                 self._synced = self._written  # written is all that fsync mode "never" waits for
             if not self.healthy:
-                logger.warning("journal writes succeed again")
+                logger.warning("journal writes succeed again", extra={"event": "journal_ok"})
             self.healthy = True
         except OSError as exc:
             error = "cannot write the journal: %s" % (exc.strerror or exc)
@@ -995,7 +995,8 @@ class Journal:
     def _fail(self, exc):
         self.errors += 1
         if self.healthy:
-            logger.error("journal write failed: %s", exc)
+            logger.error("journal write failed: %s", exc,
+                         extra={"event": "journal_error", "error": str(exc)})
         self.healthy = False
         try:  # cut the partial write off, so the next record starts on a fresh line
             self.fs.ftruncate(self._fd, self._size)
@@ -1275,7 +1276,9 @@ class Store:
             len(self._tables["waiting"]), len(self._tables["success"]),
             len(self._tables["dead"]), time.monotonic() - started,
             stats["snapshot_tasks"], stats["journal_records"],
-            stats["corrupt_records"], stats["torn_records"])
+            stats["corrupt_records"], stats["torn_records"],
+            extra={"event": "recovered", "count": sum(map(len, self._tables.values())),
+                   "duration_ms": round((time.monotonic() - started) * 1000, 1)})
         return max([s for s, _ in files] + [first_seq - 1, 0]) + 1
 
     def _apply(self, record):
@@ -2364,7 +2367,9 @@ class Breakers:
                 if breaker is not None:
                     del self._open[origin]
                     logger.info("%s answers again: circuit closed, %d held tasks released",
-                                origin, len(breaker.held))
+                                origin, len(breaker.held), extra={
+                                    "event": "breaker_close", "origin": origin,
+                                    "count": len(breaker.held)})
                     for entry in breaker.held:
                         self.due.put_entry(self.clock(), entry)
                 return
@@ -2374,7 +2379,9 @@ class Breakers:
                 if count >= self.threshold:
                     self._open[origin] = _Breaker(now, BREAKER_FIRST_PROBE)
                     logger.warning("%s failed %d times in a row: circuit open, its tasks "
-                                   "wait without spending tries", origin, count)
+                                   "wait without spending tries", origin, count, extra={
+                                       "event": "breaker_open", "origin": origin,
+                                       "count": count})
             elif breaker.probing:
                 breaker.probing = False
                 breaker.backoff = min(breaker.backoff * 2, BREAKER_MAX_PROBE)
@@ -3790,12 +3797,12 @@ class Api:
 
     def pause(self, **_):
         self.due.hold()
-        logger.info("dispatch paused")
+        logger.info("dispatch paused", extra={"event": "pause"})
         return 200, {"paused": True}, {}
 
     def resume(self, **_):
         self.due.release()
-        logger.info("dispatch resumed")
+        logger.info("dispatch resumed", extra={"event": "resume"})
         return 200, {"paused": False}, {}
 
     def _task_id(self, params):
@@ -3882,12 +3889,14 @@ class Api:
 
     def pause_queue(self, params, **_):
         self.store.set_queue(self._queue_name(params), {"paused": True})
-        logger.info("queue %s paused", params["name"])
+        logger.info("queue %s paused", params["name"],
+                    extra={"event": "pause", "queue": params["name"]})
         return 200, self._queue_view(params["name"]), {}
 
     def resume_queue(self, params, **_):
         self.store.set_queue(self._queue_name(params), {"paused": None})
-        logger.info("queue %s resumed", params["name"])
+        logger.info("queue %s resumed", params["name"],
+                    extra={"event": "resume", "queue": params["name"]})
         return 200, self._queue_view(params["name"]), {}
 
     def get_task(self, params, **_):
@@ -5185,9 +5194,10 @@ class Daemon:
             self._threads.append(thread)
         logger.info("poussetaches %s serving on %s with %d workers, data in %s%s",
                     __version__, self.url, s["workers"], os.path.abspath(self.data_dir),
-                    " (paused)" if self.due.held else "")
+                    " (paused)" if self.due.held else "",
+                    extra={"event": "start", "url": self.url, "count": s["workers"]})
         for warning in self.warnings():
-            logger.warning("%s", warning)
+            logger.warning("%s", warning, extra={"event": "unsafe_config"})
         return self
 
     def warnings(self):
@@ -5215,7 +5225,8 @@ class Daemon:
                 count = self.store.snapshot()
                 logger.debug("snapshot of %d tasks written", count)
             except (OSError, PersistError) as exc:
-                logger.error("snapshot failed: %s; will retry", exc)
+                logger.error("snapshot failed: %s; will retry", exc,
+                             extra={"event": "snapshot_error", "error": str(exc)})
                 self._stopping.wait(1.0)  # back off before the next try
 
     def stop(self):
@@ -5223,23 +5234,26 @@ class Daemon:
         a final snapshot and release the data directory.  Idempotent."""
         if self.server is None or self._stopping.is_set():
             return
-        logger.info("stopping: finishing attempts in flight (up to %.0fs)", self.grace)
+        logger.info("stopping: finishing attempts in flight (up to %.0fs)", self.grace,
+                    extra={"event": "stopping"})
         self._stopping.set()
         self._wake.set()
         self.server.shutdown()
         self.server.server_close()
         busy = self.dispatcher.stop(self.grace)
         if busy:
-            logger.warning("%d attempts still in flight; they stay queued", busy)
+            logger.warning("%d attempts still in flight; they stay queued", busy,
+                           extra={"event": "stopping", "count": busy})
         for thread in self._threads:
             thread.join()
         try:
             self.store.snapshot()
         except (OSError, PersistError) as exc:
-            logger.error("final snapshot failed (the journal still has every change): %s", exc)
+            logger.error("final snapshot failed (the journal still has every change): %s", exc,
+                         extra={"event": "snapshot_error", "error": str(exc)})
         self.store.close()
         self._lock.release()
-        logger.info("stopped")
+        logger.info("stopped", extra={"event": "stop"})
 
     def __enter__(self):
         return self.start()

@@ -4557,6 +4557,27 @@ class TestOperate(unittest.TestCase):
                 one.created, one.msecs = created, (created - int(created)) * 1000
             self.assertEqual(ours.format(record), stdlib.format(twin))
 
+    def test_every_event_of_a_daemon_s_life_is_structured_in_json(self):
+        """SPEC 6: with --log-json, start, pause/resume (all, or a queue), breakers
+        and stop are events with fields, not messages wrapped in "event": "log"."""
+        with self.assertLogs("poussetaches", "INFO") as logs:
+            with running_daemon() as d:
+                for path in ("/pause", "/resume", "/queues/mail/pause", "/queues/mail/resume"):
+                    self.assertEqual(call(d.url, "POST", path)[0], 200)
+            breakers = pt.Breakers(pt.DueQueue())
+            for _ in range(pt.BREAKER_THRESHOLD):
+                breakers.record("http://a:80", True)
+            breakers.record("http://a:80", False)
+        self.assertEqual([r.getMessage() for r in logs.records if not hasattr(r, "event")], [])
+        docs = [json.loads(pt.JSONFormatter().format(r)) for r in logs.records]
+        self.assertEqual([(doc["event"], doc.get("queue")) for doc in docs], [
+            ("recovered", None), ("start", None), ("pause", None), ("resume", None),
+            ("pause", "mail"), ("resume", "mail"), ("stopping", None), ("stop", None),
+            ("breaker_open", None), ("breaker_close", None)])
+        self.assertEqual((docs[1]["url"], docs[1]["count"]), (d.url, d.dispatcher.workers))
+        self.assertEqual((docs[0]["count"], docs[-2]["origin"], docs[-2]["count"]),
+                         (0, "http://a:80", pt.BREAKER_THRESHOLD))
+
     def test_log_json(self):
         record = logging.LogRecord("poussetaches", logging.WARNING, __file__, 1,
                                    "task %s attempt %d -> %s", ("abc", 2, 500), None)
