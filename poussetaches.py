@@ -5436,9 +5436,9 @@ def build_parser():
     setq.add_argument("queue_name", metavar="NAME")
     for param in QUEUE_PARAMS:
         if param.name != "paused":
-            setq.add_argument("--" + param.name.replace("_", "-"),
-                              type=int if param.schema["type"] == "integer" else float,
-                              help=param.message)
+            setq.add_argument("--" + param.name.replace("_", "-"), type=_setting_or_default(
+                int if param.schema["type"] == "integer" else float),
+                help=param.message + " ('default': the daemon's again)")
     for name, help_text in (("show", "Show one task and its attempts"),
                             ("run", "Run a waiting task now, or redrive a dead one"),
                             ("cancel", "Cancel a task, or drop a success/dead record")):
@@ -5461,6 +5461,14 @@ def build_parser():
     preview.add_argument("spec", metavar="SPEC", help="the spec, quoted: '*/5 * * * *'")
     preview.add_argument("-n", type=int, default=5, help="how many runs (default %(default)s)")
     return parser
+
+
+def _setting_or_default(kind):
+    """argparse's type for a queue setting: a number, or ``default`` (sent as null)."""
+    def parse(text):
+        return "default" if text == "default" else kind(text)
+    parse.__name__ = kind.__name__  # argparse names it in "invalid float value"
+    return parse
 
 
 def _when(ns):
@@ -5647,8 +5655,8 @@ def _queue_command(client, args, out):
         out.write("queue %s removed\n" % name)
         return 0
     if args.action == "set":
-        changes = {p.name: getattr(args, p.name) for p in QUEUE_PARAMS
-                   if getattr(args, p.name, None) is not None}
+        changes = {p.name: None if getattr(args, p.name) == "default" else getattr(args, p.name)
+                   for p in QUEUE_PARAMS if getattr(args, p.name, None) is not None}
         doc = client.set_queue(name, **changes)
     elif args.action in ("pause", "resume"):
         doc = getattr(client, args.action + "_queue")(name)

@@ -3692,6 +3692,12 @@ class TestQueues(unittest.TestCase):
             code, out, _ = run_cli(self, "queue", "show", "mail", env=env)
             self.assertIn('settings:         {"concurrency": 1, "rate": 2.0}', out)
             self.assertIn("waiting:          4", out)
+            code, out, _ = run_cli(self, "queue", "set", "mail", "--rate", "default", env=env)
+            self.assertIn('settings:         {"concurrency": 1}', out)  # unlimited again
+            code, _, err = run_cli(self, "queue", "set", "mail", "--rate", "fast", env=env)
+            self.assertEqual(code, 2)
+            self.assertIn("invalid float value: 'fast'", err)
+            self.assertEqual(run_cli(self, "queue", "set", "mail", "--rate", "2", env=env)[0], 0)
             self.assertEqual(run_cli(self, "queue", "pause", "mail", env=env)[0], 0)
             code, out, _ = run_cli(self, "queue", "ls", env=env)
             self.assertTrue(out.startswith("QUEUE"))
