@@ -3490,7 +3490,7 @@ class Api:
             handler, params, names = self._route(method, path)
             if handler != self.healthz:
                 self._check_api_key(headers)
-            unknown = sorted(set(query) - set(names))
+            unknown = query and sorted(set(query) - set(names))
             if unknown:  # a mistyped filter must not widen a purge or a retry to everything
                 raise HTTPError(400, "unknown query parameter(s): %s; %s" % (
                     ", ".join(u[:50] for u in unknown[:5]),
