@@ -3144,7 +3144,11 @@ class Dispatcher:
 
     def _decide_cron(self, task, outcome, error, now, buried, max_tries, policy):
         """A cron run: success or a spent run leaves a copy; the schedule goes on."""
-        following = self.spec(task.schedule).next_after(max(now, task.next_scheduled_run))
+        occurrence = task.next_scheduled_run
+        if occurrence > now:  # run by hand ahead of its time: the occurrence still comes
+            following = occurrence
+        else:
+            following = self.spec(task.schedule).next_after(max(now, occurrence))
         if error is not None and following is not None:
             retry_at = now + int(self.backoff(task.tries, outcome.retry_after, policy) * 1e9)
             if outcome.status != 410 and retry_at < following and task.tries < max_tries:

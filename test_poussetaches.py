@@ -1246,6 +1246,17 @@ class TestCronApi(unittest.TestCase):
     """Issue 14 over HTTP: every invalid spec is a 400 with a message on every path
     that takes one, never a 500; the cases of the issue with their exact answers."""
 
+    def test_run_now_on_a_cron_leaves_its_schedule(self):
+        with receiver() as rx, running_daemon() as d:
+            cron = call(d.url, "POST", "/", {"url": rx.url("/nightly"),
+                                             "schedule": "0 0 1 1 *"})[2]
+            self.assertEqual(call(d.url, "POST", "/tasks/%s/run" % cron["id"])[0], 200)
+            rx.wait_for(1, path="/nightly")
+            wait_until(lambda: call(d.url, "GET", "/success")[2]["total"] == 1, what="the run")
+            after = call(d.url, "GET", "/tasks/" + cron["id"])[2]
+            self.assertEqual((after["next_run"], after["next_scheduled_run"], after["tries"]),
+                             (cron["next_run"], cron["next_run"], 0))
+
     def test_invalid_specs_are_400_on_every_path(self):
         errors = ErrorRecords()
         logging.getLogger("poussetaches").addHandler(errors)
@@ -1435,6 +1446,22 @@ class TestPolicy(unittest.TestCase):
         self.assertEqual(copies[0][0], "success")
         self.assertEqual((copies[0][1].cron_id, copies[0][1].schedule), (task.id, ""))
         self.assertNotEqual(copies[0][1].id, task.id)
+
+    def test_a_cron_run_by_hand_keeps_its_next_occurrence(self):
+        """POST /tasks/<id>/run on a cron is a run more, not the next one: the
+        occurrence it was waiting for still comes (as Cloud Scheduler's force run)."""
+        occurrence = self.T0 + 3600 * 10 ** 9  # 01:00, an hour away
+        task = pt.Task("c" * 40, "http://x/", schedule="0 * * * *", next_run=self.T0,
+                       next_scheduled_run=occurrence)  # as run_now leaves it
+        for status, table in ((200, "success"), (500, "dead")):
+            d = pt.Dispatcher(None, None, None, max_tries=1, clock=self.clock,
+                              rng=random.Random(1), cron_tz=UTC)
+            task.next_run = self.T0
+            self.assertEqual(d.decide(task, self.outcome(status), [])[1][0][0], table)
+            self.assertEqual((task.next_run, task.next_scheduled_run), (occurrence, occurrence))
+        self.clock.now = occurrence  # and that occurrence, when it comes, goes on as ever
+        self.d.decide(task, self.outcome(200), [])
+        self.assertEqual(task.next_run, occurrence + 3600 * 10 ** 9)
 
     def test_cron_failure_retries_but_never_past_next_occurrence(self):
         task = pt.Task("c" * 40, "http://x/", schedule="* * * * *", next_run=self.T0)
