@@ -3639,8 +3639,11 @@ class Api:
                 raise HTTPError(400, "payload and json are exclusive: send one of them",
                                 field="json")
             return _compact(values["json"]).encode()
+        text = values.get("payload", "")
+        if "\n" in text or "\r" in text:  # skipped, as the original's (Go's) decoder did:
+            text = text.replace("\r", "").replace("\n", "")  # `base64` wraps at 76 columns
         try:
-            return base64.b64decode(values.get("payload", ""), validate=True)
+            return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise HTTPError(400, "payload is not valid standard base64", field="payload") from None
 
@@ -3676,7 +3679,11 @@ class Api:
         expected = values.get("expected") or 200
         if expected < 100:
             raise HTTPError(400, ENQUEUE["expected"].message, field="expected")
-        key = values.get("idempotency_key", headers.get("Idempotency-Key"))
+        header = headers.get("Idempotency-Key")
+        key = values.get("idempotency_key", header)
+        if header is not None and key != header:  # which one would the app mean?
+            raise HTTPError(400, "the Idempotency-Key header and the idempotency_key field "
+                            "differ: give one of them", field="idempotency_key")
         if key is not None and not ENQUEUE["idempotency_key"].fits(key):
             raise HTTPError(400, ENQUEUE["idempotency_key"].message, field="idempotency_key")
         task = Task(self._new_id(), url, payload, expected, created=now,

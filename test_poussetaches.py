@@ -2292,6 +2292,14 @@ class TestTaskCalls(unittest.TestCase):
         self.assertEqual((status, headers["Poussetaches-Task-ID"]), (200, by_header["id"]))
         self.assertNotEqual(first["id"], by_header["id"])
         self.assertEqual(call(self.d.url, "GET", "/waiting")[2]["total"], 2)
+        status, _, doc = call(self.d.url, "POST", "/", {"url": self.rx.url(),
+                                                        "idempotency_key": "order-3"},
+                              headers={"Idempotency-Key": "order-4"})
+        self.assertEqual((status, doc["field"]), (400, "idempotency_key"))
+        both = call(self.d.url, "POST", "/", {"url": self.rx.url(), "idempotency_key": "order-2"},
+                    headers={"Idempotency-Key": "order-2"})
+        self.assertEqual((both[0], both[2]["id"]), (200, by_header["id"]))
+        self.assertEqual(call(self.d.url, "GET", "/waiting")[2]["total"], 2)
 
     def test_json_delay_s_eta_headers(self):
         now = time.time()
@@ -3204,6 +3212,21 @@ class TestDropIn(unittest.TestCase):
             # HTTP/1.0 gets the same without chunks, closed at the end
             answer = raw_exchange(d.port, b"GET /cron HTTP/1.0\r\n\r\n")
             self.assertTrue(answer.endswith(b'"tasks":[]}\n'), answer[-60:])
+
+    def test_a_payload_wrapped_by_base64_is_taken_as_the_original_took_it(self):
+        """Go's decoder skips CR and LF, so the original took a payload from `base64`
+        (76-column lines), as shell scripts make them; MIME encoding is the oracle."""
+        data = bytes(range(256)) * 3
+        with running_daemon(paused=True) as d:
+            for text in (base64.encodebytes(data).decode(),
+                         base64.encodebytes(data).decode().replace("\n", "\r\n")):
+                status, _, doc = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x",
+                                                           "payload": text})
+                self.assertEqual(status, 201, doc)
+                self.assertEqual(base64.b64decode(doc["payload"]), data)
+            status, _, doc = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x",
+                                                       "payload": "YWJj\n!"})
+            self.assertEqual((status, doc["field"]), (400, "payload"))
 
     def test_original_defaults(self):
         d = pt.Daemon(port=0, data_dir="unused")
