@@ -1896,6 +1896,10 @@ class Store:
                 if old < seq:
                     self.fs.unlink(os.path.join(self.directory, name))
             self.snapshots += 1
+            if not self.journal.healthy:  # the disk takes writes again: say so at once,
+                self.journal.healthy = True  # not at the next enqueue (/healthz, SPEC 4)
+                logger.warning("the disk takes writes again (a snapshot was written)",
+                               extra={"event": "journal_ok"})
         self._on_change()
         return count
 
@@ -2828,7 +2832,14 @@ def parse_retry_after(value, now_s):
 def clip_error_body(body, limit=ERROR_BODY_LIMIT):
     """At most ``limit`` bytes of an error body: its first and last halves (a
     traceback's last line is the useful one) around a marker line, each cut at a
-    UTF-8 character boundary, so that a UTF-8 body still decodes."""
+    UTF-8 character boundary, so that a UTF-8 body still decodes.  Its end too:
+    the read stops at RESPONSE_READ_LIMIT, maybe inside a character."""
+    end = len(body)
+    while end > 0 and len(body) - end < 3 and body[end - 1] & 0xC0 == 0x80:
+        end -= 1  # back over continuation bytes to the character's first byte
+    if end > 0 and body[end - 1] >= 0xC0 and len(body) - end + 1 < (
+            2 if body[end - 1] < 0xE0 else 3 if body[end - 1] < 0xF0 else 4):
+        body = body[:end - 1]  # that character is cut short: drop it
     if len(body) <= limit:
         return body
     head, tail = limit // 2, len(body) - limit // 2
@@ -2903,8 +2914,11 @@ class Delivery:
                 status = response.status
                 try:
                     body = response.read(RESPONSE_READ_LIMIT)
-                except (OSError, http.client.HTTPException) as exc:  # the status still counts
-                    body = ("%s while reading the answer" % type(exc).__name__).encode()
+                except (OSError, http.client.HTTPException) as exc:
+                    # a time-out or a reset before the answer's end: no answer (SPEC 3)
+                    body = ("%s: %s while reading the answer (its status line said %d)"
+                            % (type(exc).__name__, exc, status)).encode()
+                    status = -1
                 if status in (429, 503):
                     retry_after = parse_retry_after(response.headers.get("Retry-After"),
                                                     started / 1e9)
@@ -5226,7 +5240,10 @@ class Daemon:
     def _persist(self):
         """The persister thread: a snapshot every interval, or sooner when asked."""
         while not self._stopping.is_set():
-            self._wake.wait(self.snapshot_interval)
+            # while the journal cannot be written, a snapshot is tried every second:
+            # the one that succeeds shows that the disk is back
+            self._wake.wait(self.snapshot_interval if self.store.journal.healthy
+                            else min(self.snapshot_interval, 1.0))
             self._wake.clear()
             if self._stopping.is_set():
                 return

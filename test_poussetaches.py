@@ -3291,6 +3291,19 @@ class TestDropIn(unittest.TestCase):
                 sample.decode()
                 pt.clip_error_body(sample).decode("utf-8")
         self.assertEqual(pt.clip_error_body(b"short"), b"short")
+        # an answer cut by the 64 KiB read may end inside a character: the stored body
+        # ends before it, as the stdlib's incremental decoder (the oracle) stops there
+        import codecs
+        mixed = "a\u00e9\u20ac\U0001f600".encode()
+        for n in range(len(mixed) * 3 + 1):
+            for size in (n, 40000 + n):
+                cut = (mixed * (size // len(mixed) + 1))[:size]
+                whole = codecs.getincrementaldecoder("utf-8")().decode(cut, final=False)
+                if size < 16 * 1024:
+                    self.assertEqual(pt.clip_error_body(cut), whole.encode(), n)
+                else:
+                    stored = pt.clip_error_body(cut).decode("utf-8")
+                    self.assertTrue(whole.endswith(stored.rpartition(" bytes cut ...]\n")[2]))
         with receiver() as rx, running_daemon(max_tries=1) as d:
             rx.answers["/trace"] = [(500, body)]
             task_id = call(d.url, "POST", "/", {"url": rx.url("/trace")})[2]["id"]
@@ -5147,12 +5160,16 @@ class RawApp:
             elif path == "/redirect":
                 conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:9/internal\r\n"
                              b"Content-Length: 0\r\n\r\n")
-            elif path == "/drip":
-                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            elif path in ("/drip", "/drip-body"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\n" + (b"Content-Length: 400\r\n\r\n"
+                                                          if path == "/drip-body" else b""))
                 for _ in range(400):
                     if self.stop.wait(0.05):
                         break
                     conn.sendall(b"X")
+            elif path == "/huge-utf8":  # 90 KB: the 64 KiB read ends inside a character
+                conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 90000\r\n\r\n"
+                             + "\u20ac".encode() * 30000)
         except OSError:
             pass
         finally:
@@ -5423,7 +5440,9 @@ class TestReliability(unittest.TestCase):
                         self.assertIn("No space left", doc["error"])
                 self.assertGreater(refused, 0)
                 self.assertIs(call(d.url, "GET", "/")[2]["healthy"], False)
-                os.unlink(filler)
+                os.unlink(filler)  # healthy again by itself, with no enqueue to show it
+                wait_until(lambda: call(d.url, "GET", "/healthz")[0] == 200,
+                           what="healthy with the space back")
                 status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/after")})
                 self.assertEqual(status, 201)
                 acked.add(doc["id"])
@@ -5443,19 +5462,25 @@ class TestReliability(unittest.TestCase):
         with receiver() as rx, running_daemon(max_tries=1, timeout=0.5, workers=2) as d:
             started = time.monotonic()
             ids = {}
-            for path in ("/hang", "/reset", "/garbage", "/huge", "/redirect", "/drip"):
+            for path in ("/hang", "/reset", "/garbage", "/huge", "/redirect", "/drip",
+                         "/drip-body", "/huge-utf8"):
                 ids[path] = call(d.url, "POST", "/", {"url": app.base + path})[2]["id"]
             def dead():
                 return {t["id"]: t for t in call(d.url, "GET", "/dead")[2]["tasks"]}
-            wait_until(lambda: len(dead()) == 6, what="six dead tasks")
+            wait_until(lambda: len(dead()) == 8, what="eight dead tasks")
             elapsed = time.monotonic() - started
             tasks = dead()
             status = {p: tasks[i]["last_error_status_code"] for p, i in ids.items()}
             self.assertEqual(status, {"/hang": -1, "/reset": -1, "/garbage": -1, "/huge": 500,
-                                      "/redirect": 302, "/drip": -1})
+                                      "/redirect": 302, "/drip": -1, "/drip-body": -1,
+                                      "/huge-utf8": 500})
             body = lambda p: base64.b64decode(tasks[ids[p]]["last_error_body"])
             self.assertIn(b"timed out", body("/hang"))
             self.assertIn(b"timed out", body("/drip"))
+            # a 200 whose body is still coming at the time-out is no answer (SPEC 3)
+            self.assertIn(b"timed out while reading the answer (its status line said 200)",
+                          body("/drip-body"))
+            self.assertTrue(body("/huge-utf8").decode("utf-8").endswith("\u20ac"))
             self.assertIn(b"BadStatusLine", body("/garbage"))
             self.assertEqual(body("/huge"), b"z" * 8192 + b"\n[... 49152 bytes cut ...]\n"
                              + b"z" * 8192)
