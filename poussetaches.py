@@ -5727,6 +5727,15 @@ def serve(args):
         if flag is not None:
             return flag
         return [p.strip() for p in _env(env, "").split(",") if p.strip()]
+    # the handlers come first: a SIGTERM during a long recovery, or just after
+    # "serving on", is a clean stop, not the default's death by signal
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()  # only a flag: the main thread logs and cleans up
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         daemon = Daemon(
             host=args.host, port=args.port, data_dir=args.data_dir, workers=args.workers,
@@ -5747,13 +5756,6 @@ def serve(args):
     except (PousseTachesError, OSError) as exc:
         logger.error("cannot start: %s", exc)
         return 1
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()  # only a flag: the main thread logs and cleans up
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     while not stop.wait(3600):
         pass
     daemon.stop()

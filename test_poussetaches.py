@@ -4977,6 +4977,24 @@ class TestCrash(unittest.TestCase):
             self.assertEqual(len(json.load(f)["waiting"]), 1)
         self.assertEqual(os.stat(self.data).st_mode & 0o777, 0o700)
 
+    def test_sigterm_while_starting_is_a_clean_stop(self):
+        """A service manager may stop the daemon as soon as it starts: a SIGTERM
+        sent at the recovery line (inside start, before "serving on") is a clean
+        stop, exit 0, not death by the signal."""
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "poussetaches.py"),
+                                 "--port", "0", "--data-dir", self.data],
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        self.addCleanup(proc.stderr.close)
+        lines = []
+        for line in proc.stderr:
+            lines.append(line.decode())
+            if "recovered" in lines[-1]:
+                proc.send_signal(signal.SIGTERM)
+                break
+        lines += [line.decode() for line in proc.stderr]
+        self.assertEqual(proc.wait(WAIT), 0, "".join(lines))
+        self.assertIn("stopped", lines[-1])
+
     def test_second_process_refused_with_clear_message(self):
         first = DaemonProcess(self.data)
         try:
