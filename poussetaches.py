@@ -2413,12 +2413,16 @@ MAX_HEADERS = 100
 _CTL = re.compile(r"[\r\n\x00]")                # never inside a header value or request line
 
 
+_SINGLE = frozenset(("content-length", "host", "origin", "sec-fetch-site"))
+
+
 def read_head(fp, budget=MAX_HEAD):
     """The header lines of a request or an answer, up to the blank line, as Headers.
 
     One reader for both directions, strict in both (SPEC 5): at most
     ``budget`` bytes and MAX_HEADERS lines, names are tokens, values carry
-    no CR or NUL, and a repeated Content-Length or Host repeats its value.
+    no CR or NUL, and a repeated Content-Length, Host, Origin or Sec-Fetch-Site
+    repeats its value (which one would count?).
     Raises HTTPError(431) for too much, HTTPError(400) naming what is wrong.
     """
     headers = {}
@@ -2438,7 +2442,7 @@ def read_head(fp, budget=MAX_HEAD):
         key = name.lower()
         if key not in headers:
             headers[key] = value
-        elif key in ("content-length", "host") and headers[key] != value:
+        elif key in _SINGLE and headers[key] != value:
             raise HTTPError(400, "conflicting %s headers" % name)
     raise HTTPError(431, "more than %d headers" % MAX_HEADERS)
 

@@ -3368,7 +3368,13 @@ class TestAttackerFindings(unittest.TestCase):
                                  (b"POST\x85/pause HTTP/1.1\r\nHost: localhost\r\n", b"400"),
                                  (b"GET  /waiting HTTP/1.1\r\nHost: localhost\r\n", b"400"),
                                  (b"GET / HTTP/1.1\r\nHost: localhost\r\n"
-                                  b"Sec-Fetch-Site: cross-site, none\r\n", b"403")):
+                                  b"Sec-Fetch-Site: cross-site, none\r\n", b"403"),
+                                 # two Origins, or two Sec-Fetch-Sites: which one would count?
+                                 (b"POST /pause HTTP/1.1\r\nHost: localhost\r\nOrigin: "
+                                  b"http://localhost\r\nOrigin: http://evil.example\r\n",
+                                  b"400"),
+                                 (b"POST /pause HTTP/1.1\r\nHost: localhost\r\nSec-Fetch-"
+                                  b"Site: none\r\nSec-Fetch-Site: cross-site\r\n", b"400")):
                 with self.subTest(line=line):
                     answer = raw_exchange(d.port, line + b"Connection: close\r\n\r\n")
                     self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), answer[:80])
