@@ -585,8 +585,8 @@ def _parse_cron_field(text, name, lo, hi, names):
         else:
             start = value(span)
             end = hi if slash else start
-        if slash and name == "day of week":
-            end = min(end, 6)  # N/step ends on Saturday: 7 would be a second Sunday
+            if slash and name == "day of week":
+                end = min(end, 6)  # N/step ends on Saturday: 7 would be a second Sunday
         values.update(range(start, end + 1, step))
     if name == "day of week" and 7 in values:
         values.discard(7)

@@ -294,6 +294,25 @@ class TestCron(unittest.TestCase):
                 got = pt.CronSpec(spec, UTC).next_after(ts(after))
                 self.assertEqual(iso(got, UTC), datetime.fromisoformat(expected).isoformat())
 
+    def test_weekday_ranges_ending_at_7_include_sunday(self):
+        """Vixie cron and croniter: 7 reached by an explicit range is Sunday, with
+        a step too (``1-7/2`` is Mon, Wed, Fri, Sun); only ``N/step`` stops at 6.
+        Checked against the brute-force oracle over two weeks of runs."""
+        start = ts("2026-01-01T00:00:00+00:00")
+        for text in ("0 0 * * 1-7/2", "0 0 * * MON-7/1", "0 0 * * 3-7/2", "0 0 * * 5-7",
+                     "0 0 * * 0-7/7", "0 0 * * 1/2", "0 0 * * */2"):
+            with self.subTest(spec=text):
+                spec, oracle = pt.CronSpec(text, UTC), OracleSpec(text)
+                got, want, t_ns, u_ns = [], [], start, start
+                for _ in range(14):
+                    t_ns, u_ns = spec.next_after(t_ns), oracle_next(oracle, UTC, u_ns)
+                    got.append(t_ns)
+                    want.append(u_ns)
+                self.assertEqual([iso(t, UTC) for t in got], [iso(t, UTC) for t in want])
+        sundays = {datetime.fromtimestamp(t // NS, UTC).isoweekday()
+                   for t in pt.CronSpec("0 0 * * 1-7/2", UTC).preview(start, 8)}
+        self.assertEqual(sundays, {1, 3, 5, 7})
+
     def test_strictly_after_and_subsecond(self):
         spec = pt.CronSpec("* * * * *", UTC)
         t = ts("2026-01-01T00:01:00+00:00")
@@ -564,7 +583,9 @@ def oracle_field(text, lo, hi, names=None, five_field_dow=False):
             first, last = lo, hi
         elif "-" in base:
             a, _, b = base.partition("-")
-            first, last = _oracle_number(a, lo, hi, names), _oracle_number(b, lo, hi, names)
+            # Vixie cron and croniter: a 5-field range may end at 7, which is Sunday
+            allow = (7,) if five_field_dow else ()
+            first, last = _oracle_number(a, lo, hi, names), _oracle_number(b, lo, hi, names, allow)
             if first > last:
                 raise OracleError("reversed range %r" % base)
         else:
@@ -575,6 +596,9 @@ def oracle_field(text, lo, hi, names=None, five_field_dow=False):
                 first = 0
             last = hi if slash else first
         values.update(range(first, last + 1, step))
+    if five_field_dow and 7 in values:
+        values.discard(7)
+        values.add(0)
     return values, elements
 
 
@@ -687,14 +711,15 @@ def gen_element(rng, kind, five):
         if kind == "dow" and five and rng.random() < 0.2:
             return "7"                                     # plain 7 = Sunday (5 fields)
         return _word(rng, kind, rng.randint(lo, hi))
-    if r < 0.45:
-        a = rng.randint(lo, hi)
-        b = rng.randint(a, hi)
-        return "%s-%s" % (_word(rng, kind, a), _word(rng, kind, b))
     if r < 0.57:
         a = rng.randint(lo, hi)
         b = rng.randint(a, hi)
-        return "%s-%s/%d" % (_word(rng, kind, a), _word(rng, kind, b), _step(rng, lo, hi))
+        end = _word(rng, kind, b)
+        if kind == "dow" and five and rng.random() < 0.25:
+            end = "7"                                      # a range may end at 7 = Sunday
+        if r < 0.45:
+            return "%s-%s" % (_word(rng, kind, a), end)
+        return "%s-%s/%d" % (_word(rng, kind, a), end, _step(rng, lo, hi))
     if r < 0.72:
         return "*/%d" % _step(rng, lo, hi)
     if r < 0.86:
