@@ -3900,7 +3900,8 @@ class Api:
         doc = self._body_json(read_body)
         changes = checked(doc, QUEUE, QUEUE)
         changes.update((key, None) for key in doc if doc[key] is None)  # null: the default
-        merged = dict(self.store.queue_settings(name), **changes)
+        merged = {key: value for key, value in dict(self.store.queue_settings(name), **changes)
+                  .items() if value is not None}  # null: the default, which never conflicts
         if merged.get("min_backoff", 0) > merged.get("max_backoff", float("inf")):
             raise HTTPError(400, "min_backoff must not be above max_backoff",
                             field="min_backoff")

@@ -3715,6 +3715,14 @@ class TestQueues(unittest.TestCase):
             call(d.url, "PUT", "/queues/q", {"rate": 5, "max_tries": 3})
             status, _, q = call(d.url, "PUT", "/queues/q", {"rate": None, "timeout_s": 5})
             self.assertEqual(q["settings"], {"max_tries": 3, "timeout_s": 5})
+            # null is the default, on either side of the backoff pair (a 500 before)
+            for body, settings in (({"min_backoff": 1, "max_backoff": None},
+                                    {"min_backoff": 1}),
+                                   ({"min_backoff": None, "max_backoff": 2}, {"max_backoff": 2}),
+                                   ({"max_backoff": None}, {})):
+                status, _, q = call(d.url, "PUT", "/queues/n", body)
+                self.assertEqual((status, q["settings"]), (200, settings), body)
+            call(d.url, "DELETE", "/queues/n")
             call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x", "queue": "q"})
             self.assertEqual(call(d.url, "DELETE", "/queues/q")[0], 409)
             names = [q["name"] for q in call(d.url, "GET", "/queues")[2]["queues"]]
