@@ -233,7 +233,9 @@ def url_problem(url):
     """What is wrong with a task URL, as the end of a sentence, or None.
 
     An absolute http(s) URL of at most 4096 ASCII characters, without spaces
-    or control characters, user info (``user@host``) or ``.``/``..`` segments.
+    or control characters, user info (``user@host``), ``.``/``..`` segments,
+    or separators a server might see that the allow list did not (``\``,
+    ``;``, ``%2F``, ``%5C``, and any of these or a dot encoded twice).
     """
     if not isinstance(url, str) or not url or len(url) > 4096:
         return "must be an absolute http:// or https:// URL of at most 4096 characters"
@@ -250,8 +252,18 @@ def url_problem(url):
         return "must be an absolute http:// or https:// URL"
     if "@" in parts.netloc:
         return "must not carry a user name or password (user@host)"
-    if any(urllib.parse.unquote(segment) in (".", "..") for segment in parts.path.split("/")):
-        return "must not have . or .. path segments"
+    if "\\" in parts.path or ";" in parts.path:
+        return ("must not have \\ or ; in its path: some frameworks and proxies read them as "
+                "separators, which would route the task outside an allowed prefix")
+    for segment in parts.path.split("/"):
+        decoded = segment
+        for _ in range(3):  # what a proxy that decodes twice, then the app, would see
+            decoded = urllib.parse.unquote(decoded)
+        if decoded in (".", ".."):
+            return "must not have . or .. path segments, encoded or not"
+        if any(c in decoded for c in "/\\;"):
+            return ("must not have an encoded / \\ or ; (such as %2F or %5C) in its path: a "
+                    "framework or proxy that decodes it would route the task elsewhere")
     return None
 
 

@@ -2568,6 +2568,26 @@ class TestSecurity(unittest.TestCase):
         self.assertIsNone(outside.get_header("Poussetaches-auth-key"))
         self.assertIsNone(outside.get_header("Webhook-signature"))
 
+    def test_encoded_separators_are_refused_in_task_paths(self):
+        """A framework or proxy that decodes %2F, reads \\ as / or strips ; would route
+        these outside the allowed /tasks; they were delivered, with the key."""
+        with receiver() as rx, running_daemon(allow_urls=[rx.url("/tasks")],
+                                              auth_key="k") as d:
+            for path in ("/tasks/..%2fstolen", "/tasks/%2e%2e%2fstolen", "/tasks/..\\stolen",
+                         "/tasks/x/..;/..;/stolen", "/tasks/%252e%252e/stolen",
+                         "/tasks/a%5Cb", "/tasks/a%2Fb", "/tasks/a%252Fb", "/tasks/%2E%2E",
+                         "/tasks;x"):
+                status, _, doc = call(d.url, "POST", "/", {"url": rx.url(path)})
+                self.assertEqual((status, doc.get("field")), (400, "url"), path)
+                self.assertIn("path", doc["error"])
+            # what stays fine: percent-encoding of ordinary characters, and the query
+            for path in ("/tasks/100%25", "/tasks/caf%C3%A9", "/tasks/x?next=%2Fa;b", "/tasks/.x"):
+                self.assertEqual(call(d.url, "POST", "/", {"url": rx.url(path)})[0], 201, path)
+            rx.wait_for(4)
+        self.assertEqual(sorted(g["path"] for g in rx.got),
+                         sorted(["/tasks/100%25", "/tasks/caf%C3%A9", "/tasks/x?next=%2Fa;b",
+                                 "/tasks/.x"]))
+
     def test_bad_config_is_refused(self):
         for kwargs in ({"workers": 0}, {"fsync": "sometimes"}, {"allow_urls": ["ftp://x"]},
                        {"max_tries": 0}, {"rate": -1}, {"min_backoff": 5, "max_backoff": 1}):
