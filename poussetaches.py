@@ -128,11 +128,13 @@ ATTEMPTS_KEPT = 10
 ATTEMPT_ERROR_LIMIT = 200          # chars of error text per attempt record
 CRON_HORIZON_YEARS = 5
 MAX_FIRST_RUN_S = 10 * 366 * 86400  # a first run more than ~10 years ahead is a 400
+MAX_NS = (1 << 63) - 1             # Go's largest duration; the last representable run time
 
 TABLES = ("waiting", "success", "dead")
 SNAPSHOT_NAME = "snapshot.json"
 JOURNAL_PREFIX = "journal."
 LOCK_NAME = "lock"
+IMPORT_REJECTED = "import-rejected"  # where the original's files that fail the checks go
 
 USER_AGENT = "poussetaches/" + __version__
 RESERVED_HEADERS = ("host", "content-length", "transfer-encoding", "connection")
@@ -285,22 +287,122 @@ def headers_problem(headers):
     return None
 
 
-def imported_task_problem(task):
-    """What makes a task from the original's files unfit to deliver, or None: the
-    checks an enqueue makes, which the original never made (its files may hold
-    anything that reached its API)."""
-    if not _TASK_ID.fullmatch(task.id):
-        return "the id %r is not 1-64 letters, digits, - or _" % task.id[:80]
-    problem = url_problem(task.url)
-    if problem:
-        return "url " + problem
-    if task.headers is not None and headers_problem(task.headers):
-        return "headers: " + headers_problem(task.headers)
-    if not isinstance(task.expected, int) or not 100 <= task.expected <= 599:
-        return "expected is not an HTTP status"
-    if not isinstance(task.schedule, str) or len(task.schedule) > 256:
-        return "schedule is not a cron spec string"
-    return None
+# Every field an enqueue takes, declared once: the API checks bodies with these
+# Params, /openapi.json serves their schemas, and an imported task is checked
+# with them too.
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    """An int (any size) or a finite float; not a bool."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_JSON_TYPES = {"string": lambda v: isinstance(v, str), "integer": lambda v: _is_int(v),
+               "number": lambda v: _is_number(v), "object": lambda v: isinstance(v, dict),
+               "boolean": lambda v: isinstance(v, bool)}
+
+
+def schema_check(schema):
+    """``fits(value)``: does a value fit ``schema``, of the subset of JSON schema
+    the Params use (type, range, length, pattern, an object's values)?  The
+    schema is read once, here, not at every enqueue."""
+    kinds = schema.get("type")
+    kinds = [_JSON_TYPES[k] for k in ([kinds] if isinstance(kinds, str) else kinds or ())]
+    of_type = kinds[0] if len(kinds) == 1 else lambda v: not kinds or any(k(v) for k in kinds)
+    low, high = schema.get("minimum"), schema.get("maximum")
+    shortest, longest = schema.get("minLength", 0), schema.get("maxLength")
+    pattern = re.compile(schema["pattern"]) if "pattern" in schema else None
+    most = schema.get("maxProperties")
+    inner = (schema_check(schema["additionalProperties"]) if "additionalProperties" in schema
+             else None)
+
+    def fits(value):
+        if not of_type(value):
+            return False
+        if isinstance(value, bool):
+            return True
+        if isinstance(value, (int, float)):  # finite: parse_json refuses NaN and infinities
+            return (low is None or low <= value) and (high is None or value <= high)
+        if isinstance(value, str):
+            return (shortest <= len(value) and (longest is None or len(value) <= longest)
+                    and (pattern is None or pattern.fullmatch(value) is not None))
+        if isinstance(value, dict):
+            return ((most is None or len(value) <= most)
+                    and (inner is None or all(inner(item) for item in value.values())))
+        return True
+    return fits
+
+
+class Param(collections.namedtuple("Param", "name schema message")):
+    """One field an enqueue body accepts, declared once: its JSON schema (served in
+    /openapi.json, and checked here: type, range, length) and the 400 message for
+    a value that does not fit.  null is the same as absent, for every field."""
+
+    def __new__(cls, name, schema, message):
+        param = super().__new__(cls, name, schema, message)
+        param.fits = schema_check(schema)
+        return param
+
+
+ENQUEUE_PARAMS = (
+    Param("url", {"type": "string", "format": "uri", "maxLength": 4096},
+          "url must be an absolute http:// or https:// URL of at most 4096 characters"),
+    Param("payload", {"type": "string", "contentEncoding": "base64"},
+          "payload must be a base64 string"),
+    Param("json", {}, "json may be any JSON value"),
+    Param("expected", {"type": "integer", "minimum": 0, "maximum": 599},
+          "expected must be an HTTP status from 100 to 599 (or 0 for 200)"),
+    Param("schedule", {"type": "string", "maxLength": 256},
+          "schedule must be a cron spec string of at most 256 characters"),
+    Param("delay", {"type": "integer", "minimum": 0},
+          "delay must be a whole, non-negative number of minutes"),
+    Param("delay_s", {"type": "number", "minimum": 0, "maximum": MAX_FIRST_RUN_S},
+          "delay_s must be a number of seconds from 0 to 10 years"),
+    Param("eta", {"type": ["number", "string"]},
+          "eta must be Unix seconds or an RFC 3339 time with an offset, such as "
+          "2026-01-31T09:00:00Z"),
+    Param("max_tries", {"type": "integer", "minimum": 1, "maximum": 100},
+          "max_tries must be a whole number from 1 to 100"),
+    Param("timeout_s", {"type": "number", "minimum": 0.1, "maximum": 3600},
+          "timeout_s must be a number of seconds from 0.1 to 3600"),
+    Param("headers", {"type": "object", "maxProperties": 64,
+                      "additionalProperties": {"type": "string", "maxLength": 8192}},
+          "headers must be an object of at most 64 strings"),
+    Param("idempotency_key", {"type": "string", "minLength": 1, "maxLength": 200},
+          "idempotency_key must be a string of 1 to 200 characters"),
+    Param("queue", {"type": "string", "pattern": "[a-z0-9_-]{1,64}"},
+          "queue must be 1 to 64 of a-z, 0-9, _ and -"),
+    Param("priority", {"type": "integer", "minimum": -100, "maximum": 100},
+          "priority must be a whole number from -100 to 100 (higher runs first)"),
+    Param("ordering_key", {"type": "string", "minLength": 1, "maxLength": 200},
+          "ordering_key must be a string of 1 to 200 characters"),
+    Param("name", {"type": "string", "minLength": 1, "maxLength": 200},
+          "name must be a string of 1 to 200 characters, on a task with a schedule"),
+)
+ENQUEUE = {param.name: param for param in ENQUEUE_PARAMS}
+
+QUEUE_PARAMS = (  # a queue's settings; a task's own fields override them, they the flags
+    Param("rate", {"type": "number", "minimum": 0.001, "maximum": 1000000},
+          "rate must be a positive number of attempts per second"),
+    Param("burst", {"type": "number", "minimum": 1, "maximum": 1000000},
+          "burst must be a number of attempts, at least 1"),
+    Param("concurrency", {"type": "integer", "minimum": 1, "maximum": 100000},
+          "concurrency must be a whole number of attempts at once, at least 1"),
+    Param("max_tries", ENQUEUE["max_tries"].schema, ENQUEUE["max_tries"].message),
+    Param("min_backoff", {"type": "number", "minimum": 0.001, "maximum": 31536000},
+          "min_backoff must be a positive number of seconds"),
+    Param("max_backoff", {"type": "number", "minimum": 0.001, "maximum": 31536000},
+          "max_backoff must be a positive number of seconds"),
+    Param("timeout_s", ENQUEUE["timeout_s"].schema, ENQUEUE["timeout_s"].message),
+    Param("paused", {"type": "boolean"}, "paused must be true or false"),
+)
+QUEUE = {param.name: param for param in QUEUE_PARAMS}
+RUN_OVERRIDES = ("url", "payload", "json", "headers", "max_tries")  # POST /tasks/<id>/run
 
 
 def named_cron_id(name):
@@ -363,6 +465,41 @@ TASK_FIELDS = (
     Field("attempts", "list", None, False),
 )
 TASK_NAMES = tuple(f.name for f in TASK_FIELDS)
+
+
+def imported_task_problem(task):
+    """What makes a task from the original's files unfit to keep, or None: every
+    field checked as an enqueue checks it (the original checked nothing, so its
+    files may hold anything that reached its API), and the stored ones for type
+    and range, so that a bad file can never break a start or a later call."""
+    if not _TASK_ID.fullmatch(task.id):
+        return "the id %r is not 1-64 letters, digits, - or _" % task.id[:80]
+    problem = url_problem(task.url)
+    if problem:
+        return "url " + problem
+    for name in _IMPORT_CHECKED:
+        value = getattr(task, name)
+        if value is not None and not ENQUEUE[name].fits(value):
+            return ENQUEUE[name].message
+    if task.headers is not None and headers_problem(task.headers):
+        return "headers: " + headers_problem(task.headers)
+    if not 100 <= task.expected <= 599:
+        return "expected must be an HTTP status from 100 to 599"
+    for name in ("next_scheduled_run", "next_run", "last_run", "created", "tries", "seq",
+                 "last_error_status_code"):
+        value = getattr(task, name)
+        if not _is_int(value) or not -1 <= value <= MAX_NS:  # -1: a time-out's status
+            return "%s must be a whole number up to %d" % (name, MAX_NS)
+    if task.cron_id is not None and not (isinstance(task.cron_id, str)
+                                         and _TASK_ID.fullmatch(task.cron_id)):
+        return "cron_id must be a task id"
+    if len(task.attempts) > ATTEMPTS_KEPT or not all(isinstance(a, dict) for a in task.attempts):
+        return "attempts must be a list of at most %d objects" % ATTEMPTS_KEPT
+    return None
+
+
+_IMPORT_CHECKED = tuple(f.name for f in TASK_FIELDS
+                        if f.name in ENQUEUE and f.name != "url" and f.kind != "bytes")
 
 
 class Task:
@@ -521,7 +658,6 @@ _DURATION_UNITS = {"ns": 1, "us": 1_000, "\u00b5s": 1_000, "\u03bcs": 1_000, "ms
                    "s": 10 ** 9, "m": 60 * 10 ** 9, "h": 3600 * 10 ** 9}
 # [0-9], never \d: only ASCII digits are numbers (\d also matches '\u0663' and the like)
 _DURATION_PART = re.compile(r"([0-9]*)(?:\.([0-9]*))?(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
-MAX_NS = (1 << 63) - 1             # Go's largest duration; the last representable run time
 # name, low, high, names
 _CRON_FIELDS = (
     ("second", 0, 59, None), ("minute", 0, 59, None), ("hour", 0, 23, None),
@@ -1333,7 +1469,8 @@ class Store:
                     if task.schedule:
                         CronSpec(task.schedule, self.cron_tz)
                 except (OSError, ValueError, KeyError, TypeError) as exc:
-                    logger.warning("import: skipped %s/%s: %s", table, name, exc)
+                    logger.warning("import: skipped %s/%s: %s; %s", table, name, exc,
+                                   self._set_aside(table, name))
                     continue
                 found.setdefault(table, []).append(task)
         if not found:
@@ -1355,10 +1492,21 @@ class Store:
         waiting = self._tables["waiting"]
         logger.info("imported from the original layout in %s: %d waiting (%d cron, %d of "
                     "them restored from their last run), %d success, %d dead; the old folders "
-                    "are left untouched", self.directory, len(waiting), len(self._order["cron"]),
+                    "are kept as they were", self.directory, len(waiting), len(self._order["cron"]),
                     restored, len(self._tables["success"]), len(self._tables["dead"]))
         self._dirty.set()  # the persister writes them into a snapshot at once
         return sum(len(table) for table in self._tables.values())
+
+    def _set_aside(self, table, name):
+        """Move a file the import skipped to ``import-rejected/<table>/``, where the
+        operator finds it; says where it went (or why it stayed)."""
+        aside = os.path.join(self.directory, IMPORT_REJECTED, table)
+        try:
+            os.makedirs(aside, mode=0o700, exist_ok=True)
+            os.rename(os.path.join(self.directory, table, name), os.path.join(aside, name))
+        except OSError as exc:
+            return "left where it is (%s)" % exc
+        return "moved to %s" % os.path.join(IMPORT_REJECTED, table, name)
 
     def _restored_schedule(self, run):
         """The schedule of a cron task whose waiting/ file the original dropped."""
@@ -3217,107 +3365,6 @@ class Dispatcher:
 # HTTP API: validation, routes and one error boundary
 # --------------------------------------------------------------------------
 
-_JSON_TYPES = {"string": lambda v: isinstance(v, str), "integer": lambda v: _is_int(v),
-               "number": lambda v: _is_number(v), "object": lambda v: isinstance(v, dict),
-               "boolean": lambda v: isinstance(v, bool)}
-
-
-def schema_check(schema):
-    """``fits(value)``: does a value fit ``schema``, of the subset of JSON schema
-    the Params use (type, range, length, pattern, an object's values)?  The
-    schema is read once, here, not at every enqueue."""
-    kinds = schema.get("type")
-    kinds = [_JSON_TYPES[k] for k in ([kinds] if isinstance(kinds, str) else kinds or ())]
-    of_type = kinds[0] if len(kinds) == 1 else lambda v: not kinds or any(k(v) for k in kinds)
-    low, high = schema.get("minimum"), schema.get("maximum")
-    shortest, longest = schema.get("minLength", 0), schema.get("maxLength")
-    pattern = re.compile(schema["pattern"]) if "pattern" in schema else None
-    most = schema.get("maxProperties")
-    inner = (schema_check(schema["additionalProperties"]) if "additionalProperties" in schema
-             else None)
-
-    def fits(value):
-        if not of_type(value):
-            return False
-        if isinstance(value, bool):
-            return True
-        if isinstance(value, (int, float)):  # finite: parse_json refuses NaN and infinities
-            return (low is None or low <= value) and (high is None or value <= high)
-        if isinstance(value, str):
-            return (shortest <= len(value) and (longest is None or len(value) <= longest)
-                    and (pattern is None or pattern.fullmatch(value) is not None))
-        if isinstance(value, dict):
-            return ((most is None or len(value) <= most)
-                    and (inner is None or all(inner(item) for item in value.values())))
-        return True
-    return fits
-
-
-class Param(collections.namedtuple("Param", "name schema message")):
-    """One field an enqueue body accepts, declared once: its JSON schema (served in
-    /openapi.json, and checked here: type, range, length) and the 400 message for
-    a value that does not fit.  null is the same as absent, for every field."""
-
-    def __new__(cls, name, schema, message):
-        param = super().__new__(cls, name, schema, message)
-        param.fits = schema_check(schema)
-        return param
-
-
-ENQUEUE_PARAMS = (
-    Param("url", {"type": "string", "format": "uri", "maxLength": 4096},
-          "url must be an absolute http:// or https:// URL of at most 4096 characters"),
-    Param("payload", {"type": "string", "contentEncoding": "base64"},
-          "payload must be a base64 string"),
-    Param("json", {}, "json may be any JSON value"),
-    Param("expected", {"type": "integer", "minimum": 0, "maximum": 599},
-          "expected must be an HTTP status from 100 to 599 (or 0 for 200)"),
-    Param("schedule", {"type": "string", "maxLength": 256},
-          "schedule must be a cron spec string of at most 256 characters"),
-    Param("delay", {"type": "integer", "minimum": 0},
-          "delay must be a whole, non-negative number of minutes"),
-    Param("delay_s", {"type": "number", "minimum": 0, "maximum": MAX_FIRST_RUN_S},
-          "delay_s must be a number of seconds from 0 to 10 years"),
-    Param("eta", {"type": ["number", "string"]},
-          "eta must be Unix seconds or an RFC 3339 time with an offset, such as "
-          "2026-01-31T09:00:00Z"),
-    Param("max_tries", {"type": "integer", "minimum": 1, "maximum": 100},
-          "max_tries must be a whole number from 1 to 100"),
-    Param("timeout_s", {"type": "number", "minimum": 0.1, "maximum": 3600},
-          "timeout_s must be a number of seconds from 0.1 to 3600"),
-    Param("headers", {"type": "object", "maxProperties": 64,
-                      "additionalProperties": {"type": "string", "maxLength": 8192}},
-          "headers must be an object of at most 64 strings"),
-    Param("idempotency_key", {"type": "string", "minLength": 1, "maxLength": 200},
-          "idempotency_key must be a string of 1 to 200 characters"),
-    Param("queue", {"type": "string", "pattern": "[a-z0-9_-]{1,64}"},
-          "queue must be 1 to 64 of a-z, 0-9, _ and -"),
-    Param("priority", {"type": "integer", "minimum": -100, "maximum": 100},
-          "priority must be a whole number from -100 to 100 (higher runs first)"),
-    Param("ordering_key", {"type": "string", "minLength": 1, "maxLength": 200},
-          "ordering_key must be a string of 1 to 200 characters"),
-    Param("name", {"type": "string", "minLength": 1, "maxLength": 200},
-          "name must be a string of 1 to 200 characters, on a task with a schedule"),
-)
-ENQUEUE = {param.name: param for param in ENQUEUE_PARAMS}
-
-QUEUE_PARAMS = (  # a queue's settings; a task's own fields override them, they the flags
-    Param("rate", {"type": "number", "minimum": 0.001, "maximum": 1000000},
-          "rate must be a positive number of attempts per second"),
-    Param("burst", {"type": "number", "minimum": 1, "maximum": 1000000},
-          "burst must be a number of attempts, at least 1"),
-    Param("concurrency", {"type": "integer", "minimum": 1, "maximum": 100000},
-          "concurrency must be a whole number of attempts at once, at least 1"),
-    Param("max_tries", ENQUEUE["max_tries"].schema, ENQUEUE["max_tries"].message),
-    Param("min_backoff", {"type": "number", "minimum": 0.001, "maximum": 31536000},
-          "min_backoff must be a positive number of seconds"),
-    Param("max_backoff", {"type": "number", "minimum": 0.001, "maximum": 31536000},
-          "max_backoff must be a positive number of seconds"),
-    Param("timeout_s", ENQUEUE["timeout_s"].schema, ENQUEUE["timeout_s"].message),
-    Param("paused", {"type": "boolean"}, "paused must be true or false"),
-)
-QUEUE = {param.name: param for param in QUEUE_PARAMS}
-RUN_OVERRIDES = ("url", "payload", "json", "headers", "max_tries")  # POST /tasks/<id>/run
 
 def checked(doc, names, params=None):
     """The fields ``names`` of a body that are present and not null, each checked
@@ -3365,17 +3412,6 @@ def parse_json(body):
         raise HTTPError(400, "the body is not UTF-8") from None
     except (ValueError, RecursionError) as exc:
         raise HTTPError(400, "invalid JSON: %s" % exc) from None
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value):
-    """An int (any size) or a finite float; not a bool."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_rfc3339(text):

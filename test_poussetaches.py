@@ -3390,15 +3390,43 @@ class TestAttackerFindings(unittest.TestCase):
                 doc["headers"] = headers
                 with open(path, "w") as f:
                     json.dump(doc, f)
+            # each field checked as an enqueue checks it: these crashed every start
+            # (an unhashable queue) or retried for ever (a negative time-out)
+            bad_fields = {"badqueue": {"queue": ["BAD"]}, "pathqueue": {"queue": "Q Q/../x"},
+                          "negtimeout": {"timeout_s": -5}, "notries": {"max_tries": 0},
+                          "bigprio": {"priority": 10 ** 6}, "negtries": {"tries": -5},
+                          "strtime": {"next_run": "soon"}, "badkey": {"ordering_key": 7},
+                          "badattempts": {"attempts": [1, 2]}, "hugetime": {"created": 1e30},
+                          "badexpected": {"expected": 99}}
+            for task_id, fields in bad_fields.items():
+                path = os.path.join(data, "waiting", task_id)
+                doc = json.loads(original_file(rx.url("/task"), task_id=task_id)[1])
+                doc.update(fields)
+                with open(path, "w") as f:
+                    json.dump(doc, f)
+            with open(os.path.join(data, "dead", "notjson"), "w") as f:
+                f.write("[1, 2")
             os.mkfifo(os.path.join(data, "waiting", "fifo"))  # must not hang the start
             with self.assertLogs("poussetaches", "WARNING") as logs:
                 with running_daemon(data_dir=data, auth_key="s3cr3t",
                                     allow_urls=[rx.url("/task"), rx.url("/good")]) as d:
                     rx.wait_for(1, path="/good")
                     self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 0)
+                    names = [q["name"] for q in call(d.url, "GET", "/queues")[2]["queues"]]
+                    self.assertEqual(names, ["default"])
             skipped = [m for m in logs.output if "import: skipped" in m]
-            self.assertEqual(len(skipped), 6, logs.output)
+            self.assertEqual(len(skipped), 7 + len(bad_fields), logs.output)
+            for task_id in bad_fields:
+                line = [m for m in skipped if "waiting/%s:" % task_id in m]
+                self.assertEqual(len(line), 1, task_id)
+                self.assertIn("moved to import-rejected/waiting/" + task_id, line[0])
             self.assertEqual([g["path"] for g in rx.got], ["/good"])
+            rejected = os.path.join(data, "import-rejected")
+            self.assertEqual(sorted(os.listdir(os.path.join(rejected, "waiting"))),
+                             sorted(["steal", "crlfurl", "..%2fdead", "js", "evilhost", "fifo"]
+                                    + list(bad_fields)))
+            self.assertEqual(os.listdir(os.path.join(rejected, "dead")), ["notjson"])
+            self.assertEqual(os.listdir(os.path.join(data, "waiting")), ["good"])
 
     def test_no_500_before_the_checks_and_origin_form_only(self):
         errors = ErrorRecords()
