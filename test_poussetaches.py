@@ -4889,8 +4889,10 @@ class TestStorage(unittest.TestCase):
         s.start()
         s.snapshot()
         s.close()
-        self.assertTrue(os.path.isdir(os.path.join(self.dir, "waiting")))  # left untouched
-        self.assertEqual(len(os.listdir(os.path.join(self.dir, "waiting"))), 4)
+        self.assertTrue(os.path.isdir(os.path.join(self.dir, "waiting")))  # left as it was,
+        self.assertEqual(len(os.listdir(os.path.join(self.dir, "waiting"))), 3)  # less the
+        self.assertEqual(os.listdir(os.path.join(self.dir, "import-rejected", "waiting")),
+                         ["broken"])                                  # file set aside
         again = self.store()  # imported once: the snapshot holds them now
         self.assertEqual(again.recovery["imported"], 0)
         self.assertEqual(again.counts()["waiting"], 3)
