@@ -2431,6 +2431,20 @@ def is_loopback_name(name):
         return False
 
 
+def is_unrebindable_name(name):
+    """Can no DNS-rebinding page reach us under ``name`` (a lowercased host)?  An
+    IP literal names no one's domain, and a single-label name (a container's,
+    a compose service's, a host's) is not one that public DNS resolves; a
+    dotted name may be an attacker's."""
+    if not name:
+        return False
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+        return True
+    except ValueError:
+        return "." not in name and "%" not in name
+
+
 class AllowList:
     """``--allow-url`` prefixes, each an origin plus a path matched at a ``/``.
 
@@ -3596,23 +3610,31 @@ class Api:
         raise HTTPError(404, "no such path: %s" % path[:200])
 
     def _check_host(self, headers):
-        """DNS rebinding: a page of evil.example whose name resolves to 127.0.0.1
-        reaches us with ``Host: evil.example``.  While bound to loopback, only
-        loopback names and ``--allow-host`` names are served (SPEC 5)."""
+        """DNS rebinding: a page of evil.example whose name resolves to our address
+        reaches us with ``Host: evil.example``.  Served (SPEC 5): names given
+        with ``--allow-host``; besides them, while bound to loopback, loopback
+        names; bound elsewhere with no ``--allow-host``, IP literals and
+        single-label names (``poussetaches`` in a compose network), or any name
+        when an API key is required (no page can send it)."""
         allowed = self.settings.allowed_hosts
-        if not allowed and not self.settings.loopback_bound:
+        loopback = self.settings.loopback_bound
+        if not allowed and not loopback and self.settings.api_key:
             return
         value = headers.get("Host")
         if value is None or value in self._good_hosts:  # HTTP/1.0 without Host: no browser
             return
         match = _HOST.fullmatch(value)
         name = match.group(1).lower() if match else None
-        if name in allowed or (self.settings.loopback_bound and is_loopback_name(name)):
+        if name in allowed or (is_loopback_name(name) if loopback else
+                               not allowed and is_unrebindable_name(name)):
             if len(self._good_hosts) < 64:  # the rules never change: check each value once
                 self._good_hosts[value] = True
             return
-        raise HTTPError(403, "Host %r is not this daemon's name: a DNS-rebinding page? "
-                        "(serve other names with --allow-host NAME)" % value[:100])
+        raise HTTPError(403, "Host %r is not this daemon's name: a DNS-rebinding page? (serve "
+                        "other names with --allow-host NAME%s)" % (
+                            value[:100], "" if loopback or allowed else
+                            "; without it, only IP addresses and names without a dot are "
+                            "served, unless POUSSETACHES_API_KEY is set"))
 
     @staticmethod
     def _check_browser(headers):

@@ -2738,6 +2738,60 @@ class TestSafeByDefault(unittest.TestCase):
             self.assertEqual(call(d.url, "GET", "/", headers={"Host": "tasks.internal:7991"})[0], 200)
             self.assertEqual(call(d.url, "GET", "/", headers={"Host": "tasks.internal.evil"})[0], 403)
 
+    def test_rebinding_refused_when_bound_to_every_address(self):
+        """Bound to 0.0.0.0 with no API key (the container setup), a page of
+        evil.test rebound to us got 201 and read the listings.  IP literals and
+        single-label names (a compose service's) are still served."""
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        daemon = pt.Daemon(host="0.0.0.0", port=0, data_dir=os.path.join(tmp, "d"),
+                           min_backoff=60, max_backoff=60)
+        daemon.start()
+        try:
+            base, port = "http://127.0.0.1:%d" % daemon.port, daemon.port
+            evil = "evil.test:%d" % port
+            body = json.dumps({"url": "http://127.0.0.1:9/stolen"}).encode()
+            for method, path, headers in (
+                    ("POST", "/", {"Host": evil, "Origin": "http://" + evil}),
+                    ("GET", "/waiting", {"Host": evil}),      # a same-origin GET: no Origin
+                    ("POST", "/pause", {"Host": evil, "Origin": "http://" + evil}),
+                    ("GET", "/", {"Host": "127.0.0.1.nip.io:%d" % port}),
+                    ("GET", "/", {"Host": "poussetaches.:%d" % port}),
+                    ("GET", "/", {"Host": "tasks.internal"})):
+                with self.subTest(path=path, headers=headers):
+                    status, _, doc = call(base, method, path, raw=body if method == "POST"
+                                          else None, headers=headers)
+                    self.assertEqual(status, 403, doc)
+                    self.assertIn("--allow-host", doc["error"])
+            status = call(base, "GET", "/")[2]
+            self.assertEqual((status["waiting"], status["paused"]), (0, False))
+            # the app by service name (microblog.pub's http://poussetaches:7991, no Origin),
+            # by IP, and the dashboard opened by IP address
+            for host in ("poussetaches:7991", "poussetaches", "172.18.0.3:7991",
+                         "[fd00::3]:7991", "127.0.0.1:%d" % port, "localhost:%d" % port):
+                with self.subTest(allowed=host):
+                    self.assertEqual(call(base, "POST", "/", raw=body,
+                                          headers={"Host": host})[0], 201)
+            lan = "192.168.1.5:%d" % port
+            same = {"Host": lan, "Origin": "http://" + lan}
+            self.assertEqual(call(base, "POST", "/pause", headers=same)[0], 200)
+            self.assertTrue(call(base, "GET", "/")[2]["paused"])
+            self.assertEqual(call(base, "GET", "/ui", headers={"Host": lan})[0], 200)
+        finally:
+            daemon.stop()
+        # with an API key no page can call it: any name reaches the key check
+        keyed = pt.Daemon(host="0.0.0.0", port=0, data_dir=os.path.join(tmp, "k"),
+                          api_key="k3y", paused=True)
+        keyed.start()
+        try:
+            base = "http://127.0.0.1:%d" % keyed.port
+            host = {"Host": "tasks.example.com"}
+            self.assertEqual(call(base, "GET", "/waiting", headers=host)[0], 401)
+            self.assertEqual(call(base, "GET", "/waiting", headers=dict(
+                host, Authorization="Bearer k3y"))[0], 200)
+        finally:
+            keyed.stop()
+
     def test_loopback_names(self):
         for name in ("localhost", "127.0.0.1", "127.1.2.3", "[::1]", "::1"):
             self.assertTrue(pt.is_loopback_name(name), name)
