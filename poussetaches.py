@@ -112,6 +112,8 @@ DEFAULT_TIMEOUT = 600.0            # seconds per delivery attempt (the original 
 DEFAULT_KEEP_SUCCESS = 1000
 DEFAULT_MAX_BODY = 16 << 20        # bytes of an API request body
 DEFAULT_MAX_CONNECTIONS = 256      # API connections served at once
+DEFAULT_MAX_PER_ADDRESS = 64       # ... of them from one client address
+DEFAULT_HEAD_TIMEOUT = 5.0         # seconds for a request's head, once its first line came
 DEFAULT_MAX_WAITING = 1_000_000    # waiting tasks, past which enqueue is a 507
 DEFAULT_MAX_STORED_BYTES = 1 << 30  # decoded payload bytes in the waiting table, ditto
 LIST_PIECE = 500                   # tasks serialised per hold of the store lock
@@ -4408,7 +4410,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.command = None
         self.request_version = "HTTP/1.0"  # errors get a status line: we never speak 0.9
         self.close_connection = True
-        self.server.busy(self.connection)
+        # the rest of the head must come soon: a client that drips it holds a
+        # connection, and is the first closed when connections run short
+        self.connection.deadline = min(self.connection.deadline,
+                                       time.monotonic() + self.server.head_timeout)
+        self.server.reading_head(self.connection)
         self.requestline = line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         if not line:
             return False
@@ -4432,6 +4438,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except HTTPError as exc:
             self.send_error(exc.status, exc.message)
             return False
+        self.server.busy(self.connection)
+        self.connection.deadline = time.monotonic() + self.server.request_timeout  # the body
         if "transfer-encoding" in headers:
             self.send_error(400, "Transfer-Encoding is not supported: send the body with "
                                  "a Content-Length")
@@ -4568,12 +4576,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class _Server(http.server.ThreadingHTTPServer):
-    """The API server: a thread per connection, at most ``max_connections`` of them.
+    """The API server: a thread per connection, at most ``max_connections`` of
+    them, and at most ``max_per_address`` from one client address.
 
-    Past the cap, the accepting thread waits (new connections queue in the
-    listen backlog) after closing one idle kept-alive connection, whose
-    thread then ends and frees its place.  ``_slots`` guards ``_active``,
-    ``_idle`` and ``_closing``; a connection's thread notifies it as it ends.
+    Each connection is idle (waiting for a request), reading a head (which
+    must come within ``head_timeout``) or busy.  Past a cap, the accepting
+    thread closes one connection that is not busy, an idle one first, then
+    the one whose head has been coming longest, and waits for its thread to
+    end (new connections queue in the listen backlog meanwhile): clients
+    that open sockets and send nothing, or drip their heads, cannot keep the
+    app or a health check out.  A connection over the per-address cap with
+    nothing of its address to close is answered 503 and closed.  ``_slots``
+    guards ``_active``, ``_state``, ``_by_address`` and ``_closing``; a
+    connection's thread notifies it as it ends.
     """
 
     daemon_threads = True
@@ -4581,15 +4596,21 @@ class _Server(http.server.ThreadingHTTPServer):
     request_queue_size = 1024   # bursts of clients must not see resets
 
     def __init__(self, address, api, max_body, request_timeout=DEFAULT_REQUEST_TIMEOUT,
-                 max_connections=DEFAULT_MAX_CONNECTIONS):
+                 max_connections=DEFAULT_MAX_CONNECTIONS, max_per_address=DEFAULT_MAX_PER_ADDRESS,
+                 head_timeout=DEFAULT_HEAD_TIMEOUT):
         self.api = api
         self.max_body = max_body
         self.request_timeout = request_timeout
+        self.head_timeout = head_timeout
         self.max_connections = max_connections
+        self.max_per_address = max_per_address
         self._date = (0, "")
         self._slots = threading.Condition()
         self._active = 0            # connections accepted and not yet closed
-        self._idle = set()          # their sockets that wait for a request
+        self._state = {}            # their sockets -> (0 idle | 1 head, since); busy: absent
+        self._by_address = {}       # client address -> its sockets
+        self._address = {}          # socket -> its client address
+        self._shut = set()          # sockets shut down whose threads have not ended yet
         self._closing = False
         self._stopped = threading.Event()    # serve_forever() has returned
         self._wake = os.pipe()               # a byte here ends serve_forever's select
@@ -4600,33 +4621,81 @@ class _Server(http.server.ThreadingHTTPServer):
     def get_request(self):
         with self._slots:
             while self._active >= self.max_connections and not self._closing:
-                if self._idle:
-                    idle = self._idle.pop()
-                    try:
-                        idle.shutdown(socket.SHUT_RDWR)  # its readline ends; the thread exits
-                    except OSError:
-                        pass
+                if not self._shut:
+                    self._close_one(self._state)
+                self._slots.wait()
+        sock, address = super().get_request()
+        sock = DeadlineSocket.adopt(sock)
+        with self._slots:
+            mine = self._by_address.setdefault(address[0], set())
+            while len(mine) >= self.max_per_address and not self._closing:
+                if not (self._shut & mine or self._close_one(mine)):
+                    if not mine:
+                        del self._by_address[address[0]]
+                    self._refuse(sock, address[0])
+                    raise OSError("too many connections from " + address[0])
                 self._slots.wait()
             self._active += 1
+            mine.add(sock)
+            self._address[sock] = address[0]
+            self._state[sock] = (0, time.monotonic())
+        return sock, address
+
+    def _close_one(self, among):
+        """Shut down the idle connection, or the oldest head still coming, of
+        ``among`` (its thread's read ends and the thread exits); False if all
+        are busy.  The caller holds ``_slots``."""
+        candidates = [(self._state[sock], sock) for sock in among if sock in self._state]
+        if not candidates:
+            return False
+        sock = min(candidates, key=lambda c: c[0])[1]
+        del self._state[sock]
+        self._shut.add(sock)
         try:
-            sock, address = super().get_request()
-        except BaseException:
-            self._release(None)
-            raise
-        return DeadlineSocket.adopt(sock), address
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
+
+    @staticmethod
+    def _refuse(sock, address):
+        logger.warning("refused a connection from %s: it holds %s", address,
+                       "too many connections", extra={"event": "refused", "origin": address})
+        try:
+            sock.settimeout(0.5)
+            body = b'{"error":"too many connections from your address: close some and retry"}\n'
+            sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                         b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+        except OSError:
+            pass
+        sock.close()
 
     def idle(self, sock):
         with self._slots:
-            self._idle.add(sock)
+            if sock not in self._shut:
+                self._state[sock] = (0, time.monotonic())
+
+    def reading_head(self, sock):
+        with self._slots:
+            if sock not in self._shut:
+                self._state[sock] = (1, time.monotonic())
 
     def busy(self, sock):
         with self._slots:
-            self._idle.discard(sock)
+            self._state.pop(sock, None)
 
     def _release(self, sock):
         with self._slots:
             self._active -= 1
-            self._idle.discard(sock)
+            self._state.pop(sock, None)
+            self._shut.discard(sock)
+            address = self._address.pop(sock, None)
+            socks = self._by_address.get(address)
+            if socks is not None:
+                socks.discard(sock)
+                if not socks:
+                    del self._by_address[address]
             self._slots.notify()
 
     def serve_forever(self, poll_interval=None):
@@ -5191,6 +5260,7 @@ class Daemon:
                  cron_tz=None, clock=time.time_ns, rng=None, fs=None,
                  request_timeout=DEFAULT_REQUEST_TIMEOUT, allow_hosts=(),
                  signature_only=False, max_connections=DEFAULT_MAX_CONNECTIONS,
+                 max_per_address=DEFAULT_MAX_PER_ADDRESS, head_timeout=DEFAULT_HEAD_TIMEOUT,
                  max_waiting=DEFAULT_MAX_WAITING, max_stored_bytes=DEFAULT_MAX_STORED_BYTES,
                  tls=None, on_change=None):
         def need(ok, message):
@@ -5209,6 +5279,9 @@ class Daemon:
         need(snapshot_interval > 0, "the snapshot interval must be positive")
         need(isinstance(max_connections, int) and 1 <= max_connections <= 100_000,
              "--max-connections must be 1-100000")
+        need(isinstance(max_per_address, int) and 1 <= max_per_address <= 100_000,
+             "--max-connections-per-address must be 1-100000")
+        need(0 < head_timeout <= 600, "the head time-out must be > 0 and <= 600 seconds")
         need(isinstance(max_waiting, int) and max_waiting >= 1, "--max-waiting must be >= 1")
         need(isinstance(max_stored_bytes, int) and max_stored_bytes >= 1,
              "--max-stored-bytes must be >= 1")
@@ -5236,6 +5309,7 @@ class Daemon:
         self._limiter = RateLimiter(rate, burst) if rate else None
         self.auth_key = auth_key
         self.max_connections = max_connections
+        self._per_address = (max_per_address, head_timeout)
         self._quota = (max_waiting, max_stored_bytes)
         self._delivery = Delivery(auth_key, timeout, self.allow_list, signature_only, clock, tls)
         self._lock = DirLock(data_dir)
@@ -5275,7 +5349,8 @@ class Daemon:
                                        self.loopback_bound, self.cron_tz, self.clock))
             try:
                 self.server = _Server((self.host, self.port), self.api, self.max_body,
-                                      self.request_timeout, self.max_connections)
+                                      self.request_timeout, self.max_connections,
+                                      *self._per_address)
             except OSError as exc:
                 raise ConfigError("cannot listen on %s:%d: %s (is another poussetaches or "
                                   "another program on that port? stop it, or choose another "
@@ -5466,6 +5541,10 @@ def build_parser():
                             "itself in Poussetaches-Auth-Key")
     serve.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                        help="API connections served at once (default %(default)s)")
+    serve.add_argument("--max-connections-per-address", type=int,
+                       default=DEFAULT_MAX_PER_ADDRESS, metavar="N",
+                       help="API connections from one client address at once (default "
+                            "%(default)s)")
     serve.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                        help="waiting tasks before enqueue answers 507 (default %(default)s)")
     serve.add_argument("--max-stored-bytes", type=int, default=DEFAULT_MAX_STORED_BYTES,
@@ -5822,6 +5901,7 @@ def serve(args):
             allow_urls=listed(args.allow_url, "POUSSETACHES_ALLOWED_URLS"),
             allow_hosts=listed(args.allow_host, "POUSSETACHES_ALLOWED_HOSTS"),
             signature_only=args.signature_only, max_connections=args.max_connections,
+            max_per_address=args.max_connections_per_address,
             max_waiting=args.max_waiting, max_stored_bytes=args.max_stored_bytes,
             # set but empty is sent empty, as the original does; unset: no header
             paused=args.paused, auth_key=os.environ.get("POUSSETACHES_AUTH_KEY"),

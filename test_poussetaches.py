@@ -3006,6 +3006,77 @@ class TestSafeByDefault(unittest.TestCase):
                 s.close()
             self.still_works(d, rx)
 
+    def test_slowloris_does_not_keep_health_checks_out(self):
+        """300 sockets that send a request line and stop held every place for a
+        minute; /healthz (no key needed) got no answer, so an orchestrator would
+        restart a healthy daemon.  Now a head must come within head_timeout, and
+        a stalled head is closed first when places run short."""
+        with running_daemon(api_key="k", max_connections=256) as d:
+            stalled = []
+            try:
+                for _ in range(300):
+                    s = socket.create_connection(("127.0.0.1", d.port), timeout=WAIT)
+                    s.sendall(b"GET / HTTP/1.1\r\n")
+                    stalled.append(s)
+                for _ in range(3):
+                    started = time.monotonic()
+                    status = call(d.url, "GET", "/healthz", timeout=10)[0]
+                    self.assertEqual(status, 200)
+                    self.assertLess(time.monotonic() - started, 3.0)
+                self.assertLessEqual(len(d.server._by_address.get("127.0.0.1", ())),
+                                     pt.DEFAULT_MAX_PER_ADDRESS)
+            finally:
+                for s in stalled:
+                    s.close()
+
+    def test_a_dripped_head_is_cut_at_the_head_deadline(self):
+        with running_daemon(head_timeout=0.5) as d:
+            with socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+                started, ended = time.monotonic(), False
+                while time.monotonic() - started < 10:
+                    try:
+                        s.sendall(b"X")  # a byte of a header line now and then
+                        s.settimeout(0.2)
+                        if s.recv(1) == b"":
+                            ended = True
+                            break
+                    except socket.timeout:
+                        continue
+                    except OSError:
+                        ended = True
+                        break
+                self.assertTrue(ended)
+                self.assertLess(time.monotonic() - started, 5.0)
+            self.assertEqual(call(d.url, "GET", "/")[0], 200)  # a whole head in time is served
+
+    def test_connections_per_client_address(self):
+        with running_daemon(max_per_address=3) as d:
+            busy = []
+            try:
+                for _ in range(3):  # three busy connections: a body slow to come
+                    s = socket.create_connection(("127.0.0.1", d.port), timeout=WAIT)
+                    s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{")
+                    busy.append(s)
+                wait_until(lambda: d.server._active == 3, what="three busy connections", poll=0.02)
+                status, headers, doc = call(d.url, "GET", "/")  # a fourth from 127.0.0.1
+                self.assertEqual((status, headers["Retry-After"]), (503, "1"))
+                self.assertIn("too many connections", doc["error"])
+                # another address is served: one client cannot keep the others out
+                other = http.client.HTTPConnection("127.0.0.1", d.port, timeout=WAIT,
+                                                   source_address=("127.0.0.2", 0))
+                try:
+                    other.request("GET", "/healthz", headers={"Host": "localhost"})
+                    self.assertEqual(other.getresponse().status, 200)
+                finally:
+                    other.close()
+                busy.pop().close()
+                wait_until(lambda: d.server._active <= 2, what="a place freed", poll=0.02)
+                self.assertEqual(call(d.url, "GET", "/")[0], 200)
+            finally:
+                for s in busy:
+                    s.close()
+
     # -- quotas and numbers ---------------------------------------------------------------
 
     def test_quotas_507_then_accepted_after_drain(self):
