@@ -110,6 +110,9 @@ DEFAULT_MIN_BACKOFF = 1.0          # seconds; attempt k waits min * 4**(k-1)
 DEFAULT_MAX_BACKOFF = 86400.0      # seconds
 DEFAULT_TIMEOUT = 600.0            # seconds per delivery attempt (the original had none)
 DEFAULT_KEEP_SUCCESS = 1000
+DEFAULT_MAX_SUCCESS_BYTES = 64 << 20  # payload and error bytes of the success records kept
+DEFAULT_KEEP_DEAD = 100_000        # dead records kept; past it (or the bytes), the oldest go
+DEFAULT_MAX_DEAD_BYTES = 256 << 20
 DEFAULT_MAX_BODY = 16 << 20        # bytes of an API request body
 DEFAULT_MAX_CONNECTIONS = 256      # API connections served at once
 DEFAULT_MAX_PER_ADDRESS = 64       # ... of them from one client address
@@ -410,6 +413,11 @@ RUN_OVERRIDES = ("url", "payload", "json", "headers", "max_tries")  # POST /task
 def named_cron_id(name):
     """A named cron's id: from its name alone, so a new schedule replaces the old."""
     return hashlib.sha1(b"name:" + name.encode()).hexdigest()
+
+
+def _record_bytes(task):
+    """What a success or dead record weighs against its table's byte cap."""
+    return len(task.payload) + len(task.last_error_body or b"")
 
 
 def _differs(old, new):
@@ -1301,8 +1309,10 @@ class SortedKeys:
 class Store:
     """The task tables, their journal and snapshots; the one owner of task state.
 
-    Tables: ``waiting`` (pending tasks, cron included), ``success`` (newest
-    ``keep_success``), ``dead``.  An id lives in at most one table.  Every
+    Tables: ``waiting`` (pending tasks, cron included), ``success`` and
+    ``dead``, each of these two capped in records and in payload and error
+    bytes (``caps``): past a cap the oldest records go, counted in
+    ``dropped``.  An id lives in at most one table.  Every
     change is one journal record: ``{"op": "put", "table": T, "task": {...}}``
     (the task now lives in T, nowhere else) or ``{"op": "del", "id": I}``.
 
@@ -1317,13 +1327,19 @@ class Store:
 
     def __init__(self, directory, due, fsync=True, keep_success=DEFAULT_KEEP_SUCCESS,
                  clock=time.time_ns, fs=None, on_dirty=None, on_change=None,
-                 quota=(DEFAULT_MAX_WAITING, DEFAULT_MAX_STORED_BYTES), cron_tz=None):
+                 quota=(DEFAULT_MAX_WAITING, DEFAULT_MAX_STORED_BYTES), cron_tz=None,
+                 caps=None):
         self.directory = directory
         self.cron_tz = cron_tz           # for schedules restored by the import
         self.max_waiting, self.max_stored_bytes = quota
         self.waiting_bytes = 0           # decoded payload bytes in the waiting table
         self.due = due
-        self.keep_success = keep_success
+        # table -> (records, bytes) kept at most
+        self.caps = dict(caps or {"success": (keep_success, DEFAULT_MAX_SUCCESS_BYTES),
+                                  "dead": (DEFAULT_KEEP_DEAD, DEFAULT_MAX_DEAD_BYTES)})
+        self.table_bytes = {"success": 0, "dead": 0}  # their payload and error bytes
+        self.dropped = collections.Counter()  # (table, "records" | "bytes") -> records dropped
+        self._warned = 0.0               # monotonic time of the last "dropped" warning
         self.clock = clock
         self.fsync = fsync
         self.recovery = {}
@@ -1418,7 +1434,8 @@ class Store:
             stats["imported"] = self._import_original()
         if stats["journal_records"] or stats["corrupt_records"] or stats["torn_records"]:
             self._dirty.set()  # compact the replayed journal into a snapshot soon
-        self._trim_success()
+        self._trim("success")
+        self._trim("dead")
         self.recovery = stats
         logger.info(
             "recovered %d waiting, %d success, %d dead tasks in %.3fs "
@@ -1490,7 +1507,8 @@ class Store:
                         self._place("waiting", self._restored_schedule(task))
                     task = task.copy(id=new_id(), cron_id=task.id, schedule="")
                 self._place(table, task)
-        self._trim_success()
+        self._trim("success")
+        self._trim("dead")
         waiting = self._tables["waiting"]
         logger.info("imported from the original layout in %s: %d waiting (%d cron, %d of "
                     "them restored from their last run), %d success, %d dead; the old folders "
@@ -1538,14 +1556,17 @@ class Store:
             self._seq = max(self._seq, task.seq)
         if task.idempotency_key:
             self._idempotency[task.idempotency_key] = task.id
-        if table == "success":
-            self._trim_success()
+        if table != "waiting":
+            self.table_bytes[table] += _record_bytes(task)
+            self._trim(table)
 
     def _remove(self, task_id):
         for name, table in self._tables.items():
             task = table.pop(task_id, None)
             if task is not None:
                 self._order[name].discard(task.order_key)
+                if name != "waiting":
+                    self.table_bytes[name] -= _record_bytes(task)
                 if name == "waiting":
                     self.waiting_bytes -= len(task.payload)
                     if task.schedule:  # as _place filed it
@@ -1563,13 +1584,25 @@ class Store:
                 return task
         return None
 
-    def _trim_success(self):
-        success = self._tables["success"]
-        while len(success) > self.keep_success:
-            _, old = success.popitem(last=False)
-            self._order["success"].discard(old.order_key)
-            if old.idempotency_key and self._idempotency.get(old.idempotency_key) == old.id:
-                del self._idempotency[old.idempotency_key]
+    def _trim(self, name):
+        """Drop the oldest records of ``success`` or ``dead`` (the first filed: a
+        dict keeps that order) while the table is over one of its caps."""
+        table, (most, most_bytes) = self._tables[name], self.caps[name]
+        while len(table) > most or (self.table_bytes[name] > most_bytes and table):
+            cap = "records" if len(table) > most else "bytes"
+            old = self._remove(next(iter(table)))
+            self.dropped[name, cap] += 1
+            if name == "dead" or cap == "bytes":  # success records past the count: routine
+                now = time.monotonic()
+                if name == "dead" or now - self._warned >= 60:
+                    self._warned = now
+                    logger.warning(
+                        "%s table over its cap of %s: dropped the oldest record (%s, %s); "
+                        "%d dropped so far", name,
+                        "%d records" % most if cap == "records" else "%d bytes" % most_bytes,
+                        old.id, old.url[:200], sum(n for (t, _), n in self.dropped.items()
+                                                   if t == name),
+                        extra={"event": "dropped", "task_id": old.id, "queue": old.queue})
 
     def _find(self, task_id):
         for name, table in self._tables.items():
@@ -4098,6 +4131,15 @@ class Api:
                [("", self.store.enqueued)])
         metric("dead_total", "counter", "Tasks (and cron runs) moved to dead.",
                [("", counters.get("dead", 0))])
+        metric("records_dropped_total", "counter",
+               "Success and dead records dropped, oldest first, past a table's cap of "
+               "records (--keep-success, --keep-dead) or of bytes.",
+               [('{table="%s",cap="%s"}' % (t, c), self.store.dropped[t, c])
+                for t in ("success", "dead") for c in ("records", "bytes")])
+        metric("table_bytes", "gauge", "Payload (and, for success and dead, error) bytes "
+                                       "held per table.",
+               [('{table="waiting"}', self.store.waiting_bytes)]
+               + [('{table="%s"}' % t, self.store.table_bytes[t]) for t in ("success", "dead")])
         metric("journal_errors_total", "counter", "Journal write or fsync failures.",
                [("", journal.errors)])
         metric("journal_commits_total", "counter", "Journal group commits (write + fsync).",
@@ -5254,7 +5296,9 @@ class Daemon:
                  workers=DEFAULT_WORKERS, rate=None, burst=None,
                  max_tries=DEFAULT_MAX_TRIES, min_backoff=DEFAULT_MIN_BACKOFF,
                  max_backoff=DEFAULT_MAX_BACKOFF, timeout=DEFAULT_TIMEOUT, fsync="always",
-                 keep_success=DEFAULT_KEEP_SUCCESS, max_body=DEFAULT_MAX_BODY,
+                 keep_success=DEFAULT_KEEP_SUCCESS, max_success_bytes=DEFAULT_MAX_SUCCESS_BYTES,
+                 keep_dead=DEFAULT_KEEP_DEAD, max_dead_bytes=DEFAULT_MAX_DEAD_BYTES,
+                 max_body=DEFAULT_MAX_BODY,
                  allow_urls=(), paused=False, auth_key=None, api_key=None, on_dead=None,
                  snapshot_interval=DEFAULT_SNAPSHOT_INTERVAL, grace=DEFAULT_GRACE,
                  cron_tz=None, clock=time.time_ns, rng=None, fs=None,
@@ -5275,6 +5319,11 @@ class Daemon:
         need(0 < timeout <= 3600, "--timeout must be > 0 and <= 3600 seconds")
         need(fsync in ("always", "never"), "--fsync must be 'always' or 'never'")
         need(isinstance(keep_success, int) and keep_success >= 0, "--keep-success must be >= 0")
+        need(isinstance(keep_dead, int) and keep_dead >= 0, "--keep-dead must be >= 0")
+        need(isinstance(max_success_bytes, int) and max_success_bytes >= 0,
+             "--max-success-bytes must be >= 0")
+        need(isinstance(max_dead_bytes, int) and max_dead_bytes >= 0,
+             "--max-dead-bytes must be >= 0")
         need(isinstance(max_body, int) and max_body >= 1024, "--max-body must be >= 1024 bytes")
         need(snapshot_interval > 0, "the snapshot interval must be positive")
         need(isinstance(max_connections, int) and 1 <= max_connections <= 100_000,
@@ -5305,7 +5354,8 @@ class Daemon:
         self._on_change = on_change  # Store's hook: called after each change of the tables
         self._settings = dict(workers=workers, max_tries=max_tries, min_backoff=min_backoff,
                               max_backoff=max_backoff, on_dead=on_dead, rng=rng,
-                              keep_success=keep_success)
+                              caps={"success": (keep_success, max_success_bytes),
+                                    "dead": (keep_dead, max_dead_bytes)})
         self._limiter = RateLimiter(rate, burst) if rate else None
         self.auth_key = auth_key
         self.max_connections = max_connections
@@ -5335,7 +5385,7 @@ class Daemon:
         try:
             s = self._settings
             self.store = Store(self.data_dir, self.due, fsync=self.fsync == "always",
-                               keep_success=s["keep_success"], clock=self.clock,
+                               caps=s["caps"], clock=self.clock,
                                fs=self._fs, on_dirty=self._wake.set, on_change=self._on_change,
                                quota=self._quota,
                                cron_tz=self.cron_tz)
@@ -5528,6 +5578,15 @@ def build_parser():
                        help="fsync the journal before answering 201 (default %(default)s)")
     serve.add_argument("--keep-success", type=int, default=DEFAULT_KEEP_SUCCESS,
                        help="successful tasks kept for inspection (default %(default)s)")
+    serve.add_argument("--max-success-bytes", type=int, default=DEFAULT_MAX_SUCCESS_BYTES,
+                       metavar="BYTES", help="payload and error bytes of the success records "
+                       "kept; past it the oldest go (default %(default)s)")
+    serve.add_argument("--keep-dead", type=int, default=DEFAULT_KEEP_DEAD, metavar="N",
+                       help="dead tasks kept; past it the oldest go, logged (default "
+                            "%(default)s)")
+    serve.add_argument("--max-dead-bytes", type=int, default=DEFAULT_MAX_DEAD_BYTES,
+                       metavar="BYTES", help="payload and error bytes of the dead records kept "
+                       "(default %(default)s)")
     serve.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
                        help="largest API request body in bytes (default %(default)s)")
     serve.add_argument("--allow-url", action="append", metavar="PREFIX",
@@ -5897,7 +5956,8 @@ def serve(args):
             burst=float(args.burst) if args.burst else None,
             max_tries=args.max_tries, min_backoff=args.min_backoff,
             max_backoff=args.max_backoff, timeout=args.timeout, fsync=args.fsync,
-            keep_success=args.keep_success, max_body=args.max_body,
+            keep_success=args.keep_success, max_success_bytes=args.max_success_bytes,
+            keep_dead=args.keep_dead, max_dead_bytes=args.max_dead_bytes, max_body=args.max_body,
             allow_urls=listed(args.allow_url, "POUSSETACHES_ALLOWED_URLS"),
             allow_hosts=listed(args.allow_host, "POUSSETACHES_ALLOWED_HOSTS"),
             signature_only=args.signature_only, max_connections=args.max_connections,

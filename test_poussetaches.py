@@ -3593,6 +3593,48 @@ class TestAttackerFindings(unittest.TestCase):
             self.assertEqual(call(d.url, "POST", "/", {"url": rx.url("/x"),
                                                        "headers": {"X-A": "caf\u00e9 \t ok"}})[0], 201)
 
+    def test_success_and_dead_tables_are_capped(self):
+        """The quotas covered the waiting table only: 60 tasks of 900 KB under
+        --max-stored-bytes 1000000 ended as 30 success and 30 dead records, RSS
+        up 60 MB, the data dir up 138 MB.  Each table now has a record and a
+        byte cap; the oldest records go, logged and counted in /metrics."""
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "d")
+        caps = dict(keep_success=100, max_success_bytes=2500, keep_dead=3,
+                    max_dead_bytes=10 ** 6, max_stored_bytes=1000)
+        with receiver() as rx, self.assertLogs("poussetaches", "WARNING") as logs:
+            rx.answers["/gone"] = [(410, b"")] * 10
+            with running_daemon(data_dir=data, **caps) as d:
+                ok = [call(d.url, "POST", "/", {"url": rx.url("/ok"),
+                                                "payload": b64(b"s" * 900)})[2]["id"]
+                      for _ in range(4)]
+                rx.wait_for(4, path="/ok")
+                wait_until(lambda: call(d.url, "GET", "/")[2]["success"] == 2 and
+                           d.store.dropped["success", "bytes"] == 2, what="success trimmed")
+                gone = [call(d.url, "POST", "/", {"url": rx.url("/gone"),
+                                                  "payload": b64(b"d" * 10)})[2]["id"]
+                        for _ in range(5)]
+                wait_until(lambda: d.store.dropped["dead", "records"] == 2, what="dead trimmed")
+                kept = {t["id"] for t in call(d.url, "GET", "/dead")[2]["tasks"]}
+                self.assertEqual(kept, set(gone[2:]))  # the newest three
+                self.assertEqual({t["id"] for t in call(d.url, "GET", "/success")[2]["tasks"]},
+                                 set(ok[2:]))
+                self.assertEqual(d.store.table_bytes, {"success": 1800, "dead": 30})
+                metrics = call(d.url, "GET", "/metrics")[2].decode()
+                self.assertIn('poussetaches_records_dropped_total{table="dead",cap="records"} 2',
+                              metrics)
+                self.assertIn('poussetaches_records_dropped_total{table="success",cap="bytes"} 2',
+                              metrics)
+                self.assertIn('poussetaches_table_bytes{table="success"} 1800', metrics)
+            with running_daemon(data_dir=data, **caps) as d:  # the same after a restart
+                self.assertEqual({t["id"] for t in call(d.url, "GET", "/dead")[2]["tasks"]},
+                                 set(gone[2:]))
+                self.assertEqual(d.store.table_bytes, {"success": 1800, "dead": 30})
+        dropped = [m for m in logs.output if "dead table over its cap of 3 records" in m]
+        self.assertEqual(len(dropped), 2, logs.output)
+        self.assertIn(gone[0], dropped[0])
+
     def test_redrive_respects_the_quotas(self):
         with running_daemon(paused=True, max_waiting=3, max_stored_bytes=1000, max_tries=1) as d:
             ids = [call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/x"})[2]["id"]
