@@ -744,6 +744,10 @@ def _parse_cron_field(text, name, lo, hi, names):
             start = value(span)
             end = hi if slash else start
             if slash and name == "day of week":
+                if start == 7:  # Vixie cron: Sunday alone; croniter: 0/step, or Sunday in a list
+                    raise CronError("day of week field: %s is read differently by each cron; "
+                                    "write 0/%s for every %s day from Sunday, or 7 for Sundays"
+                                    % (part, step_text, step_text))
                 end = min(end, 6)  # N/step ends on Saturday: 7 would be a second Sunday
         values.update(range(start, end + 1, step))
     if name == "day of week" and 7 in values:

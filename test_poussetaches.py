@@ -309,6 +309,11 @@ class TestCron(unittest.TestCase):
                     got.append(t_ns)
                     want.append(u_ns)
                 self.assertEqual([iso(t, UTC) for t in got], [iso(t, UTC) for t in want])
+        # 7/step: Sunday alone for Vixie cron, 0/step for croniter (but Sunday alone
+        # in a list); it was the empty set here, silently: now a 400 that says why
+        for text in ("0 0 * * 7/2", "0 0 * * 7/1", "0 0 1 * 1,7/3"):
+            with self.subTest(refused=text), self.assertRaisesRegex(pt.CronError, "0/"):
+                pt.CronSpec(text, UTC)
         sundays = {datetime.fromtimestamp(t // NS, UTC).isoweekday()
                    for t in pt.CronSpec("0 0 * * 1-7/2", UTC).preview(start, 8)}
         self.assertEqual(sundays, {1, 3, 5, 7})
