@@ -307,7 +307,8 @@ def _is_number(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_JSON_TYPES = {"string": lambda v: isinstance(v, str), "integer": lambda v: _is_int(v),
+_JSON_TYPES = {"string": lambda v: isinstance(v, str),
+               "integer": lambda v: _is_int(v) or isinstance(v, float) and v.is_integer(),
                "number": lambda v: _is_number(v), "object": lambda v: isinstance(v, dict),
                "boolean": lambda v: isinstance(v, bool)}
 
@@ -380,7 +381,7 @@ ENQUEUE_PARAMS = (
           "headers must be an object of at most 64 strings"),
     Param("idempotency_key", {"type": "string", "minLength": 1, "maxLength": 200},
           "idempotency_key must be a string of 1 to 200 characters"),
-    Param("queue", {"type": "string", "pattern": "[a-z0-9_-]{1,64}"},
+    Param("queue", {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"},
           "queue must be 1 to 64 of a-z, 0-9, _ and -"),
     Param("priority", {"type": "integer", "minimum": -100, "maximum": 100},
           "priority must be a whole number from -100 to 100 (higher runs first)"),
@@ -3433,6 +3434,8 @@ def checked(doc, names, params=None):
         if value is not None or name == "json":  # json: null is a value
             if not params[name].fits(value):
                 raise HTTPError(400, params[name].message, field=name)
+            if isinstance(value, float) and params[name].schema.get("type") == "integer":
+                value = int(value)  # 2.0 is an integer in JSON (and JSON Schema)
             values[name] = value
     return values
 
@@ -3490,8 +3493,10 @@ class Route(collections.namedtuple("Route", "method pattern handler summary stat
         return super().__new__(cls, method, pattern, handler, summary, statuses, params, body)
 
 
-PAGING = (("limit", "integer", "page size, 0-100000 (default: every task, streamed)"),
-          ("offset", "integer", "tasks to skip (default 0)"),
+PAGING = (("limit", {"type": "integer", "minimum": 0, "maximum": MAX_LIST_LIMIT},
+           "page size, 0-100000 (default: every task, streamed)"),
+          ("offset", {"type": "integer", "minimum": 0, "maximum": 10 ** 9},
+           "tasks to skip (default 0)"),
           ("queue", "string", "only the tasks of this queue"),
           ("url_prefix", "string", "only the tasks whose URL starts with this"),
           ("q", "string", "only the tasks whose id, URL or idempotency key contains this "
@@ -3547,8 +3552,10 @@ class Api:
         Route("GET", "/cron", "list_cron", "Cron tasks", (200, 400), PAGING),
         Route("DELETE", "/cron", "purge_cron", "Remove every cron task", (200, 503)),
         Route("GET", "/cron/preview", "cron_preview", "The next run times of a cron spec",
-              (200, 400), (("schedule", "string", "the cron spec (required)"),
-                           ("n", "integer", "how many runs, 1-100 (default 5)"))),
+              (200, 400), (("schedule", {"type": "string", "minLength": 1, "maxLength": 256,
+                                         "required": True}, "the cron spec"),
+                           ("n", {"type": "integer", "minimum": 1, "maximum": 100},
+                            "how many runs, 1-100 (default 5)"))),
         Route("POST", "/pause", "pause", "Stop dispatching (enqueues still accepted)", (200,)),
         Route("POST", "/resume", "resume", "Resume dispatching", (200,)),
         Route("GET", "/tasks/{id}", "get_task",
@@ -3726,7 +3733,7 @@ class Api:
         if not values:
             return default
         text = values[-1]
-        if not re.match(r"^\d{1,9}$", text) or not lo <= int(text) <= hi:
+        if not re.fullmatch(r"[0-9]{1,10}", text) or not lo <= int(text) <= hi:
             raise HTTPError(400, "%s must be a whole number from %d to %d, got %r"
                             % (name, lo, hi, text[:50]))
         return int(text)
@@ -3951,7 +3958,8 @@ class Api:
         if len(task_id) < 32 and re.fullmatch("[0-9a-f]+", task_id) \
                 and self.store.get(task_id)[0] is None:
             if len(task_id) < 6:
-                raise HTTPError(400, "give at least 6 characters of a task id, not %r" % task_id)
+                raise HTTPError(404, "no task with id %r (an id prefix needs at least 6 "
+                                "characters)" % task_id)
             found = self.store.resolve(task_id)
             if len(found) == 1:
                 return found[0]
@@ -4160,7 +4168,8 @@ class Api:
         return 200, Raw("text/plain; version=0.0.4; charset=utf-8", text.encode()), {}
 
     def openapi(self, **_):
-        return 200, openapi_document(self.ROUTES), {}
+        return 200, openapi_document(self.ROUTES, self.settings.allow_list,
+                                     bool(self.settings.api_key)), {}
 
     def ui(self, **_):
         return 200, Raw("text/html; charset=utf-8", DASHBOARD_HTML.encode()), {
@@ -4219,10 +4228,54 @@ ANSWERS = {"list_queues": "QueueList", "get_queue": "Queue", "put_queue": "Queue
            "batch": "BatchAnswer"}
 
 
-def openapi_document(routes):
-    """The OpenAPI 3.1 document of ``routes``: what /openapi.json serves."""
+def _any_case(word):
+    """A regex matching ``word`` in any case (JSON Schema's regexes have no flags)."""
+    return "".join("[%s%s]" % (c.upper(), c.lower()) if c.isalpha() else re.escape(c)
+                   for c in word)
+
+
+def _url_schema(allow_list):
+    """The task URL's schema: what url_problem and the allow list accept, as a
+    pattern (narrower than the rules where they cannot be written as one)."""
+    path = r"(/[A-Za-z0-9_~!$&'()*+,=:@-]*)*"  # no dot, ;, \ or %: see url_problem
+    if allow_list:
+        return {"type": "string", "maxLength": 4096, "pattern": "^(%s)%s$" % (
+            "|".join(re.escape(prefix.rstrip("/")) for prefix in allow_list.prefixes), path)}
+    return {"type": "string", "maxLength": 4096,
+            "pattern": r"^https?://[a-z0-9-]{1,63}(\.[a-z0-9-]{1,63})*(:[1-9][0-9]{0,3})?%s$"
+                       % path}
+
+
+def _doc_schemas(allow_list):
+    """Enqueue fields whose rules go beyond their Param's schema, in JSON Schema."""
+    reserved = "^(%s)$|^%s" % ("|".join(_any_case(name) for name in RESERVED_HEADERS),
+                               _any_case("poussetaches-"))
+    return {
+        "url": _url_schema(allow_list),
+        "payload": {"type": "string", "contentEncoding": "base64", "pattern":
+                    "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"},
+        "expected": {"type": "integer", "anyOf": [{"const": 0},
+                                                  {"minimum": 100, "maximum": 599}]},
+        "delay": dict(ENQUEUE["delay"].schema, maximum=MAX_FIRST_RUN_S // 60),
+        "eta": {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1e11},
+                          {"type": "string", "format": "date-time", "pattern":
+                           "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}"
+                           "(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$"}]},
+        "headers": {"type": "object", "maxProperties": 64,
+                    "propertyNames": {"pattern": "^" + _HEADER_NAME.pattern + "$",
+                                      "not": {"pattern": reserved}},
+                    "additionalProperties": {"type": "string", "maxLength": 8192,
+                                             "pattern": "^[\t\x20-\x7e\x80-\xff]*$"}},
+    }
+
+
+def openapi_document(routes, allow_list=None, api_key=False):
+    """The OpenAPI 3.1 document of ``routes``: what /openapi.json serves (task URLs
+    as the allow list restricts them; anonymous calls only without an API key)."""
     error = {"$ref": "#/components/schemas/Error"}
-    task_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    task_id = {"name": "id", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": "^" + _TASK_ID.pattern + "$"},
+               "description": "a task id, or a unique prefix of 6 or more of its hex characters"}
     paths = {}
     for route in routes:
         responses = {}
@@ -4257,15 +4310,18 @@ def openapi_document(routes):
                      "responses": responses}
         if route.handler == "healthz":
             operation["security"] = []
-        params = [{"name": name, "in": "query", "required": False, "schema": {"type": kind},
-                   "description": text} for name, kind, text in route.params]
+        params = []
+        for name, kind, text in route.params:
+            schema = dict(kind) if isinstance(kind, dict) else {"type": kind}
+            params.append({"name": name, "in": "query", "required": schema.pop("required", False),
+                           "schema": schema, "description": text})
         for name in re.findall(r"\{(\w+)\}", route.pattern):
             params.insert(0, task_id if name == "id" else
                           {"name": name, "in": "path", "required": True,
                            "schema": ENQUEUE["queue"].schema})
         if route.handler == "enqueue":
             params.append({"name": "Idempotency-Key", "in": "header", "required": False,
-                           "schema": {"type": "string", "maxLength": 200}})
+                           "schema": ENQUEUE["idempotency_key"].schema})
         if params:
             operation["parameters"] = params
         if route.body:
@@ -4276,6 +4332,9 @@ def openapi_document(routes):
         paths.setdefault(route.pattern, {})[route.method.lower()] = operation
     integer, string = {"type": "integer"}, {"type": "string"}
     nullable = lambda kind: {"type": [kind, "null"]}
+    fields = dict({p.name: p.schema for p in ENQUEUE_PARAMS}, **_doc_schemas(allow_list))
+    enqueue = {name: schema if name == "url" else _nullable(schema)
+               for name, schema in fields.items()}
     headers = {"type": "object", "additionalProperties": {"type": "string"}}
     return {
         "openapi": "3.1.0",
@@ -4284,7 +4343,7 @@ def openapi_document(routes):
                                 "until the app answers the expected status.",
                  "license": {"name": "ISC", "identifier": "ISC"}},
         "paths": paths,
-        "security": [{}, {"bearer": []}, {"basic": []}],
+        "security": ([] if api_key else [{}]) + [{"bearer": []}, {"basic": []}],
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
                                 "basic": {"type": "http", "scheme": "basic"}},
@@ -4309,11 +4368,14 @@ def openapi_document(routes):
                         "replaced": {"type": "boolean"}}}}}},
                 "EnqueueRequest": {
                     "type": "object", "required": ["url"], "additionalProperties": False,
-                    "properties": {p.name: _nullable(p.schema) for p in ENQUEUE_PARAMS}},
+                    "properties": enqueue,
+                    "not": {"required": ["payload", "json"]},
+                    "dependentRequired": {"name": ["schedule"]}},
                 "RunRequest": {
                     "type": "object", "additionalProperties": False,
-                    "properties": {name: _nullable(ENQUEUE[name].schema)
-                                   for name in RUN_OVERRIDES}},
+                    "properties": {name: enqueue[name] if name != "url" else _nullable(
+                        enqueue[name]) for name in RUN_OVERRIDES},
+                    "not": {"required": ["payload", "json"]}},
                 "BatchRequest": {
                     "type": "object", "required": ["tasks"], "additionalProperties": False,
                     "properties": {"tasks": {
@@ -4331,7 +4393,8 @@ def openapi_document(routes):
                     "type": "object",
                     "properties": {"tasks": {"type": "array",
                                              "items": {"$ref": "#/components/schemas/Task"}},
-                                   "total": integer, "limit": integer, "offset": integer}},
+                                   "total": integer, "limit": nullable("integer"),
+                                   "offset": integer}},
             },
         },
     }

@@ -3913,7 +3913,8 @@ class TestQueues(unittest.TestCase):
             self.assertEqual(call(d.url, "GET", "/dead?queue=mail")[2]["total"], 0)
             status, _, doc = call(d.url, "GET", "/tasks/" + ids["a"][:8])
             self.assertEqual((status, doc["id"]), (200, ids["a"]))
-            self.assertEqual(call(d.url, "GET", "/tasks/" + ids["a"][:5])[0], 400)
+            status, _, doc = call(d.url, "GET", "/tasks/" + ids["a"][:5])  # no task has that id
+            self.assertEqual((status, "at least 6" in doc["error"]), (404, True))
             # an ambiguous prefix: find two ids that share one
             more = [call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/%d" % i})[2]["id"]
                     for i in range(300)]
@@ -4809,6 +4810,45 @@ class TestOperate(unittest.TestCase):
                         else:
                             self.assertEqual(status, 405)
                             self.assertEqual(sorted(headers["Allow"].split(", ")), allowed)
+
+    def test_openapi_says_what_the_server_checks(self):
+        """Points where schemathesis found the document and the daemon apart:
+        each documented bound or pattern is checked against a live answer."""
+        with running_daemon(allow_urls=["http://127.0.0.1:9/t"], api_key="k") as d:
+            auth = {"Authorization": "Bearer k"}
+            doc = call(d.url, "GET", "/openapi.json", headers=auth)[2]
+            self.assertNotIn({}, doc["security"])  # a key is needed: anonymous is not a way in
+            waiting = {p["name"]: p for p in doc["paths"]["/waiting"]["get"]["parameters"]}
+            self.assertEqual((waiting["offset"]["schema"]["maximum"],
+                              waiting["limit"]["schema"]["maximum"]), (10 ** 9, 100000))
+            self.assertEqual(call(d.url, "GET", "/waiting?offset=1000000000", headers=auth)[0], 200)
+            self.assertEqual(call(d.url, "GET", "/waiting?limit=100001", headers=auth)[0], 400)
+            listing = call(d.url, "GET", "/waiting", headers=auth)[2]
+            self.assertIsNone(listing["limit"])
+            self.assertIn("null", doc["components"]["schemas"]["TaskList"]["properties"]
+                          ["limit"]["type"])
+            preview = doc["paths"]["/cron/preview"]["get"]["parameters"]
+            self.assertTrue([p for p in preview if p["name"] == "schedule"][0]["required"])
+            queue = [p for p in doc["paths"]["/queues/{name}"]["put"]["parameters"]][0]
+            self.assertEqual(queue["schema"]["pattern"], "^[a-z0-9_-]{1,64}$")
+            enqueue = doc["components"]["schemas"]["EnqueueRequest"]["properties"]
+            url = re.compile(enqueue["url"]["pattern"])
+            for target, fits in (("http://127.0.0.1:9/t", True), ("http://127.0.0.1:9/t/x", True),
+                                 ("http://127.0.0.1:9/tx", False), ("http://127.0.0.1:9/", False)):
+                self.assertEqual(bool(url.search(target)), fits, target)
+                status = call(d.url, "POST", "/", {"url": target}, headers=auth)[0]
+                self.assertEqual(status, 201 if fits else 400, target)
+            # integral floats are integers in JSON Schema: taken, and stored as ints
+            status, _, task = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/t",
+                                                        "priority": 3.0, "max_tries": 2.0},
+                                   headers=auth)
+            self.assertEqual((status, task["priority"], task["max_tries"]), (201, 3, 2))
+            self.assertIsInstance(task["priority"], int)
+            self.assertEqual(call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/t",
+                                                       "priority": 3.5}, headers=auth)[0], 400)
+            # a too short id prefix names no task: 404, with the hint
+            status, _, error = call(d.url, "GET", "/tasks/abc", headers=auth)
+            self.assertEqual((status, "at least 6" in error["error"]), (404, True))
 
     def test_dashboard_is_self_contained(self):
         import html.parser
