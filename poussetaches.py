@@ -127,6 +127,7 @@ DEFAULT_GRACE = 10.0               # seconds for in-flight attempts at stop
 DEFAULT_REQUEST_TIMEOUT = 60.0     # seconds for an API request, idle keep-alive included
 
 JITTER = 0.30                      # +/- 30 % on every backoff
+CLOCK_CHECK = 1.0                  # seconds between looks at the wall clock while waiting
 RESPONSE_READ_LIMIT = 64 * 1024    # bytes of a delivery answer we read
 ERROR_BODY_LIMIT = 16 * 1024       # bytes of it we keep: its first and last halves
 ATTEMPTS_KEPT = 10
@@ -2361,8 +2362,10 @@ class DueQueue(queue.PriorityQueue):
                 times = [heap[0][0] for heap in (self.queue, self._throttled) if heap]
                 if self._held or not times:
                     self.not_empty.wait()
-                else:  # until the next entry is due, or the next rate token is back
-                    self.not_empty.wait(max(0, min(times) - now) / 1e9)
+                else:  # until the next entry is due, or the next rate token is back;
+                    # due times are wall-clock and the wait is not: looking again each
+                    # CLOCK_CHECK seconds follows a step of the clock (NTP, a VM resumed)
+                    self.not_empty.wait(min(max(0, min(times) - now) / 1e9, CLOCK_CHECK))
 
     def done(self, name):
         """An entry of queue ``name`` that get_due gave is finished (or skipped)."""
@@ -4203,8 +4206,10 @@ _SCHEMA_TYPES = {"string": "string", "integer": "integer", "time": "integer", "n
 def _nullable(schema):
     """A Param's schema with null allowed (null is the same as absent)."""
     kinds = schema.get("type")
-    if kinds is None:
+    if not schema:
         return schema
+    if kinds is None or "anyOf" in schema:
+        return {"anyOf": [schema, {"type": "null"}]}
     return dict(schema, type=(kinds if isinstance(kinds, list) else [kinds]) + ["null"])
 
 
@@ -4335,6 +4340,8 @@ def openapi_document(routes, allow_list=None, api_key=False):
     fields = dict({p.name: p.schema for p in ENQUEUE_PARAMS}, **_doc_schemas(allow_list))
     enqueue = {name: schema if name == "url" else _nullable(schema)
                for name, schema in fields.items()}
+    # a payload (null is none) and json (null is a value) together are refused
+    both = {"required": ["payload", "json"], "properties": {"payload": {"type": "string"}}}
     headers = {"type": "object", "additionalProperties": {"type": "string"}}
     return {
         "openapi": "3.1.0",
@@ -4369,13 +4376,15 @@ def openapi_document(routes, allow_list=None, api_key=False):
                 "EnqueueRequest": {
                     "type": "object", "required": ["url"], "additionalProperties": False,
                     "properties": enqueue,
-                    "not": {"required": ["payload", "json"]},
-                    "dependentRequired": {"name": ["schedule"]}},
+                    "not": both,
+                    "dependentSchemas": {"name": {
+                        "required": ["schedule"],
+                        "properties": {"schedule": {"type": "string", "minLength": 1}}}}},
                 "RunRequest": {
                     "type": "object", "additionalProperties": False,
                     "properties": {name: enqueue[name] if name != "url" else _nullable(
                         enqueue[name]) for name in RUN_OVERRIDES},
-                    "not": {"required": ["payload", "json"]}},
+                    "not": both},
                 "BatchRequest": {
                     "type": "object", "required": ["tasks"], "additionalProperties": False,
                     "properties": {"tasks": {

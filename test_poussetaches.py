@@ -1555,6 +1555,36 @@ class TestDueQueue(unittest.TestCase):
         self.assertEqual(got[0][2], "soon")
         self.assertGreaterEqual(time.time_ns(), now + 50 * 10 ** 6)
 
+    def test_wall_clock_steps(self):
+        """Due times are wall-clock, waits are monotonic: a worker waiting for a
+        task an hour away slept the hour through a one-hour step forward."""
+        clock = FakeClock(10 ** 18)
+        q = pt.DueQueue(clock)
+        q.put_task(clock.now + 3600 * NS, "in an hour", 0)
+        got = []
+        worker = threading.Thread(target=lambda: got.append(q.get_due()))
+        worker.start()
+        worker.join(0.3)
+        self.assertTrue(worker.is_alive())
+        clock.now += 3600 * NS  # the clock steps an hour forward
+        started = time.monotonic()
+        worker.join(WAIT)
+        self.assertEqual(got[0][2], "in an hour")
+        self.assertLess(time.monotonic() - started, pt.CLOCK_CHECK + 1.0)
+        # an hour back: a task due in 2 s of wall time is now due in an hour and
+        # 2 s; stepped forward again, it runs within a second of its due time
+        q.put_task(clock.now + 2 * NS, "soon", 0)
+        clock.now -= 3600 * NS
+        worker = threading.Thread(target=lambda: got.append(q.get_due()))
+        worker.start()
+        worker.join(0.3)
+        self.assertTrue(worker.is_alive())  # not due before its own wall time
+        clock.now += 3600 * NS + 2 * NS
+        started = time.monotonic()
+        worker.join(WAIT)
+        self.assertEqual(got[1][2], "soon")
+        self.assertLess(time.monotonic() - started, pt.CLOCK_CHECK + 1.0)
+
     def test_hold_release_close(self):
         q = pt.DueQueue()
         q.hold()
