@@ -4262,10 +4262,11 @@ def _doc_schemas(allow_list):
         "expected": {"type": "integer", "anyOf": [{"const": 0},
                                                   {"minimum": 100, "maximum": 599}]},
         "delay": dict(ENQUEUE["delay"].schema, maximum=MAX_FIRST_RUN_S // 60),
-        "eta": {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1e11},
-                          {"type": "string", "format": "date-time", "pattern":
-                           "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}"
-                           "(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$"}]},
+        # each keyword applies to its own type: numbers, or RFC 3339 strings
+        "eta": {"type": ["number", "string"], "minimum": 0, "maximum": 1e11,
+                "format": "date-time", "pattern":
+                "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}"
+                "(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$"},
         "headers": {"type": "object", "maxProperties": 64,
                     "propertyNames": {"pattern": "^" + _HEADER_NAME.pattern + "$",
                                       "not": {"pattern": reserved}},
@@ -4341,7 +4342,7 @@ def openapi_document(routes, allow_list=None, api_key=False):
     enqueue = {name: schema if name == "url" else _nullable(schema)
                for name, schema in fields.items()}
     # a payload (null is none) and json (null is a value) together are refused
-    both = {"required": ["payload", "json"], "properties": {"payload": {"type": "string"}}}
+    both = {"json": {"properties": {"payload": {"type": "null"}}}}
     headers = {"type": "object", "additionalProperties": {"type": "string"}}
     return {
         "openapi": "3.1.0",
@@ -4376,15 +4377,15 @@ def openapi_document(routes, allow_list=None, api_key=False):
                 "EnqueueRequest": {
                     "type": "object", "required": ["url"], "additionalProperties": False,
                     "properties": enqueue,
-                    "not": both,
-                    "dependentSchemas": {"name": {
-                        "required": ["schedule"],
-                        "properties": {"schedule": {"type": "string", "minLength": 1}}}}},
+                    "dependentSchemas": dict(both, name={"anyOf": [
+                        {"properties": {"name": {"type": "null"}}},
+                        {"required": ["schedule"],
+                         "properties": {"schedule": {"type": "string", "minLength": 1}}}]})},
                 "RunRequest": {
                     "type": "object", "additionalProperties": False,
                     "properties": {name: enqueue[name] if name != "url" else _nullable(
                         enqueue[name]) for name in RUN_OVERRIDES},
-                    "not": both},
+                    "dependentSchemas": both},
                 "BatchRequest": {
                     "type": "object", "required": ["tasks"], "additionalProperties": False,
                     "properties": {"tasks": {
