@@ -2625,7 +2625,9 @@ class TestSecurity(unittest.TestCase):
 
     def test_bad_config_is_refused(self):
         for kwargs in ({"workers": 0}, {"fsync": "sometimes"}, {"allow_urls": ["ftp://x"]},
-                       {"max_tries": 0}, {"rate": -1}, {"min_backoff": 5, "max_backoff": 1}):
+                       {"max_tries": 0}, {"rate": -1}, {"min_backoff": 5, "max_backoff": 1},
+                       {"max_per_address": 0}, {"head_timeout": 0}, {"keep_dead": -1},
+                       {"max_dead_bytes": -1}, {"max_success_bytes": -1}):
             with self.subTest(**kwargs), self.assertRaises(pt.ConfigError):
                 pt.Daemon(port=0, data_dir="unused", **kwargs)
 
