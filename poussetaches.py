@@ -1196,29 +1196,34 @@ def read_private(path):
         return f.read()
 
 
-def read_journal(path):
-    """Read one journal file: (records, corrupt count, torn tail?).
+def read_journal(path, stats):
+    """The records of one journal file, one at a time, as they are read.
 
-    A line whose checksum or JSON fails is corrupt: skipped, counted, logged.
-    A last line without its newline is a torn write: dropped with a warning.
+    A line whose checksum or JSON fails is corrupt: skipped, counted in
+    ``stats["corrupt_records"]``, logged.  A last line without its newline is
+    a torn write: dropped with a warning, counted in ``stats["torn_records"]``.
+    One line at a time, never the whole file: a recovery must not leave the
+    heap the size of its journal (the records would be freed, but the tasks
+    built meanwhile stay scattered among them).
     """
-    data = read_private(path)
-    lines = data.split(b"\n")
-    torn_tail = lines.pop()  # b"" when the file ends with a newline
-    records, corrupt = [], 0
-    for number, line in enumerate(lines, 1):
-        crc, _, body = line.partition(b" ")
-        try:
-            if int(crc, 16) != binascii.crc32(body):
-                raise ValueError("checksum mismatch")
-            records.append(json.loads(body))
-        except ValueError:
-            corrupt += 1
-            logger.warning("journal %s line %d is corrupt; skipped", os.path.basename(path), number)
-    if torn_tail:
-        logger.warning("journal %s ends with a torn record (%d bytes); dropped",
-                       os.path.basename(path), len(torn_tail))
-    return records, corrupt, bool(torn_tail)
+    with os.fdopen(os.open(path, os.O_RDONLY | NOFOLLOW), "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                logger.warning("journal %s ends with a torn record (%d bytes); dropped",
+                               os.path.basename(path), len(line))
+                stats["torn_records"] += 1
+                return
+            crc, _, body = line[:-1].partition(b" ")
+            try:
+                if int(crc, 16) != binascii.crc32(body):
+                    raise ValueError("checksum mismatch")
+                record = json.loads(body)
+            except ValueError:
+                stats["corrupt_records"] += 1
+                logger.warning("journal %s line %d is corrupt; skipped",
+                               os.path.basename(path), number)
+                continue
+            yield record
 
 
 class SortedKeys:
@@ -1427,10 +1432,7 @@ class Store:
             if os.path.getsize(os.path.join(self.directory, name)) == 0:
                 os.unlink(os.path.join(self.directory, name))  # nothing to lose
                 continue
-            records, corrupt, torn = read_journal(os.path.join(self.directory, name))
-            stats["corrupt_records"] += corrupt
-            stats["torn_records"] += torn
-            for record in records:
+            for record in read_journal(os.path.join(self.directory, name), stats):
                 try:
                     self._apply(record)
                     stats["journal_records"] += 1
