@@ -4732,6 +4732,8 @@ class _Server(http.server.ThreadingHTTPServer):
         self._by_address = {}       # client address -> its sockets
         self._address = {}          # socket -> its client address
         self._shut = set()          # sockets shut down whose threads have not ended yet
+        self._refused = 0           # connections refused over the per-address cap
+        self._refused_logged = -60.0
         self._closing = False
         self._stopped = threading.Event()    # serve_forever() has returned
         self._wake = os.pipe()               # a byte here ends serve_forever's select
@@ -4778,10 +4780,17 @@ class _Server(http.server.ThreadingHTTPServer):
             pass
         return True
 
-    @staticmethod
-    def _refuse(sock, address):
-        logger.warning("refused a connection from %s: it holds %s", address,
-                       "too many connections", extra={"event": "refused", "origin": address})
+    def _refuse(self, sock, address):
+        """Answer 503 and close; a warning at most once a minute (a flood of
+        refused connections must not flood the log).  Caller holds ``_slots``."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 60:
+            self._refused_logged = now
+            logger.warning("refused a connection from %s: it holds %d, the most one address "
+                           "may (--max-connections-per-address); %d refused so far",
+                           address, self.max_per_address, self._refused,
+                           extra={"event": "refused", "origin": address})
         try:
             sock.settimeout(0.5)
             body = b'{"error":"too many connections from your address: close some and retry"}\n'
