@@ -6069,7 +6069,6 @@ class TestReliability(unittest.TestCase):
         report("load: %d tasks from %d clients, enqueued in %.1f s, all delivered exactly once "
                "in %.1f s" % (total, clients, enqueued, delivered))
 
-    @unittest.skipUnless(STRESS, "the 5-minute soak runs with POUSSETACHES_STRESS=1")
     @unittest.skipUnless(STRESS, "a 4-minute mixed run with kills: POUSSETACHES_STRESS=1")
     def test_mixed_soak_with_kills_memory_flat(self):
         """The attacker's long run in small: three queues, ordering keys, batches,
@@ -6161,6 +6160,7 @@ class TestReliability(unittest.TestCase):
         self.assertEqual(kills, 4)
         self.assertLessEqual(max(last), max(first) * 1.25)
 
+    @unittest.skipUnless(STRESS, "the 5-minute soak runs with POUSSETACHES_STRESS=1")
     def test_soak_memory_and_threads_flat(self):
         rx = Receiver()
         self.addCleanup(rx.close)
