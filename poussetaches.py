@@ -5463,13 +5463,25 @@ class Daemon:
         return "http://%s:%d" % (host, self.port)
 
     def start(self):
-        """Lock the data dir, recover, bind, and start every thread.
+        """Bind, lock the data dir, recover, and start every thread.
 
-        Raises LockedError if another daemon holds the directory, OSError if
-        the port is taken or the directory cannot be made.
+        The port comes first: a daemon that cannot listen touches no data dir.
+        Raises ConfigError if the port is taken, LockedError if another daemon
+        holds the directory, OSError if the directory cannot be made.
         """
-        check_data_dir(self.data_dir)
-        self._lock.acquire()
+        try:
+            server = _Server((self.host, self.port), None, self.max_body,
+                             self.request_timeout, self.max_connections, *self._per_address)
+        except OSError as exc:
+            raise ConfigError("cannot listen on %s:%d: %s (is another poussetaches or "
+                              "another program on that port? stop it, or choose another "
+                              "--port)" % (self.host, self.port, exc.strerror or exc)) from None
+        try:
+            check_data_dir(self.data_dir)
+            self._lock.acquire()
+        except BaseException:
+            server.server_close()
+            raise
         try:
             s = self._settings
             self.store = Store(self.data_dir, self.due, fsync=self.fsync == "always",
@@ -5482,20 +5494,15 @@ class Daemon:
                 max_tries=s["max_tries"], min_backoff=s["min_backoff"],
                 max_backoff=s["max_backoff"], limiter=self._limiter, on_dead=s["on_dead"],
                 clock=self.clock, rng=s["rng"], cron_tz=self.cron_tz, stats=self.stats)
-            self.api = Api(self.store, self.due, self.dispatcher.breakers, self.stats,
-                           ApiSettings(self.api_key, self.allow_list, self.allowed_hosts,
-                                       self.loopback_bound, self.cron_tz, self.clock))
-            try:
-                self.server = _Server((self.host, self.port), self.api, self.max_body,
-                                      self.request_timeout, self.max_connections,
-                                      *self._per_address)
-            except OSError as exc:
-                raise ConfigError("cannot listen on %s:%d: %s (is another poussetaches or "
-                                  "another program on that port? stop it, or choose another "
-                                  "--port)" % (self.host, self.port, exc.strerror or exc)) from None
+            self.api = server.api = Api(
+                self.store, self.due, self.dispatcher.breakers, self.stats,
+                ApiSettings(self.api_key, self.allow_list, self.allowed_hosts,
+                            self.loopback_bound, self.cron_tz, self.clock))
         except BaseException:
+            server.server_close()
             self._lock.release()
             raise
+        self.server = server
         self.port = self.server.server_address[1]
         self.store.start()
         if self.store.snapshot_wanted():

@@ -4729,6 +4729,9 @@ class TestOperatorWeek(unittest.TestCase):
             self.assertIn("cannot listen on 127.0.0.1:%d" % d.port, err)
             self.assertIn("another --port", err)
             self.assertNotIn("Traceback", err)
+            # the port comes first: a daemon that cannot listen makes no data dir
+            self.assertFalse(os.path.exists(os.path.join(d.data_dir, "other")))
+            self.assertNotIn("recovered", err)
 
     def test_wrong_key_says_does_not_match(self):
         client = pt.PousseTaches("http://127.0.0.1:1", auth_key="right")
