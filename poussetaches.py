@@ -5643,6 +5643,10 @@ def build_parser():
         prog="poussetaches",
         description="An HTTP push task queue for small web apps. With no command, "
                     "'serve' runs the daemon.")
+    # --url before the command too (each client command also takes it after)
+    parser.add_argument("--url", dest="top_url", default=None, metavar="URL",
+                        help="the daemon's URL, for the client commands (default: env "
+                             "POUSSETACHES_URL or http://127.0.0.1:7991)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser("serve", help="Run the daemon (the default)",
                            description="Run the daemon. Flags override environment variables.")
@@ -5850,7 +5854,7 @@ def run_client(args, out=None):
     out = out or sys.stdout
     client = None
     try:
-        client = PousseTaches(args.url)
+        client = PousseTaches(args.url or getattr(args, "top_url", None))
         if args.command == "push" and args.from_file:
             if args.target:
                 raise PousseTachesError("give a URL or --from-file, not both")
@@ -6074,7 +6078,8 @@ def serve(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version") \
+            and argv[0].partition("=")[0] != "--url":  # --url: a client command follows
         argv = ["serve"] + argv
     parser = build_parser()
     parser.add_argument("--version", action="version", version="poussetaches " + __version__)

@@ -4680,6 +4680,10 @@ class TestOperatorWeek(unittest.TestCase):
         with receiver() as rx, running_daemon(paused=True) as d:
             hostport = d.url[len("http://"):]
             for env, args in (({}, ["status", "--url", hostport]),
+                              ({}, ["--url", hostport, "status"]),   # before the command too
+                              ({}, ["--url=" + hostport, "status"]),
+                              ({"POUSSETACHES_URL": "127.0.0.1:1"},
+                               ["--url", hostport, "status"]),       # the flag beats the env
                               ({"POUSSETACHES_URL": hostport}, ["status"]),
                               ({"POUSSETACHES_URL": "localhost:%d" % d.port}, ["status"])):
                 with self.subTest(env=env, args=args):
