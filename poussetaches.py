@@ -4496,6 +4496,7 @@ async function refresh(){try{const s=await api("GET","/");paused=s.paused;$("err
  $("rows").replaceChildren(...page.tasks.flatMap(row));
  $("page").textContent=page.total?(offset+1)+"-"+(offset+page.tasks.length)+" of "+page.total:"no tasks";
  $("prev").disabled=offset===0;$("next").disabled=offset+PAGE>=page.total}catch(e){$("err").textContent=e.message}}
+window.addEventListener("hashchange",()=>{const h=location.hash.slice(1);if(TABLES.includes(h)&&h!==table){table=h;offset=0;refresh()}});
 $("toggle").onclick=()=>act("POST",paused?"/resume":"/pause");
 $("filter").oninput=()=>{offset=0;refresh()};
 $("prev").onclick=()=>{offset=Math.max(0,offset-PAGE);refresh()};$("next").onclick=()=>{offset+=PAGE;refresh()};

@@ -4933,7 +4933,9 @@ class TestOperate(unittest.TestCase):
         for needle in ('"/pause"', '"/resume"', '"/dead/retry"', '"/tasks/"', "setInterval",
                        "attempts", "offset", "@media", 'act("DELETE","/dead")', "s.breakers",
                        "next_probe", "t.headers", "pretty(t.payload)", 'table==="dead"',
-                       '"/queues"', '"&q="', "oldest_due_age_s"):
+                       '"/queues"', '"&q="', "oldest_due_age_s",
+                       # the hash drives the tab: /ui#dead then #waiting (Back too) switches
+                       'addEventListener("hashchange"', "TABLES.includes(h)"):
             self.assertIn(needle, script + text, needle)
 
     @unittest.skipIf(shutil.which("node") is None, "node is not installed to check the script")
