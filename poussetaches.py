@@ -41,6 +41,8 @@ import base64
 import binascii
 import bisect
 import collections
+import contextlib
+import contextvars
 import email.utils
 import functools
 import hashlib
@@ -48,6 +50,7 @@ import heapq
 import hmac
 import http.client
 import http.server
+import inspect
 import ipaddress
 import itertools
 import json
@@ -62,14 +65,18 @@ import selectors
 import shutil
 import signal
 import socket
+import socketserver
 import stat
 import struct
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
+import wsgiref.simple_server
 from datetime import datetime, timedelta, timezone
 
 try:
@@ -145,6 +152,8 @@ IMPORT_REJECTED = "import-rejected"  # where the original's files that fail the 
 USER_AGENT = "poussetaches/" + __version__
 RESERVED_HEADERS = ("host", "content-length", "transfer-encoding", "connection")
 MAX_HEAD = 64 * 1024               # bytes of an API request's line and headers together
+DEFAULT_TASKS_PATH = "/_tasks"     # where an app mounts its task endpoint
+MAX_DELIVERY_BODY = 32 << 20       # bytes the task endpoint reads: a 16 MiB payload in base64
 
 
 # --------------------------------------------------------------------------
@@ -193,6 +202,21 @@ class AuthError(PousseTachesError):
 
 class InvalidEnvelope(PousseTachesError):
     """A task request whose body is not poussetaches' envelope."""
+
+
+class Retry(PousseTachesError):
+    """Raised by a task function: try it again, ``after`` seconds from now at the
+    earliest (the endpoint answers 503 with Retry-After)."""
+
+    def __init__(self, reason="", after=None):
+        super().__init__(reason)
+        if after is not None and not (isinstance(after, (int, float)) and 0 <= after < 1e10):
+            raise ValueError("Retry(after=...) is a number of seconds, at least 0")
+        self.after = after
+
+
+class Reject(PousseTachesError):
+    """Raised by a task function: give up now; the task goes dead with the reason (410)."""
 
 
 class HTTPError(PousseTachesError):
@@ -392,6 +416,9 @@ ENQUEUE_PARAMS = (
           "name must be a string of 1 to 200 characters, on a task with a schedule"),
 )
 ENQUEUE = {param.name: param for param in ENQUEUE_PARAMS}
+TASK_OPTIONS = ("delay_s", "eta", "queue", "priority", "ordering_key", "idempotency_key",
+                "max_tries", "timeout_s")   # the ENQUEUE fields a task function's push sets
+TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,199}")  # a task function's, in its URL
 
 QUEUE_PARAMS = (  # a queue's settings; a task's own fields override them, they the flags
     Param("rate", {"type": "number", "minimum": 0.001, "maximum": 1000000},
@@ -2026,6 +2053,15 @@ class Store:
     def release(self, task_id):
         with self._lock:
             self._inflight.pop(task_id, None)
+        self._on_change()
+
+    def drain_state(self):
+        """(attempts in flight, next_run of the earliest waiting task that is not
+        a cron, or None): what Daemon.drain waits on.  O(n)."""
+        with self._lock:
+            return len(self._inflight), min((task.next_run for task in
+                                             self._tables["waiting"].values()
+                                             if not task.schedule), default=None)
 
     def in_flight(self):
         with self._lock:
@@ -3087,8 +3123,9 @@ class Delivery:
     """Makes one HTTP attempt of a task; knows nothing of tables or retries."""
 
     def __init__(self, auth_key=None, timeout=DEFAULT_TIMEOUT, allow_list=None,
-                 signature_only=False, clock=time.time_ns, tls=None):
+                 signature_only=False, clock=time.time_ns, tls=None, next_auth_key=None):
         self.auth_key = auth_key        # None: no key; "" is sent empty, as the original does
+        self.next_auth_key = next_auth_key  # during a rotation: signs too, never sent
         self.timeout = timeout
         self.allow_list = allow_list or AllowList()  # the key goes to these URLs only
         self.signature_only = signature_only
@@ -3107,6 +3144,7 @@ class Delivery:
             "Poussetaches-Task-ID": task.id,
             "Poussetaches-Tries": str(tries),
             "Poussetaches-Req-ID": req_id,
+            "Poussetaches-Queue": task.queue,
         }
         if task.headers:
             headers.update(task.headers)
@@ -3118,6 +3156,9 @@ class Delivery:
                 headers["webhook-id"] = task.id
                 headers["webhook-timestamp"] = str(stamp)
                 headers["webhook-signature"] = sign(self.auth_key, task.id, stamp, body)
+                if self.next_auth_key:  # Standard Webhooks: space-separated signatures
+                    headers["webhook-signature"] += " " + sign(self.next_auth_key, task.id,
+                                                               stamp, body)
         return urllib.request.Request(task.url, data=body, headers=headers, method="POST",
                                       origin_req_host=urllib.parse.urlsplit(task.url).hostname)
 
@@ -4896,19 +4937,130 @@ class _Server(http.server.ThreadingHTTPServer):
 # --------------------------------------------------------------------------
 
 class Envelope:
-    """What ``PousseTaches.parse`` gives a task handler."""
+    """What ``PousseTaches.parse`` gives a task handler; inside a task function,
+    ``current_task()`` gives the same, with the task's ``name``."""
 
-    __slots__ = ("req_id", "tries", "payload", "task_id", "raw_payload")
+    __slots__ = ("req_id", "tries", "payload", "task_id", "raw_payload", "queue", "name")
 
-    def __init__(self, req_id, tries, payload, task_id=None, raw_payload=b""):
+    def __init__(self, req_id, tries, payload, task_id=None, raw_payload=b"", queue=None,
+                 name=None):
         self.req_id = req_id
         self.tries = tries
         self.payload = payload
         self.task_id = task_id
         self.raw_payload = raw_payload
+        self.queue = queue
+        self.name = name
 
     def __repr__(self):
         return "Envelope(task_id=%r, req_id=%r, tries=%r)" % (self.task_id, self.req_id, self.tries)
+
+
+# the delivery a task function runs for: a context variable, so each thread
+# and each asyncio task sees its own (the decimal module keeps its context so)
+_current_task = contextvars.ContextVar("poussetaches_current_task", default=None)
+
+
+def current_task():
+    """The Envelope of the delivery the calling task function runs for (its
+    ``task_id``, ``tries``, ``req_id``, ``queue`` and ``name``), or None when
+    the function was called directly.  Safe from threads and coroutines."""
+    return _current_task.get()
+
+
+def _task_options(options):
+    """Enqueue options of a task function, checked as the daemon will: TypeError
+    for an unknown one, ValueError (the daemon's message) for a bad value.
+    None means "not set"."""
+    unknown = sorted(set(options) - set(TASK_OPTIONS))
+    if unknown:
+        raise TypeError("unknown task option %s; the options are %s"
+                        % (", ".join(unknown), ", ".join(TASK_OPTIONS)))
+    for name, value in options.items():
+        if value is not None and not ENQUEUE[name].fits(value):
+            raise ValueError(ENQUEUE[name].message)
+    return options
+
+
+def _calls_of(calls):
+    """push_many's calls as (args, kwargs): a tuple or list is positional
+    arguments, a dict keyword arguments."""
+    out = []
+    for call in calls:
+        if isinstance(call, (tuple, list)):
+            out.append((tuple(call), {}))
+        elif isinstance(call, dict):
+            out.append(((), call))
+        else:
+            raise TypeError("push_many takes tuples of positional arguments or dicts of "
+                            "keyword arguments (a lone dict argument: (d,)), got %r" % (call,))
+    return out
+
+
+class TaskFunction:
+    """A function made a task by ``PousseTaches.task``.  Calling it calls the
+    function, as before; ``push`` enqueues a call of it, which the daemon
+    delivers to the app's task endpoint, which runs it.
+
+    ``name`` is what travels with the task (the last segment of its URL);
+    ``defaults`` are the enqueue options (TASK_OPTIONS) of every push.
+    """
+
+    def __init__(self, client, fn, name, defaults):
+        functools.update_wrapper(self, fn)
+        self.client, self.fn, self.name, self.defaults = client, fn, name, defaults
+        self.is_async = inspect.iscoroutinefunction(fn)
+
+    def __repr__(self):
+        return "<task %s>" % self.name
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def options(self, **options):
+        """This task with other enqueue options for the pushes made through it:
+        ``send.options(delay_s=60, queue="mail").push(...)``; None unsets one."""
+        return TaskFunction(self.client, self.fn, self.name,
+                            dict(self.defaults, **_task_options(options)))
+
+    def push(self, *args, **kwargs):
+        """Enqueue a call with these arguments, which must be JSON (TypeError here
+        if not); returns the task's id (from AsyncPousseTaches, a coroutine of it)."""
+        return self.client._push_calls(self, self.defaults, [(args, kwargs)], single=True)
+
+    def push_many(self, calls):
+        """Enqueue many calls in one batch call (all or nothing): each a tuple of
+        positional arguments or a dict of keyword arguments; returns their ids."""
+        return self.client._push_calls(self, self.defaults, _calls_of(calls))
+
+    def schedule(self, name, spec, *args, **kwargs):
+        """Register the named cron ``name`` calling this task on ``spec`` (a cron
+        spec, or @every 1h); posting it again with another spec replaces it."""
+        options = dict(self.defaults, name=name, schedule=spec)
+        return self.client._push_calls(self, options, [(args, kwargs)], single=True)
+
+
+class EagerCall:
+    """A push in eager mode, as the task will run: its ``id``, ``task``, the
+    ``args`` and ``kwargs`` back from their JSON, the enqueue ``options``,
+    and once dead, the ``reason``.  ``run()`` runs it now."""
+
+    __slots__ = ("id", "task", "args", "kwargs", "options", "reason")
+
+    def __init__(self, task, args, kwargs, options):
+        self.id, self.task, self.args, self.kwargs = new_id(), task, args, kwargs
+        self.options, self.reason = options, None
+
+    def __repr__(self):
+        return "EagerCall(%s, args=%r, kwargs=%r)" % (self.task.name, self.args, self.kwargs)
+
+    def run(self):
+        """Run it now, as a delivery would (a one-off leaves ``pending``; a cron
+        stays); returns the function's result (a coroutine of it in async)."""
+        client = self.task.client
+        if not self.options.get("schedule") and self in client.pending:
+            client.pending.remove(self)
+        return client._run_eager(self)
 
 
 class GetTask:
@@ -4988,9 +5140,12 @@ def api_url_of(text):
     return url
 
 
+
 def _header(headers, name):
     """A header from a dict-like of any framework, case-insensitively (Django META too)."""
     value = headers.get(name) if hasattr(headers, "get") else None
+    if value is None and hasattr(headers, "get"):
+        value = headers.get(name.lower())   # the task endpoint's dict
     if value is None and hasattr(headers, "items"):
         lower = name.lower()
         meta = "HTTP_" + name.upper().replace("-", "_")
@@ -4998,6 +5153,47 @@ def _header(headers, name):
             if isinstance(key, str) and (key.lower() == lower or key == meta):
                 return item
     return value
+
+
+def _run_coroutine(awaitable):
+    """Run an async task function from sync code: in a loop of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_awaited(awaitable))
+    raise RuntimeError("an async task runs eagerly from a running event loop: push it "
+                       "with AsyncPousseTaches (await task.push(...)) there")
+
+
+async def _awaited(awaitable):
+    return await awaitable
+
+
+def _drive(coroutine):
+    """Run to its end a coroutine that never suspends: the eager run of a sync
+    task, so that one loop of retries serves both kinds of functions."""
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coroutine.close()
+    raise RuntimeError("a sync task function returned an awaitable: make it async def")
+
+
+def _plain(status, text, headers=()):
+    """An answer of the task endpoint: (status, extra headers, UTF-8 text)."""
+    return status, list(headers), text.encode("utf-8", "replace")
+
+
+async def _asgi_lifespan(receive, send):
+    """Answer an ASGI server's lifespan events: the endpoint has nothing to set up."""
+    while True:
+        event = await receive()
+        if event["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif event["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 class _ApiCalls:
@@ -5099,33 +5295,385 @@ class _ApiCalls:
                           then=operator.itemgetter("next_runs_iso"))
 
 
-class PousseTaches(_ApiCalls):
+
+
+class _AppSide:
+    """The app's side, written once for both clients: the keys ``parse``
+    checks, the task functions and the endpoint that runs them (WSGI and
+    ASGI), and eager mode for tests.  Each client pushes in its own way
+    (``_push_calls``, ``_run_eager``)."""
+
+    def _init_app_side(self, base_url, auth_key, insecure, tasks_path, eager):
+        self.base_url = base_url
+        if auth_key is None:
+            keys = (_env("POUSSETACHES_AUTH_KEY"), _env("POUSSETACHES_NEXT_AUTH_KEY"))
+        else:
+            keys = (auth_key,) if isinstance(auth_key, str) else tuple(auth_key)
+        self.auth_keys = tuple(key for key in keys if key)  # any of them authenticates
+        self.insecure = insecure
+        if insecure and not self.auth_keys:
+            logger.warning("insecure=True and no auth key: this app runs every delivery "
+                           "anyone sends it; set POUSSETACHES_AUTH_KEY on both sides")
+        if not re.fullmatch(r"(/[A-Za-z0-9_.~-]+)+", tasks_path):
+            raise ConfigError("tasks_path must look like /_tasks, got %r" % tasks_path)
+        self.tasks_path = tasks_path
+        self.tasks = {}         # name -> TaskFunction: what the endpoint runs
+        self.eager = eager      # tests: pushes of task functions run in-process
+        self.pending = []       # eager: EagerCalls delayed, with an eta or a schedule
+        self.dead = []          # eager: EagerCalls rejected, or retried max_tries times
+
+    @property
+    def auth_key(self):
+        """The first key ``parse`` accepts ("" when none), as in the original client."""
+        return self.auth_keys[0] if self.auth_keys else ""
+
+    # -- checking a delivery -----------------------------------------------------
+
+    def parse(self, request=None, headers=None, body=None, tolerance=300, now=None):
+        """Check and decode a task request: a Flask/Werkzeug or Django request, or
+        ``headers`` and ``body``.  Returns an Envelope with the decoded payload.
+
+        Raises AuthError unless the request carries one of the auth keys or a
+        valid Standard Webhooks signature by one, within ``tolerance`` seconds;
+        with no key configured, always, unless the client was made with
+        ``insecure=True``.  InvalidEnvelope if the body is not an envelope.
+        """
+        if request is not None:
+            headers = getattr(request, "headers", None) or getattr(request, "META", {})
+            if hasattr(request, "get_data"):
+                body = request.get_data()
+            else:
+                body = getattr(request, "body", None)
+                if body is None:
+                    body = getattr(request, "data", b"")
+        headers = headers or {}
+        body = body.encode() if isinstance(body, str) else bytes(body or b"")
+        if self.auth_keys:
+            self._check_auth(headers, body, tolerance, time.time() if now is None else now)
+        elif not self.insecure:
+            raise AuthError("no auth key is configured, so no delivery is trusted: set "
+                            "POUSSETACHES_AUTH_KEY to the same secret for the daemon and the "
+                            "app (or pass insecure=True to run unauthenticated deliveries)")
+        try:
+            envelope = json.loads(body)
+            raw = base64.b64decode(envelope["payload"] or "", validate=True)
+            tries, req_id = envelope["tries"], envelope["req_id"]
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise InvalidEnvelope("the body is not a poussetaches envelope "
+                                  '{"payload", "tries", "req_id"}') from None
+        try:
+            payload = json.loads(raw) if raw else None
+        except ValueError:
+            payload = raw
+        return Envelope(req_id, tries, payload, _header(headers, "Poussetaches-Task-ID"), raw,
+                        _header(headers, "Poussetaches-Queue"))
+
+    def _check_auth(self, headers, body, tolerance, now):
+        given = _header(headers, "Poussetaches-Auth-Key")
+        if given is not None and any(hmac.compare_digest(str(given).encode(), key.encode())
+                                     for key in self.auth_keys):
+            return
+        wrong_key = given is not None
+        signatures = _header(headers, "webhook-signature")
+        msg_id = _header(headers, "webhook-id")
+        stamp = _header(headers, "webhook-timestamp")
+        if signatures and msg_id and stamp:
+            try:
+                stamp = int(stamp)
+            except ValueError:
+                raise AuthError("webhook-timestamp is not a number") from None
+            if abs(now - stamp) > tolerance:
+                raise AuthError("webhook-timestamp is more than %ds away from now" % tolerance)
+            expected = [sign(key, msg_id, stamp, body).encode() for key in self.auth_keys]
+            for candidate in str(signatures).split():
+                if any(hmac.compare_digest(candidate.encode(), one) for one in expected):
+                    return
+            raise AuthError("webhook-signature does not match: the daemon and the app do not "
+                            "share the same POUSSETACHES_AUTH_KEY")
+        if wrong_key:
+            raise AuthError("Poussetaches-Auth-Key does not match: the daemon and the app do "
+                            "not share the same POUSSETACHES_AUTH_KEY")
+        raise AuthError("the request carries neither poussetaches' auth key nor a signature")
+
+    # -- task functions ----------------------------------------------------------
+
+    def task(self, fn=None, *, name=None, **options):
+        """Make a function, sync or async, a task: ``@pt.task`` or
+        ``@pt.task(name="mail.send", queue="mail", max_tries=5)``.
+
+        The options are TASK_OPTIONS, the enqueue fields of every push.
+        ``name`` (default ``module.qualname``) travels with each task: a
+        function renamed with ``name=`` set to its old name still gets the
+        tasks queued before.  Returns a TaskFunction.
+        """
+        defaults = _task_options(options)
+
+        def make(fn):
+            task_name = name or "%s.%s" % (fn.__module__, fn.__qualname__)
+            if not TASK_NAME.fullmatch(task_name):
+                raise ValueError("task name %r must be 1 to 200 of A-Z, a-z, 0-9, _, . and -, "
+                                 "starting with a letter or _: pass name=" % task_name)
+            known = self.tasks.get(task_name)
+            if known is not None and (known.fn.__module__, known.fn.__qualname__) != (
+                    fn.__module__, fn.__qualname__):  # the same function reloaded is fine
+                raise ValueError("two task functions are named %r: give one a name=" % task_name)
+            made = self.tasks[task_name] = TaskFunction(self, fn, task_name, defaults)
+            return made
+        return make if fn is None else make(fn)
+
+    def _encode_call(self, task, args, kwargs):
+        """A call's payload: {"args", "kwargs"} as JSON bytes; TypeError if they are not JSON."""
+        try:
+            return json.dumps({"args": args, "kwargs": kwargs}, separators=(",", ":"),
+                              allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise TypeError("the arguments of task %s must be JSON (str, int, float, bool, "
+                            "None, lists and dicts of them): %s" % (task.name, exc)) from None
+
+    def _call_bodies(self, task, options, calls):
+        """The enqueue bodies of calls of ``task`` with ``options``."""
+        if not self.base_url:
+            raise ConfigError("base_url is not set: PousseTaches(api_url, base_url) needs the "
+                              "app's own URL, where the daemon delivers tasks")
+        url = self.base_url.rstrip("/") + self.tasks_path + "/" + task.name
+        extra = {key: value for key, value in options.items() if value is not None}
+        return [dict(extra, url=url, payload=b64(self._encode_call(task, args, kwargs)))
+                for args, kwargs in calls]
+
+    def _eager_calls(self, task, options, calls):
+        """Eager pushes, through the JSON round trip: (every EagerCall, those to
+        run now); the delayed, eta and cron ones are kept in ``pending``."""
+        options = {key: value for key, value in options.items() if value is not None}
+        made = []
+        for args, kwargs in calls:
+            call = json.loads(self._encode_call(task, args, kwargs))
+            made.append(EagerCall(task, call["args"], call["kwargs"], options))
+        if "name" in options:  # a named cron replaces the one of its name
+            self.pending[:] = [c for c in self.pending if c.options.get("name") != options["name"]]
+        if options.get("delay_s") or "eta" in options or "schedule" in options:
+            self.pending.extend(made)
+            return made, []
+        return made, made
+
+    async def _attempts(self, call):
+        """Run an eager call as the deliveries would: Retry runs it again, up to
+        its max_tries; Reject, or Retry on the last try, moves it to ``dead``;
+        any other exception propagates.  The function's result, or None."""
+        max_tries = call.options.get("max_tries") or DEFAULT_MAX_TRIES
+        for tries in range(1, max_tries + 1):
+            token = _current_task.set(Envelope(
+                "eager", tries, {"args": call.args, "kwargs": call.kwargs}, call.id,
+                queue=call.options.get("queue", "default"), name=call.task.name))
+            try:
+                result = call.task.fn(*call.args, **call.kwargs)
+                return (await result) if inspect.isawaitable(result) else result
+            except Retry as exc:
+                call.reason = "Retry: %s" % exc
+            except Reject as exc:
+                call.reason = str(exc)
+                break
+            finally:
+                _current_task.reset(token)
+        self.dead.append(call)
+        return None
+
+    def run_pending(self):
+        """Eager mode: run every kept one-off call (crons stay kept); how many ran
+        (from AsyncPousseTaches, a coroutine of it)."""
+        calls = [call for call in self.pending if not call.options.get("schedule")]
+        self.pending[:] = [call for call in self.pending if call.options.get("schedule")]
+        return self._run_many(calls)
+
+    # -- the endpoint --------------------------------------------------------------
+
+    def _admit(self, method, path, headers, body):
+        """Check a delivery to the task endpoint before any task code runs: its
+        (task, envelope, args, kwargs); HTTPError for a refusal."""
+        if method != "POST":
+            raise HTTPError(405, "the task endpoint takes POST only", {"Allow": "POST"})
+        try:
+            envelope = self.parse(headers=headers, body=body)
+        except AuthError as exc:
+            raise HTTPError(403, str(exc)) from None
+        except InvalidEnvelope as exc:
+            raise HTTPError(400, str(exc)) from None
+        name = path.rsplit("/", 1)[-1]
+        task = self.tasks.get(name)
+        if task is None:
+            raise HTTPError(404, "no task %r in this app (a deploy under way?); it has %s"
+                            % (name, ", ".join(sorted(self.tasks)) or "none"))
+        call = envelope.payload
+        if not (isinstance(call, dict) and isinstance(call.get("args"), list)
+                and isinstance(call.get("kwargs"), dict)):
+            raise HTTPError(400, 'the payload of a task function is {"args": [...], '
+                                 '"kwargs": {...}}: was it pushed with .push()?')
+        envelope.name = name
+        return task, envelope, call["args"], call["kwargs"]
+
+    @staticmethod
+    def _outcome(envelope, exc):
+        """The endpoint's answer when a task function returned (exc None) or raised."""
+        if exc is None:
+            return _plain(200, "")
+        if isinstance(exc, Retry):
+            after = [] if exc.after is None else [
+                ("Retry-After", str(max(0, math.ceil(exc.after))))]
+            return _plain(503, "Retry: %s" % (str(exc) or "asked by the task"), after)
+        if isinstance(exc, Reject):
+            return _plain(410, "Reject: %s" % (str(exc) or "asked by the task"))
+        logger.error("task %s (%s, try %s) failed", envelope.name, envelope.task_id,
+                     envelope.tries, exc_info=exc)
+        return _plain(500, "%s: %s" % (type(exc).__name__, exc))
+
+    def wsgi(self, app=None):
+        """The task endpoint as a WSGI app.  Alone, it takes every path, a task's
+        name being the path's last segment: mount it under ``tasks_path``.
+        Given ``app``, it wraps it: requests under ``tasks_path`` are
+        deliveries, the others go to ``app``.  Flask:
+        ``app.wsgi_app = pt.wsgi(app.wsgi_app)``; Django's wsgi.py:
+        ``application = pt.wsgi(get_wsgi_application())``.
+        """
+        prefix = self.tasks_path + "/"
+
+        def endpoint(environ, start_response):
+            path = environ.get("PATH_INFO") or "/"
+            if app is not None and not path.startswith(prefix):
+                return app(environ, start_response)
+            try:
+                body = _wsgi_body(environ)
+                headers = {key[5:].replace("_", "-").lower(): value
+                           for key, value in environ.items() if key.startswith("HTTP_")}
+                task, envelope, args, kwargs = self._admit(
+                    environ.get("REQUEST_METHOD"), path, headers, body)
+                token = _current_task.set(envelope)
+                try:
+                    result = task.fn(*args, **kwargs)
+                    if inspect.isawaitable(result):
+                        _run_coroutine(result)
+                    answer = self._outcome(envelope, None)
+                except Exception as exc:  # the function's: a 500 with its text, 503, 410
+                    answer = self._outcome(envelope, exc)
+                finally:
+                    _current_task.reset(token)
+            except HTTPError as exc:
+                answer = _plain(exc.status, exc.message, exc.headers.items())
+            status, extra, data = answer
+            start_response("%d %s" % (status, http.client.responses.get(status, "")),
+                           [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(data)))] + extra)
+            return [data]
+        return endpoint
+
+    def asgi(self, app=None):
+        """The task endpoint as an ASGI app: as ``wsgi``.  FastAPI or Starlette:
+        ``app.mount(pt.tasks_path, pt.asgi())``.  An async task function runs
+        in the server's loop, a sync one in a thread (``asyncio.to_thread``)."""
+        prefix = self.tasks_path + "/"
+
+        async def endpoint(scope, receive, send):
+            if app is not None and (scope["type"] != "http" or not scope["path"].startswith(prefix)):
+                return await app(scope, receive, send)
+            if scope["type"] == "lifespan":
+                return await _asgi_lifespan(receive, send)
+            if scope["type"] != "http":
+                raise ValueError("the task endpoint serves HTTP only, not %s" % scope["type"])
+            try:
+                headers = {name.decode("latin-1"): value.decode("latin-1")
+                           for name, value in scope["headers"]}
+                body = await _asgi_body(headers, receive)
+                task, envelope, args, kwargs = self._admit(
+                    scope["method"], scope["path"], headers, body)
+                token = _current_task.set(envelope)  # to_thread copies the context
+                try:
+                    if task.is_async:
+                        await task.fn(*args, **kwargs)
+                    else:
+                        await asyncio.to_thread(task.fn, *args, **kwargs)
+                    answer = self._outcome(envelope, None)
+                except Exception as exc:
+                    answer = self._outcome(envelope, exc)
+                finally:
+                    _current_task.reset(token)
+            except HTTPError as exc:
+                answer = _plain(exc.status, exc.message, exc.headers.items())
+            status, extra, data = answer
+            await send({"type": "http.response.start", "status": status, "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(data)).encode())] + [
+                (name.lower().encode("latin-1"), value.encode("latin-1"))
+                for name, value in extra]})
+            await send({"type": "http.response.body", "body": data})
+        return endpoint
+
+
+def _wsgi_body(environ):
+    """A delivery's body from a WSGI environ; HTTPError 400 or 413."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = -1
+    if length < 0:
+        raise HTTPError(400, "Content-Length must be a whole number of bytes")
+    if length > MAX_DELIVERY_BODY:
+        raise HTTPError(413, "a delivery is at most %d bytes" % MAX_DELIVERY_BODY)
+    return environ["wsgi.input"].read(length) if length else b""
+
+
+async def _asgi_body(headers, receive):
+    """A delivery's body from ASGI receive events; HTTPError 413 past the limit."""
+    chunks, size = [], 0
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            raise HTTPError(400, "the client went away")
+        chunk = event.get("body", b"")
+        size += len(chunk)
+        if size > MAX_DELIVERY_BODY:
+            raise HTTPError(413, "a delivery is at most %d bytes" % MAX_DELIVERY_BODY)
+        chunks.append(chunk)
+        if not event.get("more_body"):
+            return b"".join(chunks)
+
+
+class PousseTaches(_ApiCalls, _AppSide):
     """The client apps import, compatible with the original's.
 
     ``PousseTaches(api_url, base_url)``: the daemon's URL and the app's own
     base URL that task paths are joined to.  Stdlib only; one keep-alive
     connection per thread, so enqueues do not pay a TCP handshake each.
-    ``auth_key`` (default: env POUSSETACHES_AUTH_KEY) is what ``parse``
-    checks; ``api_key`` (default: env POUSSETACHES_API_KEY) is sent to the daemon.
+    ``auth_key`` (a key or a list of keys; default: env POUSSETACHES_AUTH_KEY
+    and POUSSETACHES_NEXT_AUTH_KEY) is what ``parse`` and the task endpoint
+    accept; ``insecure=True`` accepts unauthenticated deliveries when there
+    is none.  ``api_key`` (default: env POUSSETACHES_API_KEY) is sent to the
+    daemon.  ``tasks_path``: where the task endpoint is mounted in the app.
+    ``eager=True`` (or setting ``.eager`` in a test) runs the task
+    functions' pushes in-process.
     """
 
-    def __init__(self, api_url=None, base_url="", auth_key=None, api_key=None, timeout=30.0):
-        self.api_url = api_url_of(api_url or _env("POUSSETACHES_URL", "http://%s:%d" % (
-            DEFAULT_HOST, DEFAULT_PORT)))
-        self.base_url = base_url
-        self.auth_key = _env("POUSSETACHES_AUTH_KEY") if auth_key is None else auth_key
+    def __init__(self, api_url=None, base_url="", auth_key=None, api_key=None, timeout=30.0,
+                 insecure=False, tasks_path=DEFAULT_TASKS_PATH, eager=False):
         self.api_key = _env("POUSSETACHES_API_KEY") if api_key is None else api_key
         self.timeout = timeout
+        self._local = threading.local()
+        self._point_at(api_url or _env("POUSSETACHES_URL", "http://%s:%d" % (
+            DEFAULT_HOST, DEFAULT_PORT)))
+        self._init_app_side(base_url, auth_key, insecure, tasks_path, eager)
+
+    # -- transport -------------------------------------------------------------
+
+    def _point_at(self, api_url):
+        """Talk to the daemon at ``api_url`` from now on."""
+        self.api_url = api_url_of(api_url)
         parts = urllib.parse.urlsplit(self.api_url)
         self._https = parts.scheme == "https"
         self._address = (parts.hostname, parts.port or (443 if self._https else 80))
         self._prefix = parts.path.rstrip("/")
-        self._local = threading.local()
-
-    # -- transport -------------------------------------------------------------
 
     def _connection(self):
         conn = getattr(self._local, "conn", None)
+        if conn is not None and (conn.host, conn.port) != self._address:
+            conn.close()  # pointed elsewhere since
+            conn = None
         if conn is None:
             # the deliveries' connections (one write per request, the strict head
             # reader), with Python's own time-outs and, over https, http.client's context
@@ -5208,88 +5756,67 @@ class PousseTaches(_ApiCalls):
             ids.extend(task["id"] for task in doc["tasks"])
         return ids
 
-    def parse(self, request=None, headers=None, body=None, tolerance=300, now=None):
-        """Check and decode a task request: a Flask/Werkzeug or Django request, or
-        ``headers`` and ``body``.  Returns an Envelope with the decoded payload.
+    # -- task functions' pushes -----------------------------------------------------
 
-        Raises AuthError unless the request carries the auth key or a valid
-        Standard Webhooks signature within ``tolerance`` seconds (checked
-        only when an auth key is configured), InvalidEnvelope if the body is
-        not an envelope.
-        """
-        if request is not None:
-            headers = getattr(request, "headers", None) or getattr(request, "META", {})
-            if hasattr(request, "get_data"):
-                body = request.get_data()
-            else:
-                body = getattr(request, "body", None)
-                if body is None:
-                    body = getattr(request, "data", b"")
-        headers = headers or {}
-        body = body.encode() if isinstance(body, str) else bytes(body or b"")
-        if self.auth_key:
-            self._check_auth(headers, body, tolerance, time.time() if now is None else now)
-        try:
-            envelope = json.loads(body)
-            raw = base64.b64decode(envelope["payload"] or "", validate=True)
-            tries, req_id = envelope["tries"], envelope["req_id"]
-        except (ValueError, KeyError, TypeError, binascii.Error):
-            raise InvalidEnvelope("the body is not a poussetaches envelope "
-                                  '{"payload", "tries", "req_id"}') from None
-        try:
-            payload = json.loads(raw) if raw else None
-        except ValueError:
-            payload = raw
-        return Envelope(req_id, tries, payload, _header(headers, "Poussetaches-Task-ID"), raw)
+    def _push_calls(self, task, options, calls, single=False):
+        if self.eager:
+            made, now = self._eager_calls(task, options, calls)
+            for call in now:
+                self._run_eager(call)
+            ids = [call.id for call in made]
+        else:
+            bodies = self._call_bodies(task, options, calls)
+            if single:
+                return self.request("POST", "/", bodies[0], parse=False)[1][
+                    "Poussetaches-Task-ID"]
+            ids = self.batch(bodies)
+        return ids[0] if single else ids
 
-    def _check_auth(self, headers, body, tolerance, now):
-        given = _header(headers, "Poussetaches-Auth-Key")
-        if given is not None and hmac.compare_digest(str(given).encode(), self.auth_key.encode()):
-            return
-        wrong_key = given is not None
-        signatures = _header(headers, "webhook-signature")
-        msg_id = _header(headers, "webhook-id")
-        stamp = _header(headers, "webhook-timestamp")
-        if signatures and msg_id and stamp:
-            try:
-                stamp = int(stamp)
-            except ValueError:
-                raise AuthError("webhook-timestamp is not a number") from None
-            if abs(now - stamp) > tolerance:
-                raise AuthError("webhook-timestamp is more than %ds away from now" % tolerance)
-            expected = sign(self.auth_key, msg_id, stamp, body).encode()
-            for candidate in str(signatures).split():
-                if hmac.compare_digest(candidate.encode(), expected):
-                    return
-            raise AuthError("webhook-signature does not match: the daemon and the app do not "
-                            "share the same POUSSETACHES_AUTH_KEY")
-        if wrong_key:
-            raise AuthError("Poussetaches-Auth-Key does not match: the daemon and the app do "
-                            "not share the same POUSSETACHES_AUTH_KEY")
-        raise AuthError("the request carries neither poussetaches' auth key nor a signature")
+    def _run_eager(self, call):
+        coroutine = self._attempts(call)
+        return _run_coroutine(coroutine) if call.task.is_async else _drive(coroutine)
 
-class AsyncPousseTaches(_ApiCalls):
+    def _run_many(self, calls):
+        for call in calls:
+            self._run_eager(call)
+        return len(calls)
+
+
+class AsyncPousseTaches(_ApiCalls, _AppSide):
     """PousseTaches for asyncio apps (FastAPI and the like): the same methods,
-    coroutines for every call that does I/O (``parse`` stays a plain
-    function), over one kept-alive asyncio stream connection per client that
-    carries one call at a time.  Create it in the event loop that uses it.
+    coroutines for every call that does I/O (``parse``, ``task``, ``wsgi``
+    and ``asgi`` stay plain), over one kept-alive connection per event loop
+    that carries one call at a time: create it once, at import, and use it
+    from any loop (each ``asyncio.run``, each test's loop).
     """
 
-    def __init__(self, api_url=None, base_url="", auth_key=None, api_key=None, timeout=30.0):
-        self._sync = PousseTaches(api_url, base_url, auth_key, api_key, timeout)
-        self.api_url, self.base_url = self._sync.api_url, base_url
+    def __init__(self, api_url=None, base_url="", auth_key=None, api_key=None, timeout=30.0,
+                 insecure=False, tasks_path=DEFAULT_TASKS_PATH, eager=False):
+        self._sync = PousseTaches(api_url, base_url, (), api_key, timeout)  # its address
+        self.api_url = self._sync.api_url
         self.timeout = timeout
-        self._streams = None
-        self._lock = asyncio.Lock()
+        self._loops = weakref.WeakKeyDictionary()  # event loop -> [Lock, streams or None]
+        self._init_app_side(base_url, auth_key, insecure, tasks_path, eager)
 
-    def parse(self, request=None, headers=None, body=None, tolerance=300, now=None):
-        """As PousseTaches.parse (no I/O: a plain function)."""
-        return self._sync.parse(request, headers, body, tolerance, now)
+    def _point_at(self, api_url):
+        self._sync._point_at(api_url)
+        self.api_url = self._sync.api_url
+        self._loops = weakref.WeakKeyDictionary()
+
+    def _here(self):
+        """This event loop's [Lock, streams]: a connection belongs to one loop."""
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            state = self._loops[loop] = [asyncio.Lock(), None]
+        return state
 
     async def close(self):
-        if self._streams is not None:
-            self._streams[1].close()
-            self._streams = None
+        """Close this event loop's connection."""
+        state = self._here()
+        if state[1] is not None:
+            state[1][1].close()
+            state[1] = None
 
     async def request(self, method, path, body=None):
         """One API call; returns its JSON.  Raises ClientError on 4xx/5xx,
@@ -5300,28 +5827,33 @@ class AsyncPousseTaches(_ApiCalls):
         hdrs.update({"Host": "%s:%d" % self._sync._address, "Content-Length": str(len(data))})
         head = "%s %s HTTP/1.1\r\n%s\r\n\r\n" % (method, self._sync._prefix + path, "\r\n".join(
             "%s: %s" % item for item in hdrs.items()))
-        async with self._lock:
-            for reused in (self._streams is not None, False):
+        state = self._here()
+        async with state[0]:
+            for reused in (state[1] is not None, False):
                 try:
-                    if self._streams is None:
-                        self._streams = await asyncio.wait_for(asyncio.open_connection(
+                    if state[1] is None:
+                        state[1] = await asyncio.wait_for(asyncio.open_connection(
                             *self._sync._address, ssl=self._sync._https or None), self.timeout)
                     status, close, text = await asyncio.wait_for(
-                        self._exchange(head.encode("latin-1") + data), self.timeout)
+                        self._exchange(state[1], head.encode("latin-1") + data), self.timeout)
                     break
                 except (OSError, EOFError, asyncio.TimeoutError, ValueError) as exc:
-                    await self.close()
+                    if state[1] is not None:
+                        state[1][1].close()
+                        state[1] = None
                     if not reused or not isinstance(exc, (ConnectionError, EOFError)):
                         raise DaemonUnavailable(-1, "cannot reach poussetaches at %s: %s"
                                                 % (self.api_url, exc or type(exc).__name__)) \
                             from None
             if close:
-                await self.close()
+                state[1][1].close()
+                state[1] = None
         return _answer(status, text)
 
-    async def _exchange(self, data):
+    @staticmethod
+    async def _exchange(streams, data):
         """Write a request, read its answer: (status, must close?, body)."""
-        reader, writer = self._streams
+        reader, writer = streams
         writer.write(data)
         await writer.drain()
         line = await reader.readline()
@@ -5349,12 +5881,15 @@ class AsyncPousseTaches(_ApiCalls):
             text = await reader.readexactly(int(headers.get("content-length", 0)))
         return status, headers.get("connection", "").lower() == "close", text
 
+    def _body(self, *args, **kwargs):
+        return PousseTaches._body(self, *args, **kwargs)
+
     async def push(self, payload, path, expected=200, schedule="", delay=0, **extra):
-        body = self._sync._body(payload, path, expected, schedule, delay, **extra)
+        body = self._body(payload, path, expected, schedule, delay, **extra)
         return (await self.request("POST", "/", body))["id"]
 
     async def push_many(self, items):
-        return await self.batch([self._sync._body(**item) for item in items])
+        return await self.batch([self._body(**item) for item in items])
 
     async def batch(self, bodies):
         ids = []
@@ -5366,6 +5901,28 @@ class AsyncPousseTaches(_ApiCalls):
     async def _call(self, method, path, body=None, then=None):
         doc = await self.request(method, path, body)
         return doc if then is None else then(doc)
+
+    async def _push_calls(self, task, options, calls, single=False):
+        if self.eager:
+            made, now = self._eager_calls(task, options, calls)
+            for call in now:
+                await self._attempts(call)
+            ids = [call.id for call in made]
+        else:
+            bodies = self._call_bodies(task, options, calls)
+            if single:
+                return (await self.request("POST", "/", bodies[0]))["id"]
+            ids = await self.batch(bodies)
+        return ids[0] if single else ids
+
+    def _run_eager(self, call):
+        return self._attempts(call)
+
+    async def _run_many(self, calls):
+        for call in calls:
+            await self._attempts(call)
+        return len(calls)
+
 
 
 # --------------------------------------------------------------------------
@@ -5395,7 +5952,7 @@ class Daemon:
                  signature_only=False, max_connections=DEFAULT_MAX_CONNECTIONS,
                  max_per_address=DEFAULT_MAX_PER_ADDRESS, head_timeout=DEFAULT_HEAD_TIMEOUT,
                  max_waiting=DEFAULT_MAX_WAITING, max_stored_bytes=DEFAULT_MAX_STORED_BYTES,
-                 tls=None, on_change=None):
+                 tls=None, on_change=None, next_auth_key=None):
         def need(ok, message):
             if not ok:
                 raise ConfigError(message)
@@ -5426,6 +5983,8 @@ class Daemon:
         for name in allow_hosts:
             need(re.fullmatch(r"[0-9A-Za-z._-]+|\[[0-9A-Fa-f:.]+\]", name or ""),
                  "--allow-host %r must be a host name (no port, no scheme)" % name)
+        need(not next_auth_key or auth_key,
+             "POUSSETACHES_NEXT_AUTH_KEY needs POUSSETACHES_AUTH_KEY: the current key")
         self.allow_list = AllowList(allow_urls)   # raises ConfigError
         self.allowed_hosts = frozenset(name.lower() for name in allow_hosts)
         self.loopback_bound = is_loopback_name(host.lower())
@@ -5441,6 +6000,7 @@ class Daemon:
         self._fs = fs
         self.request_timeout = request_timeout
         self._on_change = on_change  # Store's hook: called after each change of the tables
+        self._changed = threading.Condition()  # notified after each change: drain() waits
         self._settings = dict(workers=workers, max_tries=max_tries, min_backoff=min_backoff,
                               max_backoff=max_backoff, on_dead=on_dead, rng=rng,
                               caps={"success": (keep_success, max_success_bytes),
@@ -5450,7 +6010,8 @@ class Daemon:
         self.max_connections = max_connections
         self._per_address = (max_per_address, head_timeout)
         self._quota = (max_waiting, max_stored_bytes)
-        self._delivery = Delivery(auth_key, timeout, self.allow_list, signature_only, clock, tls)
+        self._delivery = Delivery(auth_key, timeout, self.allow_list, signature_only, clock, tls,
+                                  next_auth_key or None)
         self._lock = DirLock(data_dir)
         self._stopping = threading.Event()
         self._wake = threading.Event()   # the persister: snapshot now
@@ -5487,7 +6048,7 @@ class Daemon:
             s = self._settings
             self.store = Store(self.data_dir, self.due, fsync=self.fsync == "always",
                                caps=s["caps"], clock=self.clock,
-                               fs=self._fs, on_dirty=self._wake.set, on_change=self._on_change,
+                               fs=self._fs, on_dirty=self._wake.set, on_change=self._changed_hook,
                                quota=self._quota,
                                cron_tz=self.cron_tz)
             self.dispatcher = Dispatcher(
@@ -5520,6 +6081,37 @@ class Daemon:
         for warning in self.warnings():
             logger.warning("%s", warning, extra={"event": "unsafe_config"})
         return self
+
+    def _changed_hook(self):
+        """The store's hook, after each change of its tables: the caller's
+        ``on_change``, then drain()'s wake-up."""
+        if self._on_change is not None:
+            self._on_change()
+        with self._changed:
+            self._changed.notify_all()
+
+    def drain(self, timeout=30.0):
+        """Block until no attempt is in flight and no one-off task is due within
+        the longest back-off (``max_backoff``): after a test pushed, when every
+        push has run, retries included.  Crons, and tasks delayed further, stay
+        waiting.  TimeoutError after ``timeout`` seconds, saying what is left
+        (a paused queue, a task that keeps failing slowly)."""
+        horizon = int(self._settings["max_backoff"] * 1e9)
+        deadline = time.monotonic() + timeout
+        with self._changed:  # a change between the look and the wait notifies the wait
+            while True:
+                in_flight, first = self.store.drain_state()
+                now = self.clock()
+                if not in_flight and (first is None or first > now + horizon):
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        "drain: still %d attempts in flight and a task due %s after %.0fs "
+                        "(a paused queue? a task failing slowly?)" % (
+                            in_flight, "none" if first is None else
+                            "%.1fs ago" % ((now - first) / 1e9), timeout))
+                self._changed.wait(left)
 
     def warnings(self):
         """What is unsafe in this configuration (SPEC 5), one sentence each."""
@@ -5588,6 +6180,59 @@ class Daemon:
 
 LOG_FIELDS = ("event", "task_id", "queue", "url", "attempt", "status", "duration_ms", "table",
               "next_run", "error", "count", "origin")
+
+
+class _QuietWSGIHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, format, *args):
+        logger.debug("test app: " + format, *args)
+
+
+class _TestWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    daemon_threads = True
+
+
+@contextlib.contextmanager
+def testing_daemon(client, app=None, **settings):
+    """A daemon for an app's end-to-end tests, in-process; yields it (see
+    ``Daemon.drain``).  Everything it makes is gone at the end.
+
+    The daemon listens on 127.0.0.1, port 0, keeps its data in a temp dir
+    without fsync, and retries fast (back-off 10 to 50 ms), with a new auth
+    key.  ``app`` (a WSGI app; by default ``client.wsgi()``, the task
+    endpoint alone) is served on a port of its own.  For the duration,
+    ``client`` talks to that daemon, pushes to that app and accepts that key
+    (eager mode off); then it is as before.  ``settings``: Daemon keyword
+    arguments over these.
+
+        with testing_daemon(pt) as daemon:
+            send_mail.push("ada@example.com")
+            daemon.drain()
+    """
+    server = _TestWSGIServer(("127.0.0.1", 0), _QuietWSGIHandler)
+    server.set_app(client.wsgi() if app is None else app)
+    serving = threading.Thread(target=server.serve_forever, name="poussetaches-test-app")
+    serving.start()
+    base = "http://127.0.0.1:%d" % server.server_port
+    data_dir = tempfile.mkdtemp(prefix="poussetaches-test-")
+    options = dict(port=0, data_dir=data_dir, fsync="never", min_backoff=0.01,
+                   max_backoff=0.05, auth_key="whsec_" + b64(os.urandom(24)),
+                   allow_urls=[base + "/"])
+    options.update(settings)
+    saved = (client.api_url, client.base_url, client.auth_keys, client.eager)
+    try:
+        with Daemon(**options) as daemon:
+            client._point_at(daemon.url)
+            client.base_url, client.auth_keys, client.eager = base, (options["auth_key"],), False
+            try:
+                yield daemon
+            finally:
+                client._point_at(saved[0])
+                client.base_url, client.auth_keys, client.eager = saved[1:]
+    finally:
+        server.shutdown()
+        server.server_close()
+        serving.join()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 class JSONFormatter(logging.Formatter):
@@ -6065,6 +6710,7 @@ def serve(args):
             max_waiting=args.max_waiting, max_stored_bytes=args.max_stored_bytes,
             # set but empty is sent empty, as the original does; unset: no header
             paused=args.paused, auth_key=os.environ.get("POUSSETACHES_AUTH_KEY"),
+            next_auth_key=_env("POUSSETACHES_NEXT_AUTH_KEY"),
             api_key=_env("POUSSETACHES_API_KEY"), on_dead=args.on_dead, grace=args.grace,
             snapshot_interval=args.snapshot_interval)
         daemon.start()

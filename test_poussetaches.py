@@ -4274,7 +4274,16 @@ class TestClient(unittest.TestCase):
         self.assertIn("timestamp", str(ctx.exception))
         with self.assertRaises(pt.InvalidEnvelope):
             self.client.parse(headers=headers, body=b'{"x": 1}')
-        open_client = pt.PousseTaches(self.d.url, auth_key="")
+        # no key on the app's side: every delivery is refused, saying how to fix it,
+        # unless the app says insecure=True (which warns once, when made)
+        no_key = pt.PousseTaches(self.d.url, auth_key="")
+        for hdrs in ({}, headers):
+            with self.assertRaises(pt.AuthError) as ctx:
+                no_key.parse(headers=hdrs, body=got["body"])
+            self.assertIn("set POUSSETACHES_AUTH_KEY", str(ctx.exception))
+        with self.assertLogs("poussetaches", "WARNING") as logs:
+            open_client = pt.PousseTaches(self.d.url, auth_key="", insecure=True)
+        self.assertIn("insecure=True", logs.output[0])
         self.assertEqual(open_client.parse(headers={}, body=got["body"]).payload, {"a": 1})
 
     def test_listings_as_the_original_objects(self):
@@ -4396,7 +4405,8 @@ class TestAsyncClient(unittest.TestCase):
                 try:
                     for name in public(pt.AsyncPousseTaches) - {"parse", "request", "close"}:
                         self.assertTrue(inspect.iscoroutinefunction(getattr(client, name))
-                                        or name in vars(pt._ApiCalls), name)
+                                        or name in vars(pt._ApiCalls)
+                                        or name in vars(pt._AppSide), name)
                     calls["pause"] = await client.pause()
                     calls["set_queue"] = await client.set_queue("mail", rate=5, concurrency=2)
                     calls["pause_queue"] = await client.pause_queue("mail")
