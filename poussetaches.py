@@ -262,7 +262,7 @@ _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]{0,8192}")     # RFC 9110 fiel
 
 
 def url_problem(url):
-    """What is wrong with a task URL, as the end of a sentence, or None.
+    r"""What is wrong with a task URL, as the end of a sentence, or None.
 
     An absolute http(s) URL of at most 4096 ASCII characters, without spaces
     or control characters, user info (``user@host``), ``.``/``..`` segments,
@@ -5161,6 +5161,7 @@ def _run_coroutine(awaitable):
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(_awaited(awaitable))
+    awaitable.close()
     raise RuntimeError("an async task runs eagerly from a running event loop: push it "
                        "with AsyncPousseTaches (await task.push(...)) there")
 
@@ -5681,6 +5682,8 @@ class PousseTaches(_ApiCalls, _AppSide):
                                        else _DeadlineConnection)(*self._address,
                                                                  timeout=self.timeout)
             conn.kernel_timeouts = False
+            # closed when its thread is gone: a web server's request threads come and go
+            weakref.finalize(threading.current_thread(), conn.close)
         return conn
 
     def close(self):

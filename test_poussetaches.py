@@ -4469,6 +4469,613 @@ class TestAsyncClient(unittest.TestCase):
             self.assertIn("tasks[1]", str(ctx.exception))
 
 
+# --------------------------------------------------------------------------
+# The app side: task functions, their endpoint, eager mode, testing_daemon,
+# key rotation
+# --------------------------------------------------------------------------
+
+KEY = "whsec_" + b64(b"t" * 24)
+
+
+class QuietWSGIHandler(pt._QuietWSGIHandler):
+    pass
+
+
+@contextlib.contextmanager
+def serving_wsgi(app):
+    """A wsgiref server (one thread per request) on 127.0.0.1:0 serving ``app``;
+    yields its base URL."""
+    server = pt._TestWSGIServer(("127.0.0.1", 0), QuietWSGIHandler)
+    server.set_app(app)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        yield "http://127.0.0.1:%d" % server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+
+
+def envelope_of(payload, tries=1, req_id="0123456789ab"):
+    return json.dumps({"payload": b64(json.dumps(payload).encode()), "tries": tries,
+                       "req_id": req_id}).encode()
+
+
+def signed_headers(key, body, task_id="t1", stamp=None):
+    stamp = int(time.time()) if stamp is None else stamp
+    return {"webhook-id": task_id, "webhook-timestamp": str(stamp),
+            "webhook-signature": pt.sign(key, task_id, stamp, body)}
+
+
+class TestTaskFunctions(unittest.TestCase):
+    """Task functions against a real daemon, their endpoint in a real WSGI server."""
+
+    def setUp(self):
+        self.calls = []
+        self.app = pt.PousseTaches(auth_key=KEY)
+        app = self.app
+
+        @app.task(name="notes.add")
+        def add(text, *, n=1, tags=()):
+            ctx = pt.current_task()
+            self.calls.append(("add", text, n, tags, ctx and (ctx.task_id, ctx.tries,
+                                                              ctx.queue, ctx.name)))
+            return n + 1
+
+        @app.task(name="later")
+        def later():
+            raise pt.Retry("the mail server said 421", after=120)
+
+        @app.task(name="refuse")
+        def refuse(why):
+            raise pt.Reject(why)
+
+        @app.task(name="crash", max_tries=2)
+        def crash():
+            self.calls.append(("crash", pt.current_task().tries))
+            raise ValueError("caf\u00e9 \u2603 is closed")
+
+        self.add, self.later, self.refuse, self.crash = add, later, refuse, crash
+        self.ctx = contextlib.ExitStack()
+        self.addCleanup(self.ctx.close)
+        base = self.ctx.enter_context(serving_wsgi(app.wsgi()))
+        self.d = self.ctx.enter_context(running_daemon(auth_key=KEY, allow_urls=[base + "/"],
+                                                       max_backoff=3600))
+        app._point_at(self.d.url)
+        app.base_url = base
+        self.addCleanup(app.close)
+
+    def state(self, task_id):
+        return call(self.d.url, "GET", "/tasks/" + task_id)[2]
+
+    def settled(self, task_id, tries=1):
+        return wait_until(lambda: (lambda t: t if t["tries"] >= tries and
+                                   t["state"] != "waiting" or t["tries"] > tries else None)(
+            self.state(task_id)), what="task %s tried" % task_id)
+
+    def test_a_push_calls_the_function_with_its_arguments(self):
+        task_id = self.add.push("h\u00e9llo \u2603", n=41, tags=["a", "b"])
+        done = self.settled(task_id)
+        self.assertEqual(done["state"], "success")
+        self.assertEqual(self.calls, [("add", "h\u00e9llo \u2603", 41, ["a", "b"],
+                                       (task_id, 1, "default", "notes.add"))])
+        self.assertEqual(done["url"], self.app.base_url + "/_tasks/notes.add")
+        self.assertEqual(json.loads(base64.b64decode(done["payload"])),
+                         {"args": ["h\u00e9llo \u2603"], "kwargs": {"n": 41, "tags": ["a", "b"]}})
+        # still a plain function, outside any delivery
+        self.assertEqual(self.add("direct"), 2)
+        self.assertIsNone(self.calls[-1][-1])
+        self.assertEqual((self.add.__name__, self.add.name, repr(self.add)),
+                         ("add", "notes.add", "<task notes.add>"))
+
+    def test_options_push_many_and_a_named_schedule(self):
+        queued = self.add.options(queue="notes", priority=5, delay_s=3600)
+        task_id = queued.push("x")
+        task = self.state(task_id)
+        self.assertEqual((task["queue"], task["priority"], task["state"]),
+                         ("notes", 5, "waiting"))
+        self.assertGreater(task["next_run"], time.time_ns() + 3000 * 10 ** 9)
+        self.assertEqual(self.add.defaults, {})  # options() made a copy
+        ids = self.add.push_many([("one",), {"text": "two", "n": 2}, ("three",)])
+        self.assertEqual(len(set(ids)), 3)
+        for task_id in ids:
+            self.assertEqual(self.settled(task_id)["state"], "success")
+        self.assertEqual(sorted(c[1:3] for c in self.calls),
+                         [("one", 1), ("three", 1), ("two", 2)])
+        # one non-JSON argument anywhere: TypeError before anything is sent
+        before = call(self.d.url, "GET", "/")[2]
+        with self.assertRaises(TypeError) as ctx:
+            self.add.push_many([("ok",), (object(),)])
+        self.assertIn("must be JSON", str(ctx.exception))
+        for bad in (object(), float("nan"), {1j: 1}):
+            with self.subTest(bad=bad), self.assertRaises(TypeError):
+                self.add.push(bad)
+        self.assertEqual(call(self.d.url, "GET", "/")[2], before)
+        # a named cron; scheduling it again with another spec replaces it
+        cron_id = self.add.schedule("nightly-notes", "0 3 * * *", "cron")
+        self.assertEqual(self.add.schedule("nightly-notes", "0 4 * * *", "cron"), cron_id)
+        crons = call(self.d.url, "GET", "/cron")[2]["tasks"]
+        self.assertEqual([(c["id"], c["schedule"], c["name"]) for c in crons],
+                         [(cron_id, "0 4 * * *", "nightly-notes")])
+
+    def test_retry_honours_retry_after(self):
+        task_id = self.later.push()
+        task = wait_until(lambda: (lambda t: t if t["tries"] == 1 else None)(
+            self.state(task_id)), what="first attempt")
+        self.assertEqual((task["state"], task["last_error_status_code"]), ("waiting", 503))
+        self.assertEqual(base64.b64decode(task["last_error_body"]),
+                         b"Retry: the mail server said 421")
+        started = task["attempts"][-1]["at"] if "at" in task["attempts"][-1] else None
+        # min_backoff is 50 ms: only the Retry-After of 120 s can put it 2 minutes out
+        self.assertGreater(task["next_run"], time.time_ns() + 100 * 10 ** 9, started)
+
+    def test_reject_is_dead_at_once_with_its_reason(self):
+        task_id = self.refuse.push("no such user: 42")
+        task = self.settled(task_id)
+        self.assertEqual((task["state"], task["tries"], task["last_error_status_code"]),
+                         ("dead", 1, 410))
+        self.assertEqual(base64.b64decode(task["last_error_body"]).decode(),
+                         "Reject: no such user: 42")
+
+    def test_an_exception_is_retried_with_its_text_and_traceback_logged(self):
+        with self.assertLogs("poussetaches", "ERROR") as logs:
+            task_id = self.crash.push()
+            task = self.settled(task_id, tries=2)
+        self.assertEqual((task["state"], task["tries"], task["last_error_status_code"]),
+                         ("dead", 2, 500))
+        self.assertEqual(base64.b64decode(task["last_error_body"]).decode(),
+                         "ValueError: caf\u00e9 \u2603 is closed")
+        self.assertEqual([c for c in self.calls if c[0] == "crash"], [("crash", 1), ("crash", 2)])
+        failures = [r for r in logs.records if r.getMessage().startswith("task crash (")]
+        self.assertEqual(len(failures), 2, logs.output)
+        self.assertIsInstance(failures[0].exc_info[1], ValueError)  # the traceback goes along
+        # the CLI's show prints the text, not an HTML page
+        out = subprocess.run([sys.executable, os.path.join(HERE, "poussetaches.py"), "--url",
+                              self.d.url, "show", task_id], capture_output=True, text=True,
+                             timeout=WAIT)
+        self.assertIn("ValueError: caf\u00e9 \u2603 is closed", out.stdout)
+
+    def test_an_unknown_name_is_a_404_naming_the_known_ones_and_retried(self):
+        other = pt.PousseTaches(self.d.url, self.app.base_url, auth_key=KEY)
+        self.addCleanup(other.close)
+        ghost = other.task(name="ghost", max_tries=2)(lambda: None)
+        task_id = ghost.push()
+        task = self.settled(task_id, tries=2)
+        self.assertEqual((task["state"], task["tries"], task["last_error_status_code"]),
+                         ("dead", 2, 404))  # retried: a deploy may be half done
+        text = base64.b64decode(task["last_error_body"]).decode()
+        self.assertIn("'ghost'", text)
+        for name in ("crash", "later", "notes.add", "refuse"):
+            self.assertIn(name, text)
+
+    def test_bad_credentials_or_envelope_never_call_the_function(self):
+        endpoint = self.app.base_url + "/_tasks/notes.add"
+        good = envelope_of({"args": ["x"], "kwargs": {}})
+        stale = int(time.time()) - 3600
+        cases = {
+            "no key": (403, {}, good),
+            "wrong key": (403, {"Poussetaches-Auth-Key": "nope"}, good),
+            "forged signature": (403, signed_headers("whsec_" + b64(b"x" * 24), good), good),
+            "tampered body": (403, signed_headers(KEY, good),
+                              good.replace(b'"tries": 1', b'"tries": 2')),
+            "old signature": (403, signed_headers(KEY, good, stamp=stale), good),
+            "unknown name, no key": (403, {}, good),
+            "not an envelope": (400, {"Poussetaches-Auth-Key": KEY}, b'{"x": 1}'),
+            "not JSON": (400, {"Poussetaches-Auth-Key": KEY}, b"\xff\xfe"),
+            "payload not a call": (400, {"Poussetaches-Auth-Key": KEY}, envelope_of([1, 2])),
+            "args not a list": (400, {"Poussetaches-Auth-Key": KEY},
+                                envelope_of({"args": "x", "kwargs": {}})),
+        }
+        for name, (status, headers, body) in cases.items():
+            with self.subTest(name):
+                url = endpoint.replace("notes.add", "ghost") if "unknown" in name else endpoint
+                got = call(self.app.base_url, "POST", url[len(self.app.base_url):], raw=body,
+                           headers=headers)
+                self.assertEqual(got[0], status, got)
+                self.assertIn(b"text/plain", got[1]["Content-Type"].encode())
+        got = call(self.app.base_url, "GET", "/_tasks/notes.add")
+        self.assertEqual((got[0], got[1]["Allow"]), (405, "POST"))
+        got = call(self.app.base_url, "POST", "/_tasks/notes.add", raw=b"x" * 10,
+                   headers={"Content-Length": str(64 << 20), "Poussetaches-Auth-Key": KEY})
+        self.assertEqual(got[0], 413)
+        self.assertEqual(self.calls, [])
+        # the right key, or a good signature alone, does call it
+        for headers in ({"Poussetaches-Auth-Key": KEY}, signed_headers(KEY, good)):
+            self.assertEqual(call(self.app.base_url, "POST", "/_tasks/notes.add", raw=good,
+                                  headers=headers)[0], 200)
+        self.assertEqual(len(self.calls), 2)
+
+    def test_with_no_key_the_endpoint_refuses_unless_insecure(self):
+        bare = pt.PousseTaches("http://127.0.0.1:9", auth_key="")
+        ran = []
+        bare.task(name="t")(lambda: ran.append(1))
+        with self.assertLogs("poussetaches", "WARNING"):
+            loose = pt.PousseTaches("http://127.0.0.1:9", auth_key="", insecure=True)
+        loose.task(name="t")(lambda: ran.append(2))
+        body = envelope_of({"args": [], "kwargs": {}})
+        with serving_wsgi(bare.wsgi()) as base:
+            status, _, text = call(base, "POST", "/_tasks/t", raw=body)
+        self.assertEqual(status, 403)
+        self.assertIn(b"set POUSSETACHES_AUTH_KEY to the same secret for the daemon and the app",
+                      text)
+        with serving_wsgi(loose.wsgi()) as base:
+            self.assertEqual(call(base, "POST", "/_tasks/t", raw=body)[0], 200)
+        self.assertEqual(ran, [2])
+
+    def test_wrapping_an_app_passes_other_paths_through(self):
+        def inner(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"app " + environ["PATH_INFO"].encode()]
+        with serving_wsgi(self.app.wsgi(inner)) as base:
+            for path in ("/", "/_tasks", "/_tasksx/notes.add", "/about"):
+                self.assertEqual(call(base, "POST", path, raw=b"")[2], b"app " + path.encode())
+            body = envelope_of({"args": ["w"], "kwargs": {}})
+            self.assertEqual(call(base, "POST", "/_tasks/notes.add", raw=body,
+                                  headers={"Poussetaches-Auth-Key": KEY})[0], 200)
+        self.assertEqual(self.calls[0][1], "w")
+
+    def test_task_names_and_options_are_checked_when_declared(self):
+        app = pt.PousseTaches(auth_key=KEY)
+
+        def nested():
+            return app.task(lambda: None)
+        with self.assertRaises(ValueError) as ctx:
+            nested()  # test_poussetaches...<locals>.<lambda>: not a URL segment
+        self.assertIn("pass name=", str(ctx.exception))
+        app.task(name="dup")(lambda: None)
+        with self.assertRaises(ValueError):
+            app.task(name="dup")(print)
+        with self.assertRaises(TypeError) as ctx:
+            app.task(name="x", retries=3)
+        self.assertIn("delay_s, eta, queue", str(ctx.exception))
+        with self.assertRaises(ValueError) as ctx:
+            app.task(name="x", queue="Mail Queue")
+        self.assertEqual(str(ctx.exception), pt.ENQUEUE["queue"].message)
+        with self.assertRaises(ValueError):
+            self.add.options(max_tries=0)
+        with self.assertRaises(pt.ConfigError):
+            pt.PousseTaches(auth_key=KEY).task(name="y")(print).push()  # no base_url
+        with self.assertRaises(ValueError):
+            pt.Retry(after=-1)
+        with self.assertRaises(pt.ConfigError):
+            pt.PousseTaches(tasks_path="tasks/")
+
+
+class TestTaskEndpointAsgi(unittest.TestCase):
+    """The ASGI endpoint, driven by an asyncio harness: scope, receive, send."""
+
+    def setUp(self):
+        self.app = pt.PousseTaches(auth_key=KEY)
+        self.calls = []
+
+        @self.app.task(name="a.ok")
+        async def ok(x):
+            await asyncio_sleep0()
+            self.calls.append(("ok", x, pt.current_task().task_id))
+
+        @self.app.task(name="s.ok")
+        def sync_ok(x):
+            self.calls.append(("sync", x, pt.current_task().name, threading.current_thread()
+                               is not threading.main_thread()))
+
+        @self.app.task(name="a.retry")
+        async def retry():
+            raise pt.Retry("busy", after=2.5)
+
+        @self.app.task(name="a.reject")
+        async def reject():
+            raise pt.Reject("gone")
+
+        @self.app.task(name="a.crash")
+        async def crash():
+            raise KeyError("k")
+
+    def run_asgi(self, endpoint, method, path, body=b"", headers=(), pieces=1):
+        import asyncio
+
+        async def main():
+            sent = []
+            chunks = [body[i::pieces] for i in range(0)] or [
+                body[len(body) * i // pieces:len(body) * (i + 1) // pieces] for i in range(pieces)]
+            events = [{"type": "http.request", "body": c, "more_body": i < pieces - 1}
+                      for i, c in enumerate(chunks)]
+
+            async def receive():
+                return events.pop(0)
+
+            async def send(event):
+                sent.append(event)
+            scope = {"type": "http", "method": method, "path": path, "root_path": "",
+                     "headers": [(k.lower().encode(), v.encode()) for k, v in headers]}
+            await endpoint(scope, receive, send)
+            return sent
+        sent = asyncio.run(main())
+        start, body_event = sent
+        return (start["status"], {k.decode(): v.decode() for k, v in start["headers"]},
+                body_event["body"])
+
+    def deliver(self, name, args=(), endpoint=None, pieces=1):
+        body = envelope_of({"args": list(args), "kwargs": {}})
+        headers = list(signed_headers(KEY, body, task_id="id-" + name).items())
+        headers.append(("Poussetaches-Task-ID", "id-" + name))
+        return self.run_asgi(endpoint or self.app.asgi(), "POST", "/_tasks/" + name, body,
+                             headers, pieces)
+
+    def test_outcomes(self):
+        self.assertEqual(self.deliver("a.ok", ["x"], pieces=3)[0], 200)
+        self.assertEqual(self.deliver("s.ok", ["y"])[0], 200)
+        self.assertEqual(self.calls, [("ok", "x", "id-a.ok"), ("sync", "y", "s.ok", True)])
+        status, headers, body = self.deliver("a.retry")
+        self.assertEqual((status, headers["retry-after"], body), (503, "3", b"Retry: busy"))
+        self.assertEqual(self.deliver("a.reject")[::2], (410, b"Reject: gone"))
+        with self.assertLogs("poussetaches", "ERROR"):
+            self.assertEqual(self.deliver("a.crash")[::2], (500, b"KeyError: 'k'"))
+        status, _, body = self.deliver("nope")
+        self.assertEqual(status, 404)
+        self.assertIn(b"a.ok, a.reject, a.retry, s.ok", body)
+        # credentials first: the function is not called
+        body = envelope_of({"args": ["z"], "kwargs": {}})
+        self.assertEqual(self.run_asgi(self.app.asgi(), "POST", "/_tasks/a.ok", body)[0], 403)
+        self.assertEqual(self.run_asgi(self.app.asgi(), "GET", "/_tasks/a.ok")[0], 405)
+        self.assertEqual(len(self.calls), 2)
+
+    def test_wrapping_an_app_and_lifespan(self):
+        import asyncio
+        seen = []
+
+        async def inner(scope, receive, send):
+            seen.append(scope.get("path", scope["type"]))
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": 204, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+        wrapped = self.app.asgi(inner)
+        self.assertEqual(self.run_asgi(wrapped, "POST", "/other")[0], 204)
+        self.assertEqual(self.deliver("a.ok", ["w"], endpoint=wrapped)[0], 200)
+        self.assertEqual(seen, ["/other"])
+
+        async def lifespan(endpoint):
+            events = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+            sent = []
+
+            async def receive():
+                return events.pop(0)
+
+            async def send(event):
+                sent.append(event["type"])
+            await endpoint({"type": "lifespan"}, receive, send)
+            return sent
+        self.assertEqual(asyncio.run(lifespan(self.app.asgi())),
+                         ["lifespan.startup.complete", "lifespan.shutdown.complete"])
+        asyncio.run(lifespan(wrapped))
+        self.assertEqual(seen[-1], "lifespan")
+
+
+async def asyncio_sleep0():
+    import asyncio
+    await asyncio.sleep(0)
+
+
+class TestEager(unittest.TestCase):
+    """Eager mode: pushes run in-process, through the same JSON round trip."""
+
+    def setUp(self):
+        self.app = pt.PousseTaches("http://127.0.0.1:9", "http://app", auth_key=KEY)
+        self.app.eager = True
+        self.runs = []
+
+    def test_arguments_round_trip_through_json(self):
+        @self.app.task(name="t")
+        def t(*args, **kwargs):
+            self.runs.append((args, kwargs, pt.current_task().tries))
+            return "ignored"
+        task_id = t.push((1, 2), {3: "three"}, flag=True, nothing=None)
+        self.assertRegex(task_id, r"^[0-9a-f]{32}$")
+        # what the endpoint would get: tuples are lists, keys are strings
+        self.assertEqual(self.runs, [(([1, 2], {"3": "three"}), {"flag": True, "nothing": None},
+                                      1)])
+        with self.assertRaises(TypeError):
+            t.push(b"bytes")
+        self.assertEqual(len(self.runs), 1)
+
+    def test_exceptions_propagate_retry_reruns_reject_is_recorded(self):
+        @self.app.task(name="flaky", max_tries=3)
+        def flaky(n):
+            tries = pt.current_task().tries
+            self.runs.append(tries)
+            if tries < n:
+                raise pt.Retry("not yet")
+
+        @self.app.task(name="bad")
+        def bad():
+            raise pt.Reject("no")
+
+        @self.app.task(name="boom")
+        def boom():
+            raise ZeroDivisionError("x")
+        flaky.push(3)
+        self.assertEqual((self.runs, self.app.dead), ([1, 2, 3], []))
+        self.runs.clear()
+        flaky.push(5)
+        self.assertEqual(self.runs, [1, 2, 3])
+        bad.push()
+        self.assertEqual([(c.task.name, c.reason) for c in self.app.dead],
+                         [("flaky", "Retry: not yet"), ("bad", "no")])
+        with self.assertRaises(ZeroDivisionError):
+            boom.push()
+
+    def test_delayed_eta_and_cron_pushes_are_kept(self):
+        @self.app.task(name="t")
+        def t(x):
+            self.runs.append(x)
+        t.options(delay_s=60).push("later")
+        t.options(eta="2030-01-01T00:00:00Z").push("eta")
+        t.schedule("every-hour", "@every 1h", "cron")
+        t.schedule("every-hour", "@every 2h", "cron2")  # replaces the first
+        t.options(delay_s=0).push("now")
+        self.assertEqual(self.runs, ["now"])
+        self.assertEqual([c.args for c in self.app.pending], [["later"], ["eta"], ["cron2"]])
+        cron = self.app.pending[-1]
+        cron.run()
+        self.assertEqual(self.runs[-1], "cron2")
+        self.assertIn(cron, self.app.pending)  # a cron stays
+        self.assertEqual(self.app.run_pending(), 2)
+        self.assertEqual(self.runs, ["now", "cron2", "later", "eta"])
+        self.assertEqual(self.app.pending, [cron])
+
+    def test_async_tasks_sync_and_async_clients(self):
+        import asyncio
+
+        @self.app.task(name="a")
+        async def a(x):
+            await asyncio.sleep(0)
+            self.runs.append(("a", x, pt.current_task().name))
+        a.push(1)  # from sync code: in a loop of its own
+        aio = pt.AsyncPousseTaches("http://127.0.0.1:9", "http://app", auth_key=KEY, eager=True)
+
+        @aio.task(name="b", max_tries=2)
+        async def b(x):
+            self.runs.append(("b", x))
+            raise pt.Retry()
+
+        async def main():
+            task_id = await b.push(2)
+            with self.assertRaises(RuntimeError):
+                a.push(3)  # a sync client's async task, inside a running loop
+            return task_id
+        asyncio.run(main())
+        self.assertEqual(self.runs, [("a", 1, "a"), ("b", 2), ("b", 2)])
+        self.assertEqual([c.reason for c in aio.dead], ["Retry: "])
+
+
+class TestTestingDaemon(unittest.TestCase):
+    """testing_daemon: an app's end-to-end test in a few lines, and drain()."""
+
+    def test_drain_waits_for_retries_and_the_client_comes_back(self):
+        app = pt.PousseTaches("http://127.0.0.1:9", "http://app.invalid", auth_key="mine")
+        app.eager = True
+        done = []
+
+        @app.task(name="flaky")
+        def flaky(n):
+            if pt.current_task().tries < n:
+                raise pt.Retry("again", after=0)
+            done.append(n)
+        with pt.testing_daemon(app) as daemon:
+            self.assertFalse(app.eager)
+            ids = [flaky.push(n) for n in (1, 3, 5)]
+            daemon.drain()
+            self.assertEqual(sorted(done), [1, 3, 5])
+            self.assertEqual([app.get_task(i).tries for i in ids], [1, 3, 5])
+            # a paused daemon: drain gives up, saying what is left
+            app.pause()
+            flaky.push(1)
+            with self.assertRaises(TimeoutError) as ctx:
+                daemon.drain(timeout=0.3)
+            self.assertIn("due", str(ctx.exception))
+            app.resume()
+            daemon.drain()
+            self.assertEqual(len(done), 4)
+            data_dir = daemon.data_dir
+        self.assertFalse(os.path.exists(data_dir))
+        self.assertEqual((app.api_url, app.base_url, app.auth_keys, app.eager),
+                         ("http://127.0.0.1:9", "http://app.invalid", ("mine",), True))
+
+    def test_a_whole_wsgi_app_with_its_own_route(self):
+        app = pt.PousseTaches()
+        outbox = []
+
+        @app.task(name="send_welcome")
+        def send_welcome(to):
+            outbox.append(to)
+
+        def web(environ, start_response):  # the app's own route pushes the task
+            send_welcome.push(environ["QUERY_STRING"])
+            start_response("202 Accepted", [("Content-Type", "text/plain")])
+            return [b"queued"]
+        with pt.testing_daemon(app, app=app.wsgi(web), workers=1) as daemon:
+            self.assertEqual(call(app.base_url, "GET", "/signup?ada")[0], 202)
+            daemon.drain()
+        self.assertEqual(outbox, ["ada"])
+
+
+class TestKeyRotation(unittest.TestCase):
+    """The steps of a key rotation, with a restart of the daemon at each, and no
+    failed delivery: the daemon signs with its current and its next key."""
+
+    def test_rotation_steps_fail_no_delivery(self):
+        old, new = "whsec_" + b64(b"o" * 24), "whsec_" + b64(b"n" * 24)
+        steps = [  # (daemon's key, daemon's next key, the app's keys)
+            (old, None, [old]),
+            (old, new, [old]),        # 1. the daemon gets the next key
+            (old, new, [old, new]),   # 2. the app accepts both
+            (new, old, [old, new]),   # 3. the daemon swaps
+            (new, None, [new]),       # 4. the old key goes, on both sides
+        ]
+        for signature_only in (False, True):
+            app = pt.PousseTaches(auth_key=[old])
+            ran = []
+            app.task(name="t")(lambda step: ran.append(step))
+            tmp = tempfile.mkdtemp(prefix="pt-test-")
+            self.addCleanup(shutil.rmtree, tmp, True)
+            with serving_wsgi(app.wsgi()) as base:
+                app.base_url = base
+                for step, (key, next_key, app_keys) in enumerate(steps):
+                    with self.subTest(signature_only=signature_only, step=step), \
+                            running_daemon(data_dir=tmp, auth_key=key, next_auth_key=next_key,
+                                           allow_urls=[base + "/"],
+                                           signature_only=signature_only) as d:
+                        app.auth_keys = tuple(app_keys)  # the app's deploy
+                        app._point_at(d.url)
+                        task_id = app.tasks["t"].push(step)
+                        wait_until(lambda: app.get_task(task_id).state == "success",
+                                   what="step %d delivered" % step)
+                        self.assertEqual(app.get_task(task_id).tries, 1)
+                        app.close()
+            self.assertEqual(ran, list(range(len(steps))))
+        # an app that has only the new key, during the rotation: the signature carries it
+        lone = pt.PousseTaches(auth_key=new)
+        body = envelope_of({"args": [], "kwargs": {}})
+        delivery = pt.Delivery(old, allow_list=pt.AllowList(["http://x/"]), next_auth_key=new)
+        request = delivery.request(pt.Task("tid", "http://x/t", b"{}"), 1, "r")
+        headers = dict(request.header_items())
+        self.assertEqual(len(headers["Webhook-signature"].split()), 2)
+        self.assertEqual(headers["Poussetaches-auth-key"], old)
+        self.assertEqual(lone.parse(headers=headers, body=request.data).payload, {})
+        with self.assertRaises(pt.AuthError):
+            pt.PousseTaches(auth_key="third").parse(headers=headers, body=request.data)
+        del body
+
+    def test_the_daemon_takes_the_next_key_from_its_environment(self):
+        with receiver() as rx:
+            env = dict(os.environ, POUSSETACHES_AUTH_KEY="cur", POUSSETACHES_NEXT_AUTH_KEY="nxt")
+            tmp = tempfile.mkdtemp(prefix="pt-test-")
+            self.addCleanup(shutil.rmtree, tmp, True)
+            daemon = DaemonProcess(tmp, "--allow-url", rx.base + "/", env=env)
+            try:
+                client = pt.PousseTaches(daemon.url, rx.base, auth_key=["cur"])
+                client.push({}, "/t")
+                got = rx.wait_for(1)[0]
+                client.close()
+                signatures = got["headers"]["webhook-signature"].split()
+                stamp = int(got["headers"]["webhook-timestamp"])
+                task_id = got["headers"]["webhook-id"]
+                self.assertEqual(signatures, [pt.sign(k, task_id, stamp, got["body"])
+                                              for k in ("cur", "nxt")])
+                self.assertEqual(got["headers"]["Poussetaches-Auth-Key"], "cur")
+                self.assertEqual(client.parse(headers=got["headers"], body=got["body"]).payload,
+                                 {})
+            finally:
+                self.assertEqual(daemon.terminate(), 0)
+        env = dict(os.environ, POUSSETACHES_NEXT_AUTH_KEY="nxt")
+        env.pop("POUSSETACHES_AUTH_KEY", None)
+        out = subprocess.run([sys.executable, os.path.join(HERE, "poussetaches.py"), "--port",
+                              "0", "--data-dir", tmp], env=env, capture_output=True, text=True,
+                             timeout=WAIT)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("POUSSETACHES_NEXT_AUTH_KEY needs POUSSETACHES_AUTH_KEY", out.stderr)
+
+
 class TestCli(unittest.TestCase):
     def run_cli(self, *args, env=None):
         """``poussetaches ARGS`` as the console script runs it (main() with the
