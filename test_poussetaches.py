@@ -6,6 +6,7 @@ Run: python3 -m unittest -v
 import base64
 import binascii
 import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import hmac
@@ -4383,6 +4384,30 @@ class TestAsyncClient(unittest.TestCase):
             envelope = pt.AsyncPousseTaches(d.url, auth_key=key).parse(
                 headers=dict(got["headers"].items()), body=got["body"])
             self.assertEqual(envelope.payload, {"n": 1})
+
+    def test_one_client_serves_every_event_loop(self):
+        """Made once at import, as an app does, and used from two asyncio.run in a
+        row, then from two loops at once in two threads: a connection per loop
+        (one shared connection failed with "attached to a different loop")."""
+        import asyncio
+        with running_daemon(paused=True) as d:
+            client = pt.AsyncPousseTaches(d.url, "http://127.0.0.1:9")
+
+            async def work(n):
+                ids = [await client.push({"n": i}, "/t") for i in range(n)]
+                status = await client.status()
+                await client.close()
+                return ids, status["waiting"]
+
+            def use(n):
+                return asyncio.run(asyncio.wait_for(work(n), WAIT))
+            first, _ = use(3)
+            second, _ = use(3)
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                both = list(pool.map(use, (20, 20)))
+            ids = first + second + both[0][0] + both[1][0]
+            self.assertEqual(len(set(ids)), 46)
+            self.assertEqual(call(d.url, "GET", "/")[2]["waiting"], 46)
 
     def test_async_client_has_every_call_of_the_sync_one(self):
         """SPEC 7: the same methods, coroutines wherever there is I/O.  The sync
