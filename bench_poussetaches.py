@@ -127,13 +127,87 @@ def role_noop(port_file):
     _serve(Handler, port_file)
 
 
+BENCH_KEY = "whsec_" + "YmVuY2gta2V5LWJlbmNoLWtleS1iZW5jaA=="  # the tasks app and its daemon
+HAND_PAYLOAD = "eyJrIjogMX0="                          # {"k": 1}
+CALL_PAYLOAD = "eyJhcmdzIjogW10sICJrd2FyZ3MiOiB7ImsiOiAxfX0="  # {"args": [], "kwargs": {"k": 1}}
+
+
+def role_tasks_app(port_file):
+    """An app with a task function, served by wsgiref (a thread per request),
+    taking deliveries two ways: ``/hand``, a handler written by hand as apps
+    did before task functions (parse, then call), and ``/_tasks/<name>``, the
+    task endpoint.  Both record arrivals as the receiver does."""
+    import socketserver
+    import wsgiref.simple_server
+    sys.path.insert(0, HERE)
+    import poussetaches
+
+    pt = poussetaches.PousseTaches(auth_key=BENCH_KEY)
+    arrivals, lock = {}, threading.Lock()
+    arrived = threading.Condition(lock)
+
+    @pt.task(name="bench.noop")
+    def noop(k):
+        return k
+
+    def hand(environ, start_response):
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        headers = {key[5:].replace("_", "-").lower(): value
+                   for key, value in environ.items() if key.startswith("HTTP_")}
+        try:
+            envelope = pt.parse(headers=headers, body=body)
+        except (poussetaches.AuthError, poussetaches.InvalidEnvelope) as exc:
+            start_response("403 Forbidden", [("Content-Type", "text/plain")])
+            return [str(exc).encode()]
+        noop(**envelope.payload)
+        start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"),
+                                  ("Content-Length", "0")])
+        return [b""]
+
+    endpoint = pt.wsgi(hand)
+
+    def app(environ, start_response):
+        if environ["REQUEST_METHOD"] == "GET":
+            with lock:
+                query = environ.get("QUERY_STRING", "")
+                if query.startswith("n="):
+                    n = int(query[2:])
+                    arrived.wait_for(lambda: len(arrivals) >= n, 120)
+                    doc = {"count": len(arrivals),
+                           "last": max(arrivals.values()) if arrivals else None}
+                else:
+                    doc = dict(arrivals)
+                    arrivals.clear()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [json.dumps(doc).encode()]
+        out = endpoint(environ, start_response)
+        with lock:
+            arrivals.setdefault(environ.get("HTTP_POUSSETACHES_TASK_ID"), time.monotonic())
+            arrived.notify_all()
+        return out
+
+    class Server(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+        daemon_threads = True
+        request_queue_size = 1024
+
+    class Handler(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = Server(("127.0.0.1", 0), Handler)
+    server.set_app(app)
+    with open(port_file, "w") as f:
+        f.write(str(server.server_address[1]))
+    server.serve_forever()
+
+
 def _connection(url):
     import http.client
     host, port = url.split("//")[1].rsplit(":", 1)
     return http.client.HTTPConnection(host, int(port), timeout=60)
 
 
-def role_enqueue(url, target, threads, n, delay_s, eta_spread):
+def role_enqueue(url, target, threads, n, delay_s, eta_spread, payload=HAND_PAYLOAD):
     """POST / from ``threads`` keep-alive connections; prints rate and latencies."""
     per = n // threads
     latencies = [[] for _ in range(threads)]
@@ -144,7 +218,7 @@ def role_enqueue(url, target, threads, n, delay_s, eta_spread):
         conn = _connection(url)
         start_gate.wait()
         for i in range(per):
-            body = {"url": target, "payload": "eyJrIjogMX0=", "expected": 200,
+            body = {"url": target, "payload": payload, "expected": 200,
                     "schedule": "", "delay": 0}
             if delay_s:
                 body["delay_s"] = delay_s
@@ -291,7 +365,7 @@ def role_huey(tmp, threads, n):
     print(json.dumps({"rate": rate}))
 
 
-ROLES = {"receiver": role_receiver, "noop": role_noop,
+ROLES = {"receiver": role_receiver, "noop": role_noop, "tasks-app": role_tasks_app,
          "receiver-close": lambda port_file: role_receiver(port_file, close=True)}
 
 
@@ -334,12 +408,12 @@ class Daemon:
     service manager's would be: a pipe read here would wake this process for
     every line, on the cores the figures share."""
 
-    def __init__(self, data_dir, *flags):
+    def __init__(self, data_dir, *flags, env=None):
         started = time.monotonic()
         self.log = open(data_dir + ".log", "w+b")
         self.proc = subprocess.Popen(
             [sys.executable, DAEMON, "serve", "--port", "0", "--data-dir", data_dir]
-            + list(flags), stdout=subprocess.DEVNULL, stderr=self.log, cwd=HERE)
+            + list(flags), stdout=subprocess.DEVNULL, stderr=self.log, cwd=HERE, env=env)
         self.url = None
         deadline = time.monotonic() + 60
         while self.url is None and time.monotonic() < deadline and self.proc.poll() is None:
@@ -496,6 +570,30 @@ def run(quick, rounds=None):
         limit, rate, ratio = medians(pairs)
         table.add("the same with 1 worker, against a 1-thread loop", rate, "/s", limit,
                   ratio=ratio, target_text="-")
+
+        # -- the task endpoint against a handler written by hand, in one app ---------
+        tasks_proc, tasks_app = start_server("tasks-app", tmp)
+        procs.append(tasks_proc)
+        keyed = dict(os.environ, POUSSETACHES_AUTH_KEY=BENCH_KEY)
+
+        def through(path, payload, tag):
+            get(tasks_app + "/take")
+            d = Daemon(os.path.join(tmp, "endpoint-%s" % tag), "--paused", "--workers", "4",
+                       "--allow-url", tasks_app + "/", env=keyed)
+            n = client("enqueue", d.url, tasks_app + path, 8, sizes["delivery"], 0, 0,
+                       payload)["count"]
+            t0 = time.monotonic()
+            post(d.url + "/resume")
+            rate = n / (get(tasks_app + "/wait?n=%d" % n)["last"] - t0)
+            d.stop()
+            return rate
+
+        pairs = [(through("/hand", HAND_PAYLOAD, "hand-%d" % k),
+                  through("/_tasks/bench.noop", CALL_PAYLOAD, "task-%d" % k))
+                 for k in range(rounds)]
+        limit, rate, ratio = medians(pairs)
+        table.add("delivery through the task endpoint vs a handler by hand", rate, "/s",
+                  limit, 0.95, ratio=ratio)
 
         # -- enqueue ----------------------------------------------------------
         n = sizes["enqueue"]
@@ -665,7 +763,7 @@ def main(argv=None):
             return ROLES[name](*rest)
         if name == "enqueue":
             return role_enqueue(rest[0], rest[1], int(rest[2]), int(rest[3]), float(rest[4]),
-                                float(rest[5]))
+                                float(rest[5]), *rest[6:])
         if name == "bare":
             return role_bare(rest[0], int(rest[1]), int(rest[2]))
         if name == "latency":

@@ -4631,9 +4631,8 @@ class TestTaskFunctions(unittest.TestCase):
         self.assertEqual((task["state"], task["last_error_status_code"]), ("waiting", 503))
         self.assertEqual(base64.b64decode(task["last_error_body"]),
                          b"Retry: the mail server said 421")
-        started = task["attempts"][-1]["at"] if "at" in task["attempts"][-1] else None
         # min_backoff is 50 ms: only the Retry-After of 120 s can put it 2 minutes out
-        self.assertGreater(task["next_run"], time.time_ns() + 100 * 10 ** 9, started)
+        self.assertGreater(task["next_run"], time.time_ns() + 100 * 10 ** 9)
 
     def test_reject_is_dead_at_once_with_its_reason(self):
         task_id = self.refuse.push("no such user: 42")
