@@ -26,6 +26,10 @@ The HTTP calls (JSON in, JSON out; every error is {"error": "..."}):
     DELETE /dead                  purge the dead table
     GET    /cron/preview          ?schedule=SPEC&n=5: the next run times
 
+The app's side is the PousseTaches class: a function decorated with
+``@pt.task`` is pushed with ``.push(*args)``, and ``pt.wsgi()`` or
+``pt.asgi()``, mounted in the app, is the endpoint that runs it.
+
 Threads: one ThreadingHTTPServer (a thread per connection) validates and
 stores tasks, each request appending its journal record and fsyncing it with
 whatever else is queued (group commit); N worker threads take due tasks from
