@@ -55,6 +55,7 @@ import hmac
 import http.client
 import http.server
 import inspect
+import io
 import ipaddress
 import itertools
 import json
@@ -4986,6 +4987,20 @@ def _task_options(options):
     return options
 
 
+def _module_name(fn):
+    """A function's module name, the same whether its file runs as a script
+    (``python app.py``: ``__main__``) or is imported (``gunicorn app:app``)."""
+    name = fn.__module__
+    main = sys.modules.get("__main__")
+    if name == "__main__" and main is not None:
+        spec = getattr(main, "__spec__", None)
+        if spec is not None and spec.name:          # python -m package.app
+            return spec.name
+        if getattr(main, "__file__", None):         # python app.py
+            return os.path.splitext(os.path.basename(main.__file__))[0]
+    return name
+
+
 def _calls_of(calls):
     """push_many's calls as (args, kwargs): a tuple or list is positional
     arguments, a dict keyword arguments."""
@@ -5013,7 +5028,8 @@ class TaskFunction:
     def __init__(self, client, fn, name, defaults):
         functools.update_wrapper(self, fn)
         self.client, self.fn, self.name, self.defaults = client, fn, name, defaults
-        self.is_async = inspect.iscoroutinefunction(fn)
+        # through functools.wraps decorators too; the endpoint awaits what a sync one returns
+        self.is_async = inspect.iscoroutinefunction(inspect.unwrap(fn))
 
     def __repr__(self):
         return "<task %s>" % self.name
@@ -5182,7 +5198,8 @@ def _drive(coroutine):
     except StopIteration as stop:
         return stop.value
     coroutine.close()
-    raise RuntimeError("a sync task function returned an awaitable: make it async def")
+    raise RuntimeError("a task function returned an awaitable: make it async def, or "
+                       "keep functools.wraps on the decorator around it")
 
 
 def _plain(status, text, headers=()):
@@ -5308,8 +5325,11 @@ class _AppSide:
     ASGI), and eager mode for tests.  Each client pushes in its own way
     (``_push_calls``, ``_run_eager``)."""
 
-    def _init_app_side(self, base_url, auth_key, insecure, tasks_path, eager):
+    def _init_app_side(self, base_url, auth_key, insecure, tasks_path, eager, task_context):
         self.base_url = base_url
+        # a callable giving the context manager each task function runs in (Flask:
+        # app.app_context), or None
+        self.task_context = task_context
         if auth_key is None:
             keys = (_env("POUSSETACHES_AUTH_KEY"), _env("POUSSETACHES_NEXT_AUTH_KEY"))
         else:
@@ -5414,7 +5434,7 @@ class _AppSide:
         defaults = _task_options(options)
 
         def make(fn):
-            task_name = name or "%s.%s" % (fn.__module__, fn.__qualname__)
+            task_name = name or "%s.%s" % (_module_name(fn), fn.__qualname__)
             if not TASK_NAME.fullmatch(task_name):
                 raise ValueError("task name %r must be 1 to 200 of A-Z, a-z, 0-9, _, . and -, "
                                  "starting with a letter or _: pass name=" % task_name)
@@ -5470,8 +5490,7 @@ class _AppSide:
                 "eager", tries, {"args": call.args, "kwargs": call.kwargs}, call.id,
                 queue=call.options.get("queue", "default"), name=call.task.name))
             try:
-                result = call.task.fn(*call.args, **call.kwargs)
-                return (await result) if inspect.isawaitable(result) else result
+                return await self._run_task(call.task, call.args, call.kwargs)
             except Retry as exc:
                 call.reason = "Retry: %s" % exc
             except Reject as exc:
@@ -5481,6 +5500,17 @@ class _AppSide:
                 _current_task.reset(token)
         self.dead.append(call)
         return None
+
+    async def _run_task(self, task, args, kwargs):
+        """Call a task function in ``task_context``: a sync one here (an eager
+        run of it never suspends), an async one awaited; the result."""
+        with self.task_context() if self.task_context else contextlib.nullcontext():
+            result = task.fn(*args, **kwargs)
+            return (await result) if inspect.isawaitable(result) else result
+
+    def _run_in_thread(self, task, args, kwargs):
+        """A sync task function under the ASGI endpoint, in a worker thread."""
+        return _drive(self._run_task(task, args, kwargs))
 
     def run_pending(self):
         """Eager mode: run every kept one-off call (crons stay kept); how many ran
@@ -5505,8 +5535,9 @@ class _AppSide:
         name = path.rsplit("/", 1)[-1]
         task = self.tasks.get(name)
         if task is None:
-            raise HTTPError(404, "no task %r in this app (a deploy under way?); it has %s"
-                            % (name, ", ".join(sorted(self.tasks)) or "none"))
+            raise HTTPError(404, "no task %r in this app (a deploy under way?); it has %s" % (
+                name, ", ".join(sorted(self.tasks)) or "none: is the module defining them "
+                "imported before the app serves?"))
         call = envelope.payload
         if not (isinstance(call, dict) and isinstance(call.get("args"), list)
                 and isinstance(call.get("kwargs"), dict)):
@@ -5514,6 +5545,13 @@ class _AppSide:
                                  '"kwargs": {...}}: was it pushed with .push()?')
         envelope.name = name
         return task, envelope, call["args"], call["kwargs"]
+
+    def _endpoint_prefix(self):
+        """The endpoint's path prefix; a warning now if it is to refuse everything."""
+        if not self.auth_keys and not self.insecure:
+            logger.warning("the task endpoint has no auth key, so it will refuse every "
+                           "delivery: set POUSSETACHES_AUTH_KEY for the app, as for the daemon")
+        return self.tasks_path + "/"
 
     @staticmethod
     def _outcome(envelope, exc):
@@ -5538,7 +5576,7 @@ class _AppSide:
         ``app.wsgi_app = pt.wsgi(app.wsgi_app)``; Django's wsgi.py:
         ``application = pt.wsgi(get_wsgi_application())``.
         """
-        prefix = self.tasks_path + "/"
+        prefix = self._endpoint_prefix()
 
         def endpoint(environ, start_response):
             path = environ.get("PATH_INFO") or "/"
@@ -5552,9 +5590,8 @@ class _AppSide:
                     environ.get("REQUEST_METHOD"), path, headers, body)
                 token = _current_task.set(envelope)
                 try:
-                    result = task.fn(*args, **kwargs)
-                    if inspect.isawaitable(result):
-                        _run_coroutine(result)
+                    run = self._run_task(task, args, kwargs)
+                    _run_coroutine(run) if task.is_async else _drive(run)
                     answer = self._outcome(envelope, None)
                 except Exception as exc:  # the function's: a 500 with its text, 503, 410
                     answer = self._outcome(envelope, exc)
@@ -5573,10 +5610,11 @@ class _AppSide:
         """The task endpoint as an ASGI app: as ``wsgi``.  FastAPI or Starlette:
         ``app.mount(pt.tasks_path, pt.asgi())``.  An async task function runs
         in the server's loop, a sync one in a thread (``asyncio.to_thread``)."""
-        prefix = self.tasks_path + "/"
+        prefix = self._endpoint_prefix()
 
         async def endpoint(scope, receive, send):
-            if app is not None and (scope["type"] != "http" or not scope["path"].startswith(prefix)):
+            if app is not None and (scope["type"] != "http" or not _asgi_path(scope).startswith(
+                    prefix)):
                 return await app(scope, receive, send)
             if scope["type"] == "lifespan":
                 return await _asgi_lifespan(receive, send)
@@ -5591,9 +5629,9 @@ class _AppSide:
                 token = _current_task.set(envelope)  # to_thread copies the context
                 try:
                     if task.is_async:
-                        await task.fn(*args, **kwargs)
+                        await self._run_task(task, args, kwargs)
                     else:
-                        await asyncio.to_thread(task.fn, *args, **kwargs)
+                        await asyncio.to_thread(self._run_in_thread, task, args, kwargs)
                     answer = self._outcome(envelope, None)
                 except Exception as exc:
                     answer = self._outcome(envelope, exc)
@@ -5612,7 +5650,14 @@ class _AppSide:
 
 
 def _wsgi_body(environ):
-    """A delivery's body from a WSGI environ; HTTPError 400 or 413."""
+    """A delivery's body from a WSGI environ; HTTPError 400 or 413.  Without a
+    Content-Length (chunked, through a proxy), read to the end where the
+    server says the input ends (gunicorn's wsgi.input_terminated)."""
+    if not environ.get("CONTENT_LENGTH") and environ.get("wsgi.input_terminated"):
+        body = environ["wsgi.input"].read(MAX_DELIVERY_BODY + 1)
+        if len(body) > MAX_DELIVERY_BODY:
+            raise HTTPError(413, "a delivery is at most %d bytes" % MAX_DELIVERY_BODY)
+        return body
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
@@ -5622,6 +5667,12 @@ def _wsgi_body(environ):
     if length > MAX_DELIVERY_BODY:
         raise HTTPError(413, "a delivery is at most %d bytes" % MAX_DELIVERY_BODY)
     return environ["wsgi.input"].read(length) if length else b""
+
+
+def _asgi_path(scope):
+    """The request's path in the app: without the ``root_path`` it is served under."""
+    path, root = scope["path"], scope.get("root_path") or ""
+    return path[len(root):] if root and path.startswith(root + "/") else path
 
 
 async def _asgi_body(headers, receive):
@@ -5656,13 +5707,13 @@ class PousseTaches(_ApiCalls, _AppSide):
     """
 
     def __init__(self, api_url=None, base_url="", auth_key=None, api_key=None, timeout=30.0,
-                 insecure=False, tasks_path=DEFAULT_TASKS_PATH, eager=False):
+                 insecure=False, tasks_path=DEFAULT_TASKS_PATH, eager=False, task_context=None):
         self.api_key = _env("POUSSETACHES_API_KEY") if api_key is None else api_key
         self.timeout = timeout
         self._local = threading.local()
         self._point_at(api_url or _env("POUSSETACHES_URL", "http://%s:%d" % (
             DEFAULT_HOST, DEFAULT_PORT)))
-        self._init_app_side(base_url, auth_key, insecure, tasks_path, eager)
+        self._init_app_side(base_url, auth_key, insecure, tasks_path, eager, task_context)
 
     # -- transport -------------------------------------------------------------
 
@@ -5798,17 +5849,17 @@ class AsyncPousseTaches(_ApiCalls, _AppSide):
     """
 
     def __init__(self, api_url=None, base_url="", auth_key=None, api_key=None, timeout=30.0,
-                 insecure=False, tasks_path=DEFAULT_TASKS_PATH, eager=False):
+                 insecure=False, tasks_path=DEFAULT_TASKS_PATH, eager=False, task_context=None):
         self._sync = PousseTaches(api_url, base_url, (), api_key, timeout)  # its address
         self.api_url = self._sync.api_url
         self.timeout = timeout
-        self._loops = weakref.WeakKeyDictionary()  # event loop -> [Lock, streams or None]
-        self._init_app_side(base_url, auth_key, insecure, tasks_path, eager)
+        self._loops = {}  # event loop -> [Lock, streams or None, _keep task], while it runs
+        self._init_app_side(base_url, auth_key, insecure, tasks_path, eager, task_context)
 
     def _point_at(self, api_url):
         self._sync._point_at(api_url)
         self.api_url = self._sync.api_url
-        self._loops = weakref.WeakKeyDictionary()
+        self._loops = {}
 
     def _here(self):
         """This event loop's [Lock, streams]: a connection belongs to one loop."""
@@ -5816,7 +5867,22 @@ class AsyncPousseTaches(_ApiCalls, _AppSide):
         state = self._loops.get(loop)
         if state is None:
             state = self._loops[loop] = [asyncio.Lock(), None]
+            # held here: a loop keeps only weak references to its tasks
+            state.append(loop.create_task(self._keep(loop, state)))
         return state
+
+    async def _keep(self, loop, state):
+        """Lives as long as its loop runs: asyncio.run cancels it at its end,
+        and the loop's connection is closed then, while the loop can still
+        close it (a loop closed first would keep it, and itself, forever)."""
+        try:
+            await loop.create_future()
+        finally:
+            if self._loops.get(loop) is state:
+                del self._loops[loop]
+            if state[1] is not None:
+                state[1][1].close()
+                state[1] = None
 
     async def close(self):
         """Close this event loop's connection."""
@@ -5840,7 +5906,8 @@ class AsyncPousseTaches(_ApiCalls, _AppSide):
                 try:
                     if state[1] is None:
                         state[1] = await asyncio.wait_for(asyncio.open_connection(
-                            *self._sync._address, ssl=self._sync._https or None), self.timeout)
+                            *self._sync._address, ssl=self._sync._https or None,
+                            limit=MAX_HEAD), self.timeout)
                     status, close, text = await asyncio.wait_for(
                         self._exchange(state[1], head.encode("latin-1") + data), self.timeout)
                     break
@@ -5859,21 +5926,22 @@ class AsyncPousseTaches(_ApiCalls, _AppSide):
 
     @staticmethod
     async def _exchange(streams, data):
-        """Write a request, read its answer: (status, must close?, body)."""
+        """Write a request, read its answer: (status, must close?, body).  The
+        head is read whole, MAX_HEAD bytes at most (the stream's limit), and
+        parsed by read_head, as the sync client's is."""
         reader, writer = streams
         writer.write(data)
         await writer.drain()
-        line = await reader.readline()
-        if not line:
-            raise EOFError("the daemon closed the connection")
-        status = int(line.split()[1])
-        headers = {}
-        while True:
-            line = await reader.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
+        try:
+            head = io.BytesIO(await reader.readuntil(b"\r\n\r\n"))
+            status = int(head.readline().split()[1])
+            headers = read_head(head)
+        except asyncio.IncompleteReadError:
+            raise EOFError("the daemon closed the connection") from None
+        except asyncio.LimitOverrunError:
+            raise ValueError("the answer's head is larger than %d bytes" % MAX_HEAD) from None
+        except (HTTPError, IndexError, ValueError) as exc:
+            raise ValueError("not an HTTP answer: %s" % exc) from None
         if headers.get("transfer-encoding", "").lower() == "chunked":
             chunks = []
             while True:  # a listing comes in pieces

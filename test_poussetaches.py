@@ -11,8 +11,8 @@ import contextlib
 import hashlib
 import hmac
 import http.client
-import io
 import http.server
+import io
 import json
 import logging
 import os
@@ -4409,6 +4409,41 @@ class TestAsyncClient(unittest.TestCase):
             self.assertEqual(len(set(ids)), 46)
             self.assertEqual(call(d.url, "GET", "/")[2]["waiting"], 46)
 
+    def test_a_bad_answer_head_is_refused(self):
+        """The async client reads an answer's head with the sync client's strict
+        reader: a header line without a colon, a head past 64 KiB, no status."""
+        import asyncio
+        answers = [b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+                   b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+                   b"nonsense\r\n\r\n",
+                   b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}"]
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+
+        def serve():
+            for answer in answers:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(answer)
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        client = pt.AsyncPousseTaches("http://127.0.0.1:%d" % listener.getsockname()[1])
+
+        async def main():
+            errors = []
+            for _ in answers:
+                with self.assertRaises(pt.DaemonUnavailable) as ctx:
+                    await asyncio.wait_for(client.status(), WAIT)
+                errors.append(str(ctx.exception))
+            return errors
+        errors = asyncio.run(main())
+        server.join(WAIT)
+        self.assertIn("bad header line", errors[0])
+        self.assertIn("larger than", errors[1])
+        self.assertIn("not an HTTP answer", errors[2])
+        self.assertIn("conflicting Content-Length", errors[3])
+
     def test_async_client_has_every_call_of_the_sync_one(self):
         """SPEC 7: the same methods, coroutines wherever there is I/O.  The sync
         client, against the same daemon, is the oracle for each answer."""
@@ -4873,6 +4908,168 @@ class TestTaskEndpointAsgi(unittest.TestCase):
                          ["lifespan.startup.complete", "lifespan.shutdown.complete"])
         asyncio.run(lifespan(wrapped))
         self.assertEqual(seen[-1], "lifespan")
+
+
+class TestTaskEndpointDetails(unittest.TestCase):
+    """What a real deployment met: decorated async functions, root_path, chunked
+    bodies, a framework's context, names under ``python app.py``, loops that end."""
+
+    def test_decorated_async_functions_are_awaited_everywhere(self):
+        import asyncio
+        import functools
+        app = pt.PousseTaches(auth_key=KEY)
+        ran = []
+
+        def logged(fn):
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                return fn(*args, **kwargs)
+            return wrapper
+
+        @app.task(name="deco")
+        @logged
+        async def deco(x):
+            await asyncio.sleep(0)
+            ran.append(x)
+        app.task(name="bare")(lambda x: deco.fn(x))  # no functools.wraps: said so
+        body = envelope_of({"args": ["wsgi"], "kwargs": {}})
+        with serving_wsgi(app.wsgi()) as base:
+            self.assertEqual(call(base, "POST", "/_tasks/deco", raw=body,
+                                  headers={"Poussetaches-Auth-Key": KEY})[0], 200)
+            with self.assertLogs("poussetaches", "ERROR"):
+                status, _, text = call(base, "POST", "/_tasks/bare", raw=body,
+                                       headers={"Poussetaches-Auth-Key": KEY})
+        self.assertEqual(status, 500)
+        self.assertIn(b"make it async def", text)
+        harness = TestTaskEndpointAsgi()
+        harness.app = app
+        self.assertEqual(harness.deliver("deco", ["asgi"])[0], 200)
+        with self.assertLogs("poussetaches", "ERROR"):
+            self.assertEqual(harness.deliver("bare", ["no"])[0], 500)
+        app.eager = True
+        deco.push("eager")
+        self.assertEqual(ran, ["wsgi", "asgi", "eager"])
+
+    def test_root_path_and_chunked_bodies(self):
+        app = pt.PousseTaches(auth_key=KEY)
+        ran = []
+        app.task(name="t")(lambda x: ran.append(x))
+        harness = TestTaskEndpointAsgi()
+        harness.app = app
+        body = envelope_of({"args": ["behind /api"], "kwargs": {}})
+
+        async def inner(scope, receive, send):
+            raise AssertionError("a delivery reached the app: %r" % scope["path"])
+        wrapped = app.asgi(inner)
+        for root, path in (("/api", "/api/_tasks/t"), ("/api", "/_tasks/t"), ("", "/_tasks/t")):
+            import asyncio
+
+            async def main():
+                events = [{"type": "http.request", "body": body}]
+                sent = []
+
+                async def receive():
+                    return events.pop(0)
+
+                async def send(event):
+                    sent.append(event)
+                await wrapped({"type": "http", "method": "POST", "path": path,
+                               "root_path": root,
+                               "headers": [(b"poussetaches-auth-key", KEY.encode())]},
+                              receive, send)
+                return sent[0]["status"]
+            self.assertEqual(asyncio.run(main()), 200, (root, path))
+        # a chunked body under a WSGI server that says where the input ends
+        endpoint = app.wsgi()
+        answers = []
+        for terminated in (True, False):
+            environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/_tasks/t",
+                       "HTTP_TRANSFER_ENCODING": "chunked", "HTTP_POUSSETACHES_AUTH_KEY": KEY,
+                       "wsgi.input": io.BytesIO(body), "wsgi.input_terminated": terminated}
+            endpoint(environ, lambda status, headers: answers.append(status))
+        self.assertEqual(answers, ["200 OK", "400 Bad Request"])
+        self.assertEqual(ran, ["behind /api"] * 4)
+
+    def test_task_context_wraps_every_run(self):
+        import asyncio
+        events = []
+
+        @contextlib.contextmanager
+        def app_context():
+            events.append("enter")
+            yield
+            events.append("exit")
+        app = pt.PousseTaches(auth_key=KEY, task_context=app_context)
+
+        @app.task(name="s")
+        def sync_task():
+            events.append("sync")
+
+        @app.task(name="a")
+        async def async_task():
+            await asyncio.sleep(0)
+            events.append("async")
+        harness = TestTaskEndpointAsgi()
+        harness.app = app
+        with serving_wsgi(app.wsgi()) as base:
+            for name in ("s", "a"):
+                call(base, "POST", "/_tasks/" + name, raw=envelope_of({"args": [], "kwargs": {}}),
+                     headers={"Poussetaches-Auth-Key": KEY})
+        harness.deliver("s")
+        harness.deliver("a")
+        app.eager = True
+        sync_task.push()
+        self.assertEqual(events, ["enter", "sync", "exit", "enter", "async", "exit"] * 2
+                         + ["enter", "sync", "exit"])
+
+    def test_default_names_do_not_depend_on_how_the_file_runs(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        os.mkdir(os.path.join(tmp, "shop"))
+        for path in ("shop/__init__.py", "other.py"):
+            open(os.path.join(tmp, path), "w").close()
+        source = ("import poussetaches\npt = poussetaches.PousseTaches()\n"
+                  "@pt.task\ndef ship(order):\n    pass\nprint(ship.name)\n")
+        for path in ("app.py", "shop/tasks.py"):
+            with open(os.path.join(tmp, path), "w") as f:
+                f.write(source)
+        env = dict(os.environ, PYTHONPATH=HERE)
+        names = []
+        for args in (["app.py"], ["-c", "import app"], ["-m", "shop.tasks"],
+                     ["-c", "import shop.tasks"]):
+            out = subprocess.run([sys.executable] + args, cwd=tmp, env=env, capture_output=True,
+                                 text=True, timeout=WAIT)
+            names.append(out.stdout.strip() or out.stderr)
+        self.assertEqual(names, ["app.ship", "app.ship", "shop.tasks.ship", "shop.tasks.ship"])
+
+    def test_an_endpoint_without_a_key_warns_when_made(self):
+        app = pt.PousseTaches(auth_key="")
+        with self.assertLogs("poussetaches", "WARNING") as logs:
+            app.wsgi()
+            app.asgi()
+        self.assertEqual(len(logs.output), 2)
+        self.assertIn("refuse every delivery", logs.output[0])
+
+    def test_an_async_client_keeps_no_loop_that_has_ended(self):
+        """Each asyncio.run's connection is closed as that loop ends: the client
+        kept every loop and a socket each (a connection per loop, never freed)."""
+        import asyncio
+        import gc
+
+        def sockets():
+            return sum(os.readlink("/proc/self/fd/" + fd).startswith("socket:")
+                       for fd in os.listdir("/proc/self/fd") if os.path.exists(
+                           "/proc/self/fd/" + fd))
+        with running_daemon(paused=True) as d:
+            client = pt.AsyncPousseTaches(d.url)
+            asyncio.run(client.status())
+            gc.collect()
+            before = sockets()
+            for _ in range(10):
+                asyncio.run(asyncio.wait_for(client.status(), WAIT))
+            gc.collect()
+            self.assertEqual(client._loops, {})
+            self.assertLessEqual(sockets(), before)
 
 
 async def asyncio_sleep0():
