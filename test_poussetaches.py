@@ -3645,10 +3645,13 @@ class TestAttackerFindings(unittest.TestCase):
         with receiver() as rx, self.assertLogs("poussetaches", "WARNING") as logs:
             rx.answers["/gone"] = [(410, b"")] * 10
             with running_daemon(data_dir=data, **caps) as d:
-                ok = [call(d.url, "POST", "/", {"url": rx.url("/ok"),
-                                                "payload": b64(b"s" * 900)})[2]["id"]
-                      for _ in range(4)]
-                rx.wait_for(4, path="/ok")
+                ok = []
+                for n in range(1, 5):  # one at a time: two 900-byte payloads waiting are a 507
+                    ok.append(call(d.url, "POST", "/", {"url": rx.url("/ok"),
+                                                        "payload": b64(b"s" * 900)})[2]["id"])
+                    rx.wait_for(n, path="/ok")
+                    wait_until(lambda: call(d.url, "GET", "/")[2]["waiting"] == 0,
+                               what="the task settled")
                 wait_until(lambda: call(d.url, "GET", "/")[2]["success"] == 2 and
                            d.store.dropped["success", "bytes"] == 2, what="success trimmed")
                 gone = [call(d.url, "POST", "/", {"url": rx.url("/gone"),
