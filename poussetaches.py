@@ -3071,8 +3071,10 @@ def build_opener(handler):
 
 
 class Outcome(collections.namedtuple(
-        "Outcome", "status body started duration retry_after req_id", defaults=(None, ""))):
-    """What one delivery attempt gave: status (-1 for no answer), body, timing."""
+        "Outcome", "status body started duration retry_after req_id task_retry",
+        defaults=(None, "", False))):
+    """What one delivery attempt gave: status (-1 for no answer), body, timing;
+    ``task_retry``: the answer is a task function's Retry, not the app down."""
 
     __slots__ = ()
 
@@ -3173,7 +3175,7 @@ class Delivery:
         req_id = "%012x" % random.getrandbits(48)  # unique enough, and no system call
         started = self.clock()
         t0 = time.monotonic()
-        retry_after = None
+        retry_after, task_retry = None, False
         try:
             req = self.request(task, tries, req_id)
             response = self.opener.open(req, timeout=task.timeout_s or timeout or self.timeout)
@@ -3191,13 +3193,15 @@ class Delivery:
                 if status in (429, 503):
                     retry_after = parse_retry_after(response.headers.get("Retry-After"),
                                                     started / 1e9)
+                    task_retry = response.headers.get("Poussetaches-Outcome") == "retry"
             finally:
                 self.http.release(response)
         except (OSError, http.client.HTTPException, ValueError) as exc:
             status = -1
             reason = getattr(exc, "reason", None)
             body = ("%s: %s" % (type(exc).__name__, reason if reason is not None else exc)).encode()
-        return Outcome(status, body, started, time.monotonic() - t0, retry_after, req_id)
+        return Outcome(status, body, started, time.monotonic() - t0, retry_after, req_id,
+                       task_retry)
 
 
 class Stats:
@@ -3350,8 +3354,8 @@ class Dispatcher:
     def _deliver(self, task, version, origin):
         policy = self.store.queue_settings(task.queue)  # a task's fields > its queue > flags
         outcome = self.delivery.attempt(task, policy.get("timeout_s"))
-        self.breakers.record(origin, outcome.status in UNAVAILABLE and
-                             outcome.status != task.expected)
+        self.breakers.record(origin, outcome.status in UNAVAILABLE and not outcome.task_retry
+                             and outcome.status != task.expected)
         ok = outcome.status == task.expected
         result = "success" if ok else "error" if outcome.status < 0 else "failure"
         self.stats.attempt(result, outcome.duration, origin, task.queue)
@@ -5250,7 +5254,7 @@ class _ApiCalls:
     # -- our calls ----------------------------------------------------------------
 
     def enqueue(self, body):
-        """POST an enqueue body as it is (SPEC 2's fields); returns the task's JSON."""
+        """POST an enqueue body as it is (the HTTP API's fields); returns the task's JSON."""
         return self._call("POST", "/", body)
 
     def listing(self, table, limit=None, offset=0, **filters):
@@ -5559,8 +5563,10 @@ class _AppSide:
         if exc is None:
             return _plain(200, "")
         if isinstance(exc, Retry):
-            after = [] if exc.after is None else [
-                ("Retry-After", str(max(0, math.ceil(exc.after))))]
+            # the header tells the daemon's circuit breaker that the app is up: a
+            # task asking for later is not its origin down
+            after = [("Poussetaches-Outcome", "retry")] + ([] if exc.after is None else [
+                ("Retry-After", str(max(0, math.ceil(exc.after))))])
             return _plain(503, "Retry: %s" % (str(exc) or "asked by the task"), after)
         if isinstance(exc, Reject):
             return _plain(410, "Reject: %s" % (str(exc) or "asked by the task"))
@@ -6189,7 +6195,7 @@ class Daemon:
                 self._changed.wait(left)
 
     def warnings(self):
-        """What is unsafe in this configuration (SPEC 5), one sentence each."""
+        """What is unsafe in this configuration, one sentence each."""
         out = []
         if not self.loopback_bound and not self.api_key:
             out.append("listening on %s without POUSSETACHES_API_KEY: anyone who reaches this "

@@ -4672,6 +4672,15 @@ class TestTaskFunctions(unittest.TestCase):
         # min_backoff is 50 ms: only the Retry-After of 120 s can put it 2 minutes out
         self.assertGreater(task["next_run"], time.time_ns() + 100 * 10 ** 9)
 
+    def test_a_task_asking_for_later_is_not_the_app_down(self):
+        """Five 503s in a row open an origin's circuit; five Retry raised by task
+        functions are the app answering, and hold none of its other tasks."""
+        ids = [self.later.push() for _ in range(6)]
+        wait_until(lambda: all(self.state(i)["tries"] == 1 for i in ids), what="six Retry")
+        self.assertEqual(call(self.d.url, "GET", "/")[2]["open_breakers"], [])
+        task_id = self.add.push("still served")
+        self.assertEqual(self.settled(task_id)["state"], "success")
+
     def test_reject_is_dead_at_once_with_its_reason(self):
         task_id = self.refuse.push("no such user: 42")
         task = self.settled(task_id)
