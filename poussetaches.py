@@ -5353,8 +5353,13 @@ class _AppSide:
 
     @property
     def auth_key(self):
-        """The first key ``parse`` accepts ("" when none), as in the original client."""
+        """The first key ``parse`` accepts ("" when none), as in the original client;
+        setting it sets the only key."""
         return self.auth_keys[0] if self.auth_keys else ""
+
+    @auth_key.setter
+    def auth_key(self, key):
+        self.auth_keys = (key,) if key else ()
 
     # -- checking a delivery -----------------------------------------------------
 

@@ -4289,6 +4289,8 @@ class TestClient(unittest.TestCase):
             open_client = pt.PousseTaches(self.d.url, auth_key="", insecure=True)
         self.assertIn("insecure=True", logs.output[0])
         self.assertEqual(open_client.parse(headers={}, body=got["body"]).payload, {"a": 1})
+        no_key.auth_key = self.client.auth_key  # set as on the original client
+        self.assertEqual(no_key.parse(headers=headers, body=got["body"]).payload, {"a": 1})
 
     def test_listings_as_the_original_objects(self):
         task_id = self.client.push({"later": True}, "/later", delay=5)
