@@ -1335,17 +1335,36 @@ class SortedKeys:
                 out.extend(block[:limit - len(out)])
         return out
 
-    def page(self, offset, limit):
-        """The keys from position ``offset``, at most ``limit`` of them."""
+    def page(self, offset, limit, reverse=False):
+        """The keys from position ``offset``, at most ``limit`` of them; with
+        ``reverse``, from the end: the largest first."""
         out = []
-        for block in self._blocks:
+        for block in reversed(self._blocks) if reverse else self._blocks:
             if len(out) >= limit:
                 break
             if offset >= len(block):
                 offset -= len(block)
                 continue
-            out.extend(block[offset:offset + limit - len(out)])
+            if reverse:
+                end = len(block) - offset
+                out.extend(reversed(block[max(0, end - (limit - len(out))):end]))
+            else:
+                out.extend(block[offset:offset + limit - len(out)])
             offset = 0
+        return out
+
+    def before(self, key, limit):
+        """The keys smaller than ``key``, the largest first, at most ``limit`` of them."""
+        i = bisect.bisect_left(self._maxes, key)  # blocks before i hold only smaller keys
+        out = []
+        if i < len(self._blocks):
+            block = self._blocks[i]
+            out.extend(reversed(block[max(0, bisect.bisect_left(block, key) - limit):
+                                      bisect.bisect_left(block, key)]))
+        for block in reversed(self._blocks[:i]):
+            if len(out) >= limit:
+                break
+            out.extend(reversed(block[max(0, len(block) - (limit - len(out))):]))
         return out
 
 
@@ -1854,10 +1873,11 @@ class Store:
             out["cron"] = len(self._order["cron"])
             return out
 
-    def listing(self, table, limit=None, offset=0, match=None):
-        """(total, pieces) of a table by next_run ascending (``cron`` is a view of
-        waiting): how many tasks it holds (that ``match(task)``, when given), and
-        an iterator over lists of their JSON, from ``offset``, ``limit`` at most.
+    def listing(self, table, limit=None, offset=0, match=None, descending=False):
+        """(total, pieces) of a table by next_run, ascending unless ``descending``
+        (``cron`` is a view of waiting): how many tasks it holds (that
+        ``match(task)``, when given), and an iterator over lists of their JSON,
+        from ``offset``, ``limit`` at most.
 
         Each piece of at most LIST_PIECE tasks is read in one short hold of the
         lock, and the next one resumes after the last key seen, so a listing of
@@ -1869,9 +1889,9 @@ class Store:
                 total = len(self._order[table])
         else:  # a first pass counts: filters are for operators, not the hot path
             total = sum(len(piece) for piece in self._pieces(table, None, 0, match, False))
-        return total, self._pieces(table, limit, offset, match, True)
+        return total, self._pieces(table, limit, offset, match, True, descending)
 
-    def _pieces(self, table, limit, offset, match, encode):
+    def _pieces(self, table, limit, offset, match, encode, descending=False):
         source = "waiting" if table == "cron" else table
         remaining = float("inf") if limit is None else limit
         skip = offset if match is not None else 0
@@ -1880,10 +1900,10 @@ class Store:
             count = LIST_PIECE if match is not None else int(min(LIST_PIECE, remaining))
             with self._lock:
                 order, tasks = self._order[table], self._tables[source]
-                if last is None and match is None:
-                    keys = order.page(offset, count)
+                if last is None:
+                    keys = order.page(offset if match is None else 0, count, descending)
                 else:
-                    keys = order.page(0, count) if last is None else order.after(last, count)
+                    keys = (order.before if descending else order.after)(last, count)
                 found = [tasks[key[1]] for key in keys if key[1] in tasks]
                 if match is not None:
                     found = [task for task in found if match(task)]
@@ -3555,7 +3575,10 @@ PAGING = (("limit", {"type": "integer", "minimum": 0, "maximum": MAX_LIST_LIMIT}
           ("queue", "string", "only the tasks of this queue"),
           ("url_prefix", "string", "only the tasks whose URL starts with this"),
           ("q", "string", "only the tasks whose id, URL or idempotency key contains this "
-                          "(case-insensitive)"))
+                          "(case-insensitive)"),
+          ("order", {"type": "string", "enum": ["asc", "desc"]},
+           "by next_run: asc (the default, the original's order) or desc; in success and "
+           "dead, next_run is when the last attempt was due, so desc is the latest first"))
 
 
 class Raw(collections.namedtuple("Raw", "content_type body")):
@@ -3947,6 +3970,9 @@ class Api:
     def _listing(self, table, query):
         limit = self._int_param(query, "limit", None, 0, MAX_LIST_LIMIT)
         offset = self._int_param(query, "offset", 0, 0, 10 ** 9)
+        order = (query.get("order") or ["asc"])[-1]
+        if order not in ("asc", "desc"):
+            raise HTTPError(400, "order must be asc or desc, not %r" % order[:20])
         match = None
         filters = {name: query[name][-1] for name in ("queue", "url_prefix", "q") if name in query}
         if filters:
@@ -3956,7 +3982,7 @@ class Api:
                                and t.url.startswith(prefix)
                                and (not text or text in t.id or text in t.url.lower()
                                     or text in (t.idempotency_key or "").lower()))
-        total, pieces = self.store.listing(table, limit, offset, match)
+        total, pieces = self.store.listing(table, limit, offset, match, order == "desc")
         head = '{"total":%d,"limit":%s,"offset":%d,"tasks":[' % (
             total, "null" if limit is None else limit, offset)
         return 200, Stream("application/json", _json_list(head, pieces, "]}\n")), {}
@@ -4542,9 +4568,9 @@ async function refresh(){try{const s=await api("GET","/");paused=s.paused;$("err
  $("actions").replaceChildren(...actions());
  $("when").textContent=table==="success"||table==="dead"?"Last run":"Next run";$("last").textContent=table==="success"?"Status":"Last error";
  $("queues").replaceChildren(...(await api("GET","/queues")).queues.map(queueRow));
- const q=$("filter").value.trim(),page=await api("GET","/"+table+"?limit="+PAGE+"&offset="+offset+(q?"&q="+encodeURIComponent(q):""));
+ const done=table==="success"||table==="dead",q=$("filter").value.trim(),page=await api("GET","/"+table+"?limit="+PAGE+"&offset="+offset+(done?"&order=desc":"")+(q?"&q="+encodeURIComponent(q):""));
  $("rows").replaceChildren(...page.tasks.flatMap(row));
- $("page").textContent=page.total?(offset+1)+"-"+(offset+page.tasks.length)+" of "+page.total:"no tasks";
+ $("page").textContent=page.total?(offset+1)+"-"+(offset+page.tasks.length)+" of "+page.total+(done?", the latest first":", the soonest first"):"no tasks";
  $("prev").disabled=offset===0;$("next").disabled=offset+PAGE>=page.total}catch(e){$("err").textContent=e.message}}
 window.addEventListener("hashchange",()=>{const h=location.hash.slice(1);if(TABLES.includes(h)&&h!==table){table=h;offset=0;refresh()}});
 $("toggle").onclick=()=>act("POST",paused?"/resume":"/pause");
@@ -5128,12 +5154,21 @@ class GetTask:
         return cls(**fields)
 
 
+def _not_the_daemon(status, text):
+    """The error for an answer that is not a poussetaches daemon's."""
+    return ClientError(status, "the answer (%d, %r) is not from a poussetaches daemon: check "
+                               "its URL (--url, POUSSETACHES_URL)" % (status, text[:60]))
+
+
 def _answer(status, text):
-    """The JSON of an API answer; ClientError for a 4xx or 5xx, with its message."""
+    """The JSON of an API answer; ClientError for a 4xx or 5xx, with its message,
+    and for an answer that is not JSON: no daemon of ours sent it."""
     try:
-        doc = json.loads(text) if text else {}
-    except ValueError:
-        doc = {"error": text[:200].decode("utf-8", "replace")}
+        doc = json.loads(text)
+    except ValueError:  # an empty body too: every answer of the daemon is an object
+        doc = None
+    if not isinstance(doc, dict):
+        raise _not_the_daemon(status, text)
     if status >= 400:
         message = doc.get("error") if isinstance(doc, dict) else None
         raise ClientError(status, "the daemon answered %d: %s" % (status, message or "?"))
@@ -5809,8 +5844,15 @@ class PousseTaches(_ApiCalls, _AppSide):
         timeout_s, headers, idempotency_key, queue, priority, ordering_key, name.
         """
         body = self._body(payload, path, expected, schedule, delay, **extra)
-        _, headers, _ = self.request("POST", "/", body, parse=False)
-        return headers["Poussetaches-Task-ID"]
+        return self._task_id(*self.request("POST", "/", body, parse=False)[:2])
+
+    @staticmethod
+    def _task_id(status, headers):
+        """The id an enqueue's answer gives in its header."""
+        task_id = headers.get("Poussetaches-Task-ID")
+        if task_id is None:
+            raise _not_the_daemon(status, b"no Poussetaches-Task-ID header")
+        return task_id
 
     def push_many(self, items):
         """Enqueue many tasks, each a dict of push()'s keyword arguments; returns
@@ -5836,8 +5878,7 @@ class PousseTaches(_ApiCalls, _AppSide):
         else:
             bodies = self._call_bodies(task, options, calls)
             if single:
-                return self.request("POST", "/", bodies[0], parse=False)[1][
-                    "Poussetaches-Task-ID"]
+                return self._task_id(*self.request("POST", "/", bodies[0], parse=False)[:2])
             ids = self.batch(bodies)
         return ids[0] if single else ids
 
@@ -6498,6 +6539,9 @@ def build_parser():
     ls.add_argument("--url-prefix", metavar="P", help="only the tasks whose URL starts with P")
     ls.add_argument("-q", "--search", metavar="TEXT",
                     help="only the tasks whose id, URL or idempotency key contains TEXT")
+    ls.add_argument("--order", choices=("asc", "desc"),
+                    help="by next run: asc or desc (default: desc for success and dead, "
+                         "the latest first; asc for waiting and cron, the soonest first)")
     queue_cmd = sub.add_parser("queue", help="Queues: ls, show, set, pause, resume, rm")
     actions = queue_cmd.add_subparsers(dest="action", metavar="ACTION", required=True)
     client("ls", "List the queues, their counts and lag", parent=actions)
@@ -6625,18 +6669,23 @@ def run_client(args, out=None):
         if args.command == "queue":
             return _queue_command(client, args, out)
         if args.command == "ls":
+            order = args.order or ("desc" if args.table in ("success", "dead") else "asc")
             doc = client.listing(args.table, args.limit, args.offset, queue=args.queue,
-                                 url_prefix=args.url_prefix, q=args.search)
+                                 url_prefix=args.url_prefix, q=args.search, order=order)
             if args.as_json:
                 out.write(json.dumps(doc, indent=2) + "\n")
                 return 0
-            rows = [[t["id"][:12], _when(t["next_run"]), str(t["tries"]),
+            done = args.table in ("success", "dead")
+            rows = [[t["id"][:12], _when(t["last_run" if done else "next_run"]), str(t["tries"]),
                      str(t["last_error_status_code"] or "-"),
                      t["url"] + (" (%s)" % t["schedule"] if t["schedule"] else "")]
                     for t in doc["tasks"]]
-            _print_table(rows, ["ID", "NEXT RUN", "TRIES", "LAST", "URL"], out)
+            _print_table(rows, ["ID", "LAST RUN" if done else "NEXT RUN", "TRIES", "LAST", "URL"],
+                         out)
             shown = len(doc["tasks"])
-            out.write("%d of %d %s tasks\n" % (shown, doc["total"], args.table))
+            out.write("%d of %d %s tasks, %s\n" % (shown, doc["total"], args.table, (
+                "the latest first" if order == "desc" else "the earliest first") if done else
+                ("the soonest first" if order == "asc" else "the latest first")))
             return 0
         if args.command == "dead":
             out.write("%d dead tasks purged\n" % client.purge_dead())

@@ -1533,6 +1533,14 @@ class TestSortedKeys(unittest.TestCase):
                 self.assertEqual(len(keys), len(model))
                 offset, limit = rng.randrange(len(model) + 3), rng.randrange(1, 40)
                 self.assertEqual(keys.page(offset, limit), model[offset:offset + limit])
+                newest = model[::-1]
+                self.assertEqual(keys.page(offset, limit, reverse=True),
+                                 newest[offset:offset + limit])
+                probe = rng.choice(model) if model and rng.random() < 0.5 else (
+                    rng.randrange(-5, 1005), "%04d" % rng.randrange(10000))
+                self.assertEqual(keys.before(probe, limit),
+                                 [k for k in newest if k < probe][:limit])
+                self.assertEqual(keys.after(probe, limit), [k for k in model if k > probe][:limit])
 
 
 class TestDueQueue(unittest.TestCase):
@@ -3418,6 +3426,19 @@ class TestDropIn(unittest.TestCase):
                              set(range(1490)))
             self.assertEqual(len(client.get_waiting()), 1500)
             self.assertEqual(len(call(d.url, "GET", "/waiting?limit=100")[2]["tasks"]), 100)
+            # the latest first, on request: streamed in pieces, or paged, or filtered
+            everything = [t["id"] for t in call(d.url, "GET", "/waiting")[2]["tasks"]]
+            latest = [t["id"] for t in call(d.url, "GET", "/waiting?order=desc")[2]["tasks"]]
+            self.assertEqual(latest, everything[::-1])
+            pages = [t["id"] for offset in range(0, 1500, 600) for t in call(
+                d.url, "GET", "/waiting?order=desc&limit=600&offset=%d" % offset)[2]["tasks"]]
+            self.assertEqual(pages, latest)
+            matching = [t["id"] for t in call(d.url, "GET", "/waiting?order=desc&offset=2&q=/t/1")[
+                2]["tasks"]]
+            ones = {t["id"] for t in call(d.url, "GET", "/waiting?q=/t/1")[2]["tasks"]}
+            self.assertEqual(matching, [i for i in latest if i in ones][2:])
+            status, _, doc = call(d.url, "GET", "/waiting?order=newest")
+            self.assertEqual((status, doc["error"]), (400, "order must be asc or desc, not 'newest'"))
             # HTTP/1.0 gets the same without chunks, closed at the end
             answer = raw_exchange(d.port, b"GET /cron HTTP/1.0\r\n\r\n")
             self.assertTrue(answer.endswith(b'"tasks":[]}\n'), answer[-60:])
@@ -5334,6 +5355,45 @@ class TestCli(unittest.TestCase):
             os.environ.clear()
             os.environ.update(saved)
         return code, out.getvalue(), err.getvalue()
+
+    def test_an_answer_not_from_a_daemon_is_one_line_saying_so(self):
+        """push --url given the app's URL posted to the app and printed its HTML page."""
+        with receiver() as rx:
+            rx.answers["/"] = [(404, b"<!doctype html><title>Not Found</title>" * 20)]
+            for answer in ((404, b"<html>nope</html>"), (200, b"<html>home</html>"),
+                           (200, b"")):
+                rx.answers["/"] = [answer]
+                code, out, err = self.run_cli("--url", rx.base, "push", "http://app:8000/t")
+                self.assertEqual((code, out), (1, ""))
+                self.assertEqual(len(err.splitlines()), 1, err)
+                self.assertIn("is not from a poussetaches daemon: check its URL", err)
+                with self.assertRaises(pt.ClientError) as ctx:
+                    pt.PousseTaches(rx.base, "http://app").get_task("abcdef")
+                if answer[1]:
+                    self.assertIn("not from a poussetaches daemon", str(ctx.exception))
+
+    def test_ls_shows_success_and_dead_the_latest_first(self):
+        with receiver() as rx, running_daemon() as d:
+            client = pt.PousseTaches(d.url, rx.base)
+            self.addCleanup(client.close)
+            ids = []
+            for n in range(5):  # one after another: each runs after the one before
+                ids.append(client.push({"n": n}, "/ok"))
+                wait_until(lambda: client.status()["success"] == n + 1, what="success")
+            code, out, _ = self.run_cli("--url", d.url, "ls", "success", "--limit", "3")
+            self.assertEqual(code, 0)
+            lines = out.splitlines()
+            self.assertIn("LAST RUN", lines[0])
+            self.assertEqual([line.split()[0] for line in lines[1:4]],
+                             [task_id[:12] for task_id in ids[::-1][:3]])
+            self.assertEqual(lines[-1], "3 of 5 success tasks, the latest first")
+            code, out, _ = self.run_cli("--url", d.url, "ls", "success", "--order", "asc")
+            self.assertEqual(out.splitlines()[1].split()[0], ids[0][:12])
+            self.assertTrue(out.endswith("5 of 5 success tasks, the earliest first\n"))
+            # the dashboard asks for the latest first in success and dead, and says so
+            html = call(d.url, "GET", "/ui")[2].decode()
+            self.assertIn('(done?"&order=desc":"")', html)
+            self.assertIn(", the latest first", html)
 
     def test_commands_against_a_daemon(self):
         with receiver() as rx, running_daemon(max_tries=1, paused=True) as d:
