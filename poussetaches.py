@@ -2066,6 +2066,21 @@ class Store:
 
     # -- the workers' calls ---------------------------------------------------
 
+    def note_interrupted(self, task_id, started, duration):
+        """Add to a waiting task's ``attempts`` one that a stop cut off (``started``:
+        clock ns; ``duration``: s), journaled; the task stays due, as it was."""
+        with self._lock:
+            task = self._tables["waiting"].get(task_id)
+            if task is None:
+                return
+            task.attempts.append({
+                "at": started, "duration_ms": round(duration * 1000, 3), "status": -1,
+                "req_id": "", "error": "interrupted: the daemon stopped during the attempt, "
+                                      "which the app may have run; it will be made again"})
+            del task.attempts[:-ATTEMPTS_KEPT]
+            ticket = self.journal.put("waiting", encode_task(task))
+        ticket.wait()
+
     def claim(self, task_id, version):
         """Mark a due task in flight; returns a detached copy to deliver, or None if stale."""
         with self._lock:
@@ -3296,6 +3311,8 @@ class Dispatcher:
         self._rng_lock = threading.Lock()  # random.Random is not documented thread-safe
         self._stopping = threading.Event()
         self._threads = []
+        self._under_way = {}  # task id -> (clock ns, monotonic s) of its attempt; guarded by:
+        self._under_way_lock = threading.Lock()
         self._specs = {}                     # schedule -> CronSpec; grows with distinct specs
         self.breakers = Breakers(due, clock)
 
@@ -3314,6 +3331,10 @@ class Dispatcher:
         deadline = time.monotonic() + grace
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        with self._under_way_lock:
+            cut = dict(self._under_way)
+        for task_id, (started, t0) in cut.items():  # their tasks stay due: say so in them
+            self.store.note_interrupted(task_id, started, time.monotonic() - t0)
         return sum(t.is_alive() for t in self._threads)
 
     def spec(self, schedule):
@@ -3373,7 +3394,13 @@ class Dispatcher:
 
     def _deliver(self, task, version, origin):
         policy = self.store.queue_settings(task.queue)  # a task's fields > its queue > flags
-        outcome = self.delivery.attempt(task, policy.get("timeout_s"))
+        with self._under_way_lock:
+            self._under_way[task.id] = (self.clock(), time.monotonic())
+        try:
+            outcome = self.delivery.attempt(task, policy.get("timeout_s"))
+        finally:
+            with self._under_way_lock:
+                del self._under_way[task.id]
         self.breakers.record(origin, outcome.status in UNAVAILABLE and not outcome.task_retry
                              and outcome.status != task.expected)
         ok = outcome.status == task.expected

@@ -5683,6 +5683,26 @@ def parse_prometheus(text):
 
 
 class TestOperate(unittest.TestCase):
+    def test_an_attempt_cut_off_by_a_stop_is_recorded(self):
+        """A SIGTERM during a 15 s task left no trace of that attempt: after the
+        restart, attempts listed only the second run."""
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        with receiver() as rx:
+            rx.answers["/slow"] = [(200, b"", {}, 3.0)]
+            with self.assertLogs("poussetaches", "WARNING"):
+                with running_daemon(data_dir=tmp, grace=0.3) as d:
+                    task_id = call(d.url, "POST", "/", {"url": rx.url("/slow")})[2]["id"]
+                    wait_until(lambda: d.store.in_flight() == 1, what="the attempt under way",
+                               poll=0.01)
+            with running_daemon(data_dir=tmp, paused=True) as d:
+                task = call(d.url, "GET", "/tasks/" + task_id)[2]
+        self.assertEqual((task["state"], task["tries"], len(task["attempts"])), ("waiting", 0, 1))
+        attempt = task["attempts"][0]
+        self.assertEqual(attempt["status"], -1)
+        self.assertIn("interrupted", attempt["error"])
+        self.assertGreaterEqual(attempt["duration_ms"], 250)
+
     def test_metrics(self):
         with receiver() as rx, running_daemon() as d:
             rx.answers["/bad"] = [(500, b"")]
