@@ -3105,7 +3105,9 @@ class TestSafeByDefault(unittest.TestCase):
                     s = socket.create_connection(("127.0.0.1", d.port), timeout=WAIT)
                     s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{")
                     busy.append(s)
-                wait_until(lambda: d.server._active == 3, what="three busy connections", poll=0.02)
+                # busy: their heads read (a head still coming may be closed for a newcomer)
+                wait_until(lambda: d.server._active == 3 and not d.server._state,
+                           what="three busy connections", poll=0.02)
                 status, headers, doc = call(d.url, "GET", "/")  # a fourth from 127.0.0.1
                 self.assertEqual((status, headers["Retry-After"]), (503, "1"))
                 self.assertIn("too many connections", doc["error"])
