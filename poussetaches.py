@@ -374,13 +374,14 @@ def schema_check(schema):
     return fits
 
 
-class Param(collections.namedtuple("Param", "name schema message")):
+class Param(collections.namedtuple("Param", "name schema message description")):
     """One field an enqueue body accepts, declared once: its JSON schema (served in
-    /openapi.json, and checked here: type, range, length) and the 400 message for
-    a value that does not fit.  null is the same as absent, for every field."""
+    /openapi.json, and checked here: type, range, length), the 400 message for
+    a value that does not fit, and what it is (the CLI's help).  null is the
+    same as absent, for every field."""
 
-    def __new__(cls, name, schema, message):
-        param = super().__new__(cls, name, schema, message)
+    def __new__(cls, name, schema, message, description=None):
+        param = super().__new__(cls, name, schema, message, description)
         param.fits = schema_check(schema)
         return param
 
@@ -427,18 +428,26 @@ TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,199}")  # a task function's, 
 
 QUEUE_PARAMS = (  # a queue's settings; a task's own fields override them, they the flags
     Param("rate", {"type": "number", "minimum": 0.001, "maximum": 1000000},
-          "rate must be a positive number of attempts per second"),
+          "rate must be a positive number of attempts per second",
+          "attempts per second at most"),
     Param("burst", {"type": "number", "minimum": 1, "maximum": 1000000},
-          "burst must be a number of attempts, at least 1"),
+          "burst must be a number of attempts, at least 1",
+          "attempts that may go at once after a quiet spell (default: the rate, or 1)"),
     Param("concurrency", {"type": "integer", "minimum": 1, "maximum": 100000},
-          "concurrency must be a whole number of attempts at once, at least 1"),
-    Param("max_tries", ENQUEUE["max_tries"].schema, ENQUEUE["max_tries"].message),
+          "concurrency must be a whole number of attempts at once, at least 1",
+          "attempts under way at once at most"),
+    Param("max_tries", ENQUEUE["max_tries"].schema, ENQUEUE["max_tries"].message,
+          "attempts before a task goes dead"),
     Param("min_backoff", {"type": "number", "minimum": 0.001, "maximum": 31536000},
-          "min_backoff must be a positive number of seconds"),
+          "min_backoff must be a positive number of seconds",
+          "seconds before the first retry; each next one waits 4 times longer"),
     Param("max_backoff", {"type": "number", "minimum": 0.001, "maximum": 31536000},
-          "max_backoff must be a positive number of seconds"),
-    Param("timeout_s", ENQUEUE["timeout_s"].schema, ENQUEUE["timeout_s"].message),
-    Param("paused", {"type": "boolean"}, "paused must be true or false"),
+          "max_backoff must be a positive number of seconds",
+          "seconds between two attempts at most"),
+    Param("timeout_s", ENQUEUE["timeout_s"].schema, ENQUEUE["timeout_s"].message,
+          "seconds an attempt may take"),
+    Param("paused", {"type": "boolean"}, "paused must be true or false",
+          "whether the queue holds its tasks"),
 )
 QUEUE = {param.name: param for param in QUEUE_PARAMS}
 RUN_OVERRIDES = ("url", "payload", "json", "headers", "max_tries")  # POST /tasks/<id>/run
@@ -6520,7 +6529,7 @@ def build_parser():
                        type=str.upper, help="default %(default)s")
     serve.add_argument("--log-json", action="store_true", help="one JSON object per log line")
 
-    def client(name, help_text, json_flag=True, parent=sub):
+    def client(name, help_text, json_flag=True, parent=sub, prints="a table"):
         cmd = parent.add_parser(name, help=help_text, description=help_text + ". Talks to the "
                              "daemon at --url (env POUSSETACHES_URL), with the API key of "
                              "env POUSSETACHES_API_KEY when set.")
@@ -6528,7 +6537,7 @@ def build_parser():
                          "POUSSETACHES_URL or http://127.0.0.1:7991)")
         if json_flag:
             cmd.add_argument("--json", dest="as_json", action="store_true",
-                             help="print JSON instead of a table")
+                             help="print the daemon's JSON answer instead of " + prints)
         return cmd
 
     push = client("push", "Enqueue a task (or many, --from-file)", json_flag=False)
@@ -6581,19 +6590,19 @@ def build_parser():
         if param.name != "paused":
             setq.add_argument("--" + param.name.replace("_", "-"), type=_setting_or_default(
                 int if param.schema["type"] == "integer" else float),
-                help=param.message + " ('default': the daemon's again)")
+                help=param.description + " ('default': the daemon's setting again)")
     for name, help_text in (("show", "Show one task and its attempts"),
                             ("run", "Run a waiting task now, or redrive a dead one"),
                             ("cancel", "Cancel a task, or drop a success/dead record")):
         client(name, help_text).add_argument("task_id", metavar="ID")
-    retry = client("retry-dead", "Requeue dead tasks")
+    retry = client("retry-dead", "Requeue dead tasks", prints="a line")
     retry.add_argument("--url-prefix", default="", help="only tasks whose URL starts with this")
-    client("pause", "Pause dispatching")
-    client("resume", "Resume dispatching")
+    client("pause", "Pause dispatching", prints="a line")
+    client("resume", "Resume dispatching", prints="a line")
     client("status", "Show the daemon's status")
     dead = sub.add_parser("dead", help="Dead tasks: purge")
     actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
-    client("purge", "Drop every dead task", parent=actions)
+    client("purge", "Drop every dead task", parent=actions, prints="a line")
     cron = sub.add_parser("cron", help="Cron tasks: rm, preview")
     actions = cron.add_subparsers(dest="action", metavar="ACTION", required=True)
     rm = client("rm", "Remove a cron task, or every one with --all", parent=actions)
@@ -6752,9 +6761,10 @@ def run_client(args, out=None):
             out.write("task %s deleted (it was %s)\n" % (doc["deleted"], doc["state"]))
         elif args.command == "retry-dead":
             out.write("%d dead tasks requeued\n" % doc["requeued"])
+        elif args.command in ("pause", "resume"):
+            out.write("dispatching %s\n" % ("paused" if doc["paused"] else "running"))
         else:
-            for key, value in doc.items():
-                out.write("%-15s %s\n" % (key + ":", value))
+            _print_status(doc, out)
         return 0
     except BrokenPipeError:  # `poussetaches ls waiting | head`: the reader is gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -6782,6 +6792,23 @@ def _json_lines(path):
     finally:
         if stream is not sys.stdin:
             stream.close()
+
+
+def _print_status(doc, out):
+    """``status`` for people: one line a subject, times as times."""
+    now = time.time_ns()
+    circuits = ["%s open, %s" % (b["origin"], "a probe under way" if b["probing"] else
+                                 "next probe in %.1f s" % max(0, (b["next_probe"] - now) / 1e9))
+                for b in doc.get("breakers") or []]
+    lines = [("daemon", "poussetaches %s, dispatching %s" % (
+                  doc.get("version", "?"), "paused" if doc["paused"] else "running")),
+             ("tasks", "%d waiting, %d cron, %d in flight, %d success, %d dead" % (
+                 doc["waiting"], doc["cron"], doc["in_flight"], doc["success"], doc["dead"])),
+             ("storage", "healthy" if doc["healthy"] else
+              "CANNOT WRITE its journal (%d errors): enqueues get 503" % doc["journal_errors"]),
+             ("circuits", "; ".join(circuits) or "all closed")]
+    for key, value in lines:
+        out.write("%-10s %s\n" % (key + ":", value))
 
 
 def _queue_command(client, args, out):
@@ -6812,10 +6839,17 @@ def _queue_command(client, args, out):
         doc = client.queue(name)
     if args.as_json:
         out.write(json.dumps(doc, indent=2) + "\n")
-    else:
-        for key in ("name", "waiting", "due", "in_flight", "oldest_due_age_s"):
-            out.write("%-17s %s\n" % (key + ":", doc[key]))
-        out.write("%-17s %s\n" % ("settings:", json.dumps(doc["settings"], sort_keys=True)))
+        return 0
+    settings = doc["settings"]
+    lines = [("queue", doc["name"] + (" (paused)" if settings.get("paused") else "")),
+             ("tasks", "%d waiting, %d due, %d in flight" % (
+                 doc["waiting"], doc["due"], doc["in_flight"])),
+             ("lag", "%.1f s since the oldest due task fell due" % doc["oldest_due_age_s"]),
+             ("settings", ", ".join("%s %s" % (name.replace("_", " "), settings[name])
+                                    for name in QUEUE if name in settings and name != "paused")
+              or "the daemon's")]
+    for key, value in lines:
+        out.write("%-10s %s\n" % (key + ":", value))
     return 0
 
 

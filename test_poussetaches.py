@@ -4073,10 +4073,10 @@ class TestQueues(unittest.TestCase):
             self.assertEqual(run_cli(self, "queue", "set", "mail", "--rate", "2",
                                      "--concurrency", "1", env=env)[0], 0)
             code, out, _ = run_cli(self, "queue", "show", "mail", env=env)
-            self.assertIn('settings:         {"concurrency": 1, "rate": 2.0}', out)
-            self.assertIn("waiting:          4", out)
+            self.assertIn("settings:  rate 2.0, concurrency 1\n", out)
+            self.assertIn("tasks:     4 waiting, 4 due, 0 in flight\n", out)
             code, out, _ = run_cli(self, "queue", "set", "mail", "--rate", "default", env=env)
-            self.assertIn('settings:         {"concurrency": 1}', out)  # unlimited again
+            self.assertIn("settings:  concurrency 1\n", out)  # unlimited again
             code, _, err = run_cli(self, "queue", "set", "mail", "--rate", "fast", env=env)
             self.assertEqual(code, 2)
             self.assertIn("invalid float value: 'fast'", err)
@@ -5374,6 +5374,30 @@ class TestCli(unittest.TestCase):
                 if answer[1]:
                     self.assertIn("not from a poussetaches daemon", str(ctx.exception))
 
+    def test_status_and_help_are_for_people(self):
+        """status printed breakers as a Python repr with nanosecond times, queue show
+        raw JSON; help texts said what a value must be, and pause offered a table."""
+        with receiver() as rx, running_daemon(paused=True) as d:
+            breakers = d.dispatcher.breakers
+            for _ in range(5):  # an origin down: its circuit opens
+                breakers.record("http://app.example:8000", True)
+            code, out, _ = self.run_cli("--url", d.url, "status")
+            self.assertEqual(code, 0)
+            self.assertRegex(out, r"daemon: +poussetaches [\d.]+, dispatching paused\n")
+            self.assertIn("tasks:     0 waiting, 0 cron, 0 in flight, 0 success, 0 dead\n", out)
+            self.assertRegex(out, r"circuits: +http://app\.example:8000 open, next probe in "
+                                  r"\d+\.\d s\n")
+            self.assertNotIn("{", out)
+            self.assertEqual(self.run_cli("--url", d.url, "resume")[1], "dispatching running\n")
+            code, out, _ = self.run_cli("--url", d.url, "status", "--json")
+            self.assertEqual(json.loads(out)["open_breakers"], ["http://app.example:8000"])
+        code, out, _ = self.run_cli("queue", "set", "--help")
+        self.assertIn("attempts per second at most", out)
+        self.assertNotIn("must be", out)
+        code, out, _ = self.run_cli("pause", "--help")
+        self.assertIn("instead of a line", out)
+        self.assertNotIn("table", out)
+
     def test_ls_shows_success_and_dead_the_latest_first(self):
         with receiver() as rx, running_daemon() as d:
             client = pt.PousseTaches(d.url, rx.base)
@@ -5603,7 +5627,7 @@ class TestOperatorWeek(unittest.TestCase):
                 with self.subTest(env=env, args=args):
                     code, out, err = self.run_cli(*args, env=env)
                     self.assertEqual((code, err), (0, ""))
-                    self.assertIn("paused:", out)
+                    self.assertIn("dispatching paused", out)
             for value in ("notaurl:x", "ftp://x", "http://"):
                 with self.subTest(url=value):
                     code, out, err = self.run_cli("status", "--url", value)
