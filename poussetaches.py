@@ -4540,7 +4540,8 @@ button:hover{border-color:var(--acc)}nav{display:flex;gap:.25rem;margin:.5rem 0;
 table{width:100%;border-collapse:collapse}th,td{text-align:left;padding:.4rem .5rem;border-bottom:1px solid var(--line);vertical-align:top}
 th{color:var(--mute);font-weight:600}td.url{word-break:break-all}.ok{color:var(--ok)}.bad{color:var(--bad)}.mute{color:var(--mute)}
 .pager{display:flex;gap:.5rem;align-items:center;margin:.75rem 0}#err{color:var(--bad)}pre{white-space:pre-wrap;margin:.25rem 0}
-@media (max-width:700px){thead{display:none}tr{display:block;border-bottom:1px solid var(--line);padding:.4rem 0}td{display:block;border:0;padding:.1rem .25rem}td:before{content:attr(data-label) ": ";color:var(--mute)}}
+@media (max-width:700px){thead{display:none}tr{display:block;border-bottom:1px solid var(--line);padding:.4rem 0}td{display:block;border:0;padding:.1rem .25rem}td:before{content:attr(data-label) ": ";color:var(--mute)}
+#queues tr{display:flex;flex-wrap:wrap;align-items:center;gap:0 .5rem;padding:.2rem 0;font-size:.9em}#queues td{display:inline;padding:0}#queues td[data-label=Queue]:before,#queues td[data-label=Actions]:before{content:none}#queues td[data-label=Queue]{font-weight:600}#queues td[data-label=Settings],#queues td[data-label=Due]{display:none}#queues td[data-label=Actions]{margin-left:auto}#queues button{padding:0 .4rem}}
 </style></head><body>
 <header><h1>poussetaches</h1><div class="counts" id="counts"></div>
 <span id="state" class="mute"></span><button id="toggle" type="button">Pause</button>

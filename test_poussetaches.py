@@ -5420,6 +5420,11 @@ class TestCli(unittest.TestCase):
             html = call(d.url, "GET", "/ui")[2].decode()
             self.assertIn('(done?"&order=desc":"")', html)
             self.assertIn(", the latest first", html)
+            # at phone width the queues are a line each, above the tasks (no 850 px of cards)
+            narrow = html[html.index("@media (max-width:700px)"):]
+            self.assertIn("#queues tr{display:flex;flex-wrap:wrap", narrow)
+            self.assertIn("#queues td[data-label=Settings],#queues td[data-label=Due]"
+                          "{display:none}", narrow)
 
     def test_commands_against_a_daemon(self):
         with receiver() as rx, running_daemon(max_tries=1, paused=True) as d:
