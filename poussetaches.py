@@ -4568,7 +4568,8 @@ function pretty(b){const t=decode(b).slice(0,65536);try{return JSON.stringify(JS
 function origin(u){try{const x=new URL(u);return x.protocol+"//"+x.hostname+":"+(x.port||(x.protocol==="https:"?"443":"80"))}catch(e){return""}}
 let held={};
 function row(t){const tr=el("tr"),done=table==="success",dead=table==="dead";
- const last=done?String(t.last_error_status_code||""):t.last_error_status_code?t.last_error_status_code+" "+decode(t.last_error_body).slice(0,80):"";
+ const fine=done||(t.tries>0&&!t.last_error_body&&t.last_error_status_code===(t.expected||200));
+ const last=fine?String(t.last_error_status_code||""):t.last_error_status_code?t.last_error_status_code+" "+decode(t.last_error_body).slice(0,80):"";
  const acts=el("td",{"data-label":"Actions"});const details=el("button",{type:"button"},"Details");
  details.onclick=()=>{open[t.id]=!open[t.id];refresh()};acts.append(details," ");
  if(!done){const run=el("button",{type:"button"},dead?"Redrive":"Run now");run.onclick=()=>act("POST","/tasks/"+encodeURIComponent(t.id)+"/run");acts.append(run," ")}
@@ -4578,7 +4579,7 @@ function row(t){const tr=el("tr"),done=table==="success",dead=table==="dead";
  const next=done||dead?when(t.last_run):b?el("span",{"class":"bad"},when(t.next_run),el("div",{},"held: "+b.origin+" is down; next probe "+when(b.next_probe))):when(t.next_run);
  tr.append(el("td",{"data-label":"ID"},t.id.slice(0,12)),el("td",{"data-label":"URL","class":"url"},t.url,t.schedule?el("div",{"class":"mute"},t.schedule):""),
   el("td",{"data-label":done||dead?"Last run":"Next run"},next),el("td",{"data-label":"Tries"},t.tries),
-  el("td",{"data-label":done?"Status":"Last error","class":done?"ok":last?"bad":"mute"},last||"-"),acts);
+  el("td",{"data-label":dead?"Last error":"Last status","class":fine?"ok":last?"bad":"mute"},last||"-"),acts);
  const out=[tr];if(open[t.id]){const box=el("td",{colspan:"6"});
   box.append(el("div",{"class":"mute"},"id "+t.id+(t.cron_id?"  cron "+t.cron_id:"")+(t.idempotency_key?"  key "+t.idempotency_key:"")));
   box.append(el("div",{"class":"mute"},"payload ("+decode(t.payload).length+" chars)"),el("pre",{},pretty(t.payload)||"(empty)"));
@@ -4603,7 +4604,7 @@ async function refresh(){try{const s=await api("GET","/");paused=s.paused;$("err
  $("toggle").textContent=s.paused?"Resume":"Pause";
  $("tabs").replaceChildren(...TABLES.map(n=>{const b=el("button",{type:"button",role:"tab","aria-selected":String(n===table)},n);b.onclick=()=>{table=n;offset=0;location.hash=n;refresh()};return b}));
  $("actions").replaceChildren(...actions());
- $("when").textContent=table==="success"||table==="dead"?"Last run":"Next run";$("last").textContent=table==="success"?"Status":"Last error";
+ $("when").textContent=table==="success"||table==="dead"?"Last run":"Next run";$("last").textContent=table==="dead"?"Last error":"Last status";
  $("queues").replaceChildren(...(await api("GET","/queues")).queues.map(queueRow));
  const done=table==="success"||table==="dead",q=$("filter").value.trim(),page=await api("GET","/"+table+"?limit="+PAGE+"&offset="+offset+(done?"&order=desc":"")+(q?"&q="+encodeURIComponent(q):""));
  $("rows").replaceChildren(...page.tasks.flatMap(row));

@@ -5420,6 +5420,10 @@ class TestCli(unittest.TestCase):
             html = call(d.url, "GET", "/ui")[2].decode()
             self.assertIn('(done?"&order=desc":"")', html)
             self.assertIn(", the latest first", html)
+            # a success, or a cron whose last run succeeded, shows a status, not an error
+            self.assertIn('const fine=done||(t.tries>0&&!t.last_error_body&&'
+                          't.last_error_status_code===(t.expected||200))', html)
+            self.assertIn('"class":fine?"ok":last?"bad":"mute"', html)
             # at phone width the queues are a line each, above the tasks (no 850 px of cards)
             narrow = html[html.index("@media (max-width:700px)"):]
             self.assertIn("#queues tr{display:flex;flex-wrap:wrap", narrow)
