@@ -2028,6 +2028,12 @@ class Store:
         self.due.configure(name, settings.get("paused", False), settings.get("concurrency"),
                            settings.get("rate"), settings.get("burst"))
 
+    def ordering_head(self, queue, key):
+        """The id of the task whose turn it is in an ordering key, or None."""
+        with self._lock:
+            fifo = self._keys.get((queue, key))
+            return fifo.first()[1] if fifo else None
+
     def queue_settings(self, name):
         """A queue's own settings (a copy; {} for the defaults)."""
         with self._lock:
@@ -4019,6 +4025,10 @@ class Api:
                                and (not text or text in t.id or text in t.url.lower()
                                     or text in (t.idempotency_key or "").lower()))
         total, pieces = self.store.listing(table, limit, offset, match, order == "desc")
+        if limit is not None and table in ("waiting", "cron"):  # a page: each task says why
+            context = self._hold_context()
+            pieces = ([dict(task, held=self._held(task, context)) for task in piece]
+                      for piece in pieces)
         head = '{"total":%d,"limit":%s,"offset":%d,"tasks":[' % (
             total, "null" if limit is None else limit, offset)
         return 200, Stream("application/json", _json_list(head, pieces, "]}\n")), {}
@@ -4168,7 +4178,42 @@ class Api:
         if view is None:
             raise HTTPError(404, "no task with id %r" % params["id"])
         view["state"] = state
+        view["held"] = self._held(view, self._hold_context()) if state == "waiting" else None
         return 200, view, {}
+
+    def _hold_context(self):
+        """What _held compares tasks with, read once for a task or a page of them."""
+        return (self.clock(), self.due.held, self.due.queue_stats(),
+                {b["origin"]: b for b in self.breakers.describe()}, {})
+
+    def _held(self, task, context):
+        """Why a waiting task that is due has not gone, or None (not due yet, or on
+        its way): what GET /tasks/<id>, paged listings and the dashboard say."""
+        now, paused, stats, breakers, settings_of = context
+        if task["next_run"] > now:
+            return None
+        if paused:
+            return "dispatching is paused (POST /resume)"
+        queue = task["queue"]
+        if queue not in settings_of:
+            settings_of[queue] = self.store.queue_settings(queue)
+        settings = settings_of[queue]
+        if settings.get("paused"):
+            return "its queue %s is paused" % queue
+        if task["ordering_key"] is not None:
+            head = self.store.ordering_head(queue, task["ordering_key"])
+            if head is not None and head != task["id"]:
+                return "its ordering key %r runs task %s first" % (task["ordering_key"], head)
+        in_flight = stats.get(queue, (0, 0))[1]
+        if settings.get("concurrency") and in_flight >= settings["concurrency"]:
+            return "its queue %s is at its concurrency (%d under way)" % (queue, in_flight)
+        breaker = breakers.get(origin_of(task["url"]))
+        if breaker is not None:
+            return "the circuit for %s is open (5 unavailable answers in a row); next probe " \
+                   "at %s" % (breaker["origin"], iso_utc(breaker["next_probe"]))
+        if settings.get("rate"):
+            return "its queue %s is rate limited (%s a second)" % (queue, settings["rate"])
+        return None
 
     def delete_task(self, params, **_):
         state = self.store.delete(self._task_id(params))
@@ -4512,7 +4557,11 @@ def openapi_document(routes, allow_list=None, api_key=False):
                     "type": "object",
                     "properties": dict(
                         {f.name: _field_schema(f) for f in TASK_FIELDS},
-                        state={"enum": ["waiting", "success", "dead"]})},
+                        state={"enum": ["waiting", "success", "dead"]},
+                        held={"type": ["string", "null"],
+                              "description": "GET /tasks/<id>: why a due waiting task has "
+                                             "not gone (a paused queue, its ordering key, "
+                                             "its queue's concurrency, an open circuit)"})},
                 "TaskList": {
                     "type": "object",
                     "properties": {"tasks": {"type": "array",
@@ -4565,8 +4614,6 @@ async function api(method,path){const r=await fetch(path,{method,credentials:"sa
 function act(method,path){api(method,path).then(refresh).catch(e=>{$("err").textContent=e.message})}
 function decode(b){if(!b)return"";try{return new TextDecoder().decode(Uint8Array.from(atob(b),c=>c.charCodeAt(0)))}catch(e){return b}}
 function pretty(b){const t=decode(b).slice(0,65536);try{return JSON.stringify(JSON.parse(t),null,2)}catch(e){return t}}
-function origin(u){try{const x=new URL(u);return x.protocol+"//"+x.hostname+":"+(x.port||(x.protocol==="https:"?"443":"80"))}catch(e){return""}}
-let held={};
 function row(t){const tr=el("tr"),done=table==="success",dead=table==="dead";
  const fine=done||(t.tries>0&&!t.last_error_body&&t.last_error_status_code===(t.expected||200));
  const last=fine?String(t.last_error_status_code||""):t.last_error_status_code?t.last_error_status_code+" "+decode(t.last_error_body).slice(0,80):"";
@@ -4575,8 +4622,7 @@ function row(t){const tr=el("tr"),done=table==="success",dead=table==="dead";
  if(!done){const run=el("button",{type:"button"},dead?"Redrive":"Run now");run.onclick=()=>act("POST","/tasks/"+encodeURIComponent(t.id)+"/run");acts.append(run," ")}
  const del=el("button",{type:"button"},table==="waiting"||table==="cron"?"Cancel":"Delete");
  del.onclick=()=>{if(confirm("Delete task "+t.id+"?"))act("DELETE","/tasks/"+encodeURIComponent(t.id))};acts.append(del);
- const b=!done&&!dead&&held[origin(t.url)];
- const next=done||dead?when(t.last_run):b?el("span",{"class":"bad"},when(t.next_run),el("div",{},"held: "+b.origin+" is down; next probe "+when(b.next_probe))):when(t.next_run);
+ const next=done||dead?when(t.last_run):t.held?el("span",{"class":"bad"},when(t.next_run),el("div",{},"held: "+t.held)):when(t.next_run);
  tr.append(el("td",{"data-label":"ID"},t.id.slice(0,12)),el("td",{"data-label":"URL","class":"url"},t.url,t.schedule?el("div",{"class":"mute"},t.schedule):""),
   el("td",{"data-label":done||dead?"Last run":"Next run"},next),el("td",{"data-label":"Tries"},t.tries),
   el("td",{"data-label":dead?"Last error":"Last status","class":fine?"ok":last?"bad":"mute"},last||"-"),acts);
@@ -4589,16 +4635,17 @@ function row(t){const tr=el("tr"),done=table==="success",dead=table==="dead";
    when(a.at)+"  "+a.status+"  "+a.duration_ms+" ms"+(a.error?"  "+a.error:"")));
   if(!(t.attempts||[]).length)box.append(el("span",{"class":"mute"},"no attempts yet"));out.push(el("tr",{},box))}
  return out}
-function queueRow(q){const p=q.settings.paused,b=el("button",{type:"button"},p?"Resume":"Pause");
+function queueRow(q){const p=q.settings.paused,b=el("button",{type:"button"},p?"Resume":"Pause"),c=q.settings.concurrency;
+ const why=!q.due?"":paused?"dispatching paused":p?"queue paused":c&&q.in_flight>=c?"at its concurrency":q.settings.rate?"rate limited":"";
  b.onclick=()=>act("POST","/queues/"+encodeURIComponent(q.name)+(p?"/resume":"/pause"));
  return el("tr",{},el("td",{"data-label":"Queue"},q.name),el("td",{"data-label":"Waiting"},q.waiting),el("td",{"data-label":"Due"},q.due),
-  el("td",{"data-label":"In flight"},q.in_flight),el("td",{"data-label":"Lag","class":q.oldest_due_age_s>60?"bad":""},q.oldest_due_age_s.toFixed(1)+" s"),
+  el("td",{"data-label":"In flight"},q.in_flight),el("td",{"data-label":"Lag","class":q.oldest_due_age_s>60?"bad":""},q.oldest_due_age_s.toFixed(1)+" s"+(why?" ("+why+")":"")),
   el("td",{"data-label":"Settings","class":p?"bad":"mute"},Object.entries(q.settings).map(e=>e.join("=")).join(" ")||"-"),el("td",{"data-label":"Actions"},b))}
 function actions(){const out=[$("filter")];if(table==="dead"){const r=el("button",{type:"button"},"Retry every dead task");
   r.onclick=()=>{if(confirm("Requeue every dead task?"))act("POST","/dead/retry")};
   const p=el("button",{type:"button"},"Purge dead");p.onclick=()=>{if(confirm("Delete every dead task?"))act("DELETE","/dead")};out.push(r,p)}
  return out}
-async function refresh(){try{const s=await api("GET","/");paused=s.paused;$("err").textContent="";held={};for(const b of s.breakers||[])held[b.origin]=b;
+async function refresh(){try{const s=await api("GET","/");paused=s.paused;$("err").textContent="";
  $("counts").replaceChildren(...TABLES.map(n=>el("span",{"class":"count"},n+" ",el("b",{},s[n]))),el("span",{"class":"count"},"in flight ",el("b",{},s.in_flight)));
  $("state").textContent=(s.paused?"paused":"running")+(s.healthy?"":" - DISK ERRORS")+(s.open_breakers.length?" - circuit open: "+s.open_breakers.join(", "):"");
  $("toggle").textContent=s.paused?"Resume":"Pause";
@@ -6642,6 +6689,8 @@ def _print_table(rows, headers, out):
 
 def _print_task(doc, out):
     out.write("%-23s %s\n" % ("state:", doc.get("state")))
+    if doc.get("held"):
+        out.write("%-23s %s\n" % ("held:", doc["held"]))
     for field in TASK_FIELDS:
         value = doc.get(field.name)
         if not field.show or value in (None, "", {}):

@@ -3754,6 +3754,50 @@ class TestAttackerFindings(unittest.TestCase):
 class TestQueues(unittest.TestCase):
     """Issue 12: queues, ordering keys, priorities, batches, named crons, filters."""
 
+    def test_a_held_task_says_why(self):
+        """Tasks held behind an ordering key's head showed "-" and a past next run,
+        and a queue's lag turned red with no reason given."""
+        with receiver() as rx, running_daemon(paused=True, min_backoff=60, max_backoff=60,
+                                              grace=0.1) as d:
+            rx.answers["/slow"] = [(200, b"", {}, 2.0)]
+            rx.answers["/fails"] = [(500, b"no")]
+
+            def push(path, **extra):
+                return call(d.url, "POST", "/", dict({"url": rx.url(path)}, **extra))[2]["id"]
+
+            def held(task_id):
+                return call(d.url, "GET", "/tasks/" + task_id)[2]["held"]
+            first = push("/fails", ordering_key="k")
+            second = push("/x", ordering_key="k")
+            slow = push("/slow", queue="one")
+            behind = push("/x", queue="one")
+            self.assertEqual(held(second), "dispatching is paused (POST /resume)")
+            call(d.url, "PUT", "/queues/one", {"concurrency": 1, "paused": True})
+            call(d.url, "POST", "/resume")
+            self.assertEqual(held(behind), "its queue one is paused")
+            wait_until(lambda: call(d.url, "GET", "/tasks/" + first)[2]["tries"] == 1,
+                       what="the head's first failure")
+            self.assertIsNone(held(first))  # not due: its retry is a minute away
+            self.assertEqual(held(second), "its ordering key 'k' runs task %s first" % first)
+            call(d.url, "POST", "/queues/one/resume")
+            wait_until(lambda: d.store.in_flight() == 1 and
+                       call(d.url, "GET", "/tasks/" + slow)[2]["tries"] == 0, poll=0.02,
+                       what="the slow task under way")
+            self.assertEqual(held(behind), "its queue one is at its concurrency (1 under way)")
+            for _ in range(5):
+                d.dispatcher.breakers.record("http://down.example:80", True)
+            task = call(d.url, "POST", "/", {"url": "http://down.example/t"})
+            self.assertEqual(task[0], 201)
+            self.assertRegex(held(task[2]["id"]),
+                             r"^the circuit for http://down\.example:80 is open")
+            # a page of a listing says it for each task; a whole listing stays the original's
+            page = call(d.url, "GET", "/waiting?limit=10")[2]["tasks"]
+            self.assertIn(("its ordering key 'k' runs task %s first" % first),
+                          [t["held"] for t in page])
+            self.assertNotIn("held", call(d.url, "GET", "/waiting")[2]["tasks"][0])
+            code, out, _ = TestCli.run_cli(self, "--url", d.url, "show", second)
+            self.assertIn("held:                   its ordering key 'k' runs task", out)
+
     def test_paused_and_saturated_queues_do_not_block_others(self):
         with receiver() as rx, running_daemon(workers=4) as d:
             self.assertEqual(call(d.url, "POST", "/queues/held/pause")[0], 200)
@@ -5898,8 +5942,8 @@ class TestOperate(unittest.TestCase):
         self.assertNotRegex(text, r"https?://")
         script = "".join(parser.scripts)
         for needle in ('"/pause"', '"/resume"', '"/dead/retry"', '"/tasks/"', "setInterval",
-                       "attempts", "offset", "@media", 'act("DELETE","/dead")', "s.breakers",
-                       "next_probe", "t.headers", "pretty(t.payload)", 'table==="dead"',
+                       "attempts", "offset", "@media", 'act("DELETE","/dead")', "t.held",
+                       '"held: "', "t.headers", "pretty(t.payload)", 'table==="dead"',
                        '"/queues"', '"&q="', "oldest_due_age_s",
                        # the hash drives the tab: /ui#dead then #waiting (Back too) switches
                        'addEventListener("hashchange"', "TABLES.includes(h)"):
