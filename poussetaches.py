@@ -1417,7 +1417,9 @@ class Store:
         self._lock = threading.Lock()
         self._tables = {"waiting": {}, "success": collections.OrderedDict(), "dead": {}}
         # each table by (next_run, id), and "cron": the waiting tasks with a schedule
-        self._order = {name: SortedKeys() for name in TABLES + ("cron",)}
+        # each table by (next_run, id); "cron" and "once": the waiting tasks with a
+        # schedule and without one
+        self._order = {name: SortedKeys() for name in TABLES + ("cron", "once")}
         self._idempotency = {}        # idempotency key -> task id
         self._queues = {"default": {}}  # queue name -> its settings (QUEUE_PARAMS), persisted
         self._by_queue = {}           # queue name -> SortedKeys of its waiting tasks' order keys
@@ -1614,8 +1616,7 @@ class Store:
         self._order[table].add(key)
         if table == "waiting":
             self.waiting_bytes += len(task.payload)
-            if task.schedule:
-                self._order["cron"].add(key)
+            self._order["cron" if task.schedule else "once"].add(key)
             self._queues.setdefault(task.queue, {})
             self._by_queue.setdefault(task.queue, SortedKeys()).add(key)
             if task.ordering_key is not None:
@@ -1637,8 +1638,8 @@ class Store:
                     self.table_bytes[name] -= _record_bytes(task)
                 if name == "waiting":
                     self.waiting_bytes -= len(task.payload)
-                    if task.schedule:  # as _place filed it
-                        self._order["cron"].discard(task.order_key)
+                    # as _place filed it
+                    self._order["cron" if task.schedule else "once"].discard(task.order_key)
                     self._by_queue[task.queue].discard(task.order_key)
                     if task.ordering_key is not None:
                         key = (task.queue, task.ordering_key)
@@ -1877,9 +1878,10 @@ class Store:
         return max(0.0, (now - first[0]) / 1e9) if first is not None else 0.0
 
     def counts(self):
+        """Tasks per table: ``waiting`` the one-off ones, ``cron`` the schedules."""
         with self._lock:
             out = {name: len(table) for name, table in self._tables.items()}
-            out["cron"] = len(self._order["cron"])
+            out["waiting"], out["cron"] = len(self._order["once"]), len(self._order["cron"])
             return out
 
     def listing(self, table, limit=None, offset=0, match=None, descending=False):
@@ -1901,7 +1903,7 @@ class Store:
         return total, self._pieces(table, limit, offset, match, True, descending)
 
     def _pieces(self, table, limit, offset, match, encode, descending=False):
-        source = "waiting" if table == "cron" else table
+        source = "waiting" if table in ("cron", "once") else table
         remaining = float("inf") if limit is None else limit
         skip = offset if match is not None else 0
         last = None
@@ -2040,15 +2042,19 @@ class Store:
             return dict(self._queues.get(name) or {})
 
     def queues(self, now, name=None):
-        """[{name, settings, waiting, due}] of every queue (or of ``name``; [] if unknown)."""
+        """[{name, settings, waiting, cron, due}] of every queue (or of ``name``; [] if
+        unknown): ``waiting`` the one-off tasks, ``cron`` the schedules, ``due`` either."""
         with self._lock:
             names = sorted(self._queues) if name is None else [name] * (name in self._queues)
+            crons = collections.Counter(self._tables["waiting"][key[1]].queue
+                                        for key in self._order["cron"])
             out = []
             for queue_name in names:
                 index = self._by_queue.get(queue_name) or SortedKeys()
                 first = index.first()
                 out.append({"name": queue_name, "settings": dict(self._queues[queue_name]),
-                            "waiting": len(index), "due": index.rank((now, "~")),
+                            "waiting": len(index) - crons[queue_name],
+                            "cron": crons[queue_name], "due": index.rank((now, "~")),
                             "oldest_due_age_s": max(0.0, (now - first[0]) / 1e9)
                             if first is not None and first[0] <= now else 0.0})
             return out
@@ -3621,6 +3627,10 @@ PAGING = (("limit", {"type": "integer", "minimum": 0, "maximum": MAX_LIST_LIMIT}
           ("order", {"type": "string", "enum": ["asc", "desc"]},
            "by next_run: asc (the default, the original's order) or desc; in success and "
            "dead, next_run is when the last attempt was due, so desc is the latest first"))
+WAITING_PAGING = PAGING + (  # GET /waiting is the original's: crons included, unless asked
+    ("cron", {"type": "string", "enum": ["true", "false"]},
+     "false: only the one-off tasks (what 'waiting' counts everywhere else); true: only the "
+     "crons, as GET /cron; absent: both, as the original listed them"),)
 
 
 class Raw(collections.namedtuple("Raw", "content_type body")):
@@ -3661,8 +3671,8 @@ class Api:
               (200, 201, 400, 413, 503, 507), body="EnqueueRequest"),
         Route("POST", "/batch", "batch", "Enqueue 1 to 1000 tasks, all or nothing",
               (201, 400, 413, 503, 507), body="BatchRequest"),
-        Route("GET", "/waiting", "list_waiting", "Pending tasks, cron included, by next_run",
-              (200, 400), PAGING),
+        Route("GET", "/waiting", "list_waiting", "Pending tasks, crons included (the original's "
+              "listing) unless ?cron=false, by next_run", (200, 400), WAITING_PAGING),
         Route("GET", "/success", "list_success", "The newest successful tasks", (200, 400),
               PAGING),
         Route("GET", "/dead", "list_dead", "Tasks that spent their tries", (200, 400), PAGING),
@@ -4025,7 +4035,7 @@ class Api:
                                and (not text or text in t.id or text in t.url.lower()
                                     or text in (t.idempotency_key or "").lower()))
         total, pieces = self.store.listing(table, limit, offset, match, order == "desc")
-        if limit is not None and table in ("waiting", "cron"):  # a page: each task says why
+        if limit is not None and table in ("waiting", "cron", "once"):  # a page says why
             context = self._hold_context()
             pieces = ([dict(task, held=self._held(task, context)) for task in piece]
                       for piece in pieces)
@@ -4034,7 +4044,10 @@ class Api:
         return 200, Stream("application/json", _json_list(head, pieces, "]}\n")), {}
 
     def list_waiting(self, query, **_):
-        return self._listing("waiting", query)
+        cron = (query.get("cron") or [None])[-1]
+        if cron not in (None, "true", "false"):
+            raise HTTPError(400, "cron must be true or false, not %r" % cron[:20])
+        return self._listing({None: "waiting", "true": "cron", "false": "once"}[cron], query)
 
     def list_success(self, query, **_):
         return self._listing("success", query)
@@ -4259,12 +4272,12 @@ class Api:
                 lines.append("poussetaches_%s%s %s" % (name, labels, repr(float(value))
                                                       if isinstance(value, float) else value))
 
-        tables = dict(counts, waiting=counts["waiting"] - counts["cron"])
+
         metric("build_info", "gauge", "The running version (always 1).",
                [('{version="%s",python="%s"}' % (__version__, sys.version.split()[0]), 1)])
         metric("tasks", "gauge", "Tasks per table; waiting counts one-off tasks, cron the "
                                  "schedules (their sum is every pending task).",
-               [('{table="%s"}' % t, tables[t]) for t in ("waiting", "cron", "success", "dead")])
+               [('{table="%s"}' % t, counts[t]) for t in ("waiting", "cron", "success", "dead")])
         metric("oldest_due_age_seconds", "gauge",
                "How long the most overdue waiting task has been due (0 if none).",
                [("", self.store.oldest_due_age(self.clock()))])
@@ -4284,9 +4297,10 @@ class Api:
         queues = self.store.queues(self.clock())
         flights = self.due.queue_stats()
         for name, key, help_text in (
-                ("queue_waiting", "waiting", "Waiting tasks per queue."),
-                ("queue_due", "due", "Waiting tasks whose time has come, per queue (held ones "
-                                     "included)."),
+                ("queue_waiting", "waiting", "One-off tasks waiting, per queue."),
+                ("queue_cron", "cron", "Cron tasks (schedules), per queue."),
+                ("queue_due", "due", "Tasks whose time has come, per queue: one-off or cron, "
+                                     "held ones included."),
                 ("queue_oldest_due_age_seconds", "oldest_due_age_s",
                  "How long the most overdue task of a queue has been due.")):
             metric(name, "gauge", help_text,
@@ -4524,7 +4538,8 @@ def openapi_document(routes, allow_list=None, api_key=False):
                     "type": "object",
                     "properties": {"name": string,
                                    "settings": {"$ref": "#/components/schemas/QueueSettings"},
-                                   "waiting": integer, "due": integer, "in_flight": integer,
+                                   "waiting": integer, "cron": integer, "due": integer,
+                                   "in_flight": integer,
                                    "oldest_due_age_s": {"type": "number"}}},
                 "QueueList": {"type": "object", "properties": {"queues": {
                     "type": "array", "items": {"$ref": "#/components/schemas/Queue"}}}},
@@ -4653,7 +4668,7 @@ async function refresh(){try{const s=await api("GET","/");paused=s.paused;$("err
  $("actions").replaceChildren(...actions());
  $("when").textContent=table==="success"||table==="dead"?"Last run":"Next run";$("last").textContent=table==="dead"?"Last error":"Last status";
  $("queues").replaceChildren(...(await api("GET","/queues")).queues.map(queueRow));
- const done=table==="success"||table==="dead",q=$("filter").value.trim(),page=await api("GET","/"+table+"?limit="+PAGE+"&offset="+offset+(done?"&order=desc":"")+(q?"&q="+encodeURIComponent(q):""));
+ const done=table==="success"||table==="dead",q=$("filter").value.trim(),page=await api("GET","/"+table+"?limit="+PAGE+"&offset="+offset+(done?"&order=desc":table==="waiting"?"&cron=false":"")+(q?"&q="+encodeURIComponent(q):""));
  $("rows").replaceChildren(...page.tasks.flatMap(row));
  $("page").textContent=page.total?(offset+1)+"-"+(offset+page.tasks.length)+" of "+page.total+(done?", the latest first":", the soonest first"):"no tasks";
  $("prev").disabled=offset===0;$("next").disabled=offset+PAGE>=page.total}catch(e){$("err").textContent=e.message}}
@@ -6616,7 +6631,8 @@ def build_parser():
                       help="an extra header for the delivery; repeatable")
     push.add_argument("--print-task", action="store_true",
                       help="print the task as JSON instead of only its id")
-    ls = client("ls", "List the tasks of a table")
+    ls = client("ls", "List the tasks of a table (waiting: the one-off ones; cron: the "
+                      "schedules)")
     ls.add_argument("table", choices=("waiting", "success", "dead", "cron"))
     ls.add_argument("--limit", type=int, default=100, help="default %(default)s")
     ls.add_argument("--offset", type=int, default=0)
@@ -6758,7 +6774,8 @@ def run_client(args, out=None):
         if args.command == "ls":
             order = args.order or ("desc" if args.table in ("success", "dead") else "asc")
             doc = client.listing(args.table, args.limit, args.offset, queue=args.queue,
-                                 url_prefix=args.url_prefix, q=args.search, order=order)
+                                 url_prefix=args.url_prefix, q=args.search, order=order,
+                                 cron="false" if args.table == "waiting" else None)
             if args.as_json:
                 out.write(json.dumps(doc, indent=2) + "\n")
                 return 0
@@ -6869,11 +6886,11 @@ def _queue_command(client, args, out):
         if args.as_json:
             out.write(json.dumps(queues, indent=2) + "\n")
             return 0
-        _print_table([[q["name"], str(q["waiting"]), str(q["due"]), str(q["in_flight"]),
-                       "%.1f s" % q["oldest_due_age_s"],
+        _print_table([[q["name"], str(q["waiting"]), str(q["cron"]), str(q["due"]),
+                       str(q["in_flight"]), "%.1f s" % q["oldest_due_age_s"],
                        " ".join("%s=%s" % item for item in sorted(q["settings"].items()))]
                       for q in queues],
-                     ["QUEUE", "WAITING", "DUE", "IN FLIGHT", "LAG", "SETTINGS"], out)
+                     ["QUEUE", "WAITING", "CRON", "DUE", "IN FLIGHT", "LAG", "SETTINGS"], out)
         return 0
     name = args.queue_name
     if args.action == "rm":
@@ -6893,8 +6910,8 @@ def _queue_command(client, args, out):
         return 0
     settings = doc["settings"]
     lines = [("queue", doc["name"] + (" (paused)" if settings.get("paused") else "")),
-             ("tasks", "%d waiting, %d due, %d in flight" % (
-                 doc["waiting"], doc["due"], doc["in_flight"])),
+             ("tasks", "%d waiting, %d cron, %d due, %d in flight" % (
+                 doc["waiting"], doc["cron"], doc["due"], doc["in_flight"])),
              ("lag", "%.1f s since the oldest due task fell due" % doc["oldest_due_age_s"]),
              ("settings", ", ".join("%s %s" % (name.replace("_", " "), settings[name])
                                     for name in QUEUE if name in settings and name != "paused")
