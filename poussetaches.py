@@ -313,8 +313,8 @@ def headers_problem(headers):
     for name, text in headers.items():
         if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             return "%r is not a valid header name" % str(name)[:100]
-        lower = name.lower()
-        if lower in RESERVED_HEADERS or lower.startswith("poussetaches-"):
+        lower = name.lower().replace("_", "-")  # WSGI servers read _ as - (HTTP_ keys)
+        if lower in RESERVED_HEADERS or lower.startswith(("poussetaches-", "webhook-")):
             return "%s is set by poussetaches and cannot be given" % name
         if not isinstance(text, str) or not _FIELD_VALUE.fullmatch(text):
             return ("the value of %s must be at most 8192 characters of Latin-1 text "
@@ -3140,8 +3140,10 @@ def parse_retry_after(value, now_s):
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]{1,12}", value):  # ASCII digits ("²".isdigit() is True)
         return float(value)
+    if re.fullmatch(r"[0-9]+", value):
+        return 1e12  # past any back-off: the caller caps it at max_backoff
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -3172,10 +3174,27 @@ def clip_error_body(body, limit=ERROR_BODY_LIMIT):
     return b"%s\n[... %d bytes cut ...]\n%s" % (body[:head], tail - head, body[tail:])
 
 
+def auth_key_problem(secret):
+    """What is wrong with an auth key, or None.  A ``whsec_`` key is the
+    Standard Webhooks form: base64 of 24 bytes or more (a loose decoding
+    turned "whsec_!?" into an empty HMAC key, which anyone can sign with)."""
+    if not isinstance(secret, str):
+        return "an auth key is a string, not %s" % type(secret).__name__
+    if secret.startswith("whsec_"):
+        try:
+            key = base64.b64decode(secret[len("whsec_"):], validate=True)
+        except (binascii.Error, ValueError):
+            return "a whsec_ auth key must be whsec_ and base64"
+        if len(key) < 24:
+            return "a whsec_ auth key must hold 24 bytes or more (it holds %d): make one " \
+                   "with whsec_$(head -c 24 /dev/urandom | base64)" % len(key)
+    return None
+
+
 def sign(secret, msg_id, timestamp, body):
     """Standard Webhooks signature: ``v1,`` + base64 HMAC-SHA256 of "id.ts.body"."""
     if secret.startswith("whsec_"):
-        key = base64.b64decode(secret[len("whsec_"):])
+        key = base64.b64decode(secret[len("whsec_"):], validate=True)
     else:
         key = secret.encode()
     mac = hmac.new(key, b"%s.%d.%s" % (msg_id.encode(), timestamp, body), hashlib.sha256)
@@ -5470,10 +5489,8 @@ class _AppSide:
         # app.app_context), or None
         self.task_context = task_context
         if auth_key is None:
-            keys = (_env("POUSSETACHES_AUTH_KEY"), _env("POUSSETACHES_NEXT_AUTH_KEY"))
-        else:
-            keys = (auth_key,) if isinstance(auth_key, str) else tuple(auth_key)
-        self.auth_keys = tuple(key for key in keys if key)  # any of them authenticates
+            auth_key = [_env("POUSSETACHES_AUTH_KEY"), _env("POUSSETACHES_NEXT_AUTH_KEY")]
+        self.auth_key = auth_key  # checked: any of them authenticates
         self.insecure = insecure
         if insecure and not self.auth_keys:
             logger.warning("insecure=True and no auth key: this app runs every delivery "
@@ -5493,8 +5510,15 @@ class _AppSide:
         return self.auth_keys[0] if self.auth_keys else ""
 
     @auth_key.setter
-    def auth_key(self, key):
-        self.auth_keys = (key,) if key else ()
+    def auth_key(self, keys):
+        """A key or a list of keys (None and "" ignored); ConfigError for a bad one."""
+        keys = tuple(keys) if isinstance(keys, (list, tuple)) else (keys,)
+        keys = tuple(key for key in keys if key is not None and key != "")
+        for key in keys:
+            problem = auth_key_problem(key)
+            if problem is not None:
+                raise ConfigError(problem)
+        self.auth_keys = keys
 
     # -- checking a delivery -----------------------------------------------------
 
@@ -5517,31 +5541,36 @@ class _AppSide:
                     body = getattr(request, "data", b"")
         headers = headers or {}
         body = body.encode() if isinstance(body, str) else bytes(body or b"")
-        if self.auth_keys:
-            self._check_auth(headers, body, tolerance, time.time() if now is None else now)
-        elif not self.insecure:
-            raise AuthError("no auth key is configured, so no delivery is trusted: set "
-                            "POUSSETACHES_AUTH_KEY to the same secret for the daemon and the "
-                            "app (or pass insecure=True to run unauthenticated deliveries)")
+        signed_id = self._check_auth(headers, body, tolerance, time.time() if now is None else now)
         try:
             envelope = json.loads(body)
             raw = base64.b64decode(envelope["payload"] or "", validate=True)
             tries, req_id = envelope["tries"], envelope["req_id"]
-        except (ValueError, KeyError, TypeError, binascii.Error):
+        except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
             raise InvalidEnvelope("the body is not a poussetaches envelope "
                                   '{"payload", "tries", "req_id"}') from None
         try:
             payload = json.loads(raw) if raw else None
-        except ValueError:
+        except (ValueError, RecursionError):
             payload = raw
-        return Envelope(req_id, tries, payload, _header(headers, "Poussetaches-Task-ID"), raw,
-                        _header(headers, "Poussetaches-Queue"))
+        # a signed delivery's task id is the signed one (the header is not signed)
+        task_id = signed_id if signed_id is not None else _header(headers, "Poussetaches-Task-ID")
+        return Envelope(req_id, tries, payload, task_id, raw, _header(headers, "Poussetaches-Queue"))
 
     def _check_auth(self, headers, body, tolerance, now):
+        """None when the request carries an auth key, the signed webhook-id when it
+        carries a valid signature; AuthError otherwise.  ``body`` None checks all
+        but the signature itself: what can be refused before reading a body."""
+        if not self.auth_keys:
+            if self.insecure:
+                return None
+            raise AuthError("no auth key is configured, so no delivery is trusted: set "
+                            "POUSSETACHES_AUTH_KEY to the same secret for the daemon and the "
+                            "app (or pass insecure=True to run unauthenticated deliveries)")
         given = _header(headers, "Poussetaches-Auth-Key")
         if given is not None and any(hmac.compare_digest(str(given).encode(), key.encode())
                                      for key in self.auth_keys):
-            return
+            return None
         wrong_key = given is not None
         signatures = _header(headers, "webhook-signature")
         msg_id = _header(headers, "webhook-id")
@@ -5553,10 +5582,12 @@ class _AppSide:
                 raise AuthError("webhook-timestamp is not a number") from None
             if abs(now - stamp) > tolerance:
                 raise AuthError("webhook-timestamp is more than %ds away from now" % tolerance)
+            if body is None:
+                return msg_id
             expected = [sign(key, msg_id, stamp, body).encode() for key in self.auth_keys]
             for candidate in str(signatures).split():
                 if any(hmac.compare_digest(candidate.encode(), one) for one in expected):
-                    return
+                    return msg_id
             raise AuthError("webhook-signature does not match: the daemon and the app do not "
                             "share the same POUSSETACHES_AUTH_KEY")
         if wrong_key:
@@ -5591,10 +5622,12 @@ class _AppSide:
         return make if fn is None else make(fn)
 
     def _encode_call(self, task, args, kwargs):
-        """A call's payload: {"args", "kwargs"} as JSON bytes; TypeError if they are not JSON."""
+        """A call's payload: {"task", "args", "kwargs"} as JSON bytes (the task's name
+        inside the signed body: a delivery cannot be replayed to another task);
+        TypeError if they are not JSON."""
         try:
-            return json.dumps({"args": args, "kwargs": kwargs}, separators=(",", ":"),
-                              allow_nan=False).encode()
+            return json.dumps({"task": task.name, "args": args, "kwargs": kwargs},
+                              separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise TypeError("the arguments of task %s must be JSON (str, int, float, bool, "
                             "None, lists and dicts of them): %s" % (task.name, exc)) from None
@@ -5665,11 +5698,19 @@ class _AppSide:
 
     # -- the endpoint --------------------------------------------------------------
 
-    def _admit(self, method, path, headers, body):
-        """Check a delivery to the task endpoint before any task code runs: its
-        (task, envelope, args, kwargs); HTTPError for a refusal."""
+    def _precheck(self, method, headers):
+        """Refuse what can be refused before reading a delivery's body (a wrong
+        method, no or a wrong key, no signature, a stale one): HTTPError."""
         if method != "POST":
             raise HTTPError(405, "the task endpoint takes POST only", {"Allow": "POST"})
+        try:
+            self._check_auth(headers, None, 300, time.time())
+        except AuthError as exc:
+            raise HTTPError(403, str(exc)) from None
+
+    def _admit(self, path, headers, body):
+        """Check a delivery to the task endpoint before any task code runs: its
+        (task, envelope, args, kwargs); HTTPError for a refusal."""
         try:
             envelope = self.parse(headers=headers, body=body)
         except AuthError as exc:
@@ -5685,8 +5726,11 @@ class _AppSide:
         call = envelope.payload
         if not (isinstance(call, dict) and isinstance(call.get("args"), list)
                 and isinstance(call.get("kwargs"), dict)):
-            raise HTTPError(400, 'the payload of a task function is {"args": [...], '
+            raise HTTPError(400, 'the payload of a task function is {"task", "args": [...], '
                                  '"kwargs": {...}}: was it pushed with .push()?')
+        if call.get("task") != name:
+            raise HTTPError(403, "this delivery is for task %r, not %r"
+                            % (str(call.get("task"))[:200], name))
         envelope.name = name
         return task, envelope, call["args"], call["kwargs"]
 
@@ -5729,11 +5773,10 @@ class _AppSide:
             if app is not None and not path.startswith(prefix):
                 return app(environ, start_response)
             try:
-                body = _wsgi_body(environ)
                 headers = {key[5:].replace("_", "-").lower(): value
                            for key, value in environ.items() if key.startswith("HTTP_")}
-                task, envelope, args, kwargs = self._admit(
-                    environ.get("REQUEST_METHOD"), path, headers, body)
+                self._precheck(environ.get("REQUEST_METHOD"), headers)
+                task, envelope, args, kwargs = self._admit(path, headers, _wsgi_body(environ))
                 token = _current_task.set(envelope)
                 try:
                     run = self._run_task(task, args, kwargs)
@@ -5745,6 +5788,9 @@ class _AppSide:
                     _current_task.reset(token)
             except HTTPError as exc:
                 answer = _plain(exc.status, exc.message, exc.headers.items())
+            except Exception:  # ours: said plainly, logged, never the framework's page
+                logger.exception("the task endpoint failed on %s", path)
+                answer = _plain(500, "the task endpoint failed: see the app's log")
             status, extra, data = answer
             start_response("%d %s" % (status, http.client.responses.get(status, "")),
                            [("Content-Type", "text/plain; charset=utf-8"),
@@ -5767,11 +5813,11 @@ class _AppSide:
             if scope["type"] != "http":
                 raise ValueError("the task endpoint serves HTTP only, not %s" % scope["type"])
             try:
-                headers = {name.decode("latin-1"): value.decode("latin-1")
+                headers = {name.decode("latin-1").lower(): value.decode("latin-1")
                            for name, value in scope["headers"]}
-                body = await _asgi_body(headers, receive)
+                self._precheck(scope["method"], headers)
                 task, envelope, args, kwargs = self._admit(
-                    scope["method"], scope["path"], headers, body)
+                    scope["path"], headers, await _asgi_body(headers, receive))
                 token = _current_task.set(envelope)  # to_thread copies the context
                 try:
                     if task.is_async:
@@ -5785,6 +5831,9 @@ class _AppSide:
                     _current_task.reset(token)
             except HTTPError as exc:
                 answer = _plain(exc.status, exc.message, exc.headers.items())
+            except Exception:
+                logger.exception("the task endpoint failed on %s", scope["path"])
+                answer = _plain(500, "the task endpoint failed: see the app's log")
             status, extra, data = answer
             await send({"type": "http.response.start", "status": status, "headers": [
                 (b"content-type", b"text/plain; charset=utf-8"),
@@ -5828,7 +5877,7 @@ async def _asgi_body(headers, receive):
         event = await receive()
         if event["type"] == "http.disconnect":
             raise HTTPError(400, "the client went away")
-        chunk = event.get("body", b"")
+        chunk = event.get("body") or b""
         size += len(chunk)
         if size > MAX_DELIVERY_BODY:
             raise HTTPError(413, "a delivery is at most %d bytes" % MAX_DELIVERY_BODY)
@@ -6188,7 +6237,8 @@ class Daemon:
         need(rate is None or rate > 0, "--rate must be a positive number of attempts per second")
         need(burst is None or burst >= 1, "--burst must be at least 1")
         need(isinstance(max_tries, int) and 1 <= max_tries <= 100, "--max-tries must be 1-100")
-        need(0 < min_backoff <= max_backoff, "--min-backoff must be > 0 and <= --max-backoff")
+        need(0 < min_backoff <= max_backoff <= 31536000,
+             "--min-backoff must be > 0 and <= --max-backoff, itself at most a year")
         need(0 < timeout <= 3600, "--timeout must be > 0 and <= 3600 seconds")
         need(fsync in ("always", "never"), "--fsync must be 'always' or 'never'")
         need(isinstance(keep_success, int) and keep_success >= 0, "--keep-success must be >= 0")
@@ -6212,6 +6262,10 @@ class Daemon:
                  "--allow-host %r must be a host name (no port, no scheme)" % name)
         need(not next_auth_key or auth_key,
              "POUSSETACHES_NEXT_AUTH_KEY needs POUSSETACHES_AUTH_KEY: the current key")
+        for env_name, key in (("POUSSETACHES_AUTH_KEY", auth_key),
+                              ("POUSSETACHES_NEXT_AUTH_KEY", next_auth_key)):
+            need(not key or auth_key_problem(key) is None,
+                 "%s: %s" % (env_name, auth_key_problem(key)))
         self.allow_list = AllowList(allow_urls)   # raises ConfigError
         self.allowed_hosts = frozenset(name.lower() for name in allow_hosts)
         self.loopback_bound = is_loopback_name(host.lower())
@@ -6435,31 +6489,34 @@ def testing_daemon(client, app=None, **settings):
             send_mail.push("ada@example.com")
             daemon.drain()
     """
-    server = _TestWSGIServer(("127.0.0.1", 0), _QuietWSGIHandler)
-    server.set_app(client.wsgi() if app is None else app)
-    serving = threading.Thread(target=server.serve_forever, name="poussetaches-test-app")
-    serving.start()
-    base = "http://127.0.0.1:%d" % server.server_port
-    data_dir = tempfile.mkdtemp(prefix="poussetaches-test-")
-    options = dict(port=0, data_dir=data_dir, fsync="never", min_backoff=0.01,
-                   max_backoff=0.05, auth_key="whsec_" + b64(os.urandom(24)),
-                   allow_urls=[base + "/"])
-    options.update(settings)
+    key = settings.get("auth_key") or "whsec_" + b64(os.urandom(24))
     saved = (client.api_url, client.base_url, client.auth_keys, client.eager)
+    client.auth_keys, client.eager = (key,), False  # before the endpoint is made: no warning
+    server = _TestWSGIServer(("127.0.0.1", 0), _QuietWSGIHandler)
+    data_dir = tempfile.mkdtemp(prefix="poussetaches-test-")
     try:
-        with Daemon(**options) as daemon:
-            client._point_at(daemon.url)
-            client.base_url, client.auth_keys, client.eager = base, (options["auth_key"],), False
-            try:
+        server.set_app(client.wsgi() if app is None else app)
+        serving = threading.Thread(target=server.serve_forever, name="poussetaches-test-app")
+        serving.start()
+        base = client.base_url = "http://127.0.0.1:%d" % server.server_port
+        options = dict(port=0, data_dir=data_dir, fsync="never", min_backoff=0.01,
+                       max_backoff=0.05, allow_urls=[base + "/"])
+        options.update(settings, auth_key=key)
+        try:
+            with Daemon(**options) as daemon:
+                client._point_at(daemon.url)
                 yield daemon
-            finally:
-                client._point_at(saved[0])
-                client.base_url, client.auth_keys, client.eager = saved[1:]
+        finally:
+            server.shutdown()
+            serving.join()
     finally:
-        server.shutdown()
         server.server_close()
-        serving.join()
         shutil.rmtree(data_dir, ignore_errors=True)
+        client._point_at(saved[0])
+        client.base_url, client.auth_keys, client.eager = saved[1:]
+
+
+testing_daemon.__test__ = False  # pytest: a helper, not a test, for all its name
 
 
 class JSONFormatter(logging.Formatter):

@@ -2561,6 +2561,26 @@ class TestMalformed(unittest.TestCase):
 
 
 class TestSecurity(unittest.TestCase):
+    def test_header_names_a_server_reads_as_ours_are_refused(self):
+        """WSGI servers read Poussetaches_Auth_Key as Poussetaches-Auth-Key (both are
+        HTTP_POUSSETACHES_AUTH_KEY); a task's own webhook-* headers would shadow
+        the signature."""
+        with running_daemon(paused=True) as d:
+            for name in ("Poussetaches_Auth_Key", "poussetaches_task_id", "webhook-id",
+                         "Webhook_Signature"):
+                status, _, doc = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/t",
+                                                           "headers": {name: "x"}})
+                self.assertEqual((status, doc.get("field")), (400, "headers"), name)
+                self.assertIn("is set by poussetaches", doc["error"])
+
+    def test_retry_after_takes_ascii_digits_only(self):
+        """"\u00b2".isdigit() is True and float() refuses it: the 503 became a network
+        error that counted toward the circuit breaker."""
+        self.assertIsNone(pt.parse_retry_after("\u00b2", 0))
+        self.assertIsNone(pt.parse_retry_after("\u0663", 0))  # an Arabic-Indic 3
+        self.assertEqual(pt.parse_retry_after("120", 0), 120.0)
+        self.assertEqual(pt.parse_retry_after("9" * 400, 0), 1e12)  # finite: max_backoff caps
+
     def test_standard_webhooks_published_vector(self):
         # from the Standard Webhooks reference libraries' test suite
         self.assertEqual(pt.sign("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
@@ -4694,7 +4714,8 @@ class TestTaskFunctions(unittest.TestCase):
                                        (task_id, 1, "default", "notes.add"))])
         self.assertEqual(done["url"], self.app.base_url + "/_tasks/notes.add")
         self.assertEqual(json.loads(base64.b64decode(done["payload"])),
-                         {"args": ["h\u00e9llo \u2603"], "kwargs": {"n": 41, "tags": ["a", "b"]}})
+                         {"task": "notes.add", "args": ["h\u00e9llo \u2603"],
+                          "kwargs": {"n": 41, "tags": ["a", "b"]}})
         # still a plain function, outside any delivery
         self.assertEqual(self.add("direct"), 2)
         self.assertIsNone(self.calls[-1][-1])
@@ -4791,7 +4812,7 @@ class TestTaskFunctions(unittest.TestCase):
 
     def test_bad_credentials_or_envelope_never_call_the_function(self):
         endpoint = self.app.base_url + "/_tasks/notes.add"
-        good = envelope_of({"args": ["x"], "kwargs": {}})
+        good = envelope_of({"task": "notes.add", "args": ["x"], "kwargs": {}})
         stale = int(time.time()) - 3600
         cases = {
             "no key": (403, {}, good),
@@ -4826,6 +4847,69 @@ class TestTaskFunctions(unittest.TestCase):
                                   headers=headers)[0], 200)
         self.assertEqual(len(self.calls), 2)
 
+    def test_a_signed_delivery_is_bound_to_its_task_and_id(self):
+        """An attacker's pass: a captured signed delivery, sent again to another
+        task's path with a forged Poussetaches-Task-ID header, ran that task under
+        the forged id (the signature covered the body, not the target)."""
+        signed = pt.PousseTaches(auth_key=KEY)
+        ran = []
+        signed.task(name="newsletter")(lambda who: ran.append(("newsletter", who,
+                                                              pt.current_task().task_id)))
+        signed.task(name="delete_account")(lambda who: ran.append(("delete", who)))
+        body = envelope_of({"task": "newsletter", "args": ["42"], "kwargs": {}})
+        headers = dict(signed_headers(KEY, body, task_id="real-id"),
+                       **{"Poussetaches-Task-ID": "forged-id"})
+        with serving_wsgi(signed.wsgi()) as base:
+            replayed = call(base, "POST", "/_tasks/delete_account", raw=body, headers=headers)
+            self.assertEqual(replayed[0], 403)
+            self.assertIn(b"for task 'newsletter', not 'delete_account'", replayed[2])
+            self.assertEqual(call(base, "POST", "/_tasks/newsletter", raw=body,
+                                  headers=headers)[0], 200)
+        self.assertEqual(ran, [("newsletter", "42", "real-id")])  # the signed id
+
+    def test_what_can_be_refused_is_refused_before_the_body(self):
+        """A POST announcing 32 MiB without credentials was read whole first: eight
+        such connections grew the app by 288 MiB."""
+        with serving_wsgi(self.app.wsgi()) as base:
+            port = int(base.rsplit(":", 1)[1])
+            for head, status in ((b"POST /_tasks/notes.add HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 33554000\r\n\r\n", b" 403 "),
+                                 (b"POST /_tasks/notes.add HTTP/1.1\r\nHost: x\r\n"
+                                  b"webhook-id: a\r\nwebhook-signature: v1,x\r\n"
+                                  b"webhook-timestamp: 1\r\nContent-Length: 33554000\r\n\r\n",
+                                  b" 403 "),
+                                 (b"GET /_tasks/notes.add HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 33554000\r\n\r\n", b" 405 ")):
+                with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+                    sock.sendall(head)  # and no body: the answer must come anyway
+                    self.assertIn(status, sock.recv(200).split(b"\r\n")[0] + b" ")
+        # hostile JSON after the key: a 400, not the framework's 500
+        deep = b'{"payload": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+        with serving_wsgi(self.app.wsgi()) as base:
+            self.assertEqual(call(base, "POST", "/_tasks/notes.add", raw=deep,
+                                  headers={"Poussetaches-Auth-Key": KEY})[0], 400)
+        self.assertEqual(self.calls, [])
+
+    def test_keys_are_checked_when_given(self):
+        """A loosely decoded whsec_ key ("whsec_!?") was an empty HMAC key, which
+        anyone can sign with; a list set through auth_key failed every delivery."""
+        for bad in ("whsec_!@#$%^&*()-?", "whsec_", "whsec_====", "whsec_AAAA", "whsec_abc",
+                    b"bytes-key", 42):
+            with self.subTest(key=bad):
+                with self.assertRaises(pt.ConfigError):
+                    pt.PousseTaches(auth_key=bad)
+                if isinstance(bad, str):
+                    with self.assertRaises(pt.ConfigError) as ctx:
+                        pt.Daemon(port=0, data_dir="unused", auth_key=bad)
+                    self.assertIn("POUSSETACHES_AUTH_KEY", str(ctx.exception))
+        client = pt.PousseTaches(auth_key=KEY)
+        client.auth_key = ["k1", "k2", ""]
+        self.assertEqual(client.auth_keys, ("k1", "k2"))
+        with self.assertRaises(pt.ConfigError):
+            client.auth_key = ["k1", "whsec_AAAA"]
+        with self.assertRaises(pt.ConfigError):
+            pt.Daemon(port=0, data_dir="unused", max_backoff=float("inf"))
+
     def test_with_no_key_the_endpoint_refuses_unless_insecure(self):
         bare = pt.PousseTaches("http://127.0.0.1:9", auth_key="")
         ran = []
@@ -4833,7 +4917,7 @@ class TestTaskFunctions(unittest.TestCase):
         with self.assertLogs("poussetaches", "WARNING"):
             loose = pt.PousseTaches("http://127.0.0.1:9", auth_key="", insecure=True)
         loose.task(name="t")(lambda: ran.append(2))
-        body = envelope_of({"args": [], "kwargs": {}})
+        body = envelope_of({"task": "t", "args": [], "kwargs": {}})
         with serving_wsgi(bare.wsgi()) as base:
             status, _, text = call(base, "POST", "/_tasks/t", raw=body)
         self.assertEqual(status, 403)
@@ -4850,7 +4934,7 @@ class TestTaskFunctions(unittest.TestCase):
         with serving_wsgi(self.app.wsgi(inner)) as base:
             for path in ("/", "/_tasks", "/_tasksx/notes.add", "/about"):
                 self.assertEqual(call(base, "POST", path, raw=b"")[2], b"app " + path.encode())
-            body = envelope_of({"args": ["w"], "kwargs": {}})
+            body = envelope_of({"task": "notes.add", "args": ["w"], "kwargs": {}})
             self.assertEqual(call(base, "POST", "/_tasks/notes.add", raw=body,
                                   headers={"Poussetaches-Auth-Key": KEY})[0], 200)
         self.assertEqual(self.calls[0][1], "w")
@@ -4936,7 +5020,7 @@ class TestTaskEndpointAsgi(unittest.TestCase):
                 body_event["body"])
 
     def deliver(self, name, args=(), endpoint=None, pieces=1):
-        body = envelope_of({"args": list(args), "kwargs": {}})
+        body = envelope_of({"task": name, "args": list(args), "kwargs": {}})
         headers = list(signed_headers(KEY, body, task_id="id-" + name).items())
         headers.append(("Poussetaches-Task-ID", "id-" + name))
         return self.run_asgi(endpoint or self.app.asgi(), "POST", "/_tasks/" + name, body,
@@ -4955,7 +5039,7 @@ class TestTaskEndpointAsgi(unittest.TestCase):
         self.assertEqual(status, 404)
         self.assertIn(b"a.ok, a.reject, a.retry, s.ok", body)
         # credentials first: the function is not called
-        body = envelope_of({"args": ["z"], "kwargs": {}})
+        body = envelope_of({"task": "a.ok", "args": ["z"], "kwargs": {}})
         self.assertEqual(self.run_asgi(self.app.asgi(), "POST", "/_tasks/a.ok", body)[0], 403)
         self.assertEqual(self.run_asgi(self.app.asgi(), "GET", "/_tasks/a.ok")[0], 405)
         self.assertEqual(len(self.calls), 2)
@@ -5013,12 +5097,13 @@ class TestTaskEndpointDetails(unittest.TestCase):
             await asyncio.sleep(0)
             ran.append(x)
         app.task(name="bare")(lambda x: deco.fn(x))  # no functools.wraps: said so
-        body = envelope_of({"args": ["wsgi"], "kwargs": {}})
+        body = envelope_of({"task": "deco", "args": ["wsgi"], "kwargs": {}})
         with serving_wsgi(app.wsgi()) as base:
             self.assertEqual(call(base, "POST", "/_tasks/deco", raw=body,
                                   headers={"Poussetaches-Auth-Key": KEY})[0], 200)
             with self.assertLogs("poussetaches", "ERROR"):
-                status, _, text = call(base, "POST", "/_tasks/bare", raw=body,
+                status, _, text = call(base, "POST", "/_tasks/bare", raw=envelope_of(
+                    {"task": "bare", "args": ["wsgi"], "kwargs": {}}),
                                        headers={"Poussetaches-Auth-Key": KEY})
         self.assertEqual(status, 500)
         self.assertIn(b"make it async def", text)
@@ -5037,7 +5122,7 @@ class TestTaskEndpointDetails(unittest.TestCase):
         app.task(name="t")(lambda x: ran.append(x))
         harness = TestTaskEndpointAsgi()
         harness.app = app
-        body = envelope_of({"args": ["behind /api"], "kwargs": {}})
+        body = envelope_of({"task": "t", "args": ["behind /api"], "kwargs": {}})
 
         async def inner(scope, receive, send):
             raise AssertionError("a delivery reached the app: %r" % scope["path"])
@@ -5094,7 +5179,8 @@ class TestTaskEndpointDetails(unittest.TestCase):
         harness.app = app
         with serving_wsgi(app.wsgi()) as base:
             for name in ("s", "a"):
-                call(base, "POST", "/_tasks/" + name, raw=envelope_of({"args": [], "kwargs": {}}),
+                call(base, "POST", "/_tasks/" + name, raw=envelope_of(
+                    {"task": name, "args": [], "kwargs": {}}),
                      headers={"Poussetaches-Auth-Key": KEY})
         harness.deliver("s")
         harness.deliver("a")
@@ -5337,7 +5423,6 @@ class TestKeyRotation(unittest.TestCase):
             self.assertEqual(ran, list(range(len(steps))))
         # an app that has only the new key, during the rotation: the signature carries it
         lone = pt.PousseTaches(auth_key=new)
-        body = envelope_of({"args": [], "kwargs": {}})
         delivery = pt.Delivery(old, allow_list=pt.AllowList(["http://x/"]), next_auth_key=new)
         request = delivery.request(pt.Task("tid", "http://x/t", b"{}"), 1, "r")
         headers = dict(request.header_items())
@@ -5346,7 +5431,6 @@ class TestKeyRotation(unittest.TestCase):
         self.assertEqual(lone.parse(headers=headers, body=request.data).payload, {})
         with self.assertRaises(pt.AuthError):
             pt.PousseTaches(auth_key="third").parse(headers=headers, body=request.data)
-        del body
 
     def test_the_daemon_takes_the_next_key_from_its_environment(self):
         with receiver() as rx:
