@@ -67,6 +67,7 @@ import queue
 import random
 import re
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -2214,30 +2215,9 @@ class Store:
         fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o600)
         try:
             try:
-                chunk = ['{"version": 2, "journal": %d, "created": %d, "fields": %s, "queues": %s'
-                         % (seq, self.clock(), json.dumps(TASK_NAMES),
-                            json.dumps(tables["queues"]))]
-                size = 0
-                for name in TABLES:
-                    chunk.append(',\n"%s": [' % name)
-                    sep = "\n"
-                    for task in tables[name]:
-                        line = _compact(task.to_row())
-                        chunk.append(sep)
-                        chunk.append(line)
-                        sep = ",\n"
-                        count += 1
-                        if count % 100 == 0:
-                            # yield the GIL (about every 0.5 ms of work): a request thread
-                            # waiting for it would otherwise wait a whole switch interval
-                            time.sleep(0)
-                        size += len(line)
-                        if size > 1 << 16:
-                            fs.write_all(fd, "".join(chunk).encode())
-                            chunk, size = [], 0
-                    chunk.append("]")
-                chunk.append("}\n")
-                fs.write_all(fd, "".join(chunk).encode())
+                for piece in self._snapshot_pieces(seq, tables):
+                    fs.write_all(fd, piece)
+                count = sum(len(tables[name]) for name in TABLES)
                 fault_point("snapshot-after-write")
                 if self.fsync:
                     fs.fsync(fd)
@@ -2256,6 +2236,43 @@ class Store:
                 pass
             raise
         return count
+
+    def _snapshot_pieces(self, seq, tables):
+        """A snapshot's bytes in pieces of about 64 KiB: the tables (lists of tasks,
+        and ``queues``) and the journal file its recovery goes on from."""
+        chunk = ['{"version": 2, "journal": %d, "created": %d, "fields": %s, "queues": %s'
+                 % (seq, self.clock(), json.dumps(TASK_NAMES), json.dumps(tables["queues"]))]
+        size = count = 0
+        for name in TABLES:
+            chunk.append(',\n"%s": [' % name)
+            sep = "\n"
+            for task in tables[name]:
+                line = _compact(task.to_row())
+                chunk.append(sep)
+                chunk.append(line)
+                sep = ",\n"
+                count += 1
+                if count % 100 == 0:
+                    # yield the GIL (about every 0.5 ms of work): a request thread
+                    # waiting for it would otherwise wait a whole switch interval
+                    time.sleep(0)
+                size += len(line)
+                if size > 1 << 16:
+                    yield "".join(chunk).encode()
+                    chunk, size = [], 0
+            chunk.append("]")
+        chunk.append("}\n")
+        yield "".join(chunk).encode()
+
+    def backup(self):
+        """A consistent copy of the tables, as a snapshot's bytes in pieces: what a
+        daemon started on a directory holding it as snapshot.json recovers (no
+        journal follows it).  Taken at one moment, under the lock; written out
+        after, as a snapshot is."""
+        with self._lock:
+            tables = {name: list(table.values()) for name, table in self._tables.items()}
+            tables["queues"] = {name: dict(q) for name, q in self._queues.items()}
+        return self._snapshot_pieces(0, tables)
 
     def close(self):
         self.journal.close()
@@ -3728,6 +3745,9 @@ class Api:
               "200 when serving and storage is healthy, else 503; no API key needed",
               (200, 503)),
         Route("GET", "/metrics", "metrics", "Prometheus text exposition format 0.0.4", (200,)),
+        Route("GET", "/backup", "backup", "A consistent copy of every table, as a snapshot: "
+              "a daemon started on a new directory holding it as snapshot.json restores it "
+              "(poussetaches backup DEST does that)", (200,)),
         Route("GET", "/openapi.json", "openapi", "This document", (200,)),
         Route("GET", "/ui", "ui", "The dashboard (HTML)", (200,)),
     )
@@ -4277,6 +4297,10 @@ class Api:
         if not self.store.journal.healthy:
             return 503, {"ok": False, "error": "the journal cannot be written"}, {}
         return 200, {"ok": True}, {}
+
+    def backup(self, **_):
+        return 200, Stream("application/json", self.store.backup()), {
+            "Cache-Control": "no-store"}
 
     def metrics(self, **_):
         counts = self.store.counts()
@@ -5969,6 +5993,27 @@ class PousseTaches(_ApiCalls, _AppSide):
         doc = self.request(method, path, body)[2]
         return doc if then is None else then(doc)
 
+    def download(self, path, out):
+        """GET ``path`` into the binary file ``out`` in pieces (a backup need not fit
+        in memory); returns the bytes written.  Errors as ``request``."""
+        conn = self._connection()
+        size = 0
+        try:
+            response = exchange(conn, "GET", self._prefix + path, None, self._head(None),
+                                reused=conn.sock is not None)
+            if response.status >= 400:
+                _answer(response.status, response.read())  # raises ClientError
+            for piece in iter(lambda: response.read(1 << 16), b""):
+                out.write(piece)
+                size += len(piece)
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise DaemonUnavailable(-1, "cannot reach poussetaches at %s: %s"
+                                    % (self.api_url, exc)) from None
+        if response.will_close:
+            self.close()
+        return size
+
     def _head(self, body):
         """The request headers of a call with ``body`` (None: no body)."""
         hdrs = {"Content-Type": "application/json"} if body is not None else {}
@@ -6096,6 +6141,19 @@ class AsyncPousseTaches(_ApiCalls, _AppSide):
         """One API call; returns its JSON.  Raises ClientError on 4xx/5xx,
         DaemonUnavailable when nothing answers (a reset kept-alive connection
         is retried once, as the sync client does)."""
+        return _answer(*await self._fetch(method, path, body))
+
+    async def download(self, path, out):
+        """GET ``path`` into the binary file ``out``; the bytes written (read whole
+        first: for a large backup, the sync client's download streams)."""
+        status, text = await self._fetch("GET", path)
+        if status >= 400:
+            _answer(status, text)
+        out.write(text)
+        return len(text)
+
+    async def _fetch(self, method, path, body=None):
+        """One exchange with the daemon: (status, body bytes)."""
         data = b"" if body is None else json.dumps(body).encode()
         hdrs = self._sync._head(body)
         hdrs.update({"Host": "%s:%d" % self._sync._address, "Content-Length": str(len(data))})
@@ -6123,7 +6181,7 @@ class AsyncPousseTaches(_ApiCalls, _AppSide):
             if close:
                 state[1][1].close()
                 state[1] = None
-        return _answer(status, text)
+        return status, text
 
     @staticmethod
     async def _exchange(streams, data):
@@ -6722,6 +6780,11 @@ def build_parser():
     client("pause", "Pause dispatching", prints="a line")
     client("resume", "Resume dispatching", prints="a line")
     client("status", "Show the daemon's status")
+    backup = client("backup", "Copy a live daemon's tables, consistent at one moment, into "
+                    "DEST, a new directory; a daemon started with --data-dir DEST restores "
+                    "them", json_flag=False)
+    backup.add_argument("dest", metavar="DEST", help="a directory that does not exist yet, "
+                                                     "or is empty")
     dead = sub.add_parser("dead", help="Dead tasks: purge")
     actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
     client("purge", "Drop every dead task", parent=actions, prints="a line")
@@ -6828,6 +6891,12 @@ def run_client(args, out=None):
             return 0
         if args.command == "queue":
             return _queue_command(client, args, out)
+        if args.command == "backup":
+            count = _backup(client, args.dest)
+            out.write("%d tasks backed up in %s; to restore them, start a daemon on it:\n"
+                      "    python3 poussetaches.py --data-dir %s --paused\n"
+                      % (count, args.dest, shlex.quote(args.dest)))
+            return 0
         if args.command == "ls":
             order = args.order or ("desc" if args.table in ("success", "dead") else "asc")
             doc = client.listing(args.table, args.limit, args.offset, queue=args.queue,
@@ -6934,6 +7003,33 @@ def _print_status(doc, out):
              ("circuits", "; ".join(circuits) or "all closed")]
     for key, value in lines:
         out.write("%-10s %s\n" % (key + ":", value))
+
+
+def _backup(client, dest):
+    """GET /backup into DEST/snapshot.json, DEST new or empty and made 0700, the
+    file checked whole before it takes its name; the number of tasks in it."""
+    if os.path.isdir(dest) and os.listdir(dest):
+        raise PousseTachesError("%s is not empty: a backup goes to a new directory" % dest)
+    os.makedirs(dest, mode=0o700, exist_ok=True)
+    tmp = os.path.join(dest, SNAPSHOT_NAME + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            client.download("/backup", f)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp, "rb") as f:
+            try:
+                doc = json.load(f)
+            except ValueError as exc:
+                raise PousseTachesError("the backup is not whole: %s" % exc) from None
+        if not isinstance(doc, dict) or doc.get("version") != 2:
+            raise PousseTachesError("the daemon's answer is not a snapshot")
+        os.replace(tmp, os.path.join(dest, SNAPSHOT_NAME))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return sum(len(doc.get(name) or ()) for name in TABLES)
 
 
 def _queue_command(client, args, out):

@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -5512,6 +5513,74 @@ class TestCli(unittest.TestCase):
                 if answer[1]:
                     self.assertIn("not from a poussetaches daemon", str(ctx.exception))
 
+    def test_backup_of_a_live_daemon_restores_as_it_was(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        with receiver() as rx, running_daemon(max_tries=1) as d:
+            rx.answers["/fail"] = [(500, b"no")]
+            client = pt.PousseTaches(d.url, rx.base)
+            self.addCleanup(client.close)
+            client.set_queue("mail", rate=3, concurrency=2)
+            ok, bad = client.push({"a": 1}, "/ok"), client.push({"b": 2}, "/fail")
+            wait_until(lambda: client.status()["success"] == 1 and client.status()["dead"] == 1,
+                       what="a success and a dead task")
+            client.push({"c": 3}, "/later", delay_s=3600, queue="mail", ordering_key="k")
+            client.push({}, "/nightly", schedule="0 3 * * *", name="nightly")
+            tables = lambda c: {t: sorted(json.dumps(x, sort_keys=True) for x in
+                                          c.listing(t)["tasks"]) for t in
+                                ("waiting", "cron", "success", "dead")}
+            before, queues = tables(client), client.queues()
+            code, out, err = self.run_cli("--url", d.url, "backup", os.path.join(tmp, "b"))
+            self.assertEqual((code, err), (0, ""))
+            self.assertIn("4 tasks backed up in %s" % os.path.join(tmp, "b"), out)
+            self.assertEqual(os.listdir(os.path.join(tmp, "b")), ["snapshot.json"])
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(tmp, "b")).st_mode), 0o700)
+            code, _, err = self.run_cli("--url", d.url, "backup", os.path.join(tmp, "b"))
+            self.assertEqual(code, 1)
+            self.assertIn("is not empty", err)
+        with running_daemon(data_dir=os.path.join(tmp, "b"), paused=True) as restored:
+            again = pt.PousseTaches(restored.url, rx.base)
+            self.addCleanup(again.close)
+            self.assertEqual(tables(again), before)
+            self.assertEqual([dict(q, oldest_due_age_s=0) for q in again.queues()],
+                             [dict(q, oldest_due_age_s=0) for q in queues])
+            self.assertEqual((again.get_task(ok).state, again.get_task(bad).state),
+                             ("success", "dead"))
+
+    def test_a_backup_is_taken_at_one_moment(self):
+        """Batches are all or nothing: a backup taken while they come holds each
+        whole or not at all (a copy by luck of timing would cut some)."""
+        with running_daemon(paused=True, fsync="never") as d:
+            client = pt.PousseTaches(d.url, "http://127.0.0.1:9")
+            self.addCleanup(client.close)
+            stop = threading.Event()
+
+            def enqueue():
+                feeder = pt.PousseTaches(d.url, "http://127.0.0.1:9")
+                n = 0
+                while not stop.is_set():
+                    feeder.push_many([{"payload": {"batch": n}, "path": "/b"}] * 50)
+                    n += 1
+                feeder.close()
+            thread = threading.Thread(target=enqueue)
+            thread.start()
+            try:
+                wait_until(lambda: client.status()["waiting"] >= 200, what="batches", poll=0.01)
+                backups = []
+                for _ in range(3):
+                    out = io.BytesIO()
+                    client.download("/backup", out)
+                    backups.append(json.loads(out.getvalue()))
+            finally:
+                stop.set()
+                thread.join(WAIT)
+        at = pt.TASK_NAMES.index("payload")
+        for doc in backups:
+            sizes = collections.Counter(json.loads(base64.b64decode(row[at]))["batch"]
+                                        for row in doc["waiting"])
+            self.assertGreater(len(sizes), 3)
+            self.assertEqual(set(sizes.values()), {50}, sizes)
+
     def test_status_and_help_are_for_people(self):
         """status printed breakers as a Python repr with nanosecond times, queue show
         raw JSON; help texts said what a value must be, and pause offered a table."""
@@ -6294,6 +6363,8 @@ class TestStorage(unittest.TestCase):
                                               fs=BrokenFS(broken)) as d:
             ok = call(d.url, "POST", "/", {"url": rx.url()})
             self.assertEqual(ok[0], 201)
+            rx.wait_for(1)  # delivered and settled: the waiting table is empty again
+            wait_until(lambda: call(d.url, "GET", "/")[2]["waiting"] == 0, what="settled")
             broken.set()
             d.store.journal._close_quietly()  # the next write must reopen the file, and fails
             status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/lost")})
