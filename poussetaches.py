@@ -153,6 +153,8 @@ TABLES = ("waiting", "success", "dead")
 SNAPSHOT_NAME = "snapshot.json"
 JOURNAL_PREFIX = "journal."
 LOCK_NAME = "lock"
+FORMAT_NAME = "format"             # the data directory's format, in a line of its own
+FORMAT_VERSION = 2                 # snapshot.json version 2 and its journal.<n> files
 IMPORT_REJECTED = "import-rejected"  # where the original's files that fail the checks go
 
 USER_AGENT = "poussetaches/" + __version__
@@ -2298,10 +2300,49 @@ def check_data_dir(path):
         raise ConfigError("the data directory %s is writable by group or others (mode %o): "
                           "chmod 700 %s" % (path, info.st_mode & 0o777, path))
     for name in os.listdir(path):
-        if (name in (LOCK_NAME, SNAPSHOT_NAME, SNAPSHOT_NAME + ".tmp")
+        if (name in (LOCK_NAME, FORMAT_NAME, SNAPSHOT_NAME, SNAPSHOT_NAME + ".tmp")
                 or name.startswith(JOURNAL_PREFIX)) and os.path.islink(os.path.join(path, name)):
             raise ConfigError("%s is a symbolic link: poussetaches never writes through "
                               "links; remove it" % os.path.join(path, name))
+
+
+def check_format(path):
+    """Read the data directory's format (called with its lock held): a newer one
+    is refused, naming both versions; an older one is copied aside to
+    ``<path>.format-<n>`` before it is upgraded (format 2 is the first that is
+    recorded: no step to run yet); ours is recorded.  Raises ConfigError."""
+    file = os.path.join(path, FORMAT_NAME)
+    try:
+        with open(file) as f:
+            text = f.read(200).strip()
+    except FileNotFoundError:
+        text = None  # made before formats were recorded: format 2, as the original's layout
+    found = FORMAT_VERSION
+    if text is not None:
+        match = re.fullmatch(r"poussetaches data format (\d{1,6})", text)
+        if match is None:
+            raise ConfigError("%s says %r, not 'poussetaches data format N': is %s a "
+                              "poussetaches data directory?" % (file, text[:60], path))
+        found = int(match.group(1))
+    if found > FORMAT_VERSION:
+        raise ConfigError("the data directory %s is of format %d, newer than the format %d "
+                          "that poussetaches %s reads: run the version that wrote it (or a "
+                          "newer one)" % (path, found, FORMAT_VERSION, __version__))
+    if found < FORMAT_VERSION:
+        aside = "%s.format-%d" % (path.rstrip(os.sep), found)
+        shutil.copytree(path, aside, ignore=shutil.ignore_patterns(LOCK_NAME))
+        logger.warning("upgrading the data directory %s from format %d to %d; the old one is "
+                       "copied to %s", path, found, FORMAT_VERSION, aside,
+                       extra={"event": "upgrade"})
+    if found != FORMAT_VERSION or text is None:
+        tmp = file + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o600)
+        try:
+            os.write(fd, b"poussetaches data format %d\n" % FORMAT_VERSION)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, file)
 
 
 class DirLock:
@@ -6382,6 +6423,12 @@ class Daemon:
             self._lock.acquire()
         except BaseException:
             server.server_close()
+            raise
+        try:
+            check_format(self.data_dir)
+        except BaseException:
+            server.server_close()
+            self._lock.release()
             raise
         try:
             s = self._settings

@@ -6189,6 +6189,42 @@ class TestOperate(unittest.TestCase):
 # --------------------------------------------------------------------------
 
 class TestStorage(unittest.TestCase):
+    def test_the_data_directory_records_its_format(self):
+        """Nothing said what an older daemon does with a newer data directory."""
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "data")
+        with running_daemon(data_dir=data) as d:
+            task_id = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/t", "delay_s": 600})[
+                2]["id"]
+        with open(os.path.join(data, "format")) as f:
+            self.assertEqual(f.read(), "poussetaches data format %d\n" % pt.FORMAT_VERSION)
+        # a newer format: refused, naming both, nothing touched
+        with open(os.path.join(data, "format"), "w") as f:
+            f.write("poussetaches data format 99\n")
+        before = sorted(os.listdir(data))
+        daemon = pt.Daemon(host="127.0.0.1", port=0, data_dir=data)
+        with self.assertRaises(pt.ConfigError) as ctx:
+            daemon.start()
+        self.assertIn("is of format 99, newer than the format %d" % pt.FORMAT_VERSION,
+                      str(ctx.exception))
+        self.assertEqual(sorted(os.listdir(data)), before)
+        # an older one: copied aside, then upgraded, the tasks kept
+        with open(os.path.join(data, "format"), "w") as f:
+            f.write("poussetaches data format 1\n")
+        with self.assertLogs("poussetaches", "WARNING") as logs:
+            with running_daemon(data_dir=data, paused=True) as d:
+                self.assertEqual(call(d.url, "GET", "/tasks/" + task_id)[0], 200)
+        self.assertIn("from format 1 to %d" % pt.FORMAT_VERSION, "\n".join(logs.output))
+        with open(os.path.join(data + ".format-1", "format")) as f:
+            self.assertEqual(f.read(), "poussetaches data format 1\n")
+        with open(os.path.join(data, "format")) as f:
+            self.assertEqual(f.read(), "poussetaches data format %d\n" % pt.FORMAT_VERSION)
+        with open(os.path.join(data, "format"), "w") as f:
+            f.write("hello\n")
+        with self.assertRaises(pt.ConfigError):
+            pt.Daemon(host="127.0.0.1", port=0, data_dir=data).start()
+
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="pt-store-")
         self.addCleanup(shutil.rmtree, self.dir, True)
