@@ -6835,6 +6835,16 @@ def build_parser():
     dead = sub.add_parser("dead", help="Dead tasks: purge")
     actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
     client("purge", "Drop every dead task", parent=actions, prints="a line")
+    recipe = sub.add_parser(
+        "recipe", help="Print a systemd unit, a Dockerfile or a compose file for the daemon",
+        description="Print a deployment file for the daemon, its flags those given after "
+                    "KIND (checked as serve checks them): a hardened systemd unit, a "
+                    "Dockerfile (the original image's paths and port, as uid 10001), or a "
+                    "compose file for that image.")
+    recipe.add_argument("kind", choices=("systemd", "docker", "compose"), metavar="KIND",
+                        help="systemd, docker or compose")
+    recipe.add_argument("flags", nargs=argparse.REMAINDER, metavar="FLAG",
+                        help="serve's flags: --allow-url URL, --grace S, --workers N...")
     cron = sub.add_parser("cron", help="Cron tasks: rm, preview")
     actions = cron.add_subparsers(dest="action", metavar="ACTION", required=True)
     rm = client("rm", "Remove a cron task, or every one with --all", parent=actions)
@@ -7135,6 +7145,88 @@ def _expand_id(client, prefix):
     return prefix
 
 
+def _systemd_recipe(given, flags):
+    """A unit hardened to an exposure of about 1 (systemd-analyze security)."""
+    command = [sys.executable, os.path.abspath(__file__), "serve", "--data-dir",
+               "/var/lib/poussetaches"] + given
+    local = is_loopback_name(flags.host.lower()) and all(
+        is_loopback_name((urllib.parse.urlsplit(url).hostname or "").lower())
+        for url in flags.allow_url or ())
+    return "\n".join([
+        "# /etc/systemd/system/poussetaches.service, from: poussetaches recipe systemd %s"
+        % " ".join(shlex.quote(flag) for flag in given),
+        "# keys in /etc/poussetaches.env: POUSSETACHES_AUTH_KEY=... POUSSETACHES_API_KEY=...",
+        "[Unit]", "Description=poussetaches task queue", "After=network.target", "",
+        "[Service]",
+        "ExecStart=" + " ".join(shlex.quote(part) for part in command),
+        "EnvironmentFile=-/etc/poussetaches.env",
+        "DynamicUser=yes", "StateDirectory=poussetaches", "StateDirectoryMode=0700",
+        "UMask=0077", "Restart=on-failure",
+        "TimeoutStopSec=%d" % (math.ceil(flags.grace) + 20),  # past --grace: the attempts end
+        "NoNewPrivileges=yes", "CapabilityBoundingSet=", "AmbientCapabilities=",
+        "PrivateTmp=yes", "PrivateDevices=yes", "PrivateUsers=yes", "PrivateIPC=yes",
+        "ProtectSystem=strict", "ProtectHome=yes", "ProtectClock=yes",
+        "ProtectControlGroups=yes", "ProtectHostname=yes", "ProtectKernelLogs=yes",
+        "ProtectKernelModules=yes", "ProtectKernelTunables=yes", "ProtectProc=invisible",
+        "ProcSubset=pid", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "RestrictNamespaces=yes", "RestrictRealtime=yes", "RestrictSUIDSGID=yes",
+        "LockPersonality=yes", "MemoryDenyWriteExecute=yes", "SystemCallArchitectures=native",
+        "SystemCallFilter=@system-service", "SystemCallFilter=~@privileged @resources",
+        "RemoveIPC=yes", "DevicePolicy=closed", "KeyringMode=private"]
+        # the app and the daemon on this machine: no other address to reach
+        + (["IPAddressDeny=any", "IPAddressAllow=localhost"] if local else [])
+        + ["", "[Install]", "WantedBy=multi-user.target", ""])
+
+
+def _docker_recipe(given, flags):
+    """A drop-in for the original's image: /app/poussetaches_data, port 7991, uid 10001."""
+    return "\n".join([
+        "# Dockerfile, from: poussetaches recipe docker %s; beside poussetaches.py"
+        % " ".join(shlex.quote(flag) for flag in given),
+        "FROM python:3.12-slim", "WORKDIR /app", "COPY poussetaches.py /app/poussetaches.py",
+        "RUN useradd --system --uid 10001 --no-create-home poussetaches \\",
+        " && mkdir -m 700 /app/poussetaches_data && chown 10001:10001 /app/poussetaches_data",
+        "USER 10001:10001", "VOLUME /app/poussetaches_data", "EXPOSE 7991",
+        "HEALTHCHECK --interval=10s --timeout=3s --start-period=30s \\",
+        "  CMD [\"python3\", \"-c\", \"import urllib.request; urllib.request.urlopen("
+        "'http://127.0.0.1:7991/healthz', timeout=2)\"]",
+        "CMD " + json.dumps(["python3", "/app/poussetaches.py", "serve", "--host", "0.0.0.0"]
+                            + given), ""])
+
+
+def _compose_recipe(given, flags):
+    """The daemon's services for a compose file, with its volume made the daemon's
+    user's first (a volume of the original's image belongs to root)."""
+    command = json.dumps(["python3", "/app/poussetaches.py", "serve", "--host", "0.0.0.0"]
+                         + given)
+    return "\n".join([
+        "# compose.yaml, from: poussetaches recipe compose %s"
+        % " ".join(shlex.quote(flag) for flag in given),
+        "# the image: poussetaches recipe docker > Dockerfile, beside poussetaches.py; your",
+        "# app joins these services, with POUSSETACHES_URL: http://poussetaches:7991",
+        "services:",
+        "  poussetaches-volume:  # at each start: the volume is the daemon's user's, 0700",
+        "    image: poussetaches:local", "    build: .", '    user: "0:0"',
+        '    entrypoint: ["sh", "-c", "chown -R 10001:10001 /app/poussetaches_data && '
+        'chmod 700 /app/poussetaches_data"]',
+        "    volumes:", "      - tasks:/app/poussetaches_data",
+        "  poussetaches:", "    image: poussetaches:local",
+        "    command: " + command,
+        "    environment:",
+        "      POUSSETACHES_AUTH_KEY: ${POUSSETACHES_AUTH_KEY}",
+        "      POUSSETACHES_API_KEY: ${POUSSETACHES_API_KEY:-}",
+        "    volumes:", "      - tasks:/app/poussetaches_data",
+        "    depends_on:", "      poussetaches-volume:",
+        "        condition: service_completed_successfully",
+        "    restart: unless-stopped",
+        "    stop_grace_period: %ds  # past --grace, so attempts in flight end"
+        % (math.ceil(flags.grace) + 20),
+        "volumes:", "  tasks:", ""])
+
+
+RECIPES = {"systemd": _systemd_recipe, "docker": _docker_recipe, "compose": _compose_recipe}
+
+
 def serve(args):
     # logging's documented knobs for what no line of ours prints: the caller's
     # frame, process and thread, looked up per record (a delivery logs a line)
@@ -7197,6 +7289,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "recipe":
+        flags = build_parser().parse_args(["serve"] + args.flags)  # a bad flag: exit 2
+        if args.kind == "systemd" and "--data-dir" in " ".join(args.flags):
+            parser.error("recipe systemd keeps the data in /var/lib/poussetaches (its "
+                         "StateDirectory): leave --data-dir out")
+        if not flags.allow_url:
+            sys.stderr.write("poussetaches: no --allow-url given: add your app's URL, or the "
+                             "daemon warns at every start\n")
+        sys.stdout.write(RECIPES[args.kind](args.flags, flags))
+        return 0
     return run_client(args)
 
 

@@ -5581,6 +5581,50 @@ class TestCli(unittest.TestCase):
             self.assertGreater(len(sizes), 3)
             self.assertEqual(set(sizes.values()), {50}, sizes)
 
+    def test_recipes_are_filled_in_from_the_flags(self):
+        flags = ["--allow-url", "http://127.0.0.1:8000/", "--grace", "25", "--workers", "8"]
+        code, unit, err = self.run_cli("recipe", "systemd", *flags)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("ExecStart=%s %s serve --data-dir /var/lib/poussetaches %s\n" % (
+            sys.executable, os.path.join(HERE, "poussetaches.py"), " ".join(flags)), unit)
+        self.assertIn("TimeoutStopSec=45\n", unit)  # past --grace
+        self.assertIn("IPAddressAllow=localhost\n", unit)  # every allowed URL is local
+        code, remote, _ = self.run_cli("recipe", "systemd", "--allow-url", "http://app:8000/")
+        self.assertNotIn("IPAddress", remote)
+        tool = shutil.which("systemd-analyze")
+        if tool:  # the unit as systemd reads it, and its exposure
+            tmp = tempfile.mkdtemp(prefix="pt-test-")
+            self.addCleanup(shutil.rmtree, tmp, True)
+            path = os.path.join(tmp, "poussetaches.service")
+            with open(path, "w") as f:
+                f.write(unit)
+            verify = subprocess.run([tool, "verify", path], capture_output=True, text=True,
+                                    timeout=60)
+            self.assertEqual((verify.returncode, verify.stderr), (0, ""))
+            security = subprocess.run([tool, "security", "--offline=yes", path],
+                                      capture_output=True, text=True, timeout=60)
+            exposure = float(re.search(r"Overall exposure level for \S+: ([\d.]+)",
+                                       security.stdout).group(1))
+            self.assertLessEqual(exposure, 2.0, security.stdout[-2000:])
+        code, dockerfile, _ = self.run_cli("recipe", "docker", *flags)
+        cmd = [line for line in dockerfile.splitlines() if line.startswith("CMD [")]
+        self.assertEqual(json.loads(cmd[0][4:]), ["python3", "/app/poussetaches.py", "serve",
+                                                  "--host", "0.0.0.0"] + flags)
+        self.assertIn("USER 10001:10001\n", dockerfile)
+        code, compose, _ = self.run_cli("recipe", "compose", *flags)
+        grace = re.search(r"stop_grace_period: (\d+)s", compose)
+        self.assertGreater(int(grace.group(1)), 25)
+        command = re.search(r"    command: (\[.*\])", compose).group(1)
+        self.assertEqual(json.loads(command)[-len(flags):], flags)
+        self.assertIn("chown -R 10001:10001 /app/poussetaches_data", compose)  # root's too
+        self.assertIn("condition: service_completed_successfully", compose)
+        # flags are checked as serve checks them; no --allow-url is said
+        self.assertEqual(self.run_cli("recipe", "docker", "--workrs", "8")[0], 2)
+        self.assertEqual(self.run_cli("recipe", "systemd", "--data-dir", "/x")[0], 2)
+        code, _, err = self.run_cli("recipe", "docker")
+        self.assertEqual(code, 0)
+        self.assertIn("no --allow-url given", err)
+
     def test_status_and_help_are_for_people(self):
         """status printed breakers as a Python repr with nanosecond times, queue show
         raw JSON; help texts said what a value must be, and pause offered a table."""
