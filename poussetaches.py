@@ -3743,7 +3743,8 @@ class Api:
     """
 
     ROUTES = (
-        Route("GET", "/", "status", "Daemon status: paused, in flight, table counts", (200,)),
+        Route("GET", "/", "status", "Daemon status: paused, in flight, table counts (waiting: "
+              "the one-off tasks; cron: the schedules, counted apart)", (200,)),
         Route("POST", "/", "enqueue", "Enqueue a task (201), or find its twin (200)",
               (200, 201, 400, 413, 503, 507), body="EnqueueRequest"),
         Route("POST", "/batch", "batch", "Enqueue 1 to 1000 tasks, all or nothing",
@@ -4622,7 +4623,9 @@ def openapi_document(routes, allow_list=None, api_key=False):
                     "type": "object",
                     "properties": {"name": string,
                                    "settings": {"$ref": "#/components/schemas/QueueSettings"},
-                                   "waiting": integer, "cron": integer, "due": integer,
+                                   "waiting": dict(integer, description="one-off tasks"),
+                                   "cron": dict(integer, description="schedules"),
+                                   "due": dict(integer, description="one-off or cron, due"),
                                    "in_flight": integer,
                                    "oldest_due_age_s": {"type": "number"}}},
                 "QueueList": {"type": "object", "properties": {"queues": {
