@@ -2033,6 +2033,10 @@ class Store:
         self.due.configure(name, settings.get("paused", False), settings.get("concurrency"),
                            settings.get("rate"), settings.get("burst"))
 
+    def is_in_flight(self, task_id):
+        with self._lock:
+            return task_id in self._inflight
+
     def ordering_head(self, queue, key):
         """The id of the task whose turn it is in an ordering key, or None."""
         with self._lock:
@@ -2267,10 +2271,11 @@ class Store:
         yield "".join(chunk).encode()
 
     def backup(self):
-        """A consistent copy of the tables, as a snapshot's bytes in pieces: what a
-        daemon started on a directory holding it as snapshot.json recovers (no
-        journal follows it).  Taken at one moment, under the lock; written out
-        after, as a snapshot is."""
+        """A copy of the tables, as a snapshot's bytes in pieces: what a daemon
+        started on a directory holding it as snapshot.json recovers (no journal
+        follows it).  Which tasks it holds is decided at one moment, under the
+        lock (a batch is in it whole or not at all); a task changed in place
+        after that moment (run now, a redrive) is written as it is then."""
         with self._lock:
             tables = {name: list(table.values()) for name, table in self._tables.items()}
             tables["queues"] = {name: dict(q) for name, q in self._queues.items()}
@@ -2330,6 +2335,9 @@ def check_format(path):
                           "newer one)" % (path, found, FORMAT_VERSION, __version__))
     if found < FORMAT_VERSION:
         aside = "%s.format-%d" % (path.rstrip(os.sep), found)
+        if os.path.exists(aside):
+            raise ConfigError("%s is to be upgraded after a copy to %s, which exists: move it "
+                              "away" % (path, aside))
         shutil.copytree(path, aside, ignore=shutil.ignore_patterns(LOCK_NAME))
         logger.warning("upgrading the data directory %s from format %d to %d; the old one is "
                        "copied to %s", path, found, FORMAT_VERSION, aside,
@@ -3432,7 +3440,10 @@ class Dispatcher:
         with self._under_way_lock:
             cut = dict(self._under_way)
         for task_id, (started, t0) in cut.items():  # their tasks stay due: say so in them
-            self.store.note_interrupted(task_id, started, time.monotonic() - t0)
+            try:
+                self.store.note_interrupted(task_id, started, time.monotonic() - t0)
+            except (PersistError, OSError) as exc:  # the stop goes on: the snapshot has it
+                logger.error("could not record the interrupted attempt of %s: %s", task_id, exc)
         return sum(t.is_alive() for t in self._threads)
 
     def spec(self, schedule):
@@ -4284,7 +4295,7 @@ class Api:
         """Why a waiting task that is due has not gone, or None (not due yet, or on
         its way): what GET /tasks/<id>, paged listings and the dashboard say."""
         now, paused, stats, breakers, settings_of = context
-        if task["next_run"] > now:
+        if task["next_run"] > now or self.store.is_in_flight(task["id"]):
             return None
         if paused:
             return "dispatching is paused (POST /resume)"
@@ -5401,6 +5412,12 @@ def _header(headers, name):
     return value
 
 
+def _close_held(holder):
+    """A finished thread's connection, closed (its PousseTaches' finalizer)."""
+    if holder[0] is not None:
+        holder[0].close()
+
+
 def _run_coroutine(awaitable):
     """Run an async task function from sync code: in a loop of its own."""
     try:
@@ -6000,8 +6017,11 @@ class PousseTaches(_ApiCalls, _AppSide):
                                        else _DeadlineConnection)(*self._address,
                                                                  timeout=self.timeout)
             conn.kernel_timeouts = False
-            # closed when its thread is gone: a web server's request threads come and go
-            weakref.finalize(threading.current_thread(), conn.close)
+            holder = getattr(self._local, "holder", None)
+            if holder is None:  # once a thread: its connection is closed when it is gone
+                holder = self._local.holder = [None]  # (a web server's threads come and go)
+                weakref.finalize(threading.current_thread(), _close_held, holder)
+            holder[0] = conn
         return conn
 
     def close(self):
@@ -6010,6 +6030,7 @@ class PousseTaches(_ApiCalls, _AppSide):
         if conn is not None:
             conn.close()
             self._local.conn = None
+            self._local.holder[0] = None
 
     def request(self, method, path, body=None, headers=None, parse=True):
         """One API call; returns (status, headers, JSON; None unless ``parse``), the
@@ -6042,18 +6063,24 @@ class PousseTaches(_ApiCalls, _AppSide):
         in memory); returns the bytes written.  Errors as ``request``."""
         conn = self._connection()
         size = 0
-        try:
-            response = exchange(conn, "GET", self._prefix + path, None, self._head(None),
-                                reused=conn.sock is not None)
-            if response.status >= 400:
-                _answer(response.status, response.read())  # raises ClientError
-            for piece in iter(lambda: response.read(1 << 16), b""):
-                out.write(piece)
-                size += len(piece)
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise DaemonUnavailable(-1, "cannot reach poussetaches at %s: %s"
-                                    % (self.api_url, exc)) from None
+
+        def receive(read):
+            try:
+                return read()
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise DaemonUnavailable(-1, "cannot reach poussetaches at %s: %s"
+                                        % (self.api_url, exc)) from None
+        response = receive(lambda: exchange(conn, "GET", self._prefix + path, None,
+                                            self._head(None), reused=conn.sock is not None))
+        if response.status >= 400:
+            _answer(response.status, receive(response.read))  # raises ClientError
+        while True:
+            piece = receive(lambda: response.read(1 << 16))
+            if not piece:
+                break
+            out.write(piece)  # a local error (a full disk) is the caller's, as it is
+            size += len(piece)
         if response.will_close:
             self.close()
         return size
@@ -6154,6 +6181,14 @@ class AsyncPousseTaches(_ApiCalls, _AppSide):
     def _here(self):
         """This event loop's [Lock, streams]: a connection belongs to one loop."""
         loop = asyncio.get_running_loop()
+        for gone in [other for other in self._loops if other.is_closed()]:
+            # closed without its tasks cancelled (not asyncio.run): drop its connection
+            streams = self._loops.pop(gone)[1]
+            if streams is not None:
+                try:
+                    streams[1].get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+                except (OSError, AttributeError):
+                    pass
         state = self._loops.get(loop)
         if state is None:
             state = self._loops[loop] = [asyncio.Lock(), None]
@@ -6222,6 +6257,11 @@ class AsyncPousseTaches(_ApiCalls, _AppSide):
                         raise DaemonUnavailable(-1, "cannot reach poussetaches at %s: %s"
                                                 % (self.api_url, exc or type(exc).__name__)) \
                             from None
+                except BaseException:  # cancelled mid-exchange: its answer must not be
+                    if state[1] is not None:  # read as the next call's
+                        state[1][1].close()
+                        state[1] = None
+                    raise
             if close:
                 state[1][1].close()
                 state[1] = None
@@ -7071,9 +7111,11 @@ def _backup(client, dest):
     if os.path.isdir(dest) and os.listdir(dest):
         raise PousseTachesError("%s is not empty: a backup goes to a new directory" % dest)
     os.makedirs(dest, mode=0o700, exist_ok=True)
+    os.chmod(dest, 0o700)  # payloads and headers: the owner's only, as the data dir
     tmp = os.path.join(dest, SNAPSHOT_NAME + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600),
+                       "wb") as f:
             client.download("/backup", f)
             f.flush()
             os.fsync(f.fileno())
@@ -7152,16 +7194,24 @@ def _systemd_recipe(given, flags):
     """A unit hardened to an exposure of about 1 (systemd-analyze security)."""
     command = [sys.executable, os.path.abspath(__file__), "serve", "--data-dir",
                "/var/lib/poussetaches"] + given
-    local = is_loopback_name(flags.host.lower()) and all(
+    # only when every allowed URL is on this machine (none given: any URL may be a task's)
+    local = bool(flags.allow_url) and all(
         is_loopback_name((urllib.parse.urlsplit(url).hostname or "").lower())
-        for url in flags.allow_url or ())
+        for url in flags.allow_url)
+    hidden = [path for path in command[:2] if path.startswith(("/home/", "/root/"))]
+    if hidden:
+        sys.stderr.write("poussetaches: %s is under /home or /root, which the unit hides "
+                         "(ProtectHome=yes): install it elsewhere (/usr, /opt)\n" % hidden[0])
+    # systemd reads % and $ in ExecStart as its own specifiers and variables
+    exec_start = " ".join(shlex.quote(part) for part in command).replace(
+        "%", "%%").replace("$", "$$")
     return "\n".join([
         "# /etc/systemd/system/poussetaches.service, from: poussetaches recipe systemd %s"
         % " ".join(shlex.quote(flag) for flag in given),
         "# keys in /etc/poussetaches.env: POUSSETACHES_AUTH_KEY=... POUSSETACHES_API_KEY=...",
         "[Unit]", "Description=poussetaches task queue", "After=network.target", "",
         "[Service]",
-        "ExecStart=" + " ".join(shlex.quote(part) for part in command),
+        "ExecStart=" + exec_start,
         "EnvironmentFile=-/etc/poussetaches.env",
         "DynamicUser=yes", "StateDirectory=poussetaches", "StateDirectoryMode=0700",
         "UMask=0077", "Restart=on-failure",
@@ -7189,10 +7239,10 @@ def _docker_recipe(given, flags):
         "FROM python:3.12-slim", "WORKDIR /app", "COPY poussetaches.py /app/poussetaches.py",
         "RUN useradd --system --uid 10001 --no-create-home poussetaches \\",
         " && mkdir -m 700 /app/poussetaches_data && chown 10001:10001 /app/poussetaches_data",
-        "USER 10001:10001", "VOLUME /app/poussetaches_data", "EXPOSE 7991",
+        "USER 10001:10001", "VOLUME /app/poussetaches_data", "EXPOSE %d" % flags.port,
         "HEALTHCHECK --interval=10s --timeout=3s --start-period=30s \\",
         "  CMD [\"python3\", \"-c\", \"import urllib.request; urllib.request.urlopen("
-        "'http://127.0.0.1:7991/healthz', timeout=2)\"]",
+        "'http://127.0.0.1:%d/healthz', timeout=2)\"]" % flags.port,
         "CMD " + json.dumps(["python3", "/app/poussetaches.py", "serve", "--host", "0.0.0.0"]
                             + given), ""])
 
@@ -7206,7 +7256,7 @@ def _compose_recipe(given, flags):
         "# compose.yaml, from: poussetaches recipe compose %s"
         % " ".join(shlex.quote(flag) for flag in given),
         "# the image: poussetaches recipe docker > Dockerfile, beside poussetaches.py; your",
-        "# app joins these services, with POUSSETACHES_URL: http://poussetaches:7991",
+        "# app joins these services, with POUSSETACHES_URL: http://poussetaches:%d" % flags.port,
         "services:",
         "  poussetaches-volume:  # at each start: the volume is the daemon's user's, 0700",
         "    image: poussetaches:local", "    build: .", '    user: "0:0"',
@@ -7294,9 +7344,9 @@ def main(argv=None):
         return serve(args)
     if args.command == "recipe":
         flags = build_parser().parse_args(["serve"] + args.flags)  # a bad flag: exit 2
-        if args.kind == "systemd" and "--data-dir" in " ".join(args.flags):
-            parser.error("recipe systemd keeps the data in /var/lib/poussetaches (its "
-                         "StateDirectory): leave --data-dir out")
+        if any(flag.partition("=")[0] in ("--data-dir", "--host") for flag in args.flags):
+            parser.error("recipe %s sets --data-dir and --host itself: leave them out"
+                         % args.kind)
         if not flags.allow_url:
             sys.stderr.write("poussetaches: no --allow-url given: add your app's URL, or the "
                              "daemon warns at every start\n")

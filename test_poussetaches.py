@@ -3815,6 +3815,7 @@ class TestQueues(unittest.TestCase):
                        call(d.url, "GET", "/tasks/" + slow)[2]["tries"] == 0, poll=0.02,
                        what="the slow task under way")
             self.assertEqual(held(behind), "its queue one is at its concurrency (1 under way)")
+            self.assertIsNone(held(slow))  # on its way, not held
             for _ in range(5):
                 d.dispatcher.breakers.record("http://down.example:80", True)
             task = call(d.url, "POST", "/", {"url": "http://down.example/t"})
@@ -4511,6 +4512,57 @@ class TestAsyncClient(unittest.TestCase):
             ids = first + second + both[0][0] + both[1][0]
             self.assertEqual(len(set(ids)), 46)
             self.assertEqual(call(d.url, "GET", "/")[2]["waiting"], 46)
+
+    def test_a_call_cancelled_mid_exchange_leaves_no_answer_behind(self):
+        """A cancelled call left its answer unread on the kept-alive connection: the
+        next call on that loop read it as its own (a push could return another id)."""
+        import asyncio
+
+        class Slow(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                if self.path == "/slow":
+                    time.sleep(0.5)
+                body = json.dumps({"answer_to": self.path}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        server = QuietServer(("127.0.0.1", 0), Slow)
+        thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+        thread.start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        client = pt.AsyncPousseTaches("http://127.0.0.1:%d" % server.server_port)
+
+        async def main():
+            with self.assertRaises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.request("GET", "/slow"), 0.1)
+            return await asyncio.wait_for(client.request("GET", "/fast"), WAIT)
+        self.assertEqual(asyncio.run(main()), {"answer_to": "/fast"})
+
+    def test_the_sync_client_keeps_one_finalizer_a_thread(self):
+        import weakref
+        with running_daemon(paused=True) as d:
+            client = pt.PousseTaches(d.url)
+            before = len(weakref.finalize._registry)
+            for _ in range(50):
+                client.status()
+                client.close()
+            self.assertLessEqual(len(weakref.finalize._registry) - before, 1)
+            # a local write error is the caller's, not "cannot reach poussetaches"
+
+            class Full(io.RawIOBase):
+                def write(self, data):
+                    raise OSError(28, "No space left on device")
+            with self.assertRaises(OSError) as ctx:
+                client.download("/backup", Full())
+            self.assertNotIsInstance(ctx.exception, pt.PousseTachesError)
+            client.close()
 
     def test_a_bad_answer_head_is_refused(self):
         """The async client reads an answer's head with the sync client's strict
@@ -5530,8 +5582,11 @@ class TestCli(unittest.TestCase):
                                           c.listing(t)["tasks"]) for t in
                                 ("waiting", "cron", "success", "dead")}
             before, queues = tables(client), client.queues()
+            os.mkdir(os.path.join(tmp, "b"), 0o755)  # made empty beforehand, open to all
             code, out, err = self.run_cli("--url", d.url, "backup", os.path.join(tmp, "b"))
             self.assertEqual((code, err), (0, ""))
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(tmp, "b", "snapshot.json"))
+                                          .st_mode), 0o600)
             self.assertIn("4 tasks backed up in %s" % os.path.join(tmp, "b"), out)
             self.assertEqual(os.listdir(os.path.join(tmp, "b")), ["snapshot.json"])
             self.assertEqual(stat.S_IMODE(os.stat(os.path.join(tmp, "b")).st_mode), 0o700)
@@ -5584,23 +5639,30 @@ class TestCli(unittest.TestCase):
     def test_recipes_are_filled_in_from_the_flags(self):
         flags = ["--allow-url", "http://127.0.0.1:8000/", "--grace", "25", "--workers", "8"]
         code, unit, err = self.run_cli("recipe", "systemd", *flags)
-        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(code, 0)
+        self.assertEqual(sys.executable.startswith(("/home/", "/root/")),
+                         "which the unit hides (ProtectHome=yes)" in err)
         self.assertIn("ExecStart=%s %s serve --data-dir /var/lib/poussetaches %s\n" % (
             sys.executable, os.path.join(HERE, "poussetaches.py"), " ".join(flags)), unit)
         self.assertIn("TimeoutStopSec=45\n", unit)  # past --grace
         self.assertIn("IPAddressAllow=localhost\n", unit)  # every allowed URL is local
         code, remote, _ = self.run_cli("recipe", "systemd", "--allow-url", "http://app:8000/")
         self.assertNotIn("IPAddress", remote)
+        self.assertNotIn("IPAddress", self.run_cli("recipe", "systemd")[1])  # any URL allowed
+        code, escaped, _ = self.run_cli("recipe", "systemd", "--allow-url",
+                                        "http://127.0.0.1:8000/%7Ejobs/")
+        self.assertIn("--allow-url http://127.0.0.1:8000/%%7Ejobs/\n", escaped)  # a specifier
         tool = shutil.which("systemd-analyze")
         if tool:  # the unit as systemd reads it, and its exposure
             tmp = tempfile.mkdtemp(prefix="pt-test-")
             self.addCleanup(shutil.rmtree, tmp, True)
             path = os.path.join(tmp, "poussetaches.service")
-            with open(path, "w") as f:
-                f.write(unit)
-            verify = subprocess.run([tool, "verify", path], capture_output=True, text=True,
-                                    timeout=60)
-            self.assertEqual((verify.returncode, verify.stderr), (0, ""))
+            for text in (escaped, unit):
+                with open(path, "w") as f:
+                    f.write(text)
+                verify = subprocess.run([tool, "verify", path], capture_output=True, text=True,
+                                        timeout=60)
+                self.assertEqual((verify.returncode, verify.stderr), (0, ""))
             security = subprocess.run([tool, "security", "--offline=yes", path],
                                       capture_output=True, text=True, timeout=60)
             exposure = float(re.search(r"Overall exposure level for \S+: ([\d.]+)",
@@ -5611,6 +5673,9 @@ class TestCli(unittest.TestCase):
         self.assertEqual(json.loads(cmd[0][4:]), ["python3", "/app/poussetaches.py", "serve",
                                                   "--host", "0.0.0.0"] + flags)
         self.assertIn("USER 10001:10001\n", dockerfile)
+        dockerfile = self.run_cli("recipe", "docker", "--port", "8080")[1]
+        self.assertIn("EXPOSE 8080\n", dockerfile)
+        self.assertIn("http://127.0.0.1:8080/healthz", dockerfile)
         code, compose, _ = self.run_cli("recipe", "compose", *flags)
         grace = re.search(r"stop_grace_period: (\d+)s", compose)
         self.assertGreater(int(grace.group(1)), 25)
@@ -5620,7 +5685,9 @@ class TestCli(unittest.TestCase):
         self.assertIn("condition: service_completed_successfully", compose)
         # flags are checked as serve checks them; no --allow-url is said
         self.assertEqual(self.run_cli("recipe", "docker", "--workrs", "8")[0], 2)
-        self.assertEqual(self.run_cli("recipe", "systemd", "--data-dir", "/x")[0], 2)
+        for kind in ("systemd", "docker", "compose"):
+            self.assertEqual(self.run_cli("recipe", kind, "--data-dir", "/x")[0], 2)
+            self.assertEqual(self.run_cli("recipe", kind, "--host=0.0.0.0")[0], 2)
         code, _, err = self.run_cli("recipe", "docker")
         self.assertEqual(code, 0)
         self.assertIn("no --allow-url given", err)
@@ -5984,6 +6051,23 @@ def parse_prometheus(text):
 
 
 class TestOperate(unittest.TestCase):
+    def test_a_stop_ends_even_when_the_disk_refuses_its_last_record(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        with receiver() as rx:
+            rx.answers["/slow"] = [(200, b"", {}, 3.0)]
+            with self.assertLogs("poussetaches", "ERROR") as logs:
+                with running_daemon(data_dir=tmp, grace=0.2) as d:
+                    call(d.url, "POST", "/", {"url": rx.url("/slow")})
+                    wait_until(lambda: d.store.in_flight() == 1, what="under way", poll=0.01)
+
+                    def refused(*args):
+                        raise pt.PersistError("cannot write the journal: No space left")
+                    d.store.note_interrupted = refused
+            self.assertIn("could not record the interrupted attempt", "\n".join(logs.output))
+            with running_daemon(data_dir=tmp, paused=True) as d:  # the lock was released
+                self.assertEqual(call(d.url, "GET", "/")[2]["waiting"], 1)
+
     def test_an_attempt_cut_off_by_a_stop_is_recorded(self):
         """A SIGTERM during a 15 s task left no trace of that attempt: after the
         restart, attempts listed only the second run."""
