@@ -12,7 +12,8 @@ Run it::
     python3 poussetaches.py            # serves on 127.0.0.1:7991, ./poussetaches_data
     python3 poussetaches.py --help
 
-The HTTP calls (JSON in, JSON out; every error is {"error": "..."}):
+The main HTTP calls (JSON in, JSON out; every error is {"error": "..."}); every
+call, with its parameters and answers, is in ``GET /openapi.json``:
 
     GET    /                      status: paused, in_flight, table counts
     POST   /                      enqueue {"url", "payload", "expected", "schedule", "delay", ...}
@@ -25,6 +26,9 @@ The HTTP calls (JSON in, JSON out; every error is {"error": "..."}):
     POST   /dead/retry            requeue dead tasks (?url_prefix=)
     DELETE /dead                  purge the dead table
     GET    /cron/preview          ?schedule=SPEC&n=5: the next run times
+    GET    /queues, PUT /queues/<name>   queues and their settings
+    GET    /backup                a copy of every table, as a snapshot
+    GET    /healthz, /metrics, /ui   health, Prometheus metrics, the dashboard
 
 The app's side is the PousseTaches class: a function decorated with
 ``@pt.task`` is pushed with ``.push(*args)``, and ``pt.wsgi()`` or
@@ -4321,10 +4325,11 @@ class Api:
         return None
 
     def delete_task(self, params, **_):
-        state = self.store.delete(self._task_id(params))
+        task_id = self._task_id(params)
+        state = self.store.delete(task_id)
         if state is None:
             raise HTTPError(404, "no task with id %r" % params["id"])
-        return 200, {"deleted": params["id"], "state": state}, {}
+        return 200, {"deleted": task_id, "state": state}, {}
 
     def run_task(self, params, read_body, **_):
         task_id = self._task_id(params)
@@ -7024,9 +7029,8 @@ def run_client(args, out=None):
             if args.all:
                 out.write("%d cron tasks removed\n" % client.delete_cron())
             else:
-                task_id = _expand_id(client, args.task_id)
-                client.delete_cron(task_id)
-                out.write("cron task %s removed\n" % task_id)
+                doc = client.cancel(args.task_id)  # the daemon resolves an id's start itself
+                out.write("cron task %s removed\n" % doc["deleted"])
             return 0
         if args.command == "cron":
             runs = client.preview_cron(args.spec, args.n)
@@ -7035,7 +7039,7 @@ def run_client(args, out=None):
             return 0
         if args.command in ("show", "run", "cancel"):
             call = {"show": client.get_task, "run": client.run, "cancel": client.cancel}
-            doc = call[args.command](_expand_id(client, args.task_id))
+            doc = call[args.command](args.task_id)  # a whole id, or its start (6+ characters)
             doc = doc.raw if isinstance(doc, GetTask) else doc
         elif args.command == "retry-dead":
             doc = {"requeued": client.retry_dead(args.url_prefix)}
@@ -7174,20 +7178,6 @@ def _queue_command(client, args, out):
     for key, value in lines:
         out.write("%-10s %s\n" % (key + ":", value))
     return 0
-
-
-def _expand_id(client, prefix):
-    """A task id from the 12-char prefix that ``ls`` prints (searched in every table)."""
-    if len(prefix) >= 32 or not re.fullmatch("[0-9a-f]+", prefix):
-        return prefix
-    for table in ("waiting", "dead", "success"):
-        found = [t["id"] for t in client.listing(table, MAX_LIST_LIMIT)["tasks"]
-                 if t["id"].startswith(prefix)]
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise PousseTachesError("%s matches several tasks; give more of the id" % prefix)
-    return prefix
 
 
 def _systemd_recipe(given, flags):
