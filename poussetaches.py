@@ -5907,7 +5907,7 @@ class _AppSide:
                            for name, value in scope["headers"]}
                 self._precheck(scope["method"], headers)
                 task, envelope, args, kwargs = self._admit(
-                    scope["path"], headers, await _asgi_body(headers, receive))
+                    scope["path"], headers, await _asgi_body(receive))
                 token = _current_task.set(envelope)  # to_thread copies the context
                 try:
                     if task.is_async:
@@ -5960,7 +5960,7 @@ def _asgi_path(scope):
     return path[len(root):] if root and path.startswith(root + "/") else path
 
 
-async def _asgi_body(headers, receive):
+async def _asgi_body(receive):
     """A delivery's body from ASGI receive events; HTTPError 413 past the limit."""
     chunks, size = [], 0
     while True:
@@ -6411,8 +6411,8 @@ class Daemon:
              "POUSSETACHES_NEXT_AUTH_KEY needs POUSSETACHES_AUTH_KEY: the current key")
         for env_name, key in (("POUSSETACHES_AUTH_KEY", auth_key),
                               ("POUSSETACHES_NEXT_AUTH_KEY", next_auth_key)):
-            need(not key or auth_key_problem(key) is None,
-                 "%s: %s" % (env_name, auth_key_problem(key)))
+            problem = auth_key_problem(key) if key else None
+            need(problem is None, "%s: %s" % (env_name, problem))
         self.allow_list = AllowList(allow_urls)   # raises ConfigError
         self.allowed_hosts = frozenset(name.lower() for name in allow_hosts)
         self.loopback_bound = is_loopback_name(host.lower())
