@@ -5,6 +5,7 @@
     python3 bench_poussetaches.py --quick    # under a minute
     python3 bench_poussetaches.py --json     # the same figures as JSON
     python3 bench_poussetaches.py --rounds 5 # steadier medians on a noisy machine
+    python3 bench_poussetaches.py --instructions  # instructions per task, with valgrind
 
 Every figure is measured in this run, beside the limit it is compared with
 (a bare urllib loop, a no-op stdlib server...), because absolute times on
@@ -14,9 +15,18 @@ full run (twice against Huey), and the table gives the medians: the speed of
 a shared machine drifts within a run too, a ratio of neighbours much less.
 Each role runs in its own process: the daemon, the receiver playing the app,
 and the load client.  Stdlib only (Huey is imported for its row if present).
+
+``--instructions`` counts, with valgrind's callgrind, the instructions the
+daemon's process spends per delivery and per enqueue, beside a bare urllib
+request and a no-op stdlib server counted the same way.  A count does not
+drift with the machine's load as a time does: it is the figure that speed work
+is judged by.  valgrind is a package (Debian, Ubuntu: ``apt-get install
+valgrind``); without it the mode says so and exits.
 """
 
 import argparse
+import glob
+import itertools
 import json
 import os
 import platform
@@ -365,6 +375,43 @@ def role_huey(tmp, threads, n):
     print(json.dumps({"rate": rate}))
 
 
+def role_steps(kind, url, target, n, warm=20):
+    """A load client driven from stdin, for the instruction counts: ``warm``
+    calls, then "ready" on stdout; at each line read, ``n`` calls and "done".
+    ``kind``: ``bare`` (urllib POSTs to ``target``, a new connection each, as
+    urllib makes them) or ``enqueue`` (POST / to ``url`` on one kept-alive
+    connection, the body role_enqueue sends)."""
+    import urllib.request
+    n, warm = int(n), int(warm)
+    envelope = json.dumps({"payload": HAND_PAYLOAD, "tries": 1, "req_id": "0" * 12}).encode()
+    body = json.dumps({"url": target, "payload": HAND_PAYLOAD, "expected": 200,
+                       "schedule": "", "delay": 0})
+    conn = _connection(url) if kind == "enqueue" else None
+    opener = urllib.request.build_opener()
+
+    def call(i):
+        if conn is None:
+            req = urllib.request.Request(target, data=envelope, method="POST", headers={
+                "Content-Type": "application/json", "X-Bench-ID": "steps-%d" % i})
+            with opener.open(req, timeout=600) as resp:
+                resp.read()
+            return
+        conn.request("POST", "/", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 201:
+            raise SystemExit("enqueue answered %d" % resp.status)
+
+    count = itertools.count()
+    for _ in range(warm):
+        call(next(count))
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        for _ in range(n):
+            call(next(count))
+        print("done", flush=True)
+
+
 ROLES = {"receiver": role_receiver, "noop": role_noop, "tasks-app": role_tasks_app,
          "receiver-close": lambda port_file: role_receiver(port_file, close=True)}
 
@@ -523,7 +570,7 @@ def fmt(value, unit):
 
 def run(quick, rounds=None):
     sizes = {"delivery": 1500 if quick else 6000, "enqueue": 2000 if quick else 8000,
-             "batch": 20000 if quick else 100000,
+             "batch": 20000 if quick else 100000, "queues": 5000 if quick else 30000,
              "latency": 100 if quick else 300, "timer": 100 if quick else 300,
              "backlog": 10000 if quick else 100000, "e2e": 1500 if quick else 6000}
     table = Table()
@@ -636,6 +683,28 @@ def run(quick, rounds=None):
         limit, rate, ratio = medians(pairs)
         table.add("delivery with 100 paused queues holding 10k tasks", rate, "/s", limit, 0.90,
                   ratio=ratio)
+
+        # -- dispatch with a queue per task, against one queue of them all ---------
+        def spread(tag, queues):
+            get(receiver + "/take")
+            n = sizes["queues"]
+            d = Daemon(os.path.join(tmp, "queues-%s" % tag), "--paused", "--workers", "4")
+            for start in range(0, n, 1000):
+                post(d.url + "/batch", {"tasks": [
+                    {"url": target, "queue": "q%d" % i if queues else "one"}
+                    for i in range(start, start + 1000)]})
+            t0 = time.monotonic()
+            post(d.url + "/resume")
+            rate = n / (wait_count(receiver, n) - t0)
+            d.stop()
+            return rate
+
+        pairs = [(spread("one-%d" % k, False), spread("many-%d" % k, True))
+                 for k in range(rounds)]
+        limit, rate, ratio = medians(pairs)
+        table.add("delivery of %d tasks in %d queues vs in one" % (sizes["queues"],
+                                                                 sizes["queues"]),
+                  rate, "/s", limit, 0.90, ratio=ratio)
 
         # -- dispatch latency and timer precision (idle daemon) ------------------
         get(receiver + "/take")
@@ -751,6 +820,146 @@ def run(quick, rounds=None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------
+# Instructions per task, counted by valgrind
+# --------------------------------------------------------------------------
+
+class Callgrind:
+    """A command under ``valgrind --tool=callgrind``; ``count()`` is the
+    instructions the process ran since the previous ``count()`` (or its start)."""
+
+    def __init__(self, argv, tmp, tag, env=None, stdin=None, stdout=None,
+                 stderr=subprocess.DEVNULL):
+        """``tag`` None: the command runs without valgrind (a load client)."""
+        self.out = os.path.join(tmp, "callgrind-%s" % tag)
+        env = dict(env or os.environ, PYTHONHASHSEED="0")  # the same dicts, run to run
+        wrap = ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + self.out + ".%p"]
+        self.proc = subprocess.Popen(
+            (wrap if tag else []) + [sys.executable] + argv, stdin=stdin, stdout=stdout,
+            stderr=stderr, env=env, cwd=HERE)
+        self.dumps = 0
+
+    def count(self):
+        self.dumps += 1
+        subprocess.run(["callgrind_control", "--dump", str(self.proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        path = "%s.%d.%d" % (self.out, self.proc.pid, self.dumps)
+        with open(path) as f:
+            for line in f:
+                if line.startswith("totals:"):
+                    return int(line.split()[1])
+        raise SystemExit("no totals in " + path)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def instructions(n):
+    """Rows of instructions per delivery and per enqueue, beside their limits."""
+    table = Table()
+    tmp = tempfile.mkdtemp(prefix="pt-instr-")
+    procs = []
+
+    def daemon(tag, *flags):
+        """The daemon under callgrind (dispatch paused, one worker); returns it and its URL."""
+        data = os.path.join(tmp, tag)
+        log = open(data + ".log", "w+b")
+        cg = Callgrind([DAEMON, "serve", "--port", "0", "--data-dir", data, "--paused",
+                        "--workers", "1"] + list(flags), tmp, tag, stdout=log, stderr=log)
+        procs.append(cg)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and cg.proc.poll() is None:
+            match = re.search(rb"serving on (http://\S+)", open(data + ".log", "rb").read())
+            if match:
+                return cg, match.group(1).decode()
+            time.sleep(0.2)
+        raise SystemExit("the daemon did not start under valgrind")
+
+    def steps(cg_argv, tag, env=None):
+        """A role_steps client; under callgrind when ``tag`` is given."""
+        argv = [__file__, "_role", "steps"] + [str(a) for a in cg_argv]
+        proc = Callgrind(argv, tmp, tag, env=env, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE)
+        procs.append(proc)
+        assert proc.proc.stdout.readline().strip() == b"ready"
+        return proc
+
+    def step(proc):
+        proc.proc.stdin.write(b"go\n")
+        proc.proc.stdin.flush()
+        if proc.proc.stdout.readline().strip() != b"done":
+            raise SystemExit("a load client stopped")
+
+    def settled(url, n):
+        """Wait until ``n`` tasks are in success and none is in flight."""
+        while True:
+            doc = get(url + "/")
+            if doc["success"] >= n and not doc["in_flight"]:
+                return
+            time.sleep(0.5)
+
+    try:
+        receiver_proc, receiver = start_server("receiver", tmp)
+        closing_proc, closing = start_server("receiver-close", tmp)
+        procs += [receiver_proc, closing_proc]
+
+        bare = steps(["bare", "-", closing + "/task", n], "bare")
+        bare.count()
+        step(bare)
+        per_bare = bare.count() / n
+        bare.stop()
+        for app, figure in ((closing, "delivery to an app that closes every connection"),
+                            (receiver, "delivery to a kept-alive app")):
+            cg, url = daemon("delivery-%d" % len(table.rows))
+            loader = steps(["enqueue", url, app + "/task", n, 5], None)
+            step(loader)
+            loader.stop()
+            settled_before = get(url + "/")["success"]
+            cg.count()
+            post(url + "/resume")
+            wait_count(app, n)
+            settled(url, settled_before + n)
+            table.add(figure + ": instructions per task", cg.count() / n, "instr",
+                      per_bare, 1.25, higher=False)
+            cg.stop()
+
+        noop = Callgrind([__file__, "_role", "noop", os.path.join(tmp, "noop.port")], tmp,
+                         "noop")
+        procs.append(noop)
+        deadline = time.monotonic() + 600
+        while not (os.path.exists(os.path.join(tmp, "noop.port"))
+                   and open(os.path.join(tmp, "noop.port")).read()):
+            if time.monotonic() > deadline or noop.proc.poll() is not None:
+                raise SystemExit("the no-op server did not start under valgrind")
+            time.sleep(0.2)
+        noop_url = "http://127.0.0.1:%s" % open(os.path.join(tmp, "noop.port")).read()
+        per_limit = {}
+        for tag, server, url in (("noop", noop, noop_url), ("enqueue", None, None)):
+            if server is None:
+                server, url = daemon("enqueue")
+            loader = steps(["enqueue", url, receiver + "/task", n], None)
+            server.count()
+            step(loader)
+            per_limit[tag] = server.count() / n
+            loader.stop()
+            server.stop()
+        table.add("enqueue (POST /, one kept-alive client): instructions per task",
+                  per_limit["enqueue"], "instr", per_limit["noop"], 1.20, higher=False)
+        table.add("a bare urllib request (the delivery rows' limit)", per_bare, "instr",
+                  target_text="-")
+    finally:
+        for proc in procs:
+            proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return table
+
+
 def urlopen_text(url):
     import urllib.request
     with urllib.request.urlopen(url, timeout=60) as resp:
@@ -774,6 +983,8 @@ def main(argv=None):
             return role_e2e(rest[0], rest[1], *[int(x) for x in rest[2:]])
         if name == "batch":
             return role_batch(rest[0], rest[1], int(rest[2]), int(rest[3]))
+        if name == "steps":
+            return role_steps(*rest)
         if name == "huey":
             return role_huey(rest[0], int(rest[1]), int(rest[2]))
         raise SystemExit("unknown role " + name)
@@ -783,6 +994,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, metavar="N",
                         help="measure each paired figure N times (default 3, 1 with --quick; "
                              "N-1 against Huey): more rounds, steadier medians")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per delivery and per enqueue with valgrind "
+                             "(about 5 minutes) instead of the timed run")
     args = parser.parse_args(argv)
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
                "platform": platform.platform()}
@@ -790,7 +1004,14 @@ def main(argv=None):
                      % (machine["cpus"], machine["python"], machine["platform"],
                         ", quick" if args.quick else ""))
     started = time.monotonic()
-    table, growth = run(args.quick, args.rounds)
+    if args.instructions:
+        if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+            print("--instructions needs valgrind (Debian, Ubuntu: apt-get install valgrind); "
+                  "not run")
+            return 0
+        table, growth = instructions(100 if args.quick else 300), []
+    else:
+        table, growth = run(args.quick, args.rounds)
     elapsed = time.monotonic() - started
     if args.json:
         print(json.dumps({"machine": machine, "quick": args.quick, "seconds": elapsed,
@@ -816,6 +1037,8 @@ def main(argv=None):
                 row["figure"], fmt(row["value"], row["unit"]), fmt(row["limit"], row["unit"]),
                 "%.2f" % row["ratio"] if row["ratio"] is not None else "-", target_text,
                 "-" if row["pass"] is None else "pass" if row["pass"] else "FAIL"))
+        if not growth:
+            return 0 if all(row["pass"] is not False for row in table.rows) else 1
         print()
         print("| waiting tasks | enqueue cost per task | enqueue p99 |")
         print("| --- | --- | --- |")

@@ -111,7 +111,7 @@ logger = logging.getLogger("poussetaches")
 #   Store._snapshot_lock -> Store._lock -> DueQueue.mutex
 #   Breakers._lock -> DueQueue.mutex
 # Journal._write_lock is taken with no other lock held; Stats._lock,
-# RateLimiter._lock, Dispatcher._rng_lock and _Server._slots nest with nothing.
+# Dispatcher._rng_lock and _Server._slots nest with nothing.
 
 
 # --------------------------------------------------------------------------
@@ -142,6 +142,8 @@ DEFAULT_SNAPSHOT_INTERVAL = 60.0   # seconds between snapshots
 SNAPSHOT_AFTER_RECORDS = 100_000   # ... or after this many journal records
 DEFAULT_GRACE = 10.0               # seconds for in-flight attempts at stop
 DEFAULT_REQUEST_TIMEOUT = 60.0     # seconds for an API request, idle keep-alive included
+DEFAULT_QUEUE = "default"          # the queue of a task that names none
+MAX_BATCH = 1000                   # tasks in one POST /batch: one journal write, one fsync
 
 JITTER = 0.30                      # +/- 30 % on every backoff
 CLOCK_CHECK = 1.0                  # seconds between looks at the wall clock while waiting
@@ -162,6 +164,7 @@ FORMAT_VERSION = 2                 # snapshot.json version 2 and its journal.<n>
 IMPORT_REJECTED = "import-rejected"  # where the original's files that fail the checks go
 
 USER_AGENT = "poussetaches/" + __version__
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the plain log line
 RESERVED_HEADERS = ("host", "content-length", "transfer-encoding", "connection")
 MAX_HEAD = 64 * 1024               # bytes of an API request's line and headers together
 DEFAULT_TASKS_PATH = "/_tasks"     # where an app mounts its task endpoint
@@ -481,9 +484,8 @@ _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode  # 
 
 
 def encode_task(task):
-    """A task's JSON form as compact bytes (journal records and API answers):
-    ``_compact(task.to_json())``, in one string format (_compile_encoder)."""
-    return _ENCODE(task).encode()
+    """A task's JSON form as compact bytes (journal records and API answers)."""
+    return _compact(task.to_json()).encode()
 
 
 class Field(collections.namedtuple("Field", "name kind default show")):
@@ -517,7 +519,7 @@ TASK_FIELDS = (
     Field("headers", "object", None, True),
     Field("idempotency_key", "string", None, True),
     Field("cron_id", "string", None, True),
-    Field("queue", "string", "default", True),
+    Field("queue", "string", DEFAULT_QUEUE, True),
     Field("priority", "integer", 0, True),
     Field("ordering_key", "string", None, True),
     Field("name", "string", None, True),
@@ -581,7 +583,7 @@ class Task:
         row = [id, url, payload, expected, schedule] + _DEFAULT_ROW[5:]
         for name, value in fields.items():
             row[_FIELD_AT[name]] = value
-        _SET_ROW(self, row)
+        _set_row(self, row)
         if not self.next_scheduled_run:
             self.next_scheduled_run = self.next_run
         if self.attempts is None:
@@ -610,7 +612,7 @@ class Task:
     def from_row(cls, row):
         """The inverse of to_row (fast: a restart builds every task this way)."""
         task = cls.__new__(cls)
-        _SET_ROW(task, row)
+        _set_row(task, row)
         for name in cls._BYTES:
             value = getattr(task, name)
             if value is not None:
@@ -645,7 +647,7 @@ class Task:
     def copy(self, **changes):
         """A detached copy: for a delivery, or a cron run's success/dead record."""
         twin = Task.__new__(Task)
-        _SET_ROW(twin, _GET_ROW(self))
+        _set_row(twin, _GET_ROW(self))
         twin.version, twin.order_key = self.version, self.order_key
         twin.attempts = list(self.attempts)
         if self.headers is not None:
@@ -662,43 +664,10 @@ _DEFAULT_ROW = [f.default for f in TASK_FIELDS]
 _GET_ROW = operator.attrgetter(*TASK_NAMES)  # every field's value, in one C call
 
 
-def _compile_row_setter(names):
-    """``f(task, row)`` setting the fields ``names`` from a row in one unpacking: a
-    restart builds every task with it (a setattr loop costs twice as much)."""
-    namespace = {}
-    exec("def set_row(task, row):\n    (%s,) = row\n"
-         % ", ".join("task." + name for name in names), namespace)
-    return namespace["set_row"]
-
-
-_SET_ROW = _compile_row_setter(TASK_NAMES)
-
-
-def _compile_encoder(fields):
-    """``f(task)``: the text of ``_compact(task.to_json())``, each field encoded by its
-    kind in one string format; a value of an unexpected type goes through the
-    JSON encoder.  Every stored task is encoded for the journal, and this is
-    two to four times faster than building the dict and encoding it."""
-    values = []
-    for f in fields:
-        v = "task." + f.name
-        if f.kind == "string":
-            value = "_str(%s) if %s.__class__ is str" % (v, v)
-        elif f.kind in ("integer", "time"):
-            value = "%s if %s.__class__ is int" % (v, v)
-        elif f.kind == "bytes":
-            value = '\'"\' + b64(%s) + \'"\' if %s.__class__ is bytes' % (v, v)
-        else:
-            value = "'[]' if %s == []" % v
-        values.append("('null' if %s is None else %s else _json(%s))" % (v, value, v))
-    template = "{%s}" % ",".join('"%s":%%s' % f.name for f in fields)
-    namespace = {"_str": json.encoder.encode_basestring_ascii, "_json": _compact, "b64": b64}
-    exec("def encode(task):\n    return %r %% (\n        %s,)"
-         % (template, ",\n        ".join(values)), namespace)
-    return namespace["encode"]
-
-
-_ENCODE = _compile_encoder(TASK_FIELDS)
+def _set_row(task, row):
+    """Set every field of ``task`` from a row (TASK_NAMES' order)."""
+    for name, value in zip(TASK_NAMES, row):
+        setattr(task, name, value)
 
 
 # --------------------------------------------------------------------------
@@ -1428,7 +1397,7 @@ class Store:
         # schedule and without one
         self._order = {name: SortedKeys() for name in TABLES + ("cron", "once")}
         self._idempotency = {}        # idempotency key -> task id
-        self._queues = {"default": {}}  # queue name -> its settings (QUEUE_PARAMS), persisted
+        self._queues = {DEFAULT_QUEUE: {}}  # queue name -> its settings (QUEUE_PARAMS), persisted
         self._by_queue = {}           # queue name -> SortedKeys of its waiting tasks' order keys
         self._keys = {}               # (queue, ordering key) -> SortedKeys of (seq, id) waiting
         self._seq = 0                 # the last enqueue sequence number given
@@ -1513,6 +1482,8 @@ class Store:
             self._dirty.set()  # compact the replayed journal into a snapshot soon
         self._trim("success")
         self._trim("dead")
+        for name in [name for name in self._queues if name not in self._by_queue]:
+            self._forget_queue(name)
         self.recovery = stats
         logger.info(
             "recovered %d waiting, %d success, %d dead tasks in %.3fs "
@@ -1648,6 +1619,8 @@ class Store:
                     # as _place filed it
                     self._order["cron" if task.schedule else "once"].discard(task.order_key)
                     self._by_queue[task.queue].discard(task.order_key)
+                    if not self._by_queue[task.queue]:
+                        self._forget_queue(task.queue)
                     if task.ordering_key is not None:
                         key = (task.queue, task.ordering_key)
                         self._keys[key].discard((task.seq, task.id))
@@ -1679,6 +1652,13 @@ class Store:
                         old.id, old.url[:200], sum(n for (t, _), n in self.dropped.items()
                                                    if t == name),
                         extra={"event": "dropped", "task_id": old.id, "queue": old.queue})
+
+    def _forget_queue(self, name):
+        """A queue without waiting tasks goes when it has no settings of its own
+        either: naming one costs nothing once its tasks are done."""
+        self._by_queue.pop(name, None)
+        if self._queues.get(name) == {} and name != DEFAULT_QUEUE:
+            del self._queues[name]
 
     def _find(self, task_id):
         for name, table in self._tables.items():
@@ -2139,6 +2119,13 @@ class Store:
         with self._lock:
             return len(self._inflight)
 
+    def health(self):
+        """The journal's state: {healthy, errors, commits, records} (records: since
+        the last snapshot)."""
+        journal = self.journal
+        return {"healthy": journal.healthy, "errors": journal.errors,
+                "commits": journal.commits, "records": journal.records}
+
     def settle(self, task, table, records=()):
         """Record an attempt's outcome, decided on the claimed copy ``task``.
 
@@ -2391,22 +2378,39 @@ class DirLock:
 # Scheduling and delivery: the due-time queue, workers, rate limit
 # --------------------------------------------------------------------------
 
+class _Bucket:
+    """A token bucket: ``rate`` entries a second, bursts of ``burst`` (clock in ns)."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate, burst, now):
+        self.rate, self.burst = rate, float(burst if burst else max(1.0, rate))
+        self.tokens, self.stamp = self.burst, now
+
+    def ready(self, now):
+        """Is a token there now?  (Refills first.)"""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate / 1e9)
+        self.stamp = now
+        return self.tokens >= 1
+
+    def back_at(self):
+        """When the next token is back (after a ``ready`` that said no)."""
+        return self.stamp + int((1 - self.tokens) / self.rate * 1e9) + 1
+
+
 class _Gate:
     """One queue's dispatch state inside the DueQueue (guarded by its mutex):
     its ready heap of due entries by priority, and what may hold them."""
 
-    __slots__ = ("ready", "paused", "concurrency", "in_flight", "rate", "burst", "tokens",
-                 "stamp")
+    __slots__ = ("ready", "paused", "concurrency", "in_flight", "bucket", "listed")
 
     def __init__(self):
         self.ready = []          # (-priority, due_ns, seq, entry): due, waiting for a worker
         self.paused = False
         self.concurrency = None  # at most this many entries taken and not done
         self.in_flight = 0
-        self.rate = None         # entries per second (token bucket), None: unlimited
-        self.burst = 1.0
-        self.tokens = 1.0
-        self.stamp = 0
+        self.bucket = None       # a _Bucket when the queue has a rate
+        self.listed = None       # the ready[0] it is listed under in _runnable, if runnable
 
 
 class DueQueue(queue.PriorityQueue):
@@ -2415,29 +2419,69 @@ class DueQueue(queue.PriorityQueue):
     An entry is ``(due_ns, seq, task_id, version, queue, priority)``.  It waits
     in the due-time heap (``self.queue``) until its time, then moves to its
     queue's ready heap, where the highest priority, then the earliest due, then
-    the earliest queued goes first.  ``get_due`` takes the best ready entry of
+    the earliest queued goes first.  ``get`` takes the best ready entry of
     the queues that may run now: not paused, under their concurrency, with a
-    rate token.  A held queue keeps its ready heap and is simply not in
-    ``_runnable``: held entries cost a worker nothing, and block no other queue.
+    rate token (the queue's, and the daemon's ``rate``).  The queues that may
+    run are a heap by their best entry (``_runnable``), so choosing one costs
+    O(log queues); a held queue keeps its ready heap and is simply not there.
+    A queue with nothing queued, nothing taken and no settings is forgotten.
 
     Waits use the queue's own ``not_empty`` Condition against the next due
     time or the next rate token: a put of a new earliest entry, a resumed
     queue, a freed slot wake one waiter, which recomputes its sleep.  Nothing
-    polls.  ``seq`` breaks ties so that ids never compare.  Stale entries (a
-    task cancelled or rescheduled since) are the caller's to skip, by comparing
-    versions; the caller says ``done(queue)`` for every entry it took.
-    ``hold()`` pauses all dispatch, ``close()`` ends it.
+    polls, and no worker holds an entry while it waits for anything.  ``seq``
+    breaks ties so that ids never compare.  Stale entries (a task cancelled or
+    rescheduled since) are the caller's to skip, by comparing versions; the
+    caller says ``done(queue)`` for every entry it took, which is also its
+    ``task_done``: ``qsize``, ``empty`` and ``join`` count every entry held,
+    due or not.  ``hold()`` pauses all dispatch, ``close()`` ends it.
     """
 
-    def __init__(self, clock=time.time_ns):
-        super().__init__()
+    def __init__(self, clock=time.time_ns, rate=None, burst=None):
         self.clock = clock
+        super().__init__()
+        self._bucket = _Bucket(rate, burst, clock()) if rate else None  # the daemon's --rate
+
+    # the hooks queue.Queue calls under self.mutex
+    def _init(self, maxsize):
+        self.queue = []        # the due-time heap; guarded by self.mutex, as everything below
         self._seq = itertools.count()
-        self._held = False     # guarded by self.mutex, as everything below
+        self._held = False
         self._closed = False
         self._gates = {}       # queue name -> _Gate
-        self._runnable = set()  # names of gates that are open and have ready entries
+        self._ready = 0        # entries in the gates' ready heaps
+        self._runnable = []    # heap of (gate.ready[0], name) of the gates that may run
         self._throttled = []   # heap of (ns when a token is back, queue name)
+
+    def _qsize(self):
+        return len(self.queue) + self._ready
+
+    def _put(self, item):
+        """``item``: ``(due_ns, task_id, version[, queue, priority])``."""
+        due_ns, task_id, version, *rest = item
+        heapq.heappush(self.queue, (due_ns, next(self._seq), task_id, version) + (
+            tuple(rest) + (DEFAULT_QUEUE, 0)[len(rest):]))
+
+    def _get(self):
+        """The best entry of the best runnable queue, or None (caller holds mutex)."""
+        runnable = self._runnable
+        while runnable:
+            key, name = runnable[0]
+            gate = self._gates.get(name)
+            if gate is not None and gate.listed is key:
+                break
+            heapq.heappop(runnable)  # that queue's best entry changed, or it was held
+        else:
+            return None
+        entry = heapq.heappop(gate.ready)[3]
+        self._ready -= 1
+        gate.in_flight += 1
+        if gate.bucket is not None:
+            gate.bucket.tokens -= 1
+        if self._bucket is not None:
+            self._bucket.tokens -= 1
+        self._update(name, gate, self.clock())
+        return entry
 
     def _gate(self, name):
         gate = self._gates.get(name)
@@ -2446,43 +2490,44 @@ class DueQueue(queue.PriorityQueue):
         return gate
 
     def _update(self, name, gate, now):
-        """Is the gate runnable now?  A rate-limited one without a token is
-        throttled until its next token instead."""
+        """List the gate in _runnable if it may run now, under its best entry.  A
+        rate-limited one without a token is throttled until its next token instead;
+        an idle one with default settings is forgotten."""
         runnable = bool(gate.ready) and not gate.paused and (
             gate.concurrency is None or gate.in_flight < gate.concurrency)
-        if runnable and gate.rate is not None:
-            gate.tokens = min(gate.burst, gate.tokens + (now - gate.stamp) * gate.rate / 1e9)
-            gate.stamp = now
-            if gate.tokens < 1:
-                runnable = False
-                heapq.heappush(self._throttled,
-                               (now + int((1 - gate.tokens) / gate.rate * 1e9) + 1, name))
-        if runnable:
-            self._runnable.add(name)
-        else:
-            self._runnable.discard(name)
+        if runnable and gate.bucket is not None and not gate.bucket.ready(now):
+            runnable = False
+            heapq.heappush(self._throttled, (gate.bucket.back_at(), name))
+        if not runnable:
+            gate.listed = None
+            if not (gate.ready or gate.in_flight or gate.paused or gate.bucket
+                    or gate.concurrency is not None):
+                del self._gates[name]
+        elif gate.listed is not gate.ready[0]:
+            gate.listed = gate.ready[0]
+            heapq.heappush(self._runnable, (gate.listed, name))
 
     def configure(self, name, paused=False, concurrency=None, rate=None, burst=None):
         """Set a queue's dispatch settings; the others' waits are woken to see them."""
         with self.mutex:
-            gate = self._gate(name)
+            gate, now = self._gate(name), self.clock()
             gate.paused, gate.concurrency = bool(paused), concurrency
-            if rate != gate.rate:
-                gate.rate = rate
-                gate.burst = float(burst if burst else max(1.0, rate or 1.0))
-                gate.tokens, gate.stamp = gate.burst, self.clock()
+            if rate is None:
+                gate.bucket = None
+            elif gate.bucket is None or rate != gate.bucket.rate:
+                gate.bucket = _Bucket(rate, burst, now)
             elif burst:
-                gate.burst = float(burst)
-            self._update(name, gate, self.clock())
+                gate.bucket.burst = float(burst)
+            self._update(name, gate, now)
             self.not_empty.notify_all()
 
-    def put_task(self, due_ns, task_id, version, queue="default", priority=0):
+    def put_task(self, due_ns, task_id, version, queue=DEFAULT_QUEUE, priority=0):
         """Queue an entry in O(log n).  A sleeping worker is woken only when the
         entry is the new head: the others' waits are still right."""
-        item = (due_ns, next(self._seq), task_id, version, queue, priority)
         with self.mutex:
-            wake = not self._held and (not self.queue or item < self.queue[0])
-            heapq.heappush(self.queue, item)
+            wake = not self._held and (not self.queue or due_ns < self.queue[0][0])
+            self._put((due_ns, task_id, version, queue, priority))
+            self.unfinished_tasks += 1
             if wake:
                 self.not_empty.notify()
 
@@ -2491,83 +2536,94 @@ class DueQueue(queue.PriorityQueue):
         hold of the mutex, waking one worker if the head changed."""
         with self.mutex:
             head = self.queue[0] if self.queue else None
-            for due_ns, task_id, version, queue, priority in entries:
-                heapq.heappush(self.queue, (due_ns, next(self._seq), task_id, version, queue,
-                                            priority))
+            for item in entries:
+                self._put(item)
+                self.unfinished_tasks += 1
             if not self._held and self.queue and self.queue[0] is not head:
                 self.not_empty.notify()
 
     def put_entry(self, due_ns, entry):
-        """Queue again, due at ``due_ns``, an entry that get_due gave."""
+        """Queue again, due at ``due_ns``, an entry that get gave."""
         self.put_task(due_ns, entry[2], entry[3], entry[4], entry[5])
+
+    def put_many(self, entries):
+        """Queue many ``(due_ns, task_id, version, queue, priority)`` at once: O(n)."""
+        with self.mutex:
+            size = len(self.queue)
+            self.queue.extend((due, next(self._seq), task_id, version, queue, priority)
+                              for due, task_id, version, queue, priority in entries)
+            heapq.heapify(self.queue)
+            self.unfinished_tasks += len(self.queue) - size
+            if not self._held:
+                self.not_empty.notify_all()
+
+    def get(self, block=True, timeout=None):
+        """The next entry that may run, as ``queue.Queue.get``: raises queue.Empty
+        when none may run within ``timeout`` s (at once if not ``block``), or the
+        queue is closed."""
+        entry = self._wait(time.monotonic() + timeout if block and timeout is not None
+                           else None if block else 0)
+        if entry is None:
+            raise queue.Empty
+        return entry
 
     def get_due(self):
         """Block until an entry may run; return it, or None once closed."""
+        return self._wait(None)
+
+    def _wait(self, deadline):
         with self.not_empty:
-            while True:
-                if self._closed:
-                    return None
+            while not self._closed:
                 now = self.clock()
                 while self.queue and self.queue[0][0] <= now:
                     entry = heapq.heappop(self.queue)
                     gate = self._gate(entry[4])
                     heapq.heappush(gate.ready, (-entry[5], entry[0], entry[1], entry))
-                    if entry[4] not in self._runnable:
+                    self._ready += 1
+                    if (gate.ready[0] is not gate.listed if gate.listed is not None
+                            else len(gate.ready) == 1):  # its best changed, or it may run now
                         self._update(entry[4], gate, now)
                 while self._throttled and self._throttled[0][0] <= now:
                     name = heapq.heappop(self._throttled)[1]
-                    self._update(name, self._gates[name], now)
-                if not self._held and self._runnable:
-                    name = min(self._runnable, key=lambda n: self._gates[n].ready[0])
-                    gate = self._gates[name]
-                    entry = heapq.heappop(gate.ready)[3]
-                    gate.in_flight += 1
-                    if gate.rate is not None:
-                        gate.tokens -= 1
-                    self._update(name, gate, now)
-                    if self._runnable or (self.queue and self.queue[0][0] <= now):
-                        self.not_empty.notify()  # more may run: the next worker looks
-                    return entry
+                    if name in self._gates:
+                        self._update(name, self._gates[name], now)
                 times = [heap[0][0] for heap in (self.queue, self._throttled) if heap]
-                if self._held or not times:
-                    self.not_empty.wait()
-                else:  # until the next entry is due, or the next rate token is back;
-                    # due times are wall-clock and the wait is not: looking again each
-                    # CLOCK_CHECK seconds follows a step of the clock (NTP, a VM resumed)
-                    self.not_empty.wait(min(max(0, min(times) - now) / 1e9, CLOCK_CHECK))
+                if not self._held and (self._bucket is None or self._bucket.ready(now)):
+                    entry = self._get()
+                    if entry is not None:
+                        if self._runnable or (self.queue and self.queue[0][0] <= now):
+                            self.not_empty.notify()  # more may run: the next worker looks
+                        return entry
+                elif not self._held and self._runnable:
+                    times.append(self._bucket.back_at())
+                wait = None if self._held or not times else max(0, min(times) - now) / 1e9
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    wait = left if wait is None else min(wait, left)
+                # due times are wall-clock and the wait is not: looking again each
+                # CLOCK_CHECK seconds follows a step of the clock (NTP, a VM resumed)
+                self.not_empty.wait(None if wait is None else min(wait, CLOCK_CHECK))
+            return None
 
     def done(self, name):
-        """An entry of queue ``name`` that get_due gave is finished (or skipped)."""
+        """An entry of queue ``name`` that get gave is finished (or skipped)."""
         with self.mutex:
             gate = self._gate(name)
             gate.in_flight -= 1
-            was = name in self._runnable
+            was = gate.listed is not None
             self._update(name, gate, self.clock())
-            if name in self._runnable and not was and not self._held:
+            if gate.listed is not None and not was and not self._held:
                 self.not_empty.notify()
+            self.unfinished_tasks -= 1
+            if not self.unfinished_tasks:
+                self.all_tasks_done.notify_all()
 
     def queue_stats(self):
         """{queue: (ready entries, in flight)}, for GET /queues and /metrics."""
         with self.mutex:
             return {name: (len(g.ready), g.in_flight) for name, g in self._gates.items()}
-
-    # queue.PriorityQueue's own put/get would bypass hold() and close(): they are these
-    def put(self, item, block=True, timeout=None):
-        """Queue ``(due_ns, task_id, version[, queue, priority])``: as put_task."""
-        self.put_task(*item)
-
-    def get(self, block=True, timeout=None):
-        """The next entry that may run, as get_due (the queue never blocks a putter)."""
-        return self.get_due()
-
-    def put_many(self, entries):
-        """Queue many ``(due_ns, task_id, version, queue, priority)`` at once: O(n)."""
-        with self.mutex:
-            self.queue.extend((due, next(self._seq), task_id, version, queue, priority)
-                              for due, task_id, version, queue, priority in entries)
-            heapq.heapify(self.queue)
-            if not self._held:
-                self.not_empty.notify_all()
 
     @property
     def held(self):
@@ -2587,32 +2643,6 @@ class DueQueue(queue.PriorityQueue):
         with self.mutex:
             self._closed = True
             self.not_empty.notify_all()
-
-
-class RateLimiter:
-    """Token bucket: ``rate`` attempts per second, bursts of ``burst``."""
-
-    def __init__(self, rate, burst=None, clock=time.monotonic):
-        self.rate = float(rate)
-        self.burst = float(burst if burst else max(1.0, rate))
-        self.clock = clock
-        self._lock = threading.Lock()   # guards _tokens and _stamp
-        self._tokens = self.burst
-        self._stamp = clock()
-
-    def acquire(self, stopping):
-        """Take one token, waiting for it; False if ``stopping`` (an Event) was set."""
-        while True:
-            with self._lock:
-                now = self.clock()
-                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-                self._stamp = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return True
-                wait = (1 - self._tokens) / self.rate
-            if stopping.wait(wait):
-                return False
 
 
 UNAVAILABLE = frozenset((-1, 429, 502, 503, 504))  # the origin is down, not the task wrong
@@ -3394,16 +3424,16 @@ class Stats:
 class Dispatcher:
     """The worker threads and the retry policy.
 
-    Each worker takes a due entry from the queue, waits for a rate-limit
-    token, claims the task from the store (skipping stale entries), makes the
-    attempt with no lock held, and hands the outcome to ``Store.finish`` with
+    Each worker takes a due entry from the queue (rate limits are the
+    queue's), claims the task from the store (skipping stale entries), makes the
+    attempt with no lock held, and hands the outcome to ``Store.settle`` with
     the decision of what comes next (success, retry after backoff, dead, or a
     cron task's next occurrence).
     """
 
     def __init__(self, store, due, delivery, workers=DEFAULT_WORKERS,
                  max_tries=DEFAULT_MAX_TRIES, min_backoff=DEFAULT_MIN_BACKOFF,
-                 max_backoff=DEFAULT_MAX_BACKOFF, limiter=None, on_dead=None,
+                 max_backoff=DEFAULT_MAX_BACKOFF, on_dead=None,
                  clock=time.time_ns, rng=None, cron_tz=None, stats=None):
         self.store = store
         self.stats = stats or Stats()
@@ -3413,7 +3443,6 @@ class Dispatcher:
         self.max_tries = max_tries
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
-        self.limiter = limiter
         self.on_dead = on_dead
         self.clock = clock
         self.cron_tz = cron_tz
@@ -3488,9 +3517,6 @@ class Dispatcher:
     def _take(self, entry):
         """Claim and deliver one entry that the DueQueue gave."""
         task_id, version = entry[2], entry[3]
-        if self.limiter is not None and not self.limiter.acquire(self._stopping):
-            self.due.put_entry(entry[0], entry)  # stopping: it stays queued
-            return
         task = self.store.claim(task_id, version)
         if task is None:
             return  # cancelled, redriven or rescheduled since it was queued
@@ -3762,7 +3788,7 @@ class Api:
               "the one-off tasks; cron: the schedules, counted apart)", (200,)),
         Route("POST", "/", "enqueue", "Enqueue a task (201), or find its twin (200)",
               (200, 201, 400, 413, 503, 507), body="EnqueueRequest"),
-        Route("POST", "/batch", "batch", "Enqueue 1 to 1000 tasks, all or nothing",
+        Route("POST", "/batch", "batch", "Enqueue 1 to %d tasks, all or nothing" % MAX_BATCH,
               (201, 400, 413, 503, 507), body="BatchRequest"),
         Route("GET", "/waiting", "list_waiting", "Pending tasks, crons included (the original's "
               "listing) unless ?cron=false, by next_run", (200, 400), WAITING_PAGING),
@@ -3816,9 +3842,6 @@ class Api:
         self.stats = stats
         self.settings = settings
         self.clock = settings.clock
-        self._good_urls = {}   # a cache of URLs that passed check_url (the rules never change)
-        self._good_hosts = {}  # ... and of Host values that passed _check_host
-        self._ids = collections.deque()  # task ids from one os.urandom call per 128
         self._routes = []
         for route in self.ROUTES:
             regex = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)",
@@ -3893,14 +3916,12 @@ class Api:
         if not allowed and not loopback and self.settings.api_key:
             return
         value = headers.get("Host")
-        if value is None or value in self._good_hosts:  # HTTP/1.0 without Host: no browser
+        if value is None:  # HTTP/1.0 without Host: no browser sends that
             return
         match = _HOST.fullmatch(value)
         name = match.group(1).lower() if match else None
         if name in allowed or (is_loopback_name(name) if loopback else
                                not allowed and is_unrebindable_name(name)):
-            if len(self._good_hosts) < 64:  # the rules never change: check each value once
-                self._good_hosts[value] = True
             return
         raise HTTPError(403, "Host %r is not this daemon's name: a DNS-rebinding page? (serve "
                         "other names with --allow-host NAME%s)" % (
@@ -3967,15 +3988,6 @@ class Api:
     # -- validation ------------------------------------------------------------
 
     def check_url(self, url, field="url"):
-        if isinstance(url, str) and url in self._good_urls:  # validate each URL once
-            return url
-        self._check_url(url, field)
-        if len(self._good_urls) >= 4096:
-            self._good_urls.clear()
-        self._good_urls[url] = True
-        return url
-
-    def _check_url(self, url, field):
         problem = url_problem(url)
         if problem is not None:
             raise HTTPError(400, "%s %s" % (field, problem), field=field)
@@ -4046,11 +4058,11 @@ class Api:
                             "differ: give one of them", field="idempotency_key")
         if key is not None and not ENQUEUE["idempotency_key"].fits(key):
             raise HTTPError(400, ENQUEUE["idempotency_key"].message, field="idempotency_key")
-        task = Task(self._new_id(), url, payload, expected, created=now,
+        task = Task(new_id(), url, payload, expected, created=now,
                     next_run=self._first_run(values, now), max_tries=values.get("max_tries"),
                     timeout_s=values.get("timeout_s"),
                     headers=self.check_headers(values["headers"]) if "headers" in values else None,
-                    idempotency_key=key, queue=values.get("queue", "default"),
+                    idempotency_key=key, queue=values.get("queue", DEFAULT_QUEUE),
                     priority=values.get("priority", 0), ordering_key=values.get("ordering_key"),
                     name=values.get("name"))
         schedule = values.get("schedule", "")
@@ -4067,15 +4079,6 @@ class Api:
             task.next_run = task.next_scheduled_run = first
         return task
 
-    def _new_id(self):
-        """new_id()'s kind of id, without a system call per enqueue."""
-        try:
-            return self._ids.popleft()
-        except IndexError:
-            raw = binascii.hexlify(os.urandom(16 * 128)).decode()
-            self._ids.extend(raw[i:i + 32] for i in range(32, len(raw), 32))
-            return raw[:32]
-
     def cron_spec(self, schedule, field):
         try:
             spec = CronSpec(schedule, self.settings.cron_tz)
@@ -4090,15 +4093,15 @@ class Api:
 
     def status(self, **_):
         counts = self.store.counts()
-        journal = self.store.journal
+        health = self.store.health()
         return 200, {
             "paused": self.due.held,
             "in_flight": self.store.in_flight(),
             "version": __version__,
             "waiting": counts["waiting"], "success": counts["success"],
             "dead": counts["dead"], "cron": counts["cron"],
-            "healthy": journal.healthy,
-            "journal_errors": journal.errors,
+            "healthy": health["healthy"],
+            "journal_errors": health["errors"],
             "open_breakers": self.breakers.open_origins(),
             "breakers": self.breakers.describe(),
         }, {}
@@ -4111,7 +4114,7 @@ class Api:
             logger.debug("task %s queued for %s%s", task.id, task.url,
                          " (%s)" % task.schedule if task.schedule else "")
         elif outcome == "replaced":  # a named cron given a new schedule, URL or payload
-            body = body[:-1] + b',"replaced":true}'
+            return 200, dict(json.loads(body), replaced=True), {"Poussetaches-Task-ID": task.id}
         return ((201 if outcome == "created" else 200), Raw("application/json", body + b"\n"),
                 {"Poussetaches-Task-ID": task.id})
 
@@ -4207,9 +4210,10 @@ class Api:
     def batch(self, headers, read_body, **_):
         doc = self._body_json(read_body)
         items = doc.get("tasks")
-        if set(doc) != {"tasks"} or not isinstance(items, list) or not 1 <= len(items) <= 1000:
-            raise HTTPError(400, 'the body must be {"tasks": [1 to 1000 enqueue bodies]}',
-                            field="tasks")
+        if set(doc) != {"tasks"} or not isinstance(items, list) \
+                or not 1 <= len(items) <= MAX_BATCH:
+            raise HTTPError(400, 'the body must be {"tasks": [1 to %d enqueue bodies]}'
+                            % MAX_BATCH, field="tasks")
         now, tasks = self.clock(), []
         for index, item in enumerate(items):
             try:
@@ -4352,7 +4356,7 @@ class Api:
         return 200, view, {}
 
     def healthz(self, **_):
-        if not self.store.journal.healthy:
+        if not self.store.health()["healthy"]:
             return 503, {"ok": False, "error": "the journal cannot be written"}, {}
         return 200, {"ok": True}, {}
 
@@ -4363,7 +4367,7 @@ class Api:
     def metrics(self, **_):
         counts = self.store.counts()
         counters, buckets, total, count = self.stats.read()
-        journal = self.store.journal
+        health = self.store.health()
         lines = []
 
         def metric(name, kind, help_text, samples):
@@ -4430,15 +4434,15 @@ class Api:
                [('{table="waiting"}', self.store.waiting_bytes)]
                + [('{table="%s"}' % t, self.store.table_bytes[t]) for t in ("success", "dead")])
         metric("journal_errors_total", "counter", "Journal write or fsync failures.",
-               [("", journal.errors)])
+               [("", health["errors"])])
         metric("journal_commits_total", "counter", "Journal group commits (write + fsync).",
-               [("", journal.commits)])
+               [("", health["commits"])])
         metric("snapshots_total", "counter", "Snapshots written since start.",
                [("", self.store.snapshots)])
         metric("snapshot_errors_total", "counter", "Failed snapshots.",
                [("", self.store.snapshot_errors)])
         metric("healthy", "gauge", "0 while the journal cannot be written.",
-               [("", int(journal.healthy))])
+               [("", int(health["healthy"]))])
         metric("open_circuit_breakers", "gauge", "Origins whose circuit is open.",
                [("", len(self.breakers.open_origins()))])
         text = "\n".join(lines) + "\n"
@@ -4666,7 +4670,7 @@ def openapi_document(routes, allow_list=None, api_key=False):
                 "BatchRequest": {
                     "type": "object", "required": ["tasks"], "additionalProperties": False,
                     "properties": {"tasks": {
-                        "type": "array", "minItems": 1, "maxItems": 1000,
+                        "type": "array", "minItems": 1, "maxItems": MAX_BATCH,
                         "items": {"$ref": "#/components/schemas/EnqueueRequest"}}}},
                 "QueueSettings": {
                     "type": "object", "additionalProperties": False,
@@ -5755,7 +5759,7 @@ class _AppSide:
         for tries in range(1, max_tries + 1):
             token = _current_task.set(Envelope(
                 "eager", tries, {"args": call.args, "kwargs": call.kwargs}, call.id,
-                queue=call.options.get("queue", "default"), name=call.task.name))
+                queue=call.options.get("queue", DEFAULT_QUEUE), name=call.task.name))
             try:
                 return await self._run_task(call.task, call.args, call.kwargs)
             except Retry as exc:
@@ -6130,10 +6134,10 @@ class PousseTaches(_ApiCalls, _AppSide):
         return self.batch([self._body(**item) for item in items])
 
     def batch(self, bodies):
-        """POST enqueue bodies as they are, 1000 per call; returns the ids in order."""
+        """POST enqueue bodies as they are, MAX_BATCH per call; returns the ids in order."""
         ids = []
-        for start in range(0, len(bodies), 1000):
-            doc = self.request("POST", "/batch", {"tasks": bodies[start:start + 1000]})[2]
+        for start in range(0, len(bodies), MAX_BATCH):
+            doc = self.request("POST", "/batch", {"tasks": bodies[start:start + MAX_BATCH]})[2]
             ids.extend(task["id"] for task in doc["tasks"])
         return ids
 
@@ -6316,8 +6320,8 @@ class AsyncPousseTaches(_ApiCalls, _AppSide):
 
     async def batch(self, bodies):
         ids = []
-        for start in range(0, len(bodies), 1000):
-            doc = await self.request("POST", "/batch", {"tasks": bodies[start:start + 1000]})
+        for start in range(0, len(bodies), MAX_BATCH):
+            doc = await self.request("POST", "/batch", {"tasks": bodies[start:start + MAX_BATCH]})
             ids.extend(task["id"] for task in doc["tasks"])
         return ids
 
@@ -6422,7 +6426,7 @@ class Daemon:
         self.api_key = api_key or None
         self.cron_tz = cron_tz
         self.clock = clock
-        self.due = DueQueue(clock)
+        self.due = DueQueue(clock, rate, burst)
         if paused:
             self.due.hold()
         self._fs = fs
@@ -6433,7 +6437,6 @@ class Daemon:
                               max_backoff=max_backoff, on_dead=on_dead, rng=rng,
                               caps={"success": (keep_success, max_success_bytes),
                                     "dead": (keep_dead, max_dead_bytes)})
-        self._limiter = RateLimiter(rate, burst) if rate else None
         self.auth_key = auth_key
         self.max_connections = max_connections
         self._per_address = (max_per_address, head_timeout)
@@ -6488,7 +6491,7 @@ class Daemon:
             self.dispatcher = Dispatcher(
                 self.store, self.due, self._delivery, workers=s["workers"],
                 max_tries=s["max_tries"], min_backoff=s["min_backoff"],
-                max_backoff=s["max_backoff"], limiter=self._limiter, on_dead=s["on_dead"],
+                max_backoff=s["max_backoff"], on_dead=s["on_dead"],
                 clock=self.clock, rng=s["rng"], cron_tz=self.cron_tz, stats=self.stats)
             self.api = server.api = Api(
                 self.store, self.due, self.dispatcher.breakers, self.stats,
@@ -6564,12 +6567,13 @@ class Daemon:
         while not self._stopping.is_set():
             # while the journal cannot be written, a snapshot is tried every second:
             # the one that succeeds shows that the disk is back
-            self._wake.wait(self.snapshot_interval if self.store.journal.healthy
+            health = self.store.health()
+            self._wake.wait(self.snapshot_interval if health["healthy"]
                             else min(self.snapshot_interval, 1.0))
             self._wake.clear()
             if self._stopping.is_set():
                 return
-            if not (self.store.snapshot_wanted() or self.store.journal.records):
+            if not (self.store.snapshot_wanted() or self.store.health()["records"]):
                 continue
             try:
                 count = self.store.snapshot()
@@ -6691,36 +6695,6 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
-class TextFormatter(logging.Formatter):
-    """The plain log line, ``FORMAT``, put together directly and its time
-    formatted once a second: a delivery logs a line, and logging's generic
-    formatting (the %-style dict, time.strftime) was a fifth of its cost.
-    A record with a traceback goes through logging's own formatting."""
-
-    FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    _second = (None, "")  # (second, its text): replaced whole, so read without a lock
-
-    def __init__(self):
-        super().__init__(self.FORMAT)
-
-    def formatTime(self, record, datefmt=None):
-        if datefmt is not None:
-            return super().formatTime(record, datefmt)
-        second, text = self._second
-        if second != int(record.created):
-            second = int(record.created)
-            text = time.strftime(self.default_time_format, self.converter(second))
-            self._second = (second, text)
-        return self.default_msec_format % (text, record.msecs)
-
-    def format(self, record):
-        if record.exc_info or record.exc_text or record.stack_info:
-            return super().format(record)
-        record.message = record.getMessage()
-        record.asctime = self.formatTime(record)
-        return "%s %s %s: %s" % (record.asctime, record.levelname, record.name, record.message)
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="poussetaches",
@@ -6819,7 +6793,7 @@ def build_parser():
                       help="the URL poussetaches will POST to")
     push.add_argument("--from-file", metavar="FILE",
                       help="enqueue the JSON lines of FILE (enqueue bodies; - for stdin), "
-                           "1000 per call, each call all or nothing")
+                           "%d per call, each call all or nothing" % MAX_BATCH)
     body = push.add_mutually_exclusive_group()
     body.add_argument("--json", dest="payload_json", metavar="J",
                       help="the payload, as JSON text")
@@ -7276,7 +7250,7 @@ def serve(args):
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler()
-    handler.setFormatter(JSONFormatter() if args.log_json else TextFormatter())
+    handler.setFormatter(JSONFormatter() if args.log_json else logging.Formatter(LOG_FORMAT))
     logger.addHandler(handler)
     logger.setLevel(args.log_level)
     logger.propagate = False
