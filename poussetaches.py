@@ -2037,30 +2037,36 @@ class Store:
         unknown): ``waiting`` the one-off tasks, ``cron`` the schedules, ``due`` either."""
         with self._lock:
             names = sorted(self._queues) if name is None else [name] * (name in self._queues)
-            crons = collections.Counter(self._tables["waiting"][key[1]].queue
-                                        for key in self._order["cron"])
-            out = []
-            for queue_name in names:
-                index = self._by_queue.get(queue_name) or SortedKeys()
-                first = index.first()
-                out.append({"name": queue_name, "settings": dict(self._queues[queue_name]),
-                            "waiting": len(index) - crons[queue_name],
-                            "cron": crons[queue_name], "due": index.rank((now, "~")),
-                            "oldest_due_age_s": max(0.0, (now - first[0]) / 1e9)
-                            if first is not None and first[0] <= now else 0.0})
-            return out
+            return self._queue_rows(now, names)
+
+    def _queue_rows(self, now, names):
+        crons = collections.Counter(self._tables["waiting"][key[1]].queue
+                                    for key in self._order["cron"])
+        out = []
+        for queue_name in names:
+            index = self._by_queue.get(queue_name) or SortedKeys()
+            first = index.first()
+            out.append({"name": queue_name, "settings": dict(self._queues[queue_name]),
+                        "waiting": len(index) - crons[queue_name],
+                        "cron": crons[queue_name], "due": index.rank((now, "~")),
+                        "oldest_due_age_s": max(0.0, (now - first[0]) / 1e9)
+                        if first is not None and first[0] <= now else 0.0})
+        return out
 
     def set_queue(self, name, changes):
-        """Change a queue's settings (creating it), durably; returns them."""
+        """Change a queue's settings (creating it), durably; returns its row as
+        ``queues`` gives it, at the change (without settings and tasks, a queue
+        may be forgotten the moment after)."""
         with self._lock:
             settings = dict(self._queues.get(name) or {}, **changes)
             settings = {key: value for key, value in settings.items() if value is not None}
             self._queues[name] = settings
             ticket = self.journal.append({"op": "queue", "name": name, "settings": settings})
             self._configure(name, settings)
+            row = self._queue_rows(self.clock(), [name])[0]
         ticket.wait()
         self._on_change()
-        return dict(settings)
+        return row
 
     def delete_queue(self, name):
         """Forget a queue: True; False if it holds waiting tasks; None if unknown."""
@@ -3771,11 +3777,6 @@ def _json_list(head, pieces, tail):
     yield tail.encode()
 
 
-class ApiSettings(collections.namedtuple(
-        "ApiSettings", "api_key allow_list allowed_hosts loopback_bound cron_tz clock")):
-    """What the API needs of the configuration, validated by the Daemon."""
-
-
 class Api:
     """Routes and validation; one error boundary turns exceptions into JSON.
 
@@ -3911,7 +3912,7 @@ class Api:
         names; bound elsewhere with no ``--allow-host``, IP literals and
         single-label names (``poussetaches`` in a compose network), or any name
         when an API key is required (no page can send it)."""
-        allowed = self.settings.allowed_hosts
+        allowed = self.settings.allow_hosts
         loopback = self.settings.loopback_bound
         if not allowed and not loopback and self.settings.api_key:
             return
@@ -3991,9 +3992,9 @@ class Api:
         problem = url_problem(url)
         if problem is not None:
             raise HTTPError(400, "%s %s" % (field, problem), field=field)
-        if not self.settings.allow_list.allows(url):
+        if not self.settings.allow_urls.allows(url):
             raise HTTPError(400, "%s is outside the allowed URLs (--allow-url %s)"
-                            % (field, " ".join(self.settings.allow_list.prefixes)), field=field)
+                            % (field, " ".join(self.settings.allow_urls.prefixes)), field=field)
         return url
 
     @staticmethod
@@ -4230,8 +4231,8 @@ class Api:
 
     # -- queues ------------------------------------------------------------------
 
-    def _queue_view(self, name):
-        found = self.store.queues(self.clock(), name)
+    def _queue_view(self, name, row=None):
+        found = [row] if row else self.store.queues(self.clock(), name)
         if not found:
             raise HTTPError(404, "no queue %r" % name[:80])
         in_flight = self.due.queue_stats().get(name, (0, 0))[1]
@@ -4262,8 +4263,7 @@ class Api:
         if merged.get("min_backoff", 0) > merged.get("max_backoff", float("inf")):
             raise HTTPError(400, "min_backoff must not be above max_backoff",
                             field="min_backoff")
-        self.store.set_queue(name, changes)
-        return 200, self._queue_view(name), {}
+        return 200, self._queue_view(name, self.store.set_queue(name, changes)), {}
 
     def delete_queue(self, params, **_):
         done = self.store.delete_queue(self._queue_name(params))
@@ -4275,16 +4275,16 @@ class Api:
         return 200, {"deleted": params["name"]}, {}
 
     def pause_queue(self, params, **_):
-        self.store.set_queue(self._queue_name(params), {"paused": True})
+        row = self.store.set_queue(self._queue_name(params), {"paused": True})
         logger.info("queue %s paused", params["name"],
                     extra={"event": "pause", "queue": params["name"]})
-        return 200, self._queue_view(params["name"]), {}
+        return 200, self._queue_view(params["name"], row), {}
 
     def resume_queue(self, params, **_):
-        self.store.set_queue(self._queue_name(params), {"paused": None})
+        row = self.store.set_queue(self._queue_name(params), {"paused": None})
         logger.info("queue %s resumed", params["name"],
                     extra={"event": "resume", "queue": params["name"]})
-        return 200, self._queue_view(params["name"]), {}
+        return 200, self._queue_view(params["name"], row), {}
 
     def get_task(self, params, **_):
         state, view = self.store.get(self._task_id(params))
@@ -4449,7 +4449,7 @@ class Api:
         return 200, Raw("text/plain; version=0.0.4; charset=utf-8", text.encode()), {}
 
     def openapi(self, **_):
-        return 200, openapi_document(self.ROUTES, self.settings.allow_list,
+        return 200, openapi_document(self.ROUTES, self.settings.allow_urls,
                                      bool(self.settings.api_key)), {}
 
     def ui(self, **_):
@@ -6356,6 +6356,150 @@ class AsyncPousseTaches(_ApiCalls, _AppSide):
 # Daemon assembly and CLI
 # --------------------------------------------------------------------------
 
+class Option(collections.namedtuple("Option",
+                                    "name default kind check must help flag env metavar")):
+    """One setting of the daemon, declared once.
+
+    ``Daemon(name=value)`` takes it; ``serve`` takes it as ``flag`` (derived
+    from the name, "" for none: a secret on a command line shows in ``ps`` to
+    every local user) and from ``env``.  ``kind`` converts a flag's or
+    variable's text: ``int``, ``float``, ``str``, a tuple of choices, ``bool``
+    (a flag without value) or ``list`` (a repeatable flag, comma-separated in
+    the variable).  ``check(value)`` says whether a value is allowed, ``must``
+    what it must be.  Options without a kind are the embedder's (a clock, a
+    file system): no flag, no check.
+    """
+
+
+def _option(name, default, kind=None, check=None, must="", help="", flag=None, env=None,
+            metavar=None):
+    if flag is None:
+        flag = "--" + name.replace("_", "-") if kind is not None else ""
+    return Option(name, default, kind, check, must, help, flag, env, metavar)
+
+
+def _between(low, high):
+    return lambda value: low <= value <= high
+
+
+OPTIONS = (
+    _option("host", DEFAULT_HOST, str, help="address to listen on", env="POUSSETACHES_HOST"),
+    _option("port", DEFAULT_PORT, int, _between(0, 65535), "0-65535", "port",
+            env="POUSSETACHES_PORT"),
+    _option("data_dir", DEFAULT_DATA_DIR, str, help="where tasks are kept",
+            env="POUSSETACHES_DATA_DIR"),
+    _option("workers", DEFAULT_WORKERS, int, _between(1, 256), "1-256", "delivery threads",
+            env="POUSSETACHES_WORKERS"),
+    _option("rate", None, float, lambda v: v > 0, "a positive number of attempts per second",
+            "attempts per second, all tasks together; unlimited by default",
+            env="POUSSETACHES_RATE"),
+    _option("burst", None, float, lambda v: v >= 1, "at least 1",
+            "token bucket size for --rate", env="POUSSETACHES_BURST"),
+    _option("max_tries", DEFAULT_MAX_TRIES, int, _between(1, 100), "1-100",
+            "attempts before a task is dead"),
+    _option("min_backoff", DEFAULT_MIN_BACKOFF, float, lambda v: v > 0, "> 0",
+            "seconds before the 2nd attempt; x4 each time"),
+    _option("max_backoff", DEFAULT_MAX_BACKOFF, float, _between(0, 31536000),
+            "at most a year (31536000 s)", "cap on any retry delay, seconds"),
+    _option("timeout", DEFAULT_TIMEOUT, float, lambda v: 0 < v <= 3600, "> 0 and <= 3600",
+            "seconds per delivery attempt"),
+    _option("fsync", "always", ("always", "never"), lambda v: v in ("always", "never"),
+            "'always' or 'never'", "fsync the journal before answering 201"),
+    _option("keep_success", DEFAULT_KEEP_SUCCESS, int, lambda v: v >= 0, ">= 0",
+            "successful tasks kept for inspection"),
+    _option("max_success_bytes", DEFAULT_MAX_SUCCESS_BYTES, int, lambda v: v >= 0, ">= 0",
+            "payload and error bytes of the success records kept; past it the oldest go",
+            metavar="BYTES"),
+    _option("keep_dead", DEFAULT_KEEP_DEAD, int, lambda v: v >= 0, ">= 0",
+            "dead tasks kept; past it the oldest go, logged", metavar="N"),
+    _option("max_dead_bytes", DEFAULT_MAX_DEAD_BYTES, int, lambda v: v >= 0, ">= 0",
+            "payload and error bytes of the dead records kept", metavar="BYTES"),
+    _option("max_body", DEFAULT_MAX_BODY, int, lambda v: v >= 1024, ">= 1024 bytes",
+            "largest API request body in bytes"),
+    _option("allow_urls", (), list, None, "", "only accept task URLs with this prefix; "
+            "repeatable", flag="--allow-url", env="POUSSETACHES_ALLOWED_URLS", metavar="PREFIX"),
+    _option("allow_hosts", (), list,
+            lambda v: all(re.fullmatch(r"[0-9A-Za-z._-]+|\[[0-9A-Fa-f:.]+\]", name or "")
+                          for name in v),
+            "host names (no port, no scheme)", "also answer requests whose Host is NAME "
+            "(DNS-rebinding guard); repeatable", flag="--allow-host",
+            env="POUSSETACHES_ALLOWED_HOSTS", metavar="NAME"),
+    _option("signature_only", False, bool, help="sign deliveries (Standard Webhooks) but never "
+            "send the auth key itself in Poussetaches-Auth-Key"),
+    _option("max_connections", DEFAULT_MAX_CONNECTIONS, int, _between(1, 100_000), "1-100000",
+            "API connections served at once"),
+    _option("max_per_address", DEFAULT_MAX_PER_ADDRESS, int, _between(1, 100_000), "1-100000",
+            "API connections from one client address at once",
+            flag="--max-connections-per-address", metavar="N"),
+    _option("max_waiting", DEFAULT_MAX_WAITING, int, lambda v: v >= 1, ">= 1",
+            "waiting tasks before enqueue answers 507"),
+    _option("max_stored_bytes", DEFAULT_MAX_STORED_BYTES, int, lambda v: v >= 1, ">= 1",
+            "payload bytes of waiting tasks before enqueue answers 507"),
+    _option("on_dead", None, str, help="POST a task's JSON here when it moves to dead",
+            metavar="URL"),
+    _option("paused", False, bool, help="start with dispatch paused"),
+    _option("snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL, float, lambda v: v > 0, "> 0",
+            "seconds between snapshots of the tables"),
+    _option("grace", DEFAULT_GRACE, float, lambda v: v >= 0, ">= 0",
+            "seconds to let attempts finish at stop"),
+    _option("head_timeout", DEFAULT_HEAD_TIMEOUT, float, lambda v: 0 < v <= 600,
+            "> 0 and <= 600 seconds", flag=""),
+    _option("request_timeout", DEFAULT_REQUEST_TIMEOUT, float, lambda v: v > 0, "> 0", flag=""),
+    # secrets: from the environment only (checked below); an auth key set but empty is
+    # sent empty, as the original does
+    _option("auth_key", None, str, flag="", env="POUSSETACHES_AUTH_KEY"),
+    _option("next_auth_key", None, str, flag="", env="POUSSETACHES_NEXT_AUTH_KEY"),
+    _option("api_key", None, str, flag="", env="POUSSETACHES_API_KEY"),
+    # the embedder's: tests inject them
+    _option("cron_tz", None), _option("clock", time.time_ns), _option("rng", None),
+    _option("fs", None), _option("tls", None), _option("on_change", None),
+)
+
+
+class Settings(collections.namedtuple("Settings", [o.name for o in OPTIONS])):
+    """The daemon's configuration, checked and frozen: every OPTIONS name.
+    ``allow_urls`` is an AllowList and ``allow_hosts`` a frozenset once checked."""
+
+    @classmethod
+    def checked(cls, **values):
+        """Settings from keyword values (the others take their defaults); raises
+        ConfigError naming the first value out of its range."""
+        unknown = set(values) - set(cls._fields)
+        if unknown:
+            raise TypeError("unknown daemon settings: %s" % ", ".join(sorted(unknown)))
+        for option in OPTIONS:
+            value = values.setdefault(option.name, option.default)
+            if option.check is None or (value is None and option.default is None):
+                continue
+            number = {int: int, float: (int, float)}.get(option.kind)
+            try:
+                ok = (number is None or isinstance(value, number)
+                      and not isinstance(value, bool)) and option.check(value)
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ConfigError("%s must be %s" % (
+                    option.flag or option.env or option.name, option.must))
+        if values["min_backoff"] > values["max_backoff"]:
+            raise ConfigError("--min-backoff must be <= --max-backoff")
+        if values["next_auth_key"] and not values["auth_key"]:
+            raise ConfigError("POUSSETACHES_NEXT_AUTH_KEY needs POUSSETACHES_AUTH_KEY: "
+                              "the current key")
+        for name in ("auth_key", "next_auth_key"):
+            problem = auth_key_problem(values[name]) if values[name] else None
+            if problem is not None:
+                raise ConfigError("POUSSETACHES_%s: %s" % (name.upper(), problem))
+        values["allow_urls"] = AllowList(values["allow_urls"])   # raises ConfigError
+        values["allow_hosts"] = frozenset(name.lower() for name in values["allow_hosts"])
+        values["api_key"] = values["api_key"] or None
+        values["next_auth_key"] = values["next_auth_key"] or None
+        return cls(**values)
+
+    @property
+    def loopback_bound(self):
+        return is_loopback_name(self.host.lower())
+
+
 class Daemon:
     """Builds the store, queue, workers and API server from keyword arguments,
     and starts and stops them.  Several may run in one process (tests do).
@@ -6365,85 +6509,17 @@ class Daemon:
     manager, or ``start()`` then ``stop()``.
     """
 
-    def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, data_dir=DEFAULT_DATA_DIR,
-                 workers=DEFAULT_WORKERS, rate=None, burst=None,
-                 max_tries=DEFAULT_MAX_TRIES, min_backoff=DEFAULT_MIN_BACKOFF,
-                 max_backoff=DEFAULT_MAX_BACKOFF, timeout=DEFAULT_TIMEOUT, fsync="always",
-                 keep_success=DEFAULT_KEEP_SUCCESS, max_success_bytes=DEFAULT_MAX_SUCCESS_BYTES,
-                 keep_dead=DEFAULT_KEEP_DEAD, max_dead_bytes=DEFAULT_MAX_DEAD_BYTES,
-                 max_body=DEFAULT_MAX_BODY,
-                 allow_urls=(), paused=False, auth_key=None, api_key=None, on_dead=None,
-                 snapshot_interval=DEFAULT_SNAPSHOT_INTERVAL, grace=DEFAULT_GRACE,
-                 cron_tz=None, clock=time.time_ns, rng=None, fs=None,
-                 request_timeout=DEFAULT_REQUEST_TIMEOUT, allow_hosts=(),
-                 signature_only=False, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 max_per_address=DEFAULT_MAX_PER_ADDRESS, head_timeout=DEFAULT_HEAD_TIMEOUT,
-                 max_waiting=DEFAULT_MAX_WAITING, max_stored_bytes=DEFAULT_MAX_STORED_BYTES,
-                 tls=None, on_change=None, next_auth_key=None):
-        def need(ok, message):
-            if not ok:
-                raise ConfigError(message)
-        need(isinstance(port, int) and 0 <= port <= 65535, "--port must be 0-65535")
-        need(isinstance(workers, int) and 1 <= workers <= 256, "--workers must be 1-256")
-        need(rate is None or rate > 0, "--rate must be a positive number of attempts per second")
-        need(burst is None or burst >= 1, "--burst must be at least 1")
-        need(isinstance(max_tries, int) and 1 <= max_tries <= 100, "--max-tries must be 1-100")
-        need(0 < min_backoff <= max_backoff <= 31536000,
-             "--min-backoff must be > 0 and <= --max-backoff, itself at most a year")
-        need(0 < timeout <= 3600, "--timeout must be > 0 and <= 3600 seconds")
-        need(fsync in ("always", "never"), "--fsync must be 'always' or 'never'")
-        need(isinstance(keep_success, int) and keep_success >= 0, "--keep-success must be >= 0")
-        need(isinstance(keep_dead, int) and keep_dead >= 0, "--keep-dead must be >= 0")
-        need(isinstance(max_success_bytes, int) and max_success_bytes >= 0,
-             "--max-success-bytes must be >= 0")
-        need(isinstance(max_dead_bytes, int) and max_dead_bytes >= 0,
-             "--max-dead-bytes must be >= 0")
-        need(isinstance(max_body, int) and max_body >= 1024, "--max-body must be >= 1024 bytes")
-        need(snapshot_interval > 0, "the snapshot interval must be positive")
-        need(isinstance(max_connections, int) and 1 <= max_connections <= 100_000,
-             "--max-connections must be 1-100000")
-        need(isinstance(max_per_address, int) and 1 <= max_per_address <= 100_000,
-             "--max-connections-per-address must be 1-100000")
-        need(0 < head_timeout <= 600, "the head time-out must be > 0 and <= 600 seconds")
-        need(isinstance(max_waiting, int) and max_waiting >= 1, "--max-waiting must be >= 1")
-        need(isinstance(max_stored_bytes, int) and max_stored_bytes >= 1,
-             "--max-stored-bytes must be >= 1")
-        for name in allow_hosts:
-            need(re.fullmatch(r"[0-9A-Za-z._-]+|\[[0-9A-Fa-f:.]+\]", name or ""),
-                 "--allow-host %r must be a host name (no port, no scheme)" % name)
-        need(not next_auth_key or auth_key,
-             "POUSSETACHES_NEXT_AUTH_KEY needs POUSSETACHES_AUTH_KEY: the current key")
-        for env_name, key in (("POUSSETACHES_AUTH_KEY", auth_key),
-                              ("POUSSETACHES_NEXT_AUTH_KEY", next_auth_key)):
-            problem = auth_key_problem(key) if key else None
-            need(problem is None, "%s: %s" % (env_name, problem))
-        self.allow_list = AllowList(allow_urls)   # raises ConfigError
-        self.allowed_hosts = frozenset(name.lower() for name in allow_hosts)
-        self.loopback_bound = is_loopback_name(host.lower())
-        self.host, self.port, self.data_dir = host, port, data_dir
-        self.fsync, self.grace, self.max_body = fsync, grace, max_body
-        self.snapshot_interval = snapshot_interval
-        self.api_key = api_key or None
-        self.cron_tz = cron_tz
-        self.clock = clock
-        self.due = DueQueue(clock, rate, burst)
-        if paused:
+    def __init__(self, **settings):
+        self.settings = s = Settings.checked(**settings)   # raises ConfigError
+        self.port = s.port  # the port bound, once started
+        self.clock = s.clock
+        self.due = DueQueue(s.clock, s.rate, s.burst)
+        if s.paused:
             self.due.hold()
-        self._fs = fs
-        self.request_timeout = request_timeout
-        self._on_change = on_change  # Store's hook: called after each change of the tables
         self._changed = threading.Condition()  # notified after each change: drain() waits
-        self._settings = dict(workers=workers, max_tries=max_tries, min_backoff=min_backoff,
-                              max_backoff=max_backoff, on_dead=on_dead, rng=rng,
-                              caps={"success": (keep_success, max_success_bytes),
-                                    "dead": (keep_dead, max_dead_bytes)})
-        self.auth_key = auth_key
-        self.max_connections = max_connections
-        self._per_address = (max_per_address, head_timeout)
-        self._quota = (max_waiting, max_stored_bytes)
-        self._delivery = Delivery(auth_key, timeout, self.allow_list, signature_only, clock, tls,
-                                  next_auth_key or None)
-        self._lock = DirLock(data_dir)
+        self._delivery = Delivery(s.auth_key, s.timeout, s.allow_urls, s.signature_only,
+                                  s.clock, s.tls, s.next_auth_key)
+        self._lock = DirLock(s.data_dir)
         self._stopping = threading.Event()
         self._wake = threading.Event()   # the persister: snapshot now
         self._threads = []
@@ -6452,7 +6528,8 @@ class Daemon:
 
     @property
     def url(self):
-        host = self.host if ":" not in self.host else "[%s]" % self.host
+        host = self.settings.host
+        host = host if ":" not in host else "[%s]" % host
         return "http://%s:%d" % (host, self.port)
 
     def start(self):
@@ -6462,41 +6539,40 @@ class Daemon:
         Raises ConfigError if the port is taken, LockedError if another daemon
         holds the directory, OSError if the directory cannot be made.
         """
+        s = self.settings
         try:
-            server = _Server((self.host, self.port), None, self.max_body,
-                             self.request_timeout, self.max_connections, *self._per_address)
+            server = _Server((s.host, s.port), None, s.max_body, s.request_timeout,
+                             s.max_connections, s.max_per_address, s.head_timeout)
         except OSError as exc:
             raise ConfigError("cannot listen on %s:%d: %s (is another poussetaches or "
                               "another program on that port? stop it, or choose another "
-                              "--port)" % (self.host, self.port, exc.strerror or exc)) from None
+                              "--port)" % (s.host, s.port, exc.strerror or exc)) from None
         try:
-            check_data_dir(self.data_dir)
+            check_data_dir(s.data_dir)
             self._lock.acquire()
         except BaseException:
             server.server_close()
             raise
         try:
-            check_format(self.data_dir)
+            check_format(s.data_dir)
         except BaseException:
             server.server_close()
             self._lock.release()
             raise
         try:
-            s = self._settings
-            self.store = Store(self.data_dir, self.due, fsync=self.fsync == "always",
-                               caps=s["caps"], clock=self.clock,
-                               fs=self._fs, on_dirty=self._wake.set, on_change=self._changed_hook,
-                               quota=self._quota,
-                               cron_tz=self.cron_tz)
+            self.store = Store(s.data_dir, self.due, fsync=s.fsync == "always",
+                               caps={"success": (s.keep_success, s.max_success_bytes),
+                                     "dead": (s.keep_dead, s.max_dead_bytes)},
+                               clock=s.clock, fs=s.fs, on_dirty=self._wake.set,
+                               on_change=self._changed_hook,
+                               quota=(s.max_waiting, s.max_stored_bytes), cron_tz=s.cron_tz)
             self.dispatcher = Dispatcher(
-                self.store, self.due, self._delivery, workers=s["workers"],
-                max_tries=s["max_tries"], min_backoff=s["min_backoff"],
-                max_backoff=s["max_backoff"], on_dead=s["on_dead"],
-                clock=self.clock, rng=s["rng"], cron_tz=self.cron_tz, stats=self.stats)
-            self.api = server.api = Api(
-                self.store, self.due, self.dispatcher.breakers, self.stats,
-                ApiSettings(self.api_key, self.allow_list, self.allowed_hosts,
-                            self.loopback_bound, self.cron_tz, self.clock))
+                self.store, self.due, self._delivery, workers=s.workers,
+                max_tries=s.max_tries, min_backoff=s.min_backoff, max_backoff=s.max_backoff,
+                on_dead=s.on_dead, clock=s.clock, rng=s.rng, cron_tz=s.cron_tz,
+                stats=self.stats)
+            self.api = server.api = Api(self.store, self.due, self.dispatcher.breakers,
+                                        self.stats, s)
         except BaseException:
             server.server_close()
             self._lock.release()
@@ -6512,9 +6588,9 @@ class Daemon:
             thread.start()
             self._threads.append(thread)
         logger.info("poussetaches %s serving on %s with %d workers, data in %s%s",
-                    __version__, self.url, s["workers"], os.path.abspath(self.data_dir),
+                    __version__, self.url, s.workers, os.path.abspath(s.data_dir),
                     " (paused)" if self.due.held else "",
-                    extra={"event": "start", "url": self.url, "count": s["workers"]})
+                    extra={"event": "start", "url": self.url, "count": s.workers})
         for warning in self.warnings():
             logger.warning("%s", warning, extra={"event": "unsafe_config"})
         return self
@@ -6522,8 +6598,8 @@ class Daemon:
     def _changed_hook(self):
         """The store's hook, after each change of its tables: the caller's
         ``on_change``, then drain()'s wake-up."""
-        if self._on_change is not None:
-            self._on_change()
+        if self.settings.on_change is not None:
+            self.settings.on_change()
         with self._changed:
             self._changed.notify_all()
 
@@ -6533,7 +6609,7 @@ class Daemon:
         push has run, retries included.  Crons, and tasks delayed further, stay
         waiting.  TimeoutError after ``timeout`` seconds, saying what is left
         (a paused queue, a task that keeps failing slowly)."""
-        horizon = int(self._settings["max_backoff"] * 1e9)
+        horizon = int(self.settings.max_backoff * 1e9)
         deadline = time.monotonic() + timeout
         with self._changed:  # a change between the look and the wait notifies the wait
             while True:
@@ -6552,11 +6628,11 @@ class Daemon:
 
     def warnings(self):
         """What is unsafe in this configuration, one sentence each."""
-        out = []
-        if not self.loopback_bound and not self.api_key:
+        out, s = [], self.settings
+        if not s.loopback_bound and not s.api_key:
             out.append("listening on %s without POUSSETACHES_API_KEY: anyone who reaches this "
-                       "address can enqueue, read and delete tasks" % self.host)
-        if self.auth_key is not None and not self.allow_list:
+                       "address can enqueue, read and delete tasks" % s.host)
+        if s.auth_key is not None and not s.allow_urls:
             out.append("POUSSETACHES_AUTH_KEY is set but no --allow-url: any local process could "
                        "have the key sent to a URL of its choice; restrict task URLs with "
                        "--allow-url, and require POUSSETACHES_API_KEY for the API")
@@ -6568,8 +6644,8 @@ class Daemon:
             # while the journal cannot be written, a snapshot is tried every second:
             # the one that succeeds shows that the disk is back
             health = self.store.health()
-            self._wake.wait(self.snapshot_interval if health["healthy"]
-                            else min(self.snapshot_interval, 1.0))
+            interval = self.settings.snapshot_interval
+            self._wake.wait(interval if health["healthy"] else min(interval, 1.0))
             self._wake.clear()
             if self._stopping.is_set():
                 return
@@ -6588,13 +6664,13 @@ class Daemon:
         a final snapshot and release the data directory.  Idempotent."""
         if self.server is None or self._stopping.is_set():
             return
-        logger.info("stopping: finishing attempts in flight (up to %.0fs)", self.grace,
+        logger.info("stopping: finishing attempts in flight (up to %.0fs)", self.settings.grace,
                     extra={"event": "stopping"})
         self._stopping.set()
         self._wake.set()
         self.server.shutdown()
         self.server.server_close()
-        busy = self.dispatcher.stop(self.grace)
+        busy = self.dispatcher.stop(self.settings.grace)
         if busy:
             logger.warning("%d attempts still in flight; they stay queued", busy,
                            extra={"event": "stopping", "count": busy})
@@ -6695,6 +6771,33 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+def _add_flag(parser, option):
+    """``serve``'s flag for an option: its default from its environment variable
+    when set (a text: argparse converts it with ``type``, so a bad value is a
+    clean usage error), else the option's."""
+    kwargs = {"dest": option.name, "help": option.help}
+    if option.metavar:
+        kwargs["metavar"] = option.metavar
+    env = " (env %s%s)" % (option.env, ", comma-separated" if option.kind is list else "") \
+        if option.env else ""
+    if option.kind is bool:
+        kwargs["action"] = "store_true"
+    elif option.kind is list:
+        kwargs["action"] = "append"    # the variable is read by serve(): flags replace it
+    else:
+        if isinstance(option.kind, tuple):
+            kwargs["choices"] = option.kind
+        else:
+            kwargs["type"] = option.kind
+        kwargs["default"] = option.default if option.default is None else str(option.default)
+        if option.env:
+            kwargs["default"] = _env(option.env, kwargs["default"])
+        if option.default is not None:
+            env = (env[:-1] + "; " if env else " (") + "default %(default)s)"
+    kwargs["help"] += env
+    parser.add_argument(option.flag, **kwargs)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="poussetaches",
@@ -6707,71 +6810,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser("serve", help="Run the daemon (the default)",
                            description="Run the daemon. Flags override environment variables.")
-    serve.add_argument("--host", default=_env("POUSSETACHES_HOST", DEFAULT_HOST),
-                       help="address to listen on (env POUSSETACHES_HOST; default %(default)s)")
-    # string defaults go through ``type`` too: a bad env value is a clean usage error
-    serve.add_argument("--port", type=int, default=_env("POUSSETACHES_PORT", str(DEFAULT_PORT)),
-                       help="port (env POUSSETACHES_PORT; default %(default)s)")
-    serve.add_argument("--data-dir", default=_env("POUSSETACHES_DATA_DIR", DEFAULT_DATA_DIR),
-                       help="where tasks are kept (env POUSSETACHES_DATA_DIR; default %(default)s)")
-    serve.add_argument("--workers", type=int,
-                       default=_env("POUSSETACHES_WORKERS", str(DEFAULT_WORKERS)),
-                       help="delivery threads (env POUSSETACHES_WORKERS; default %(default)s)")
-    serve.add_argument("--rate", type=float, default=_env("POUSSETACHES_RATE"),
-                       help="attempts per second, all tasks together (env POUSSETACHES_RATE; "
-                            "default unlimited)")
-    serve.add_argument("--burst", type=float, default=_env("POUSSETACHES_BURST"),
-                       help="token bucket size for --rate (env POUSSETACHES_BURST)")
-    serve.add_argument("--max-tries", type=int, default=DEFAULT_MAX_TRIES,
-                       help="attempts before a task is dead (default %(default)s)")
-    serve.add_argument("--min-backoff", type=float, default=DEFAULT_MIN_BACKOFF,
-                       help="seconds before the 2nd attempt; x4 each time (default %(default)s)")
-    serve.add_argument("--max-backoff", type=float, default=DEFAULT_MAX_BACKOFF,
-                       help="cap on any retry delay, seconds (default %(default)s)")
-    serve.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                       help="seconds per delivery attempt (default %(default)s)")
-    serve.add_argument("--fsync", choices=("always", "never"), default="always",
-                       help="fsync the journal before answering 201 (default %(default)s)")
-    serve.add_argument("--keep-success", type=int, default=DEFAULT_KEEP_SUCCESS,
-                       help="successful tasks kept for inspection (default %(default)s)")
-    serve.add_argument("--max-success-bytes", type=int, default=DEFAULT_MAX_SUCCESS_BYTES,
-                       metavar="BYTES", help="payload and error bytes of the success records "
-                       "kept; past it the oldest go (default %(default)s)")
-    serve.add_argument("--keep-dead", type=int, default=DEFAULT_KEEP_DEAD, metavar="N",
-                       help="dead tasks kept; past it the oldest go, logged (default "
-                            "%(default)s)")
-    serve.add_argument("--max-dead-bytes", type=int, default=DEFAULT_MAX_DEAD_BYTES,
-                       metavar="BYTES", help="payload and error bytes of the dead records kept "
-                       "(default %(default)s)")
-    serve.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
-                       help="largest API request body in bytes (default %(default)s)")
-    serve.add_argument("--allow-url", action="append", metavar="PREFIX",
-                       help="only accept task URLs with this prefix; repeatable "
-                            "(env POUSSETACHES_ALLOWED_URLS, comma-separated)")
-    serve.add_argument("--allow-host", action="append", metavar="NAME",
-                       help="also answer requests whose Host is NAME (DNS-rebinding guard); "
-                            "repeatable (env POUSSETACHES_ALLOWED_HOSTS, comma-separated)")
-    serve.add_argument("--signature-only", action="store_true",
-                       help="sign deliveries (Standard Webhooks) but never send the auth key "
-                            "itself in Poussetaches-Auth-Key")
-    serve.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                       help="API connections served at once (default %(default)s)")
-    serve.add_argument("--max-connections-per-address", type=int,
-                       default=DEFAULT_MAX_PER_ADDRESS, metavar="N",
-                       help="API connections from one client address at once (default "
-                            "%(default)s)")
-    serve.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
-                       help="waiting tasks before enqueue answers 507 (default %(default)s)")
-    serve.add_argument("--max-stored-bytes", type=int, default=DEFAULT_MAX_STORED_BYTES,
-                       help="payload bytes of waiting tasks before enqueue answers 507 "
-                            "(default %(default)s)")
-    serve.add_argument("--on-dead", metavar="URL",
-                       help="POST a task's JSON here when it moves to dead")
-    serve.add_argument("--paused", action="store_true", help="start with dispatch paused")
-    serve.add_argument("--snapshot-interval", type=float, default=DEFAULT_SNAPSHOT_INTERVAL,
-                       help="seconds between snapshots of the tables (default %(default)s)")
-    serve.add_argument("--grace", type=float, default=DEFAULT_GRACE,
-                       help="seconds to let attempts finish at stop (default %(default)s)")
+    for option in OPTIONS:
+        if option.flag:
+            _add_flag(serve, option)
     serve.add_argument("--log-level", default="INFO",
                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                        type=str.upper, help="default %(default)s")
@@ -7159,9 +7200,9 @@ def _systemd_recipe(given, flags):
     command = [sys.executable, os.path.abspath(__file__), "serve", "--data-dir",
                "/var/lib/poussetaches"] + given
     # only when every allowed URL is on this machine (none given: any URL may be a task's)
-    local = bool(flags.allow_url) and all(
+    local = bool(flags.allow_urls) and all(
         is_loopback_name((urllib.parse.urlsplit(url).hostname or "").lower())
-        for url in flags.allow_url)
+        for url in flags.allow_urls)
     hidden = [path for path in command[:2] if path.startswith(("/home/", "/root/"))]
     if hidden:
         sys.stderr.write("poussetaches: %s is under /home or /root, which the unit hides "
@@ -7244,6 +7285,22 @@ def _compose_recipe(given, flags):
 RECIPES = {"systemd": _systemd_recipe, "docker": _docker_recipe, "compose": _compose_recipe}
 
 
+def _serve_settings(args):
+    """Daemon keywords from ``serve``'s flags and the environment (OPTIONS)."""
+    values = {}
+    for option in OPTIONS:
+        if option.flag:
+            value = getattr(args, option.name)
+            if option.kind is list and value is None:
+                value = [part.strip() for part in _env(option.env, "").split(",")
+                         if part.strip()]
+            values[option.name] = value
+        elif option.env:  # a secret; an auth key set but empty is sent empty (the original)
+            values[option.name] = (os.environ.get(option.env) if option.name == "auth_key"
+                                   else _env(option.env))
+    return values
+
+
 def serve(args):
     # logging's documented knobs for what no line of ours prints: the caller's
     # frame, process and thread, looked up per record (a delivery logs a line)
@@ -7254,10 +7311,6 @@ def serve(args):
     logger.addHandler(handler)
     logger.setLevel(args.log_level)
     logger.propagate = False
-    def listed(flag, env):
-        if flag is not None:
-            return flag
-        return [p.strip() for p in _env(env, "").split(",") if p.strip()]
     # the handlers come first: a SIGTERM during a long recovery, or just after
     # "serving on", is a clean stop, not the default's death by signal
     stop = threading.Event()
@@ -7268,24 +7321,7 @@ def serve(args):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        daemon = Daemon(
-            host=args.host, port=args.port, data_dir=args.data_dir, workers=args.workers,
-            rate=float(args.rate) if args.rate else None,
-            burst=float(args.burst) if args.burst else None,
-            max_tries=args.max_tries, min_backoff=args.min_backoff,
-            max_backoff=args.max_backoff, timeout=args.timeout, fsync=args.fsync,
-            keep_success=args.keep_success, max_success_bytes=args.max_success_bytes,
-            keep_dead=args.keep_dead, max_dead_bytes=args.max_dead_bytes, max_body=args.max_body,
-            allow_urls=listed(args.allow_url, "POUSSETACHES_ALLOWED_URLS"),
-            allow_hosts=listed(args.allow_host, "POUSSETACHES_ALLOWED_HOSTS"),
-            signature_only=args.signature_only, max_connections=args.max_connections,
-            max_per_address=args.max_connections_per_address,
-            max_waiting=args.max_waiting, max_stored_bytes=args.max_stored_bytes,
-            # set but empty is sent empty, as the original does; unset: no header
-            paused=args.paused, auth_key=os.environ.get("POUSSETACHES_AUTH_KEY"),
-            next_auth_key=_env("POUSSETACHES_NEXT_AUTH_KEY"),
-            api_key=_env("POUSSETACHES_API_KEY"), on_dead=args.on_dead, grace=args.grace,
-            snapshot_interval=args.snapshot_interval)
+        daemon = Daemon(**_serve_settings(args))
         daemon.start()
     except (PousseTachesError, OSError) as exc:
         logger.error("cannot start: %s", exc)
@@ -7311,7 +7347,7 @@ def main(argv=None):
         if any(flag.partition("=")[0] in ("--data-dir", "--host") for flag in args.flags):
             parser.error("recipe %s sets --data-dir and --host itself: leave them out"
                          % args.kind)
-        if not flags.allow_url:
+        if not flags.allow_urls:
             sys.stderr.write("poussetaches: no --allow-url given: add your app's URL, or the "
                              "daemon warns at every start\n")
         sys.stdout.write(RECIPES[args.kind](args.flags, flags))

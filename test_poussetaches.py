@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 from datetime import datetime, timedelta, timezone
 
 import poussetaches as pt
@@ -2741,6 +2742,39 @@ class TestSecurity(unittest.TestCase):
                          sorted(["/tasks/100%25", "/tasks/caf%C3%A9", "/tasks/x?next=%2Fa;b",
                                  "/tasks/.x"]))
 
+    def test_every_option_is_declared_once_for_every_consumer(self):
+        """OPTIONS drives the Daemon's keywords, the range checks, serve's flags and
+        the environment: each flag is in serve --help, each default passes its own
+        check, an out-of-range value is refused naming the flag, and a setting
+        nobody declared is a TypeError."""
+        help_text = " ".join(subprocess.run(  # one line per word: argparse wraps lines
+            [sys.executable, pt.__file__, "serve", "--help"], capture_output=True,
+            text=True).stdout.split())
+        pt.Settings.checked()  # every default passes its own check
+        for option in pt.OPTIONS:
+            if option.flag:
+                self.assertIn(option.flag + " ", help_text)
+                if option.env:
+                    self.assertIn("env " + option.env, help_text)
+        with self.assertRaises(pt.ConfigError) as ctx:
+            pt.Settings.checked(max_connections=0)
+        self.assertEqual(str(ctx.exception), "--max-connections must be 1-100000")
+        with self.assertRaises(pt.ConfigError) as ctx:
+            pt.Settings.checked(head_timeout=601)
+        self.assertEqual(str(ctx.exception), "head_timeout must be > 0 and <= 600 seconds")
+        self.assertRaises(pt.ConfigError, pt.Settings.checked, workers="4")  # not a number
+        self.assertRaises(pt.ConfigError, pt.Settings.checked, workers=True)
+        self.assertRaises(TypeError, pt.Daemon, wokers=4)
+        # serve: flags over the environment, lists from comma-separated variables
+        env = {"POUSSETACHES_WORKERS": "7", "POUSSETACHES_ALLOWED_URLS": "http://a/, http://b/",
+               "POUSSETACHES_AUTH_KEY": "", "POUSSETACHES_API_KEY": ""}
+        with mock.patch.dict(os.environ, env):
+            values = pt._serve_settings(pt.build_parser().parse_args(["serve", "--rate", "3"]))
+        self.assertEqual((values["workers"], values["rate"], values["allow_urls"],
+                          values["auth_key"], values["api_key"]),
+                         (7, 3.0, ["http://a/", "http://b/"], "", None))
+        self.assertEqual(set(values) - set(pt.Settings._fields), set())
+
     def test_bad_config_is_refused(self):
         for kwargs in ({"workers": 0}, {"fsync": "sometimes"}, {"allow_urls": ["ftp://x"]},
                        {"max_tries": 0}, {"rate": -1}, {"min_backoff": 5, "max_backoff": 1},
@@ -2771,11 +2805,11 @@ class TestSecurity(unittest.TestCase):
 
     def test_data_dir_private(self):
         with running_daemon() as d:
-            self.assertEqual(os.stat(d.data_dir).st_mode & 0o777, 0o700)
+            self.assertEqual(os.stat(d.settings.data_dir).st_mode & 0o777, 0o700)
             call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/", "delay_s": 60})
             d.store.snapshot()
-            for name in os.listdir(d.data_dir):
-                mode = os.stat(os.path.join(d.data_dir, name)).st_mode & 0o777
+            for name in os.listdir(d.settings.data_dir):
+                mode = os.stat(os.path.join(d.settings.data_dir, name)).st_mode & 0o777
                 self.assertEqual(mode, 0o600, name)
 
 
@@ -2953,8 +2987,8 @@ class TestSafeByDefault(unittest.TestCase):
         for name in ("localhost.", "evil.example", "0.0.0.0", "[::]", "10.0.0.1", "", None,
                      "127.0.0.1.evil.example", "[::ffff:8.8.8.8]"):
             self.assertFalse(pt.is_loopback_name(name), name)
-        self.assertTrue(pt.Daemon(host="127.0.0.1", port=0, data_dir="unused").loopback_bound)
-        self.assertFalse(pt.Daemon(host="0.0.0.0", port=0, data_dir="unused").loopback_bound)
+        self.assertTrue(pt.Daemon(host="127.0.0.1", port=0, data_dir="unused").settings.loopback_bound)
+        self.assertFalse(pt.Daemon(host="0.0.0.0", port=0, data_dir="unused").settings.loopback_bound)
 
     # -- the app's secret goes only to the app ------------------------------------------
 
@@ -3850,7 +3884,7 @@ class TestAttackerFindings(unittest.TestCase):
         daemon = pt.Daemon(host="::1", port=0, data_dir=os.path.join(tmp, "d"))
         daemon.start()
         try:
-            self.assertTrue(daemon.loopback_bound)
+            self.assertTrue(daemon.settings.loopback_bound)
             conn = http.client.HTTPConnection("::1", daemon.port, timeout=WAIT)
             conn.request("GET", "/healthz")
             self.assertEqual(conn.getresponse().status, 200)
@@ -5523,7 +5557,7 @@ class TestTestingDaemon(unittest.TestCase):
             app.resume()
             daemon.drain()
             self.assertEqual(len(done), 4)
-            data_dir = daemon.data_dir
+            data_dir = daemon.settings.data_dir
         self.assertFalse(os.path.exists(data_dir))
         self.assertEqual((app.api_url, app.base_url, app.auth_keys, app.eager),
                          ("http://127.0.0.1:9", "http://app.invalid", ("mine",), True))
@@ -6104,13 +6138,13 @@ class TestOperatorWeek(unittest.TestCase):
                 self.assertIn("usage: poussetaches " + " ".join(command), out)
             # a port clash names the address and what to do
             code, out, err = self.run_cli("serve", "--host", "127.0.0.1", "--port", str(d.port),
-                                          "--data-dir", os.path.join(d.data_dir, "other"))
+                                          "--data-dir", os.path.join(d.settings.data_dir, "other"))
             self.assertEqual(code, 1)
             self.assertIn("cannot listen on 127.0.0.1:%d" % d.port, err)
             self.assertIn("another --port", err)
             self.assertNotIn("Traceback", err)
             # the port comes first: a daemon that cannot listen makes no data dir
-            self.assertFalse(os.path.exists(os.path.join(d.data_dir, "other")))
+            self.assertFalse(os.path.exists(os.path.join(d.settings.data_dir, "other")))
             self.assertNotIn("recovered", err)
 
     def test_wrong_key_says_does_not_match(self):
