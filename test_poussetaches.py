@@ -2773,7 +2773,7 @@ class TestSecurity(unittest.TestCase):
         self.assertEqual((values["workers"], values["rate"], values["allow_urls"],
                           values["auth_key"], values["api_key"]),
                          (7, 3.0, ["http://a/", "http://b/"], "", None))
-        self.assertEqual(set(values) - set(pt.Settings._fields), set())
+        self.assertEqual(set(values) - {o.name for o in pt.OPTIONS}, set())
 
     def test_bad_config_is_refused(self):
         for kwargs in ({"workers": 0}, {"fsync": "sometimes"}, {"allow_urls": ["ftp://x"]},
