@@ -164,7 +164,9 @@ FORMAT_VERSION = 2                 # snapshot.json version 2 and its journal.<n>
 IMPORT_REJECTED = "import-rejected"  # where the original's files that fail the checks go
 
 USER_AGENT = "poussetaches/" + __version__
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the plain log line
+# the plain log line; its time in UTC (time.gmtime), as --log-json's
+LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s"
+LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 RESERVED_HEADERS = ("host", "content-length", "transfer-encoding", "connection")
 MAX_HEAD = 64 * 1024               # bytes of an API request's line and headers together
 DEFAULT_TASKS_PATH = "/_tasks"     # where an app mounts its task endpoint
@@ -273,68 +275,6 @@ def iso_utc(t_ns, timespec="seconds"):
 # every pattern is used with fullmatch (a "$" would match before a final newline)
 _TASK_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")   # an RFC 9110 token
-_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]{0,8192}")     # RFC 9110 field-value chars
-
-
-def url_problem(url):
-    r"""What is wrong with a task URL, as the end of a sentence, or None.
-
-    An absolute http(s) URL of at most 4096 ASCII characters, without spaces
-    or control characters, user info (``user@host``), ``.``/``..`` segments,
-    or separators a server might see that the allow list did not (``\``,
-    ``;``, ``%2F``, ``%5C``, and any of these or a dot encoded twice).
-    """
-    if not isinstance(url, str) or not url or len(url) > 4096:
-        return "must be an absolute http:// or https:// URL of at most 4096 characters"
-    return _url_text_problem(url)
-
-
-@functools.lru_cache(maxsize=1024)  # an app posts to a few URLs: 2 % of an enqueue
-def _url_text_problem(url):
-    if re.search(r"[\x00-\x20\x7f]", url):
-        return "must not contain spaces or control characters"
-    if not url.isascii():
-        return "must be ASCII: percent-encode the path and use the punycode form of the host"
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # raises ValueError on a bad port
-    except ValueError as exc:
-        return "is not a valid URL: %s" % exc
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an absolute http:// or https:// URL"
-    if "@" in parts.netloc:
-        return "must not carry a user name or password (user@host)"
-    if "\\" in parts.path or ";" in parts.path:
-        return ("must not have \\ or ; in its path: some frameworks and proxies read them as "
-                "separators, which would route the task outside an allowed prefix")
-    for segment in parts.path.split("/"):
-        decoded = segment
-        for _ in range(3):  # what a proxy that decodes twice, then the app, would see
-            decoded = urllib.parse.unquote(decoded)
-        if decoded in (".", ".."):
-            return "must not have . or .. path segments, encoded or not"
-        if any(c in decoded for c in "/\\;"):
-            return ("must not have an encoded / \\ or ; (such as %2F or %5C) in its path: a "
-                    "framework or proxy that decodes it would route the task elsewhere")
-    return None
-
-
-def headers_problem(headers):
-    """What is wrong with a task's extra headers, or None: at most 64, token
-    names, values of RFC 9110 field characters (no CR, LF, NUL or other
-    control), none of those poussetaches sets itself."""
-    if not isinstance(headers, dict) or len(headers) > 64:
-        return "must be an object of at most 64 strings"
-    for name, text in headers.items():
-        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
-            return "%r is not a valid header name" % str(name)[:100]
-        lower = name.lower().replace("_", "-")  # WSGI servers read _ as - (HTTP_ keys)
-        if lower in RESERVED_HEADERS or lower.startswith(("poussetaches-", "webhook-")):
-            return "%s is set by poussetaches and cannot be given" % name
-        if not isinstance(text, str) or not _FIELD_VALUE.fullmatch(text):
-            return ("the value of %s must be at most 8192 characters of Latin-1 text "
-                    "without control characters (what HTTP headers carry)" % name)
-    return None
 
 
 # Every field an enqueue takes, declared once: the API checks bodies with these
@@ -389,14 +329,16 @@ def schema_check(schema):
     return fits
 
 
-class Param(collections.namedtuple("Param", "name schema message description")):
+class Param(collections.namedtuple("Param", "name schema message description metavar")):
     """One field an enqueue body accepts, declared once: its JSON schema (served in
     /openapi.json, and checked here: type, range, length), the 400 message for
-    a value that does not fit, and what it is (the CLI's help).  null is the
-    same as absent, for every field."""
+    a value that does not fit, and what it is: an enqueue field with a
+    ``description`` is a flag of ``poussetaches push`` (``--name-with-dashes
+    METAVAR``), typed by its schema.  null is the same as absent, for every
+    field."""
 
-    def __new__(cls, name, schema, message, description=None):
-        param = super().__new__(cls, name, schema, message, description)
+    def __new__(cls, name, schema, message, description=None, metavar=None):
+        param = super().__new__(cls, name, schema, message, description, metavar)
         param.fits = schema_check(schema)
         return param
 
@@ -408,38 +350,116 @@ ENQUEUE_PARAMS = (
           "payload must be a base64 string"),
     Param("json", {}, "json may be any JSON value"),
     Param("expected", {"type": "integer", "minimum": 0, "maximum": 599},
-          "expected must be an HTTP status from 100 to 599 (or 0 for 200)"),
+          "expected must be an HTTP status from 100 to 599 (or 0 for 200)",
+          "the status that means done (default 200)", "STATUS"),
     Param("schedule", {"type": "string", "maxLength": 256},
-          "schedule must be a cron spec string of at most 256 characters"),
+          "schedule must be a cron spec string of at most 256 characters",
+          "a cron spec: a recurring task", "SPEC"),
     Param("delay", {"type": "integer", "minimum": 0},
           "delay must be a whole, non-negative number of minutes"),
     Param("delay_s", {"type": "number", "minimum": 0, "maximum": MAX_FIRST_RUN_S},
-          "delay_s must be a number of seconds from 0 to 10 years"),
+          "delay_s must be a number of seconds from 0 to 10 years",
+          "seconds before the first run", "S"),
     Param("eta", {"type": ["number", "string"]},
           "eta must be Unix seconds or an RFC 3339 time with an offset, such as "
-          "2026-01-31T09:00:00Z"),
+          "2026-01-31T09:00:00Z", "not before this time: RFC 3339 with an offset "
+          "(2030-01-01T09:00:00Z) or Unix seconds", "TIME"),
     Param("max_tries", {"type": "integer", "minimum": 1, "maximum": 100},
-          "max_tries must be a whole number from 1 to 100"),
+          "max_tries must be a whole number from 1 to 100", "attempts before dead", "N"),
     Param("timeout_s", {"type": "number", "minimum": 0.1, "maximum": 3600},
-          "timeout_s must be a number of seconds from 0.1 to 3600"),
+          "timeout_s must be a number of seconds from 0.1 to 3600",
+          "seconds an attempt may take", "S"),
     Param("headers", {"type": "object", "maxProperties": 64,
                       "additionalProperties": {"type": "string", "maxLength": 8192}},
           "headers must be an object of at most 64 strings"),
     Param("idempotency_key", {"type": "string", "minLength": 1, "maxLength": 200},
-          "idempotency_key must be a string of 1 to 200 characters"),
+          "idempotency_key must be a string of 1 to 200 characters",
+          "enqueue at most once per key", "K"),
     Param("queue", {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"},
-          "queue must be 1 to 64 of a-z, 0-9, _ and -"),
+          "queue must be 1 to 64 of a-z, 0-9, _ and -", "the queue (default: %s)"
+          % DEFAULT_QUEUE, "NAME"),
     Param("priority", {"type": "integer", "minimum": -100, "maximum": 100},
-          "priority must be a whole number from -100 to 100 (higher runs first)"),
+          "priority must be a whole number from -100 to 100 (higher runs first)",
+          "-100 to 100: higher runs first", "N"),
     Param("ordering_key", {"type": "string", "minLength": 1, "maxLength": 200},
-          "ordering_key must be a string of 1 to 200 characters"),
+          "ordering_key must be a string of 1 to 200 characters",
+          "tasks of one key run one at a time, in order", "K"),
     Param("name", {"type": "string", "minLength": 1, "maxLength": 200},
-          "name must be a string of 1 to 200 characters, on a task with a schedule"),
+          "name must be a string of 1 to 200 characters, on a task with a schedule",
+          "a named cron: a new schedule replaces the old one"),
 )
 ENQUEUE = {param.name: param for param in ENQUEUE_PARAMS}
 TASK_OPTIONS = ("delay_s", "eta", "queue", "priority", "ordering_key", "idempotency_key",
                 "max_tries", "timeout_s")   # the ENQUEUE fields a task function's push sets
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,199}")  # a task function's, in its URL
+
+# the limits of a URL and of headers are their Params'
+_URL_MOST = ENQUEUE["url"].schema["maxLength"]
+_HEADERS = ENQUEUE["headers"].schema
+_HEADER_MOST = _HEADERS["additionalProperties"]["maxLength"]
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]{0,%d}" % _HEADER_MOST)  # RFC 9110 chars
+
+
+def url_problem(url):
+    r"""What is wrong with a task URL, as the end of a sentence, or None.
+
+    An absolute http(s) URL of at most 4096 ASCII characters, without spaces
+    or control characters, user info (``user@host``), ``.``/``..`` segments,
+    or separators a server might see that the allow list did not (``\``,
+    ``;``, ``%2F``, ``%5C``, and any of these or a dot encoded twice).
+    """
+    if not isinstance(url, str) or not url or len(url) > _URL_MOST:
+        return ENQUEUE["url"].message[len("url "):]
+    return _url_text_problem(url)
+
+
+@functools.lru_cache(maxsize=1024)  # an app posts to a few URLs: 2 % of an enqueue
+def _url_text_problem(url):
+    if re.search(r"[\x00-\x20\x7f]", url):
+        return "must not contain spaces or control characters"
+    if not url.isascii():
+        return "must be ASCII: percent-encode the path and use the punycode form of the host"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        return "is not a valid URL: %s" % exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an absolute http:// or https:// URL"
+    if "@" in parts.netloc:
+        return "must not carry a user name or password (user@host)"
+    if "\\" in parts.path or ";" in parts.path:
+        return ("must not have \\ or ; in its path: some frameworks and proxies read them as "
+                "separators, which would route the task outside an allowed prefix")
+    for segment in parts.path.split("/"):
+        decoded = segment
+        for _ in range(3):  # what a proxy that decodes twice, then the app, would see
+            decoded = urllib.parse.unquote(decoded)
+        if decoded in (".", ".."):
+            return "must not have . or .. path segments, encoded or not"
+        if any(c in decoded for c in "/\\;"):
+            return ("must not have an encoded / \\ or ; (such as %2F or %5C) in its path: a "
+                    "framework or proxy that decodes it would route the task elsewhere")
+    return None
+
+
+def headers_problem(headers):
+    """What is wrong with a task's extra headers, or None: at most 64, token
+    names, values of RFC 9110 field characters (no CR, LF, NUL or other
+    control), none of those poussetaches sets itself."""
+    if not isinstance(headers, dict) or len(headers) > _HEADERS["maxProperties"]:
+        return ENQUEUE["headers"].message[len("headers "):]
+    for name, text in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            return "%r is not a valid header name" % str(name)[:100]
+        lower = name.lower().replace("_", "-")  # WSGI servers read _ as - (HTTP_ keys)
+        if lower in RESERVED_HEADERS or lower.startswith(("poussetaches-", "webhook-")):
+            return "%s is set by poussetaches and cannot be given" % name
+        if not isinstance(text, str) or not _FIELD_VALUE.fullmatch(text):
+            return ("the value of %s must be at most %d characters of Latin-1 text without "
+                    "control characters (what HTTP headers carry)" % (name, _HEADER_MOST))
+    return None
+
 
 QUEUE_PARAMS = (  # a queue's settings; a task's own fields override them, they the flags
     Param("rate", {"type": "number", "minimum": 0.001, "maximum": 1000000},
@@ -479,10 +499,10 @@ def _record_bytes(task):
 
 
 def _differs(old, new):
-    """Does a re-posted named cron change what it runs or how?"""
-    return any(getattr(old, name) != getattr(new, name) for name in (
-        "url", "payload", "expected", "schedule", "max_tries", "timeout_s", "headers",
-        "queue", "priority", "ordering_key"))
+    """Does a re-posted named cron change what it runs or how (any field an
+    enqueue sets, but its name and idempotency key)?"""
+    return any(getattr(old, name) != getattr(new, name) for name in ENQUEUED_FIELDS
+               if name not in ("name", "idempotency_key"))
 
 
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode  # shared, stateless
@@ -533,6 +553,7 @@ TASK_FIELDS = (
     Field("attempts", "list", None, False),
 )
 TASK_NAMES = tuple(f.name for f in TASK_FIELDS)
+ENQUEUED_FIELDS = tuple(name for name in TASK_NAMES if name in ENQUEUE)  # what a body sets
 
 
 def imported_task_problem(task):
@@ -2513,7 +2534,7 @@ class DueQueue(queue.PriorityQueue):
         heapq.heappush(self.queue, (due_ns, next(self._seq), task_id, version) + (
             tuple(rest) + (DEFAULT_QUEUE, 0)[len(rest):]))
 
-    def _get(self):
+    def _get(self, now):
         """The best entry of the best runnable queue, or None (caller holds mutex)."""
         runnable = self._runnable
         while runnable:
@@ -2531,7 +2552,7 @@ class DueQueue(queue.PriorityQueue):
             gate.bucket.tokens -= 1
         if self._bucket is not None:
             self._bucket.tokens -= 1
-        self._update(name, gate, self.clock())
+        self._update(name, gate, now)
         return entry
 
     def _gate(self, name):
@@ -2640,14 +2661,15 @@ class DueQueue(queue.PriorityQueue):
                     name = heapq.heappop(self._throttled)[1]
                     if name in self._gates:
                         self._update(name, self._gates[name], now)
-                times = [heap[0][0] for heap in (self.queue, self._throttled) if heap]
-                if not self._held and (self._bucket is None or self._bucket.ready(now)):
-                    entry = self._get()
+                limited = self._bucket is not None and not self._bucket.ready(now)
+                if not self._held and not limited:
+                    entry = self._get(now)
                     if entry is not None:
                         if self._runnable or (self.queue and self.queue[0][0] <= now):
                             self.not_empty.notify()  # more may run: the next worker looks
                         return entry
-                elif not self._held and self._runnable:
+                times = [heap[0][0] for heap in (self.queue, self._throttled) if heap]
+                if limited and not self._held and self._runnable:
                     times.append(self._bucket.back_at())
                 wait = None if self._held or not times else max(0, min(times) - now) / 1e9
                 if deadline is not None:
@@ -4072,6 +4094,20 @@ class Api:
         except (binascii.Error, ValueError):
             raise HTTPError(400, "payload is not valid standard base64", field="payload") from None
 
+    def _fields(self, values, names):
+        """The task fields ``names`` that checked enqueue ``values`` give: the URL and
+        the headers checked, the payload decoded (from ``json`` too), the others
+        as sent."""
+        fields = {name: values[name] for name in names
+                  if name in values and name in _TASK_NAME_SET}  # json: the payload
+        if "url" in fields:
+            fields["url"] = self.check_url(fields["url"])
+        if "headers" in fields:
+            fields["headers"] = self.check_headers(fields["headers"])
+        if "payload" in names and ("payload" in values or "json" in values):
+            fields["payload"] = self._payload(values)
+        return fields
+
     def _first_run(self, values, now):
         """When a task first runs: now, or ``delay`` minutes, ``delay_s`` or ``eta`` later."""
         given = [name for name in ("delay", "delay_s", "eta") if values.get(name)]
@@ -4099,26 +4135,20 @@ class Api:
         values = checked(doc, ENQUEUE)
         if "url" not in values:
             raise HTTPError(400, "url is required", field="url")
-        url = self.check_url(values["url"])
-        payload = self._payload(values)
-        expected = values.get("expected") or 200
-        if expected < 100:
+        fields = self._fields(values, ENQUEUED_FIELDS)
+        fields["expected"] = fields.get("expected") or 200
+        if fields["expected"] < 100:
             raise HTTPError(400, ENQUEUE["expected"].message, field="expected")
         header = headers.get("Idempotency-Key")
-        key = values.get("idempotency_key", header)
-        if header is not None and key != header:  # which one would the app mean?
-            raise HTTPError(400, "the Idempotency-Key header and the idempotency_key field "
-                            "differ: give one of them", field="idempotency_key")
-        if key is not None and not ENQUEUE["idempotency_key"].fits(key):
-            raise HTTPError(400, ENQUEUE["idempotency_key"].message, field="idempotency_key")
-        task = Task(new_id(), url, payload, expected, created=now,
-                    next_run=self._first_run(values, now), max_tries=values.get("max_tries"),
-                    timeout_s=values.get("timeout_s"),
-                    headers=self.check_headers(values["headers"]) if "headers" in values else None,
-                    idempotency_key=key, queue=values.get("queue", DEFAULT_QUEUE),
-                    priority=values.get("priority", 0), ordering_key=values.get("ordering_key"),
-                    name=values.get("name"))
-        schedule = values.get("schedule", "")
+        if header is not None:
+            if fields.setdefault("idempotency_key", header) != header:  # which one is meant?
+                raise HTTPError(400, "the Idempotency-Key header and the idempotency_key "
+                                "field differ: give one of them", field="idempotency_key")
+            if not ENQUEUE["idempotency_key"].fits(header):
+                raise HTTPError(400, ENQUEUE["idempotency_key"].message,
+                                field="idempotency_key")
+        task = Task(new_id(), created=now, next_run=self._first_run(values, now), **fields)
+        url, payload, schedule = task.url, task.payload, task.schedule
         if task.name is not None and not schedule:
             raise HTTPError(400, "name is for cron tasks: give a schedule too", field="name")
         if schedule:
@@ -4127,7 +4157,6 @@ class Api:
             if first is None:
                 raise HTTPError(400, "schedule %r matches no time in the next %d years"
                                 % (schedule, CRON_HORIZON_YEARS), field="schedule")
-            task.schedule = schedule
             task.id = named_cron_id(task.name) if task.name else cron_id(url, payload, schedule)
             task.next_run = task.next_scheduled_run = first
         return task
@@ -4393,14 +4422,7 @@ class Api:
         values = checked(doc, RUN_OVERRIDES)
         # a null headers or max_tries clears the task's own (the daemon's default applies)
         changes = {name: None for name in ("headers", "max_tries") if name in doc}
-        if "url" in values:
-            changes["url"] = self.check_url(values["url"])
-        if "payload" in values or "json" in values:
-            changes["payload"] = self._payload(values)
-        if "headers" in values:
-            changes["headers"] = self.check_headers(values["headers"])
-        if "max_tries" in values:
-            changes["max_tries"] = values["max_tries"]
+        changes.update(self._fields(values, RUN_OVERRIDES))
         view = self.store.run_now(task_id, changes)
         if view is None:
             raise HTTPError(404, "no waiting or dead task with id %r" % task_id)
@@ -6566,7 +6588,8 @@ class Daemon:
         self.due = DueQueue(s.clock, s.rate, s.burst)
         if s.paused:
             self.due.hold()
-        self._changed = threading.Condition()  # notified after each change: drain() waits
+        self._changed = threading.Condition()  # notified after a change while drain() waits
+        self._draining = 0  # drain() calls waiting; written under _changed, read without
         self._delivery = Delivery(s.auth_key, s.timeout, s.allow_urls, s.signature_only,
                                   s.clock, s.tls, s.next_auth_key)
         self._lock = DirLock(s.data_dir)
@@ -6650,8 +6673,9 @@ class Daemon:
         ``on_change``, then drain()'s wake-up."""
         if self.settings.on_change is not None:
             self.settings.on_change()
-        with self._changed:
-            self._changed.notify_all()
+        if self._draining:  # drain() counts itself in before its first look at the store
+            with self._changed:
+                self._changed.notify_all()
 
     def drain(self, timeout=30.0):
         """Block until no attempt is in flight and no one-off task is due within
@@ -6662,19 +6686,23 @@ class Daemon:
         horizon = int(self.settings.max_backoff * 1e9)
         deadline = time.monotonic() + timeout
         with self._changed:  # a change between the look and the wait notifies the wait
-            while True:
-                in_flight, first = self.store.drain_state()
-                now = self.clock()
-                if not in_flight and (first is None or first > now + horizon):
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(
-                        "drain: still %d attempts in flight and a task due %s after %.0fs "
-                        "(a paused queue? a task failing slowly?)" % (
-                            in_flight, "none" if first is None else
-                            "%.1fs ago" % ((now - first) / 1e9), timeout))
-                self._changed.wait(left)
+            self._draining += 1
+            try:
+                while True:
+                    in_flight, first = self.store.drain_state()
+                    now = self.clock()
+                    if not in_flight and (first is None or first > now + horizon):
+                        return
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(
+                            "drain: still %d attempts in flight and a task due %s after %.0fs "
+                            "(a paused queue? a task failing slowly?)" % (
+                                in_flight, "none" if first is None else
+                                "%.1fs ago" % ((now - first) / 1e9), timeout))
+                    self._changed.wait(left)
+            finally:
+                self._draining -= 1
 
     def warnings(self):
         """What is unsafe in this configuration, one sentence each."""
@@ -6848,6 +6876,11 @@ def _add_flag(parser, option):
     parser.add_argument(option.flag, **kwargs)
 
 
+# the Python type of a push flag, by its Param's JSON type (eta: seconds or an RFC 3339 time)
+_PUSH_TYPES = {"integer": int, "number": float, "string": str, str(["number", "string"]):
+               lambda text: float(text) if re.fullmatch(r"[0-9]+(\.[0-9]*)?", text) else text}
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="poussetaches",
@@ -6889,19 +6922,11 @@ def build_parser():
     body.add_argument("--json", dest="payload_json", metavar="J",
                       help="the payload, as JSON text")
     body.add_argument("--payload-file", metavar="F", help="the payload, raw bytes of a file")
-    when = push.add_mutually_exclusive_group()
-    when.add_argument("--delay-s", type=float, metavar="S", help="seconds before the first run")
-    when.add_argument("--eta", metavar="TIME", help="not before this time: RFC 3339 with an "
-                      "offset (2030-01-01T09:00:00Z) or Unix seconds")
-    push.add_argument("--schedule", metavar="SPEC", help="a cron spec: a recurring task")
-    push.add_argument("--expected", type=int, help="the status that means done (default 200)")
-    push.add_argument("--max-tries", type=int, help="attempts before dead")
-    push.add_argument("--idempotency-key", metavar="K", help="enqueue at most once per key")
-    push.add_argument("--queue", metavar="NAME", help="the queue (default: default)")
-    push.add_argument("--ordering-key", metavar="K",
-                      help="tasks of one key run one at a time, in order")
-    push.add_argument("--priority", type=int, help="-100 to 100: higher runs first")
-    push.add_argument("--name", help="a named cron: a new schedule replaces the old one")
+    for param in ENQUEUE_PARAMS:
+        if param.description:
+            push.add_argument("--" + param.name.replace("_", "-"), dest=param.name,
+                              type=_PUSH_TYPES[str(param.schema["type"])],
+                              metavar=param.metavar, help=param.description)
     push.add_argument("--header", action="append", metavar="'NAME: VALUE'",
                       help="an extra header for the delivery; repeatable")
     push.add_argument("--print-task", action="store_true",
@@ -7042,13 +7067,8 @@ def run_client(args, out=None):
             elif args.payload_file:
                 with open(args.payload_file, "rb") as f:
                     body["payload"] = b64(f.read())
-            for name in ("delay_s", "schedule", "expected", "max_tries", "idempotency_key",
-                         "queue", "ordering_key", "priority", "name"):
-                if getattr(args, name) is not None:
-                    body[name] = getattr(args, name)
-            if args.eta is not None:
-                body["eta"] = float(args.eta) if re.fullmatch(r"[0-9]+(\.[0-9]*)?", args.eta) \
-                    else args.eta
+            body.update((param.name, getattr(args, param.name)) for param in ENQUEUE_PARAMS
+                        if param.description and getattr(args, param.name) is not None)
             if args.header:
                 body["headers"] = {}
                 for line in args.header:
@@ -7357,7 +7377,9 @@ def serve(args):
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler()
-    handler.setFormatter(JSONFormatter() if args.log_json else logging.Formatter(LOG_FORMAT))
+    text = logging.Formatter(LOG_FORMAT, LOG_TIME_FORMAT)
+    text.converter = time.gmtime  # also spares the time zone lookup of localtime per line
+    handler.setFormatter(JSONFormatter() if args.log_json else text)
     logger.addHandler(handler)
     logger.setLevel(args.log_level)
     logger.propagate = False

@@ -5656,6 +5656,39 @@ class TestKeyRotation(unittest.TestCase):
 
 
 class TestCli(unittest.TestCase):
+    def test_push_takes_every_enqueue_field(self):
+        """Each enqueue field is a push flag (its Param's), or one of the few a flag
+        cannot be as is: the URL (an argument), the payload (--json, --payload-file),
+        the headers (--header) and the original's delay in minutes.  Every flag
+        sets its field on the task the daemon stores."""
+        flags = {p.name for p in pt.ENQUEUE_PARAMS if p.description}
+        self.assertEqual({p.name for p in pt.ENQUEUE_PARAMS} - flags,
+                         {"url", "payload", "json", "headers", "delay"})
+        values = {"expected": "204", "max_tries": "3", "timeout_s": "2.5", "queue": "mail",
+                  "priority": "7", "ordering_key": "k", "idempotency_key": "i-1",
+                  "delay_s": "3600"}
+        self.assertLessEqual(set(values), flags)
+        with running_daemon(paused=True) as d:
+            args = ["push", "http://127.0.0.1:9/x", "--print-task", "--url", d.url]
+            for name, value in values.items():
+                args += ["--" + name.replace("_", "-"), value]
+            code, out, err = self.run_cli(*args)
+            self.assertEqual((code, err), (0, ""))
+            task = call(d.url, "GET", "/tasks/" + json.loads(out)["id"])[2]
+            for name, value in values.items():
+                if name != "delay_s":
+                    self.assertEqual(str(task[name]), value, name)
+            self.assertGreater(task["next_run"], time.time_ns() + 3000 * NS)
+            code, out, err = self.run_cli("push", "http://127.0.0.1:9/c", "--url", d.url,
+                                          "--schedule", "@daily", "--name", "nightly",
+                                          "--print-task")
+            self.assertEqual((json.loads(out)["name"], json.loads(out)["schedule"]),
+                             ("nightly", "@daily"))
+            code, out, err = self.run_cli("push", "http://127.0.0.1:9/x", "--url", d.url,
+                                          "--delay-s", "5", "--eta", "1999999999")
+            self.assertEqual(code, 1)
+            self.assertIn("delay_s and eta are exclusive", err)
+
     def run_cli(self, *args, env=None):
         """``poussetaches ARGS`` as the console script runs it (main() with the
         environment, stdout and stderr of a process): (exit status, out, err).
