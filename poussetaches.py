@@ -2447,6 +2447,428 @@ class DirLock:
 
 
 # --------------------------------------------------------------------------
+# HTTP plumbing: heads, deadlines, kept-alive connections
+# --------------------------------------------------------------------------
+# Shared by the three who speak HTTP: the delivery (a client), the API server
+# and the PousseTaches client.  Everything here is measured: DeadlineSocket and
+# _LeanResponse each buy a clear share of a delivery (their docstrings say it).
+
+class Headers(dict):
+    """Request headers by lower-case name; ``get`` is case-insensitive.  A repeated
+    header keeps its first value, as email.message does."""
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def __getitem__(self, name):
+        return dict.__getitem__(self, name.lower())
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name.lower())
+
+
+MAX_HEADERS = 100
+_CTL = re.compile(r"[\r\n\x00]")                # never inside a header value or request line
+
+
+_SINGLE = frozenset(("content-length", "host", "origin", "sec-fetch-site"))
+
+
+def read_head(fp, budget=MAX_HEAD):
+    """The header lines of a request or an answer, up to the blank line, as Headers.
+
+    One reader for both directions, strict in both (SPEC 5): at most
+    ``budget`` bytes and MAX_HEADERS lines, names are tokens, values carry
+    no CR or NUL, and a repeated Content-Length, Host, Origin or Sec-Fetch-Site
+    repeats its value (which one would count?).
+    Raises HTTPError(431) for too much, HTTPError(400) naming what is wrong.
+    """
+    headers = {}
+    for _ in range(MAX_HEADERS + 1):
+        raw = fp.readline(budget + 1)
+        budget -= len(raw)
+        if budget < 0:
+            raise HTTPError(431, "the head is larger than %d bytes" % MAX_HEAD)
+        if raw in (b"\r\n", b"\n", b""):
+            return Headers(headers)
+        name, colon, value = raw.decode("iso-8859-1").partition(":")
+        if not colon or not _HEADER_NAME.fullmatch(name):
+            raise HTTPError(400, "bad header line %r" % raw[:100])
+        value = value.rstrip("\r\n").strip(" \t")
+        if _CTL.search(value):
+            raise HTTPError(400, "the value of header %s has CR, LF or NUL in it" % name)
+        key = name.lower()
+        if key not in headers:
+            headers[key] = value
+        elif key in _SINGLE and headers[key] != value:
+            raise HTTPError(400, "conflicting %s headers" % name)
+    raise HTTPError(431, "more than %d headers" % MAX_HEADERS)
+
+
+class _Deadline:
+    """Receives that all end by one ``deadline`` (time.monotonic()), for a socket class.
+
+    A plain socket time-out bounds each receive, so a peer that drips a byte
+    at a time holds a thread forever.  This bounds the whole exchange: a
+    delivery attempt (over http or https), or one API request.  ``deadline``
+    None: no bound.
+    """
+
+    deadline = None
+
+    def recv_into(self, buffer, *args, **kwargs):
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out")
+            if abs((self.gettimeout() or 0.0) - remaining) > 0.01:  # a system call or two
+                self.settimeout(remaining)
+        return super().recv_into(buffer, *args, **kwargs)
+
+
+def _addresses(host, port):
+    """socket.getaddrinfo(host, port, 0, SOCK_STREAM), without the resolver for an IP literal."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        where = (host, port) if family == socket.AF_INET else (host, port, 0, 0)
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", where)]
+    return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+
+
+class DeadlineSocket(_Deadline, socket.socket):
+    """A plain socket under a deadline (see _Deadline).
+
+    On Linux, a connected socket stays in blocking mode and the kernel bounds
+    each receive and send (SO_RCVTIMEO, SO_SNDTIMEO): one system call each.
+    A socket with a Python time-out polls before every receive and send, and
+    each of those calls releases the GIL that the other threads queue on
+    (strace counted 53 futex calls per delivery).  Python's own time-outs are
+    kept elsewhere, for the connect (a signal interrupting a blocking connect
+    leaves it unbounded), and where ``_kernel_timeouts`` is False (the
+    client, in apps whose timers and profilers send signals: each one would
+    restart a kernel time-out).  ``gettimeout`` gives the time-out set; a
+    receive or send past it raises socket.timeout.
+    """
+
+    _kernel_timeouts = sys.platform.startswith("linux")
+    _timeout = None       # the time-out set, in the kernel's mode (None: Python's own mode)
+    _rcv_timeout = None   # SO_RCVTIMEO as last set: a receive sets it to the deadline's
+    _send_timeout = None  # SO_SNDTIMEO as last set: sendall sets it to the time left
+
+    def settimeout(self, value):
+        self._timeout = None
+        if self._kernel_timeouts and value != 0:  # 0: non-blocking, Python's own mode
+            try:
+                self._set_kernel(socket.SO_RCVTIMEO, value)
+                self._set_kernel(socket.SO_SNDTIMEO, value)
+            except OSError:  # a struct timeval of another shape (32-bit, 64-bit time_t)
+                pass
+            else:
+                super().settimeout(None)
+                self._timeout = self._rcv_timeout = self._send_timeout = value
+                return None
+        return super().settimeout(value)
+
+    def _set_kernel(self, option, seconds):
+        seconds = 0.0 if seconds is None else max(seconds, 0.001)  # 0 would be "never"
+        self.setsockopt(socket.SOL_SOCKET, option,
+                        struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+
+    def gettimeout(self):
+        return super().gettimeout() if self._timeout is None else self._timeout
+
+    def setblocking(self, flag):
+        self.settimeout(None if flag else 0.0)
+
+    def recv_into(self, buffer, *args, **kwargs):
+        try:
+            if self._timeout is None:  # Python's own time-outs, under _Deadline's bound
+                return super().recv_into(buffer, *args, **kwargs)
+            if self.deadline is not None:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("timed out")
+                if abs(self._rcv_timeout - remaining) > 0.01:  # the receive's alone: one call
+                    self._set_kernel(socket.SO_RCVTIMEO, remaining)
+                    self._rcv_timeout = remaining
+            return socket.socket.recv_into(self, buffer, *args, **kwargs)
+        except BlockingIOError:
+            if self._timeout is None:  # non-blocking by choice (settimeout(0))
+                raise
+            raise socket.timeout("timed out") from None  # the kernel's time-out ran out
+
+    def send(self, data, flags=0):
+        try:
+            return super().send(data, flags)
+        except BlockingIOError:
+            if self._timeout is None:
+                raise
+            raise socket.timeout("timed out") from None
+
+    def sendall(self, data, flags=0):
+        """All of ``data`` within the time-out (and the deadline) as a whole, as
+        socket.sendall with a Python time-out: SO_SNDTIMEO bounds one send only,
+        and a peer that reads slowly makes each send return a little."""
+        if self._timeout is None:
+            return super().sendall(data, flags)
+        end = time.monotonic() + self._timeout
+        if self.deadline is not None:
+            end = min(end, self.deadline)
+        view = memoryview(data).cast("B")
+        while view:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out")
+            if abs(self._send_timeout - remaining) > 0.01:
+                self._set_kernel(socket.SO_SNDTIMEO, remaining)
+                self._send_timeout = remaining
+            view = view[self.send(view, flags):]
+        return None
+
+    @classmethod
+    def connect_to(cls, address, timeout, deadline=None, kernel=True):
+        """A new connection to ``(host, port)``, as socket.create_connection
+        (each address in turn), made in this class: no second socket object.
+        ``kernel``: False keeps Python's own time-outs after the connect too."""
+        if not isinstance(timeout, (int, float)):  # http.client's "the default" sentinel
+            timeout = socket.getdefaulttimeout()
+        error = OSError("no address for %s" % address[0])
+        for family, kind, proto, _, where in _addresses(*address):
+            sock = cls(family, kind, proto)
+            try:
+                if not kernel:
+                    sock._kernel_timeouts = False
+                socket.socket.settimeout(sock, timeout)  # Python's for the connect
+                sock.connect(where)
+                sock.settimeout(timeout)  # then the kernel's, where it may
+                sock.deadline = deadline
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error
+
+    @classmethod
+    def adopt(cls, sock, deadline=None):
+        """The same connection as ``sock`` (which is detached) under this class."""
+        timeout = sock.gettimeout()
+        twin = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        twin.settimeout(timeout)
+        twin.deadline = deadline
+        return twin
+
+
+if ssl is not None:
+    class _DeadlineSSLSocket(_Deadline, ssl.SSLSocket):
+        """A TLS socket under a deadline: ``SSLContext.sslsocket_class`` makes these."""
+
+
+_STATUS_CODE = re.compile("[0-9]{3}")
+
+
+class _LeanResponse(http.client.HTTPResponse):
+    """http.client's response, whose status line and headers are read here
+    rather than through the email package (a sixth of a delivery's CPU)."""
+
+    def begin(self):
+        if self.headers is not None:
+            return
+        while True:
+            line = self.fp.readline(MAX_HEAD + 1)
+            if not line:
+                raise http.client.RemoteDisconnected("Remote end closed connection "
+                                                     "without response")
+            words = line.decode("iso-8859-1").rstrip("\r\n").split(None, 2)
+            if (len(words) < 2 or words[0] not in ("HTTP/1.0", "HTTP/1.1")
+                    or not _STATUS_CODE.fullmatch(words[1])):
+                raise http.client.BadStatusLine(line[:200])
+            try:
+                headers = read_head(self.fp, MAX_HEAD - len(line))
+            except HTTPError as exc:
+                raise http.client.HTTPException("bad answer head: %s" % exc.message) from None
+            if words[1] != "100":
+                break
+        self.version = 10 if words[0] == "HTTP/1.0" else 11
+        self.status = self.code = int(words[1])
+        self.reason = words[2].strip() if len(words) > 2 else ""
+        self.headers = self.msg = headers
+        self.chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+        self.chunk_left = None
+        connection = headers.get("connection", "").lower()
+        self.will_close = "close" in connection or (self.version == 10 and
+                                                    "keep-alive" not in connection)
+        self.length = None
+        length = headers.get("content-length")
+        if length and not self.chunked and length.isdigit():
+            self.length = int(length)
+        if self.status in (204, 304) or self.status < 200 or self._method == "HEAD":
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+
+
+class _DeadlineConnection(http.client.HTTPConnection):
+    """An HTTPConnection whose every exchange ends by the deadline set for it."""
+
+    response_class = _LeanResponse
+    deadline = None
+    kernel_timeouts = True  # the client's are False: see DeadlineSocket
+
+    def _send_output(self, message_body=None, encode_chunked=False):
+        # http.client frames the head, then sends it and the body apart: two
+        # writes, two TCP segments for the app to read.  A bytes body joins its head.
+        if not isinstance(message_body, bytes) or encode_chunked:
+            return super()._send_output(message_body, encode_chunked)
+        self._buffer.extend((b"", b""))
+        head = b"\r\n".join(self._buffer)
+        del self._buffer[:]
+        self.send(head + message_body)
+        return None
+
+    def set_deadline(self, deadline):
+        self.deadline = deadline
+        if self.sock is not None:
+            self.sock.deadline = deadline
+
+    def connect(self):
+        self.sock = DeadlineSocket.connect_to((self.host, self.port), self.timeout,
+                                              self.deadline, self.kernel_timeouts)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection
+                               if ssl is not None else object):
+    """The same over TLS: the handshake and every receive end by the deadline."""
+
+    def connect(self):
+        http.client.HTTPConnection.connect(self)
+        if self.deadline is not None:  # the client's calls have none: a time-out per receive
+            self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
+        self.sock.deadline = self.deadline
+
+
+def tls_context(cafile=None):
+    """A verifying client context whose sockets honour a deadline (None without ssl)."""
+    if ssl is None:
+        return None
+    context = ssl.create_default_context(cafile=cafile)
+    context.sslsocket_class = _DeadlineSSLSocket
+    return context
+
+
+def exchange(conn, method, path, body, headers, reused):
+    """Send one request on an http.client connection; return its answer, head read.
+
+    A kept-alive connection that the server closed while it was idle fails
+    at once with a reset: the server never read that request, so it is sent
+    again, once, on a new connection.  Every other failure raises (OSError
+    or http.client.HTTPException).  The deliveries and the client both go
+    through here.
+    """
+    while True:
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            return conn.getresponse()
+        except (ConnectionResetError, BrokenPipeError):  # RemoteDisconnected included
+            conn.close()
+            if not reused:
+                raise
+            reused = False
+        except BaseException:
+            conn.close()  # closes a half-read answer too: its file holds the socket
+            raise
+
+
+class KeepAliveHandler(urllib.request.AbstractHTTPHandler):
+    """http:// and https:// for the urllib opener, over kept-alive connections.
+
+    Each worker thread keeps one connection per origin (scheme, host,
+    port), so that a delivery costs the app no TCP handshake and no new
+    connection.  A connection goes back to the pool only if its answer was
+    read whole and the server did not ask to close; it is not reused after
+    ``max_idle`` s, below common app-server keep-alive time-outs.  A reused
+    connection that the server had closed meanwhile is retried once on a
+    fresh one (the server never read that request).  The attempt's time-out
+    is one deadline for the whole exchange.
+    """
+
+    max_idle = 1.5
+
+    def __init__(self, context=None):
+        super().__init__()
+        self._context = context or tls_context()
+        self._local = threading.local()   # .pool: (scheme, host) -> (connection, idle since)
+
+    # urllib's own preparation of a request (Host, Content-Length), for both schemes
+    http_request = https_request = urllib.request.AbstractHTTPHandler.do_request_
+
+    def http_open(self, req):
+        return self._open(req, _DeadlineConnection)
+
+    def https_open(self, req):
+        if self._context is None:
+            raise urllib.error.URLError("this Python has no ssl module: https is unavailable")
+        return self._open(req, _DeadlineHTTPSConnection)
+
+    def _open(self, req, connection_class):
+        if not req.host:
+            raise urllib.error.URLError("no host given")
+        origin = (req.type, req.host)
+        timeout = req.timeout if isinstance(req.timeout, (int, float)) else DEFAULT_TIMEOUT
+        idle = self._local.__dict__.setdefault("pool", {}).pop(origin, None)
+        if idle is not None and time.monotonic() - idle[1] > self.max_idle:
+            idle[0].close()
+            idle = None
+        if idle is not None:
+            conn = idle[0]
+        elif connection_class is _DeadlineConnection:
+            conn = connection_class(req.host, timeout=timeout)
+        else:
+            conn = connection_class(req.host, timeout=timeout, context=self._context)
+        conn.set_deadline(time.monotonic() + timeout)
+        headers = dict(req.unredirected_hdrs)  # Host and Content-Length, from do_request_
+        headers.update(req.headers)
+        try:
+            response = exchange(conn, req.get_method(), req.selector, req.data, headers,
+                                reused=idle is not None)
+        except OSError as exc:
+            raise urllib.error.URLError(exc) from None
+        response.msg = response.reason  # what urllib's own handler sets
+        response.connection = conn
+        response.origin = origin
+        return response
+
+    def release(self, response):
+        """Done with an answer: keep its connection if it can carry another request."""
+        conn = getattr(response, "connection", None)
+        if conn is not None and response.isclosed() and not response.will_close:
+            self._local.__dict__.setdefault("pool", {})[response.origin] = (conn, time.monotonic())
+            return
+        response.close()
+        if conn is not None:
+            conn.close()
+
+    def close_idle(self):
+        """Close the calling thread's idle connections (a worker that stops)."""
+        pool = self._local.__dict__.pop("pool", {})
+        for conn, _ in pool.values():
+            conn.close()
+
+
+def build_opener(handler):
+    """An opener for http and https only: no redirects, proxies, file/ftp/data.
+    ``handler`` (a KeepAliveHandler) keeps connections alive for both schemes,
+    and the time-out bounds each whole attempt."""
+    opener = urllib.request.OpenerDirector()
+    opener.add_handler(handler)
+    return opener
+
+
+# --------------------------------------------------------------------------
 # Scheduling and delivery: the due-time queue, workers, rate limit
 # --------------------------------------------------------------------------
 
@@ -2884,421 +3306,6 @@ class Breakers:
                 for entry in breaker.held:
                     self.due.put_entry(breaker.open_until, entry)
                 breaker.held = []
-
-
-class Headers(dict):
-    """Request headers by lower-case name; ``get`` is case-insensitive.  A repeated
-    header keeps its first value, as email.message does."""
-
-    def get(self, name, default=None):
-        return dict.get(self, name.lower(), default)
-
-    def __getitem__(self, name):
-        return dict.__getitem__(self, name.lower())
-
-    def __contains__(self, name):
-        return dict.__contains__(self, name.lower())
-
-
-MAX_HEADERS = 100
-_CTL = re.compile(r"[\r\n\x00]")                # never inside a header value or request line
-
-
-_SINGLE = frozenset(("content-length", "host", "origin", "sec-fetch-site"))
-
-
-def read_head(fp, budget=MAX_HEAD):
-    """The header lines of a request or an answer, up to the blank line, as Headers.
-
-    One reader for both directions, strict in both (SPEC 5): at most
-    ``budget`` bytes and MAX_HEADERS lines, names are tokens, values carry
-    no CR or NUL, and a repeated Content-Length, Host, Origin or Sec-Fetch-Site
-    repeats its value (which one would count?).
-    Raises HTTPError(431) for too much, HTTPError(400) naming what is wrong.
-    """
-    headers = {}
-    for _ in range(MAX_HEADERS + 1):
-        raw = fp.readline(budget + 1)
-        budget -= len(raw)
-        if budget < 0:
-            raise HTTPError(431, "the head is larger than %d bytes" % MAX_HEAD)
-        if raw in (b"\r\n", b"\n", b""):
-            return Headers(headers)
-        name, colon, value = raw.decode("iso-8859-1").partition(":")
-        if not colon or not _HEADER_NAME.fullmatch(name):
-            raise HTTPError(400, "bad header line %r" % raw[:100])
-        value = value.rstrip("\r\n").strip(" \t")
-        if _CTL.search(value):
-            raise HTTPError(400, "the value of header %s has CR, LF or NUL in it" % name)
-        key = name.lower()
-        if key not in headers:
-            headers[key] = value
-        elif key in _SINGLE and headers[key] != value:
-            raise HTTPError(400, "conflicting %s headers" % name)
-    raise HTTPError(431, "more than %d headers" % MAX_HEADERS)
-
-
-class _Deadline:
-    """Receives that all end by one ``deadline`` (time.monotonic()), for a socket class.
-
-    A plain socket time-out bounds each receive, so a peer that drips a byte
-    at a time holds a thread forever.  This bounds the whole exchange: a
-    delivery attempt (over http or https), or one API request.  ``deadline``
-    None: no bound.
-    """
-
-    deadline = None
-
-    def recv_into(self, buffer, *args, **kwargs):
-        if self.deadline is not None:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("timed out")
-            if abs((self.gettimeout() or 0.0) - remaining) > 0.01:  # a system call or two
-                self.settimeout(remaining)
-        return super().recv_into(buffer, *args, **kwargs)
-
-
-def _addresses(host, port):
-    """socket.getaddrinfo(host, port, 0, SOCK_STREAM), without the resolver for an IP literal."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host)
-        except (OSError, ValueError):
-            continue
-        where = (host, port) if family == socket.AF_INET else (host, port, 0, 0)
-        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", where)]
-    return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-
-
-class DeadlineSocket(_Deadline, socket.socket):
-    """A plain socket under a deadline (see _Deadline).
-
-    On Linux, a connected socket stays in blocking mode and the kernel bounds
-    each receive and send (SO_RCVTIMEO, SO_SNDTIMEO): one system call each.
-    A socket with a Python time-out polls before every receive and send, and
-    each of those calls releases the GIL that the other threads queue on
-    (strace counted 53 futex calls per delivery).  Python's own time-outs are
-    kept elsewhere, for the connect (a signal interrupting a blocking connect
-    leaves it unbounded), and where ``_kernel_timeouts`` is False (the
-    client, in apps whose timers and profilers send signals: each one would
-    restart a kernel time-out).  ``gettimeout`` gives the time-out set; a
-    receive or send past it raises socket.timeout.
-    """
-
-    _kernel_timeouts = sys.platform.startswith("linux")
-    _timeout = None       # the time-out set, in the kernel's mode (None: Python's own mode)
-    _rcv_timeout = None   # SO_RCVTIMEO as last set: a receive sets it to the deadline's
-    _send_timeout = None  # SO_SNDTIMEO as last set: sendall sets it to the time left
-
-    def settimeout(self, value):
-        self._timeout = None
-        if self._kernel_timeouts and value != 0:  # 0: non-blocking, Python's own mode
-            try:
-                self._set_kernel(socket.SO_RCVTIMEO, value)
-                self._set_kernel(socket.SO_SNDTIMEO, value)
-            except OSError:  # a struct timeval of another shape (32-bit, 64-bit time_t)
-                pass
-            else:
-                super().settimeout(None)
-                self._timeout = self._rcv_timeout = self._send_timeout = value
-                return None
-        return super().settimeout(value)
-
-    def _set_kernel(self, option, seconds):
-        seconds = 0.0 if seconds is None else max(seconds, 0.001)  # 0 would be "never"
-        self.setsockopt(socket.SOL_SOCKET, option,
-                        struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
-
-    def gettimeout(self):
-        return super().gettimeout() if self._timeout is None else self._timeout
-
-    def setblocking(self, flag):
-        self.settimeout(None if flag else 0.0)
-
-    def recv_into(self, buffer, *args, **kwargs):
-        try:
-            if self._timeout is None:  # Python's own time-outs, under _Deadline's bound
-                return super().recv_into(buffer, *args, **kwargs)
-            if self.deadline is not None:
-                remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
-                    raise socket.timeout("timed out")
-                if abs(self._rcv_timeout - remaining) > 0.01:  # the receive's alone: one call
-                    self._set_kernel(socket.SO_RCVTIMEO, remaining)
-                    self._rcv_timeout = remaining
-            return socket.socket.recv_into(self, buffer, *args, **kwargs)
-        except BlockingIOError:
-            if self._timeout is None:  # non-blocking by choice (settimeout(0))
-                raise
-            raise socket.timeout("timed out") from None  # the kernel's time-out ran out
-
-    def send(self, data, flags=0):
-        try:
-            return super().send(data, flags)
-        except BlockingIOError:
-            if self._timeout is None:
-                raise
-            raise socket.timeout("timed out") from None
-
-    def sendall(self, data, flags=0):
-        """All of ``data`` within the time-out (and the deadline) as a whole, as
-        socket.sendall with a Python time-out: SO_SNDTIMEO bounds one send only,
-        and a peer that reads slowly makes each send return a little."""
-        if self._timeout is None:
-            return super().sendall(data, flags)
-        end = time.monotonic() + self._timeout
-        if self.deadline is not None:
-            end = min(end, self.deadline)
-        view = memoryview(data).cast("B")
-        while view:
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("timed out")
-            if abs(self._send_timeout - remaining) > 0.01:
-                self._set_kernel(socket.SO_SNDTIMEO, remaining)
-                self._send_timeout = remaining
-            view = view[self.send(view, flags):]
-        return None
-
-    @classmethod
-    def connect_to(cls, address, timeout, deadline=None, kernel=True):
-        """A new connection to ``(host, port)``, as socket.create_connection
-        (each address in turn), made in this class: no second socket object.
-        ``kernel``: False keeps Python's own time-outs after the connect too."""
-        if not isinstance(timeout, (int, float)):  # http.client's "the default" sentinel
-            timeout = socket.getdefaulttimeout()
-        error = OSError("no address for %s" % address[0])
-        for family, kind, proto, _, where in _addresses(*address):
-            sock = cls(family, kind, proto)
-            try:
-                if not kernel:
-                    sock._kernel_timeouts = False
-                socket.socket.settimeout(sock, timeout)  # Python's for the connect
-                sock.connect(where)
-                sock.settimeout(timeout)  # then the kernel's, where it may
-                sock.deadline = deadline
-                return sock
-            except OSError as exc:
-                sock.close()
-                error = exc
-        raise error
-
-    @classmethod
-    def adopt(cls, sock, deadline=None):
-        """The same connection as ``sock`` (which is detached) under this class."""
-        timeout = sock.gettimeout()
-        twin = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
-        twin.settimeout(timeout)
-        twin.deadline = deadline
-        return twin
-
-
-if ssl is not None:
-    class _DeadlineSSLSocket(_Deadline, ssl.SSLSocket):
-        """A TLS socket under a deadline: ``SSLContext.sslsocket_class`` makes these."""
-
-
-_STATUS_CODE = re.compile("[0-9]{3}")
-
-
-class _LeanResponse(http.client.HTTPResponse):
-    """http.client's response, whose status line and headers are read here
-    rather than through the email package (a sixth of a delivery's CPU)."""
-
-    def begin(self):
-        if self.headers is not None:
-            return
-        while True:
-            line = self.fp.readline(MAX_HEAD + 1)
-            if not line:
-                raise http.client.RemoteDisconnected("Remote end closed connection "
-                                                     "without response")
-            words = line.decode("iso-8859-1").rstrip("\r\n").split(None, 2)
-            if (len(words) < 2 or words[0] not in ("HTTP/1.0", "HTTP/1.1")
-                    or not _STATUS_CODE.fullmatch(words[1])):
-                raise http.client.BadStatusLine(line[:200])
-            try:
-                headers = read_head(self.fp, MAX_HEAD - len(line))
-            except HTTPError as exc:
-                raise http.client.HTTPException("bad answer head: %s" % exc.message) from None
-            if words[1] != "100":
-                break
-        self.version = 10 if words[0] == "HTTP/1.0" else 11
-        self.status = self.code = int(words[1])
-        self.reason = words[2].strip() if len(words) > 2 else ""
-        self.headers = self.msg = headers
-        self.chunked = headers.get("transfer-encoding", "").lower() == "chunked"
-        self.chunk_left = None
-        connection = headers.get("connection", "").lower()
-        self.will_close = "close" in connection or (self.version == 10 and
-                                                    "keep-alive" not in connection)
-        self.length = None
-        length = headers.get("content-length")
-        if length and not self.chunked and length.isdigit():
-            self.length = int(length)
-        if self.status in (204, 304) or self.status < 200 or self._method == "HEAD":
-            self.length = 0
-        if not self.will_close and not self.chunked and self.length is None:
-            self.will_close = True
-
-
-class _DeadlineConnection(http.client.HTTPConnection):
-    """An HTTPConnection whose every exchange ends by the deadline set for it."""
-
-    response_class = _LeanResponse
-    deadline = None
-    kernel_timeouts = True  # the client's are False: see DeadlineSocket
-
-    def _send_output(self, message_body=None, encode_chunked=False):
-        # http.client frames the head, then sends it and the body apart: two
-        # writes, two TCP segments for the app to read.  A bytes body joins its head.
-        if not isinstance(message_body, bytes) or encode_chunked:
-            return super()._send_output(message_body, encode_chunked)
-        self._buffer.extend((b"", b""))
-        head = b"\r\n".join(self._buffer)
-        del self._buffer[:]
-        self.send(head + message_body)
-        return None
-
-    def set_deadline(self, deadline):
-        self.deadline = deadline
-        if self.sock is not None:
-            self.sock.deadline = deadline
-
-    def connect(self):
-        self.sock = DeadlineSocket.connect_to((self.host, self.port), self.timeout,
-                                              self.deadline, self.kernel_timeouts)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection
-                               if ssl is not None else object):
-    """The same over TLS: the handshake and every receive end by the deadline."""
-
-    def connect(self):
-        http.client.HTTPConnection.connect(self)
-        if self.deadline is not None:  # the client's calls have none: a time-out per receive
-            self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
-        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
-        self.sock.deadline = self.deadline
-
-
-def tls_context(cafile=None):
-    """A verifying client context whose sockets honour a deadline (None without ssl)."""
-    if ssl is None:
-        return None
-    context = ssl.create_default_context(cafile=cafile)
-    context.sslsocket_class = _DeadlineSSLSocket
-    return context
-
-
-def exchange(conn, method, path, body, headers, reused):
-    """Send one request on an http.client connection; return its answer, head read.
-
-    A kept-alive connection that the server closed while it was idle fails
-    at once with a reset: the server never read that request, so it is sent
-    again, once, on a new connection.  Every other failure raises (OSError
-    or http.client.HTTPException).  The deliveries and the client both go
-    through here.
-    """
-    while True:
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            return conn.getresponse()
-        except (ConnectionResetError, BrokenPipeError):  # RemoteDisconnected included
-            conn.close()
-            if not reused:
-                raise
-            reused = False
-        except BaseException:
-            conn.close()  # closes a half-read answer too: its file holds the socket
-            raise
-
-
-class KeepAliveHandler(urllib.request.AbstractHTTPHandler):
-    """http:// and https:// for the urllib opener, over kept-alive connections.
-
-    Each worker thread keeps one connection per origin (scheme, host,
-    port), so that a delivery costs the app no TCP handshake and no new
-    connection.  A connection goes back to the pool only if its answer was
-    read whole and the server did not ask to close; it is not reused after
-    ``max_idle`` s, below common app-server keep-alive time-outs.  A reused
-    connection that the server had closed meanwhile is retried once on a
-    fresh one (the server never read that request).  The attempt's time-out
-    is one deadline for the whole exchange.
-    """
-
-    max_idle = 1.5
-
-    def __init__(self, context=None):
-        super().__init__()
-        self._context = context or tls_context()
-        self._local = threading.local()   # .pool: (scheme, host) -> (connection, idle since)
-
-    # urllib's own preparation of a request (Host, Content-Length), for both schemes
-    http_request = https_request = urllib.request.AbstractHTTPHandler.do_request_
-
-    def http_open(self, req):
-        return self._open(req, _DeadlineConnection)
-
-    def https_open(self, req):
-        if self._context is None:
-            raise urllib.error.URLError("this Python has no ssl module: https is unavailable")
-        return self._open(req, _DeadlineHTTPSConnection)
-
-    def _open(self, req, connection_class):
-        if not req.host:
-            raise urllib.error.URLError("no host given")
-        origin = (req.type, req.host)
-        timeout = req.timeout if isinstance(req.timeout, (int, float)) else DEFAULT_TIMEOUT
-        idle = self._local.__dict__.setdefault("pool", {}).pop(origin, None)
-        if idle is not None and time.monotonic() - idle[1] > self.max_idle:
-            idle[0].close()
-            idle = None
-        if idle is not None:
-            conn = idle[0]
-        elif connection_class is _DeadlineConnection:
-            conn = connection_class(req.host, timeout=timeout)
-        else:
-            conn = connection_class(req.host, timeout=timeout, context=self._context)
-        conn.set_deadline(time.monotonic() + timeout)
-        headers = dict(req.unredirected_hdrs)  # Host and Content-Length, from do_request_
-        headers.update(req.headers)
-        try:
-            response = exchange(conn, req.get_method(), req.selector, req.data, headers,
-                                reused=idle is not None)
-        except OSError as exc:
-            raise urllib.error.URLError(exc) from None
-        response.msg = response.reason  # what urllib's own handler sets
-        response.connection = conn
-        response.origin = origin
-        return response
-
-    def release(self, response):
-        """Done with an answer: keep its connection if it can carry another request."""
-        conn = getattr(response, "connection", None)
-        if conn is not None and response.isclosed() and not response.will_close:
-            self._local.__dict__.setdefault("pool", {})[response.origin] = (conn, time.monotonic())
-            return
-        response.close()
-        if conn is not None:
-            conn.close()
-
-    def close_idle(self):
-        """Close the calling thread's idle connections (a worker that stops)."""
-        pool = self._local.__dict__.pop("pool", {})
-        for conn, _ in pool.values():
-            conn.close()
-
-
-def build_opener(handler):
-    """An opener for http and https only: no redirects, proxies, file/ftp/data.
-    ``handler`` (a KeepAliveHandler) keeps connections alive for both schemes,
-    and the time-out bounds each whole attempt."""
-    opener = urllib.request.OpenerDirector()
-    opener.add_handler(handler)
-    return opener
 
 
 class Outcome(collections.namedtuple(
