@@ -243,181 +243,7 @@ SEED_UNIT = 1126
 
 
 # --------------------------------------------------------------------------
-# Cron
-# --------------------------------------------------------------------------
-
-class TestCron(unittest.TestCase):
-    # (spec, after, expected next) in UTC; 2026-01-01 is a Thursday
-    TABLE = [
-        ("* * * * *", "2026-01-01T00:00:00+00:00", "2026-01-01T00:01:00+00:00"),
-        ("* * * * *", "2026-01-01T00:00:30+00:00", "2026-01-01T00:01:00+00:00"),
-        ("*/15 * * * *", "2026-01-01T00:07:00+00:00", "2026-01-01T00:15:00+00:00"),
-        ("*/15 * * * *", "2026-01-01T00:45:00+00:00", "2026-01-01T01:00:00+00:00"),
-        ("5 4 * * *", "2026-01-01T04:05:00+00:00", "2026-01-02T04:05:00+00:00"),
-        ("5 4 * * *", "2026-01-01T04:04:59+00:00", "2026-01-01T04:05:00+00:00"),
-        ("0 0 1 * *", "2026-01-15T12:00:00+00:00", "2026-02-01T00:00:00+00:00"),
-        ("0 0 1 1 *", "2026-01-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00"),
-        ("0 12 * * mon", "2026-01-01T00:00:00+00:00", "2026-01-05T12:00:00+00:00"),
-        ("0 12 * * MON-FRI", "2026-01-02T13:00:00+00:00", "2026-01-05T12:00:00+00:00"),
-        ("0 12 * * 0", "2026-01-01T00:00:00+00:00", "2026-01-04T12:00:00+00:00"),
-        ("0 12 * * 7", "2026-01-01T00:00:00+00:00", "2026-01-04T12:00:00+00:00"),
-        ("0 0 * jun *", "2026-01-01T00:00:00+00:00", "2026-06-01T00:00:00+00:00"),
-        ("0 0 * JAN-MAR *", "2026-03-31T00:00:00+00:00", "2027-01-01T00:00:00+00:00"),
-        ("0 0 13 * 5", "2026-01-01T00:00:00+00:00", "2026-01-02T00:00:00+00:00"),  # OR: Friday 2nd
-        ("0 0 13 * 5", "2026-01-10T00:00:00+00:00", "2026-01-13T00:00:00+00:00"),  # OR: the 13th
-        ("0 0 13 * *", "2026-01-01T00:00:00+00:00", "2026-01-13T00:00:00+00:00"),
-        ("0 0 * * 5", "2026-01-03T00:00:00+00:00", "2026-01-09T00:00:00+00:00"),
-        ("0 0 */10 * *", "2026-01-01T00:00:00+00:00", "2026-01-11T00:00:00+00:00"),
-        ("0 0 ? * 1", "2026-01-01T00:00:00+00:00", "2026-01-05T00:00:00+00:00"),
-        ("30 9-17/2 * * *", "2026-01-01T10:00:00+00:00", "2026-01-01T11:30:00+00:00"),
-        ("30 9-17/2 * * *", "2026-01-01T17:31:00+00:00", "2026-01-02T09:30:00+00:00"),
-        ("0,30 * * * *", "2026-01-01T00:10:00+00:00", "2026-01-01T00:30:00+00:00"),
-        ("1-3,58 * * * *", "2026-01-01T00:04:00+00:00", "2026-01-01T00:58:00+00:00"),
-        ("10/20 * * * *", "2026-01-01T00:31:00+00:00", "2026-01-01T00:50:00+00:00"),
-        ("0 0 29 2 *", "2026-01-01T00:00:00+00:00", "2028-02-29T00:00:00+00:00"),
-        ("0 0 31 * *", "2026-04-01T00:00:00+00:00", "2026-05-31T00:00:00+00:00"),
-        ("*/10 * * * * *", "2026-01-01T00:00:05+00:00", "2026-01-01T00:00:10+00:00"),
-        ("30 0 0 * * *", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:30+00:00"),
-        ("0 */5 * * * *", "2026-01-01T00:04:59+00:00", "2026-01-01T00:05:00+00:00"),
-        ("@hourly", "2026-01-01T00:00:00+00:00", "2026-01-01T01:00:00+00:00"),
-        ("@daily", "2026-01-01T10:00:00+00:00", "2026-01-02T00:00:00+00:00"),
-        ("@midnight", "2026-01-01T10:00:00+00:00", "2026-01-02T00:00:00+00:00"),
-        ("@weekly", "2026-01-01T10:00:00+00:00", "2026-01-04T00:00:00+00:00"),
-        ("@monthly", "2026-01-01T10:00:00+00:00", "2026-02-01T00:00:00+00:00"),
-        ("@yearly", "2026-01-01T10:00:00+00:00", "2027-01-01T00:00:00+00:00"),
-        ("@annually", "2026-06-01T10:00:00+00:00", "2027-01-01T00:00:00+00:00"),
-        ("@every 90s", "2026-01-01T00:00:00+00:00", "2026-01-01T00:01:30+00:00"),
-        ("@every 1h30m", "2026-01-01T00:00:00+00:00", "2026-01-01T01:30:00+00:00"),
-        ("@every 1.5h", "2026-01-01T00:00:00+00:00", "2026-01-01T01:30:00+00:00"),
-        ("CRON_TZ=UTC 0 9 * * *", "2026-01-01T10:00:00+00:00", "2026-01-02T09:00:00+00:00"),
-    ]
-
-    def test_table(self):
-        self.assertGreaterEqual(len(self.TABLE), 30)
-        for spec, after, expected in self.TABLE:
-            with self.subTest(spec=spec, after=after):
-                got = pt.CronSpec(spec, UTC).next_after(ts(after))
-                self.assertEqual(iso(got, UTC), datetime.fromisoformat(expected).isoformat())
-
-    def test_weekday_ranges_ending_at_7_include_sunday(self):
-        """Vixie cron and croniter: 7 reached by an explicit range is Sunday, with
-        a step too (``1-7/2`` is Mon, Wed, Fri, Sun); only ``N/step`` stops at 6.
-        Checked against the brute-force oracle over two weeks of runs."""
-        start = ts("2026-01-01T00:00:00+00:00")
-        for text in ("0 0 * * 1-7/2", "0 0 * * MON-7/1", "0 0 * * 3-7/2", "0 0 * * 5-7",
-                     "0 0 * * 0-7/7", "0 0 * * 1/2", "0 0 * * */2"):
-            with self.subTest(spec=text):
-                spec, oracle = pt.CronSpec(text, UTC), OracleSpec(text)
-                got, want, t_ns, u_ns = [], [], start, start
-                for _ in range(14):
-                    t_ns, u_ns = spec.next_after(t_ns), oracle_next(oracle, UTC, u_ns)
-                    got.append(t_ns)
-                    want.append(u_ns)
-                self.assertEqual([iso(t, UTC) for t in got], [iso(t, UTC) for t in want])
-        # 7/step: Sunday alone for Vixie cron, 0/step for croniter (but Sunday alone
-        # in a list); it was the empty set here, silently: now a 400 that says why
-        for text in ("0 0 * * 7/2", "0 0 * * 7/1", "0 0 1 * 1,7/3"):
-            with self.subTest(refused=text), self.assertRaisesRegex(pt.CronError, "0/"):
-                pt.CronSpec(text, UTC)
-        sundays = {datetime.fromtimestamp(t // NS, UTC).isoweekday()
-                   for t in pt.CronSpec("0 0 * * 1-7/2", UTC).preview(start, 8)}
-        self.assertEqual(sundays, {1, 3, 5, 7})
-
-    def test_strictly_after_and_subsecond(self):
-        spec = pt.CronSpec("* * * * *", UTC)
-        t = ts("2026-01-01T00:01:00+00:00")
-        self.assertEqual(spec.next_after(t), t + 60 * 10 ** 9)
-        self.assertEqual(spec.next_after(t - 1), t)
-
-    def test_dom_dow_and_when_one_is_star(self):
-        # both restricted: OR; one a star: AND (the star matches everything)
-        spec = pt.CronSpec("0 0 1 * mon", UTC)
-        runs = [iso(n, UTC)[:10] for n in spec.preview(ts("2026-01-01T00:00:00+00:00"), 4)]
-        self.assertEqual(runs, ["2026-01-05", "2026-01-12", "2026-01-19", "2026-01-26"])
-        runs = [iso(n, UTC)[:10] for n in spec.preview(ts("2026-01-26T00:00:00+00:00"), 2)]
-        self.assertEqual(runs, ["2026-02-01", "2026-02-02"])
-
-    @unittest.skipUnless(HAVE_TZDATA, "no IANA time zone database on this machine")
-    def test_dst_spring_forward_skips_missing_time(self):
-        # America/New_York: 2026-03-08 02:00 EST jumps to 03:00 EDT
-        ny = zoneinfo.ZoneInfo("America/New_York")
-        spec = pt.CronSpec("CRON_TZ=America/New_York 30 2 * * *")
-        runs = [iso(n, ny) for n in spec.preview(ts("2026-03-06T12:00:00-05:00"), 3)]
-        self.assertEqual(runs, ["2026-03-07T02:30:00-05:00", "2026-03-09T02:30:00-04:00",
-                                "2026-03-10T02:30:00-04:00"])
-        hourly = pt.CronSpec("CRON_TZ=America/New_York 0 * * * *")
-        runs = [iso(n, ny) for n in hourly.preview(ts("2026-03-08T00:30:00-05:00"), 3)]
-        self.assertEqual(runs, ["2026-03-08T01:00:00-05:00", "2026-03-08T03:00:00-04:00",
-                                "2026-03-08T04:00:00-04:00"])
-
-    @unittest.skipUnless(HAVE_TZDATA, "no IANA time zone database on this machine")
-    def test_dst_fall_back_runs_repeated_time_once(self):
-        # America/New_York: 2026-11-01 02:00 EDT falls back to 01:00 EST
-        ny = zoneinfo.ZoneInfo("America/New_York")
-        spec = pt.CronSpec("CRON_TZ=America/New_York 30 1 * * *")
-        runs = [iso(n, ny) for n in spec.preview(ts("2026-10-31T12:00:00-04:00"), 3)]
-        self.assertEqual(runs, ["2026-11-01T01:30:00-04:00", "2026-11-02T01:30:00-05:00",
-                                "2026-11-03T01:30:00-05:00"])
-        hourly = pt.CronSpec("CRON_TZ=America/New_York 0 * * * *")
-        runs = hourly.preview(ts("2026-11-01T00:30:00-04:00"), 3)
-        self.assertEqual([iso(n, ny) for n in runs],
-                         ["2026-11-01T01:00:00-04:00", "2026-11-01T02:00:00-05:00",
-                          "2026-11-01T03:00:00-05:00"])
-        self.assertEqual(runs[1] - runs[0], 2 * 3600 * 10 ** 9)  # 01:00 EST did not run
-        # started inside the repeated hour: the next run is the next new wall time
-        self.assertEqual(iso(hourly.next_after(ts("2026-11-01T01:10:00-05:00")), ny),
-                         "2026-11-01T02:00:00-05:00")
-
-    @unittest.skipUnless(HAVE_TZDATA, "no IANA time zone database on this machine")
-    def test_cron_tz_beats_default_zone(self):
-        paris = zoneinfo.ZoneInfo("Europe/Paris")
-        spec = pt.CronSpec("CRON_TZ=Europe/Paris 0 9 * * *", UTC)
-        self.assertEqual(iso(spec.next_after(ts("2026-07-01T00:00:00+00:00")), paris),
-                         "2026-07-01T09:00:00+02:00")
-
-    def test_invalid_specs_say_why(self):
-        cases = [
-            ("", "empty cron spec"),
-            ("* * * *", "expected 5 fields"),
-            ("* * * * * * *", "got 7"),
-            ("60 * * * *", "minute field: 60 is out of range 0-59"),
-            ("* 24 * * *", "hour field: 24 is out of range 0-23"),
-            ("* * 0 * *", "day of month field: 0 is out of range 1-31"),
-            ("* * * 13 *", "month field: 13 is out of range 1-12"),
-            ("* * * * 8", "day of week field: 8 is out of range 0-7"),
-            ("* * * foo *", "month field: 'foo' is not a number or a name"),
-            ("*/0 * * * *", "step '0' must be a positive number"),
-            ("5-1 * * * *", "range 5-1 goes backwards"),
-            ("1,,2 * * * *", "empty list item"),
-            ("@fortnightly", "unknown descriptor"),
-            ("@every 500ms", "at least 1s"),
-            ("@every soon", "invalid duration 'soon'"),
-            ("CRON_TZ=Mars/Olympus 0 * * * *", "unknown time zone 'Mars/Olympus'"),
-        ]
-        for spec, message in cases:
-            with self.subTest(spec=spec):
-                with self.assertRaises(pt.CronError) as ctx:
-                    pt.CronSpec(spec, UTC)
-                self.assertIn(message, str(ctx.exception))
-
-    def test_never_matching_spec_gives_none(self):
-        self.assertIsNone(pt.CronSpec("0 0 30 2 *", UTC).next_after(ts("2026-01-01T00:00:00+00:00")))
-
-    def test_duration(self):
-        self.assertEqual(pt.parse_duration("1h30m"), 5400 * 10 ** 9)
-        self.assertEqual(pt.parse_duration("90s"), 90 * 10 ** 9)
-        self.assertEqual(pt.parse_duration("1.5s"), 1500 * 10 ** 6)
-        for bad in ("", "1", "1d", "-1s", "1s2"):
-            with self.subTest(bad=bad), self.assertRaises(pt.CronError):
-                pt.parse_duration(bad)
-
-
-# --------------------------------------------------------------------------
-# The task model, backoff, the due-time queue
-# --------------------------------------------------------------------------
-
-# --------------------------------------------------------------------------
-# Cron against a brute-force oracle, Go's ParseDuration, and issue 14's cases
+# Fixtures: a cron oracle written from SPEC 3's grammar, Go's ParseDuration
 # --------------------------------------------------------------------------
 #
 # The oracle (OracleSpec, oracle_next) is written from SPEC 3's grammar and
@@ -807,13 +633,990 @@ def gen_start(rng, tz):
 
 
 # --------------------------------------------------------------------------
-# 1. Random specs against the oracle
+# The edge cases of the cron grammar, case by case
 # --------------------------------------------------------------------------
+
+def spec_runs(spec, t_ns, n):
+    out = []
+    for _ in range(n):
+        t_ns = spec.next_after(t_ns)
+        out.append(t_ns)
+        if t_ns is None:
+            break
+    return out
+
+
+def oracle_runs(text, tz, t_ns, n):
+    spec = OracleSpec(text)
+    out = []
+    for _ in range(n):
+        t_ns = oracle_next(spec, tz, t_ns)
+        out.append(t_ns)
+    return out
+
+
+# --------------------------------------------------------------------------
+# 3. Invalid specs (also run through the HTTP API by the API tests)
+# --------------------------------------------------------------------------
+
+INVALID_SPECS = [
+    # only ASCII digits are numbers
+    ("0 0 \u00b2 * *", "superscript two in day of month"),
+    ("\u00b2 * * * *", "superscript two in minute"),
+    ("0 0 0 \u00b2 * *", "superscript two, 6 fields"),
+    ("\u0663 * * * *", "Arabic-Indic three in minute"),
+    ("\uff13 * * * *", "full-width three in minute"),
+    ("0 \u0967 * * *", "Devanagari one in hour"),
+    ("*/\u0663 * * * *", "non-ASCII step"),
+    ("1-\u0663 * * * *", "non-ASCII range end"),
+    ("0 0 * * \u0661", "non-ASCII day of week"),
+    ("@every \u0661h", "Arabic-Indic digit in a duration"),
+    ("@every \u00b2h", "superscript digit in a duration"),
+    ("@every \uff13s", "full-width digit in a duration"),
+    # overflows
+    ("@every 99999999999h", "duration overflows 64-bit ns"),
+    ("@every 2562048h", "above Go's maximum duration"),
+    ("@every 2562047h47m16.854775808s", "one ns above Go's maximum duration"),
+    ("@every 9223372036854775808ns", "2**63 ns"),
+    ("@every 99999999999999999999s", "integer part overflows"),
+    ("99999999999999999999 * * * *", "huge minute"),
+    # empty list items (robfig/cron would skip them; SPEC 3 and pt refuse them)
+    ("1,,2 * * * *", "empty list item"),
+    (",5 * * * *", "leading empty list item"),
+    ("5, * * * *", "trailing empty list item"),
+    ("0 0 0 * * 1,", "trailing empty list item, 6 fields"),
+    # reversed ranges
+    ("5-1 * * * *", "reversed minute range"),
+    ("0 0 20-10 * *", "reversed day-of-month range"),
+    ("0 0 * dec-jan *", "reversed month names"),
+    ("0 0 0 * * fri-mon", "reversed day names"),
+    ("0 0 5-1/2 * *", "reversed range with a step"),
+    # zero / bad steps
+    ("*/0 * * * *", "zero step"),
+    ("0 0 1-10/0 * *", "zero step on a range"),
+    ("0 0 0 * * 1/0", "zero step in day of week"),
+    ("*/ * * * *", "empty step"),
+    ("*/x * * * *", "non-numeric step"),
+    ("1/2/3 * * * *", "two slashes"),
+    ("*/-1 * * * *", "negative step"),
+    # unknown names
+    ("0 0 * foo *", "unknown month name"),
+    ("0 0 * * funday", "unknown day name"),
+    ("0 0 * january *", "full month name"),
+    ("0 0 * * monday", "full day name"),
+    ("0 0 mon * *", "day name in day of month"),
+    ("0 0 * * jan", "month name in day of week"),
+    ("jan * * * *", "month name in minute"),
+    ("@fortnightly", "unknown descriptor"),
+    ("@", "bare @"),
+    # @every syntax
+    ("@every1h", "missing @every space"),
+    ("@every1.5h", "missing @every space"),
+    ("@every", "no duration"),
+    ("@every ", "empty duration"),
+    ("@every 1", "missing unit"),
+    ("@every 1d", "unknown unit d"),
+    ("@every 1H", "unknown unit H"),
+    ("@every .h", "no digits"),
+    ("@every 1h 30m", "space inside a duration"),
+    ("@every 1.2.3s", "two decimal points"),
+    ("@every 1e3s", "exponent"),
+    # durations below 1s
+    ("@every 999ms", "below 1s"),
+    ("@every 999999999ns", "1 ns below 1s"),
+    ("@every 0.5s", "below 1s, decimal"),
+    ("@every 0s", "zero"),
+    ("@every 0", "zero without unit"),
+    ("@every -1h", "negative"),
+    ("@every -0.5s", "negative, below 1s"),
+    # above the maximum
+    ("@every 2562047h47m17s", "above Go's maximum duration"),
+    ("@every 106752d", "days are not a Go unit"),
+    # field counts
+    ("", "empty spec"),
+    ("   ", "blank spec"),
+    ("* * * *", "four fields"),
+    ("*", "one field"),
+    ("* * * * * * *", "seven fields"),
+    ("0 0 0 1 1 * 2030", "seven fields with a year"),
+    # out of range values
+    ("60 * * * *", "minute 60"),
+    ("* 24 * * *", "hour 24"),
+    ("* * 0 * *", "day of month 0"),
+    ("* * 32 * *", "day of month 32"),
+    ("* * * 0 *", "month 0"),
+    ("* * * 13 *", "month 13"),
+    ("* * * * 8", "day of week 8"),
+    ("60 * * * * *", "second 60, 6 fields"),
+    ("0 0 0 * * 7", "day of week 7 in 6 fields (robfig/cron's range is 0-6)"),
+    ("0-60 * * * *", "range end out of range"),
+    ("0 0 0-5 * *", "range start below day-of-month minimum"),
+    ("-1 * * * *", "negative minute"),
+    # garbage
+    ("a b c d e", "letters"),
+    ("1-2-3 * * * *", "two dashes"),
+    ("* * * * mon-", "dangling dash"),
+    ("*-5 * * * *", "star as a range start (crontab refuses it)"),
+    ("** * * * *", "double star"),
+    ("1.5 * * * *", "decimal minute"),
+    ("CRON_TZ=Not/AZone 0 0 * * *", "unknown time zone"),
+]
+
+# Valid under robfig/cron and SPEC: steps beyond the range simply give one value.
+VALID_SPECS = [
+    ("*/70 * * * *", "step beyond the minute range: minute 0 only"),
+    ("5/100 * * * *", "N/step beyond the range: minute 5 only"),
+    ("0 0 1-10/40 * *", "range step beyond the range"),
+    ("0 0 0 * * 1/9", "day-of-week step beyond the range: Monday only"),
+    ("0 0 * * 7", "7 = Sunday in 5 fields"),
+    ("0 0 ? * MON-fri", "? and mixed-case names"),
+    ("@every 1s", "the minimum @every"),
+    ("@every 2562047h47m16.854775807s", "the maximum @every"),
+]
+
+# Valid syntax that matches no time in the next 5 years: a 400 at the API,
+# None from next_after.
+NO_MATCH_SPECS = [
+    ("0 0 30 2 *", "February 30th"),
+    ("0 0 0 31 4,6,9,11 *", "31st of a 30-day month"),
+    ("0 0 0 31 2 ?", "February 31st, 6 fields"),
+]
+
+
+class FakeClock:
+    """An injected wall clock (Unix ns) that only moves when told."""
+
+    def __init__(self, start):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+
+# --------------------------------------------------------------------------
+# Fixtures: the original's task shape
+# --------------------------------------------------------------------------
+
+TASK_KEYS = {"id": str, "url": str, "payload": str, "expected": int, "schedule": str,
+             "next_scheduled_run": int, "next_run": int, "tries": int, "last_run": int,
+             "last_error_status_code": int}
+
+
+def urllib_quote(text):
+    import urllib.parse
+    return urllib.parse.quote(text, safe="")
+
+
+def raw_exchange(port, data, timeout=WAIT):
+    """Send raw bytes on a fresh connection, half-close, read every byte until the
+    daemon closes: returns the whole answer (one or more responses)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class ErrorRecords(logging.Handler):
+    """Collects the daemon's ERROR records (a traceback in the log is a bug)."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+# --------------------------------------------------------------------------
+# Fixtures: the original's files and client
+# --------------------------------------------------------------------------
+
+ORIGINAL_FIELDS = ("id", "url", "payload", "expected", "schedule", "next_scheduled_run",
+                   "next_run", "tries", "last_run", "last_error_body", "last_error_status_code")
+
+
+def original_file(url, payload=None, expected=200, schedule="", next_run=0,
+                  next_scheduled_run=None, tries=0, last_run=0, last_error_body=None,
+                  last_error_status_code=0, task_id=None):
+    """One task file as the Go daemon writes it: json.Marshal of its struct
+    (compact, fields in struct order, []byte as base64 or null, times in int ns,
+    no newline); named by the bare id: 32 hex, or sha1(url + payload + schedule)."""
+    raw = b"" if payload is None else payload
+    if task_id is None:
+        task_id = (hashlib.sha1(url.encode() + raw + schedule.encode()).hexdigest() if schedule
+                   else os.urandom(16).hex())
+    values = (task_id, url, None if payload is None else b64(payload), expected, schedule,
+              next_run if next_scheduled_run is None else next_scheduled_run, next_run, tries,
+              last_run, None if last_error_body is None else b64(last_error_body),
+              last_error_status_code)
+    return task_id, json.dumps(dict(zip(ORIGINAL_FIELDS, values)), separators=(",", ":")).encode()
+
+
+def write_original(data_dir, files):
+    """files: [(folder, (id, bytes))]; folders 0700, files 0644, as the original."""
+    for folder in ("dead", "waiting", "success"):
+        os.makedirs(os.path.join(data_dir, folder), 0o700, exist_ok=True)
+    for folder, (task_id, data) in files:
+        path = os.path.join(data_dir, folder, task_id)
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chmod(path, 0o644)
+
+
+def expand_like_the_original(doc):
+    """The steps the original client's _expand_task takes on a listing entry,
+    raising where it raises (strict UTF-8 decode of the error body, float
+    timestamps, a missing last_run key)."""
+    doc = dict(doc)
+    try:
+        doc["payload"] = json.loads(base64.b64decode(doc["payload"]))
+    except json.JSONDecodeError:
+        doc["payload"] = base64.b64decode(doc["payload"]).decode()
+    if doc["last_error_body"]:
+        doc["last_error_body"] = base64.b64decode(doc["last_error_body"]).decode()
+    doc["next_run"] = datetime.fromtimestamp(float(doc["next_run"] / 1e9))
+    if doc["last_run"]:
+        doc["last_run"] = datetime.fromtimestamp(float(doc["last_run"] / 1e9))
+    else:
+        del doc["last_run"]
+    for key in ("id", "expected", "schedule", "tries", "url", "last_error_status_code"):
+        doc[key]  # GetTask reads these: a KeyError here would crash microblog.pub's page
+    return doc
+
+
+def original_push(api_url, url, payload, expected=200, schedule="", delay=0):
+    """What the original client's push() sends: always the five fields."""
+    body = {"url": url, "payload": b64(json.dumps(payload).encode()), "expected": expected,
+            "schedule": schedule, "delay": delay}
+    return call(api_url, "POST", "/", body)
+
+
+class RestartableReceiver(Receiver):
+    """A receiver that can go down and come back on the same port."""
+
+    def down(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def up(self):
+        handler = self.server.RequestHandlerClass
+        port = int(self.base.rsplit(":", 1)[1])
+        self.server = QuietServer(("127.0.0.1", port), handler)
+        # shutdown() is noticed at socketserver's next poll: keep it short, tests stop many
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,),
+                                       daemon=True)
+        self.thread.start()
+
+
+# --------------------------------------------------------------------------
+# Fixtures: the requests of Flask and Django
+# --------------------------------------------------------------------------
+
+class FakeFlaskRequest:
+    """What a Flask/Werkzeug request offers parse(): headers and get_data()."""
+
+    def __init__(self, headers, body):
+        self.headers = headers
+        self._body = body
+
+    def get_data(self):
+        return self._body
+
+
+class FakeDjangoRequest:
+    """What a Django request offers parse(): META (HTTP_* keys) and body."""
+
+    def __init__(self, headers, body):
+        self.META = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()}
+        self.META["CONTENT_TYPE"] = "application/json"
+        self.body = body
+
+
+# --------------------------------------------------------------------------
+# Fixtures: keys, apps and servers for the task endpoint
+# --------------------------------------------------------------------------
+
+KEY = "whsec_" + b64(b"t" * 24)
+
+
+class QuietWSGIHandler(pt._QuietWSGIHandler):
+    pass
+
+
+@contextlib.contextmanager
+def serving_wsgi(app):
+    """A wsgiref server (one thread per request) on 127.0.0.1:0 serving ``app``;
+    yields its base URL."""
+    server = pt._TestWSGIServer(("127.0.0.1", 0), QuietWSGIHandler)
+    server.set_app(app)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        yield "http://127.0.0.1:%d" % server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+
+
+def envelope_of(payload, tries=1, req_id="0123456789ab"):
+    return json.dumps({"payload": b64(json.dumps(payload).encode()), "tries": tries,
+                       "req_id": req_id}).encode()
+
+
+def signed_headers(key, body, task_id="t1", stamp=None):
+    stamp = int(time.time()) if stamp is None else stamp
+    return {"webhook-id": task_id, "webhook-timestamp": str(stamp),
+            "webhook-signature": pt.sign(key, task_id, stamp, body)}
+
+
+async def asyncio_sleep0():
+    import asyncio
+    await asyncio.sleep(0)
+
+
+def parse_prometheus(text):
+    """A small parser of the text exposition format 0.0.4: {(name, labels): value}."""
+    types, samples = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            types[name] = kind
+            continue
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$', line)
+        if match is None:
+            raise AssertionError("bad sample line: %r" % line)
+        name, labels, value = match.groups()
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
+        if family not in types:
+            raise AssertionError("sample %s has no # TYPE" % name)
+        labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', labels or "")))
+        samples[(name, labels)] = float(value)
+    return types, samples
+
+
+# --------------------------------------------------------------------------
+# Fixtures: a daemon process, a file layer that forgets, a misbehaving app
+# --------------------------------------------------------------------------
+
+class DaemonProcess:
+    """``python3 poussetaches.py serve`` in a subprocess, on a free port."""
+
+    def __init__(self, data_dir, *args, env=None):
+        cmd = [sys.executable, os.path.join(HERE, "poussetaches.py"), "serve", "--port", "0",
+               "--data-dir", data_dir, "--min-backoff", "0.05", "--max-backoff", "0.2"]
+        self.proc = subprocess.Popen(cmd + list(args), stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, env=env, cwd=HERE)
+        self.lines = []
+        self.url = None
+        deadline = time.monotonic() + WAIT
+        for line in self.proc.stderr:
+            line = line.decode()
+            self.lines.append(line)
+            match = re.search(r"serving on (http://\S+)", line)
+            if match:
+                self.url = match.group(1)
+                break
+            if time.monotonic() > deadline:
+                break
+        if self.url is None:
+            self.proc.kill()
+            raise AssertionError("daemon did not start:\n" + "".join(self.lines))
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
+
+    def _read_rest(self):
+        for line in self.proc.stderr:
+            self.lines.append(line.decode())
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        return self._reap()
+
+    def terminate(self):
+        self.proc.send_signal(signal.SIGTERM)
+        return self._reap()
+
+    def _reap(self):
+        code = self.proc.wait(WAIT)
+        self._drain.join(WAIT)
+        self.proc.stderr.close()
+        return code
+
+
+# --------------------------------------------------------------------------
+# Fixtures: the seed of the reliability tests
+# --------------------------------------------------------------------------
+
+SEED = int(os.environ.get("POUSSETACHES_SEED", "20261126"))
+
+
+def report(line):
+    """Figures of a reliability run, for the README and the closing note."""
+    sys.stderr.write("\n  [figures] %s\n" % line)
+
+
+class ForgetfulFS(pt.FileSystem):
+    """A file layer that models a power loss: only what was fsync'ed survives.
+
+    A file keeps the size it had at its last fsync; a created, renamed or
+    unlinked directory entry is durable only after an fsync of the directory.
+    ``power_loss()`` rewinds the real files to that state; after it every
+    call fails, as a machine that lost power does nothing more.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.paths = {}        # fd -> path
+        self.durable = {}      # path -> size at its last fsync
+        self.dir_log = []      # directory changes since the last directory fsync
+        self.dead = False
+
+    def _alive(self):
+        if self.dead:
+            raise OSError(5, "power lost")
+
+    def open(self, path, flags, mode=0o777):
+        with self.lock:
+            self._alive()
+            existed = os.path.exists(path)
+            fd = os.open(path, flags, mode)
+            self.paths[fd] = path
+            if not existed:
+                self.dir_log.append(("create", path))
+                self.durable[path] = 0
+            elif path not in self.durable:
+                self.durable[path] = os.fstat(fd).st_size  # it was there before us
+            return fd
+
+    def write(self, fd, data):
+        with self.lock:
+            self._alive()
+            return os.write(fd, data)
+
+    def fsync(self, fd):
+        with self.lock:
+            self._alive()
+            os.fsync(fd)
+            self.durable[self.paths[fd]] = os.fstat(fd).st_size
+
+    def ftruncate(self, fd, size):
+        with self.lock:
+            self._alive()
+            os.ftruncate(fd, size)
+            path = self.paths[fd]
+            self.durable[path] = min(self.durable.get(path, 0), size)
+
+    def close(self, fd):
+        with self.lock:
+            self.paths.pop(fd, None)
+            os.close(fd)
+
+    def replace(self, src, dst):
+        with self.lock:
+            self._alive()
+            old = None
+            if os.path.exists(dst):
+                with open(dst, "rb") as f:
+                    old = f.read()[:self.durable.get(dst, 0)]
+            os.replace(src, dst)
+            self.dir_log.append(("replace", src, dst, old, self.durable.get(dst)))
+            self.durable[dst] = self.durable.pop(src, 0)
+
+    def unlink(self, path):
+        with self.lock:
+            self._alive()
+            with open(path, "rb") as f:
+                old = f.read()[:self.durable.get(path, 0)]
+            os.unlink(path)
+            self.dir_log.append(("unlink", path, old))
+            self.durable.pop(path, None)
+
+    def fsync_dir(self, path):
+        with self.lock:
+            self._alive()
+            super().fsync_dir(path)
+            self.dir_log = []
+
+    def power_loss(self):
+        with self.lock:
+            self.dead = True
+            for op in reversed(self.dir_log):
+                if op[0] == "create":
+                    if os.path.exists(op[1]):
+                        os.unlink(op[1])
+                    self.durable.pop(op[1], None)
+                elif op[0] == "replace":
+                    _, src, dst, old, old_size = op
+                    if os.path.exists(dst):
+                        os.replace(dst, src)
+                        self.durable[src] = self.durable.pop(dst, 0)
+                    if old is not None:
+                        with open(dst, "wb") as f:
+                            f.write(old)
+                        self.durable[dst] = len(old)
+                elif op[0] == "unlink":
+                    with open(op[1], "wb") as f:
+                        f.write(op[2])
+                    self.durable[op[1]] = len(op[2])
+            for path, size in self.durable.items():
+                if os.path.exists(path) and os.path.getsize(path) > size:
+                    os.truncate(path, size)
+
+
+class RawApp:
+    """A TCP server playing a misbehaving app; the path picks the misbehaviour."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.base = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.sent_bytes = 0
+        self.paths = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            path = head.split(b" ", 2)[1].decode()
+            self.paths.append(path)
+            if path == "/hang":
+                self.stop.wait(5)
+            elif path == "/reset":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Le")
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            elif path == "/garbage":
+                conn.sendall(b"NONSENSE GARBAGE\r\n\r\n")
+            elif path == "/huge":
+                conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 100000000\r\n\r\n")
+                block = b"z" * 65536
+                for _ in range(100000000 // len(block)):
+                    conn.sendall(block)
+                    self.sent_bytes += len(block)
+            elif path == "/redirect":
+                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:9/internal\r\n"
+                             b"Content-Length: 0\r\n\r\n")
+            elif path in ("/drip", "/drip-body"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\n" + (b"Content-Length: 400\r\n\r\n"
+                                                          if path == "/drip-body" else b""))
+                for _ in range(400):
+                    if self.stop.wait(0.05):
+                        break
+                    conn.sendall(b"X")
+            elif path == "/huge-utf8":  # 90 KB: the 64 KiB read ends inside a character
+                conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 90000\r\n\r\n"
+                             + "\u20ac".encode() * 30000)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def rss_bytes(pid="self"):
+    with open("/proc/%s/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def thread_count(pid):
+    with open("/proc/%s/status" % pid) as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
+# --------------------------------------------------------------------------
+# The task model and the retry policy
+# --------------------------------------------------------------------------
+
+
+class TestTaskModel(unittest.TestCase):
+    """A task's fields, its JSON and row forms, its checks."""
+
+    def test_json_round_trip_and_types(self):
+        task = pt.Task("ab" * 16, "http://x/y", b"\x00\xff", 201, "", next_run=5,
+                       last_error_body=b"oops", last_error_status_code=500, tries=2)
+        doc = task.to_json()
+        self.assertEqual(doc["payload"], b64(b"\x00\xff"))
+        self.assertEqual(doc["last_error_body"], b64(b"oops"))
+        back = pt.Task.from_json(json.loads(json.dumps(doc)))
+        self.assertEqual(back.to_json(), doc)
+
+    def test_encoded_task_is_what_the_json_module_writes(self):
+        # encode_task formats each field by its kind; the stdlib encoder of the
+        # task's dict is the oracle, over random values of every field
+        rng = random.Random(7)
+        texts = ["", "plain", 'q"uote\\', "line\nbreak\x00\x1f", "é\u2028\U0001f600", "</script>"]
+        pick = {
+            "string": lambda: rng.choice(texts),
+            "integer": lambda: rng.choice([0, 1, -7, 2 ** 63, True, 3.5]),
+            "time": lambda: rng.choice([0, 1_764_000_000_000_000_000, 12.25]),
+            "number": lambda: rng.choice([0.1, 3600, 1e-7, 2.5]),
+            "bytes": lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(9))),
+            "object": lambda: {rng.choice(texts): rng.choice(texts) for _ in range(3)},
+            "list": lambda: rng.choice([[], [{"at": 1, "error": None}], [None, "x", 1.5]]),
+        }
+        for _ in range(3000 if STRESS else 300):
+            task = pt.Task(pt.new_id(), "http://x/y")
+            for field in pt.TASK_FIELDS:
+                nullable = field.default is None and field.kind != "list" and rng.random() < 0.3
+                setattr(task, field.name, None if nullable else pick[field.kind]())
+            expected = json.dumps(task.to_json(), separators=(",", ":")).encode()
+            self.assertEqual(pt.encode_task(task), expected)
+
+    def test_original_layout_record(self):
+        original = {"id": "0123456789ab", "url": "http://a/b", "payload": b64(b"{}"),
+                    "expected": 0, "schedule": "", "next_run": 1600000000000000000,
+                    "tries": 3, "last_error_body": None, "last_error_status_code": 0}
+        task = pt.Task.from_json(original)
+        self.assertEqual((task.expected, task.payload, task.tries), (200, b"{}", 3))
+        self.assertEqual(task.next_scheduled_run, 1600000000000000000)
+
+    def test_cron_id_is_sha1_of_url_payload_schedule(self):
+        self.assertEqual(pt.cron_id("http://a/b", b"xyz", "@daily"),
+                         hashlib.sha1(b"http://a/bxyz@daily").hexdigest())
+
+    def test_ids(self):
+        self.assertRegex(pt.new_id(), r"^[0-9a-f]{32}$")
+        self.assertRegex(pt.new_id(6), r"^[0-9a-f]{12}$")
+
+
+class TestBackoff(unittest.TestCase):
+    """The delay before each next attempt: growth, jitter, caps, Retry-After."""
+
+    def dispatcher(self, **kw):
+        return pt.Dispatcher(None, None, None, rng=random.Random(7), **kw)
+
+    def test_exponential_with_jitter_and_cap(self):
+        d = self.dispatcher(min_backoff=1.0, max_backoff=86400.0)
+        for tries in range(1, 12):
+            base = 4.0 ** (tries - 1)
+            for _ in range(20):
+                delay = d.backoff(tries)
+                self.assertGreaterEqual(delay, min(base * 0.7, 86400))
+                self.assertLessEqual(delay, min(base * 1.3, 86400))
+        self.assertEqual(d.backoff(40), 86400.0)
+
+    def test_jitter_goes_both_ways(self):
+        d = self.dispatcher(min_backoff=10.0)
+        delays = [d.backoff(1) for _ in range(200)]
+        self.assertTrue(any(x < 10 for x in delays) and any(x > 10 for x in delays))
+
+    def test_retry_after_is_a_floor_still_capped(self):
+        d = self.dispatcher(min_backoff=1.0, max_backoff=100.0)
+        self.assertGreaterEqual(d.backoff(1, retry_after=30), 30)
+        self.assertEqual(d.backoff(1, retry_after=1000), 100.0)
+
+    def test_parse_retry_after(self):
+        self.assertEqual(pt.parse_retry_after("120", 0), 120.0)
+        self.assertAlmostEqual(pt.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT",
+                                                    1445412470.0), 10.0)
+        self.assertIsNone(pt.parse_retry_after("soon", 0))
+        self.assertIsNone(pt.parse_retry_after(None, 0))
+
+
+class TestPolicy(unittest.TestCase):
+    """Dispatcher.decide: what an outcome does to a task, with an injected clock."""
+
+    T0 = ts("2026-01-01T00:00:00+00:00")
+
+    def setUp(self):
+        self.clock = FakeClock(self.T0)
+        self.d = pt.Dispatcher(None, None, None, max_tries=3, min_backoff=1.0,
+                               max_backoff=3600.0, clock=self.clock, rng=random.Random(1),
+                               cron_tz=UTC)
+
+    def outcome(self, status, body=b""):
+        return pt.Outcome(status, body, self.clock.now, 0.01, None, "r" * 12)
+
+    def test_retry_then_dead(self):
+        task = pt.Task("a" * 32, "http://x/", next_run=self.T0)
+        buried = []
+        self.assertEqual(self.d.decide(task, self.outcome(500, b"e"), buried), ("waiting", []))
+        self.assertTrue(0.7e9 <= task.next_run - self.T0 <= 1.3e9)
+        self.assertEqual((task.tries, task.last_error_status_code, task.last_error_body),
+                         (1, 500, b"e"))
+        self.d.decide(task, self.outcome(500), buried)
+        self.assertTrue(2.8e9 <= task.next_run - self.T0 <= 5.2e9)  # 4 s +/- 30 %
+        self.assertEqual(self.d.decide(task, self.outcome(-1, b"refused"), buried), ("dead", []))
+        self.assertEqual(len(buried), 1)
+        self.assertEqual([a["status"] for a in task.attempts], [500, 500, -1])
+
+    def test_per_task_max_tries_and_410(self):
+        task = pt.Task("a" * 32, "http://x/", max_tries=1)
+        self.assertEqual(self.d.decide(task, self.outcome(500), [])[0], "dead")
+        task = pt.Task("b" * 32, "http://x/")
+        self.assertEqual(self.d.decide(task, self.outcome(410), [])[0], "dead")
+        task = pt.Task("c" * 32, "http://x/", expected=410)
+        self.assertEqual(self.d.decide(task, self.outcome(410), [])[0], "success")
+
+    def test_attempt_history_keeps_ten(self):
+        d = pt.Dispatcher(None, None, None, max_tries=50, clock=self.clock, rng=random.Random(1))
+        task = pt.Task("a" * 32, "http://x/")
+        for _ in range(15):
+            d.decide(task, self.outcome(500, b"x" * 1000), [])
+        self.assertEqual(len(task.attempts), 10)
+        self.assertEqual(len(task.attempts[-1]["error"]), pt.ATTEMPT_ERROR_LIMIT)
+
+    def test_cron_success_coalesces_missed_runs(self):
+        occurrence = self.T0
+        task = pt.Task("c" * 40, "http://x/", schedule="*/5 * * * *", next_run=occurrence)
+        self.clock.now = occurrence + 17 * 60 * 10 ** 9  # the daemon was down 17 minutes
+        table, copies = self.d.decide(task, self.outcome(200), [])
+        self.assertEqual(table, "waiting")
+        self.assertEqual(task.next_run, occurrence + 20 * 60 * 10 ** 9)  # one run, then 00:20
+        self.assertEqual((task.tries, task.next_scheduled_run), (0, task.next_run))
+        self.assertEqual(copies[0][0], "success")
+        self.assertEqual((copies[0][1].cron_id, copies[0][1].schedule), (task.id, ""))
+        self.assertNotEqual(copies[0][1].id, task.id)
+
+    def test_a_cron_run_by_hand_keeps_its_next_occurrence(self):
+        """POST /tasks/<id>/run on a cron is a run more, not the next one: the
+        occurrence it was waiting for still comes (as Cloud Scheduler's force run)."""
+        occurrence = self.T0 + 3600 * 10 ** 9  # 01:00, an hour away
+        task = pt.Task("c" * 40, "http://x/", schedule="0 * * * *", next_run=self.T0,
+                       next_scheduled_run=occurrence)  # as run_now leaves it
+        for status, table in ((200, "success"), (500, "dead")):
+            d = pt.Dispatcher(None, None, None, max_tries=1, clock=self.clock,
+                              rng=random.Random(1), cron_tz=UTC)
+            task.next_run = self.T0
+            self.assertEqual(d.decide(task, self.outcome(status), [])[1][0][0], table)
+            self.assertEqual((task.next_run, task.next_scheduled_run), (occurrence, occurrence))
+        self.clock.now = occurrence  # and that occurrence, when it comes, goes on as ever
+        self.d.decide(task, self.outcome(200), [])
+        self.assertEqual(task.next_run, occurrence + 3600 * 10 ** 9)
+
+    def test_cron_failure_retries_but_never_past_next_occurrence(self):
+        task = pt.Task("c" * 40, "http://x/", schedule="* * * * *", next_run=self.T0)
+        d = pt.Dispatcher(None, None, None, max_tries=12, min_backoff=20.0, clock=self.clock,
+                          rng=random.Random(1), cron_tz=UTC)
+        buried = []
+        self.assertEqual(d.decide(task, self.outcome(500), buried), ("waiting", []))
+        self.assertEqual(task.tries, 1)  # a retry 14-26 s later, before 00:01
+        self.clock.now = task.next_run
+        table, copies = d.decide(task, self.outcome(500), buried)  # next: 56-104 s, too late
+        self.assertEqual(table, "waiting")
+        self.assertEqual(copies[0][0], "dead")
+        self.assertEqual(copies[0][1].tries, 2)
+        self.assertEqual(task.next_run, self.T0 + 60 * 10 ** 9)
+        self.assertEqual(task.tries, 0)
+        self.assertEqual(len(buried), 1)
+
+
+# --------------------------------------------------------------------------
+# Cron: parsing, "next time after t", against an oracle
+# --------------------------------------------------------------------------
+
+
+class TestCron(unittest.TestCase):
+    """CronSpec: the next run after a time, for every kind of field and zone."""
+
+    # (spec, after, expected next) in UTC; 2026-01-01 is a Thursday
+    TABLE = [
+        ("* * * * *", "2026-01-01T00:00:00+00:00", "2026-01-01T00:01:00+00:00"),
+        ("* * * * *", "2026-01-01T00:00:30+00:00", "2026-01-01T00:01:00+00:00"),
+        ("*/15 * * * *", "2026-01-01T00:07:00+00:00", "2026-01-01T00:15:00+00:00"),
+        ("*/15 * * * *", "2026-01-01T00:45:00+00:00", "2026-01-01T01:00:00+00:00"),
+        ("5 4 * * *", "2026-01-01T04:05:00+00:00", "2026-01-02T04:05:00+00:00"),
+        ("5 4 * * *", "2026-01-01T04:04:59+00:00", "2026-01-01T04:05:00+00:00"),
+        ("0 0 1 * *", "2026-01-15T12:00:00+00:00", "2026-02-01T00:00:00+00:00"),
+        ("0 0 1 1 *", "2026-01-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+        ("0 12 * * mon", "2026-01-01T00:00:00+00:00", "2026-01-05T12:00:00+00:00"),
+        ("0 12 * * MON-FRI", "2026-01-02T13:00:00+00:00", "2026-01-05T12:00:00+00:00"),
+        ("0 12 * * 0", "2026-01-01T00:00:00+00:00", "2026-01-04T12:00:00+00:00"),
+        ("0 12 * * 7", "2026-01-01T00:00:00+00:00", "2026-01-04T12:00:00+00:00"),
+        ("0 0 * jun *", "2026-01-01T00:00:00+00:00", "2026-06-01T00:00:00+00:00"),
+        ("0 0 * JAN-MAR *", "2026-03-31T00:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+        ("0 0 13 * 5", "2026-01-01T00:00:00+00:00", "2026-01-02T00:00:00+00:00"),  # OR: Friday 2nd
+        ("0 0 13 * 5", "2026-01-10T00:00:00+00:00", "2026-01-13T00:00:00+00:00"),  # OR: the 13th
+        ("0 0 13 * *", "2026-01-01T00:00:00+00:00", "2026-01-13T00:00:00+00:00"),
+        ("0 0 * * 5", "2026-01-03T00:00:00+00:00", "2026-01-09T00:00:00+00:00"),
+        ("0 0 */10 * *", "2026-01-01T00:00:00+00:00", "2026-01-11T00:00:00+00:00"),
+        ("0 0 ? * 1", "2026-01-01T00:00:00+00:00", "2026-01-05T00:00:00+00:00"),
+        ("30 9-17/2 * * *", "2026-01-01T10:00:00+00:00", "2026-01-01T11:30:00+00:00"),
+        ("30 9-17/2 * * *", "2026-01-01T17:31:00+00:00", "2026-01-02T09:30:00+00:00"),
+        ("0,30 * * * *", "2026-01-01T00:10:00+00:00", "2026-01-01T00:30:00+00:00"),
+        ("1-3,58 * * * *", "2026-01-01T00:04:00+00:00", "2026-01-01T00:58:00+00:00"),
+        ("10/20 * * * *", "2026-01-01T00:31:00+00:00", "2026-01-01T00:50:00+00:00"),
+        ("0 0 29 2 *", "2026-01-01T00:00:00+00:00", "2028-02-29T00:00:00+00:00"),
+        ("0 0 31 * *", "2026-04-01T00:00:00+00:00", "2026-05-31T00:00:00+00:00"),
+        ("*/10 * * * * *", "2026-01-01T00:00:05+00:00", "2026-01-01T00:00:10+00:00"),
+        ("30 0 0 * * *", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:30+00:00"),
+        ("0 */5 * * * *", "2026-01-01T00:04:59+00:00", "2026-01-01T00:05:00+00:00"),
+        ("@hourly", "2026-01-01T00:00:00+00:00", "2026-01-01T01:00:00+00:00"),
+        ("@daily", "2026-01-01T10:00:00+00:00", "2026-01-02T00:00:00+00:00"),
+        ("@midnight", "2026-01-01T10:00:00+00:00", "2026-01-02T00:00:00+00:00"),
+        ("@weekly", "2026-01-01T10:00:00+00:00", "2026-01-04T00:00:00+00:00"),
+        ("@monthly", "2026-01-01T10:00:00+00:00", "2026-02-01T00:00:00+00:00"),
+        ("@yearly", "2026-01-01T10:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+        ("@annually", "2026-06-01T10:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+        ("@every 90s", "2026-01-01T00:00:00+00:00", "2026-01-01T00:01:30+00:00"),
+        ("@every 1h30m", "2026-01-01T00:00:00+00:00", "2026-01-01T01:30:00+00:00"),
+        ("@every 1.5h", "2026-01-01T00:00:00+00:00", "2026-01-01T01:30:00+00:00"),
+        ("CRON_TZ=UTC 0 9 * * *", "2026-01-01T10:00:00+00:00", "2026-01-02T09:00:00+00:00"),
+    ]
+
+    def test_table(self):
+        self.assertGreaterEqual(len(self.TABLE), 30)
+        for spec, after, expected in self.TABLE:
+            with self.subTest(spec=spec, after=after):
+                got = pt.CronSpec(spec, UTC).next_after(ts(after))
+                self.assertEqual(iso(got, UTC), datetime.fromisoformat(expected).isoformat())
+
+    def test_weekday_ranges_ending_at_7_include_sunday(self):
+        """Vixie cron and croniter: 7 reached by an explicit range is Sunday, with
+        a step too (``1-7/2`` is Mon, Wed, Fri, Sun); only ``N/step`` stops at 6.
+        Checked against the brute-force oracle over two weeks of runs."""
+        start = ts("2026-01-01T00:00:00+00:00")
+        for text in ("0 0 * * 1-7/2", "0 0 * * MON-7/1", "0 0 * * 3-7/2", "0 0 * * 5-7",
+                     "0 0 * * 0-7/7", "0 0 * * 1/2", "0 0 * * */2"):
+            with self.subTest(spec=text):
+                spec, oracle = pt.CronSpec(text, UTC), OracleSpec(text)
+                got, want, t_ns, u_ns = [], [], start, start
+                for _ in range(14):
+                    t_ns, u_ns = spec.next_after(t_ns), oracle_next(oracle, UTC, u_ns)
+                    got.append(t_ns)
+                    want.append(u_ns)
+                self.assertEqual([iso(t, UTC) for t in got], [iso(t, UTC) for t in want])
+        # 7/step: Sunday alone for Vixie cron, 0/step for croniter (but Sunday alone
+        # in a list); it was the empty set here, silently: now a 400 that says why
+        for text in ("0 0 * * 7/2", "0 0 * * 7/1", "0 0 1 * 1,7/3"):
+            with self.subTest(refused=text), self.assertRaisesRegex(pt.CronError, "0/"):
+                pt.CronSpec(text, UTC)
+        sundays = {datetime.fromtimestamp(t // NS, UTC).isoweekday()
+                   for t in pt.CronSpec("0 0 * * 1-7/2", UTC).preview(start, 8)}
+        self.assertEqual(sundays, {1, 3, 5, 7})
+
+    def test_strictly_after_and_subsecond(self):
+        spec = pt.CronSpec("* * * * *", UTC)
+        t = ts("2026-01-01T00:01:00+00:00")
+        self.assertEqual(spec.next_after(t), t + 60 * 10 ** 9)
+        self.assertEqual(spec.next_after(t - 1), t)
+
+    def test_dom_dow_and_when_one_is_star(self):
+        # both restricted: OR; one a star: AND (the star matches everything)
+        spec = pt.CronSpec("0 0 1 * mon", UTC)
+        runs = [iso(n, UTC)[:10] for n in spec.preview(ts("2026-01-01T00:00:00+00:00"), 4)]
+        self.assertEqual(runs, ["2026-01-05", "2026-01-12", "2026-01-19", "2026-01-26"])
+        runs = [iso(n, UTC)[:10] for n in spec.preview(ts("2026-01-26T00:00:00+00:00"), 2)]
+        self.assertEqual(runs, ["2026-02-01", "2026-02-02"])
+
+    @unittest.skipUnless(HAVE_TZDATA, "no IANA time zone database on this machine")
+    def test_dst_spring_forward_skips_missing_time(self):
+        # America/New_York: 2026-03-08 02:00 EST jumps to 03:00 EDT
+        ny = zoneinfo.ZoneInfo("America/New_York")
+        spec = pt.CronSpec("CRON_TZ=America/New_York 30 2 * * *")
+        runs = [iso(n, ny) for n in spec.preview(ts("2026-03-06T12:00:00-05:00"), 3)]
+        self.assertEqual(runs, ["2026-03-07T02:30:00-05:00", "2026-03-09T02:30:00-04:00",
+                                "2026-03-10T02:30:00-04:00"])
+        hourly = pt.CronSpec("CRON_TZ=America/New_York 0 * * * *")
+        runs = [iso(n, ny) for n in hourly.preview(ts("2026-03-08T00:30:00-05:00"), 3)]
+        self.assertEqual(runs, ["2026-03-08T01:00:00-05:00", "2026-03-08T03:00:00-04:00",
+                                "2026-03-08T04:00:00-04:00"])
+
+    @unittest.skipUnless(HAVE_TZDATA, "no IANA time zone database on this machine")
+    def test_dst_fall_back_runs_repeated_time_once(self):
+        # America/New_York: 2026-11-01 02:00 EDT falls back to 01:00 EST
+        ny = zoneinfo.ZoneInfo("America/New_York")
+        spec = pt.CronSpec("CRON_TZ=America/New_York 30 1 * * *")
+        runs = [iso(n, ny) for n in spec.preview(ts("2026-10-31T12:00:00-04:00"), 3)]
+        self.assertEqual(runs, ["2026-11-01T01:30:00-04:00", "2026-11-02T01:30:00-05:00",
+                                "2026-11-03T01:30:00-05:00"])
+        hourly = pt.CronSpec("CRON_TZ=America/New_York 0 * * * *")
+        runs = hourly.preview(ts("2026-11-01T00:30:00-04:00"), 3)
+        self.assertEqual([iso(n, ny) for n in runs],
+                         ["2026-11-01T01:00:00-04:00", "2026-11-01T02:00:00-05:00",
+                          "2026-11-01T03:00:00-05:00"])
+        self.assertEqual(runs[1] - runs[0], 2 * 3600 * 10 ** 9)  # 01:00 EST did not run
+        # started inside the repeated hour: the next run is the next new wall time
+        self.assertEqual(iso(hourly.next_after(ts("2026-11-01T01:10:00-05:00")), ny),
+                         "2026-11-01T02:00:00-05:00")
+
+    @unittest.skipUnless(HAVE_TZDATA, "no IANA time zone database on this machine")
+    def test_cron_tz_beats_default_zone(self):
+        paris = zoneinfo.ZoneInfo("Europe/Paris")
+        spec = pt.CronSpec("CRON_TZ=Europe/Paris 0 9 * * *", UTC)
+        self.assertEqual(iso(spec.next_after(ts("2026-07-01T00:00:00+00:00")), paris),
+                         "2026-07-01T09:00:00+02:00")
+
+    def test_invalid_specs_say_why(self):
+        cases = [
+            ("", "empty cron spec"),
+            ("* * * *", "expected 5 fields"),
+            ("* * * * * * *", "got 7"),
+            ("60 * * * *", "minute field: 60 is out of range 0-59"),
+            ("* 24 * * *", "hour field: 24 is out of range 0-23"),
+            ("* * 0 * *", "day of month field: 0 is out of range 1-31"),
+            ("* * * 13 *", "month field: 13 is out of range 1-12"),
+            ("* * * * 8", "day of week field: 8 is out of range 0-7"),
+            ("* * * foo *", "month field: 'foo' is not a number or a name"),
+            ("*/0 * * * *", "step '0' must be a positive number"),
+            ("5-1 * * * *", "range 5-1 goes backwards"),
+            ("1,,2 * * * *", "empty list item"),
+            ("@fortnightly", "unknown descriptor"),
+            ("@every 500ms", "at least 1s"),
+            ("@every soon", "invalid duration 'soon'"),
+            ("CRON_TZ=Mars/Olympus 0 * * * *", "unknown time zone 'Mars/Olympus'"),
+        ]
+        for spec, message in cases:
+            with self.subTest(spec=spec):
+                with self.assertRaises(pt.CronError) as ctx:
+                    pt.CronSpec(spec, UTC)
+                self.assertIn(message, str(ctx.exception))
+
+    def test_never_matching_spec_gives_none(self):
+        self.assertIsNone(pt.CronSpec("0 0 30 2 *", UTC).next_after(ts("2026-01-01T00:00:00+00:00")))
+
+    def test_duration(self):
+        self.assertEqual(pt.parse_duration("1h30m"), 5400 * 10 ** 9)
+        self.assertEqual(pt.parse_duration("90s"), 90 * 10 ** 9)
+        self.assertEqual(pt.parse_duration("1.5s"), 1500 * 10 ** 6)
+        for bad in ("", "1", "1d", "-1s", "1s2"):
+            with self.subTest(bad=bad), self.assertRaises(pt.CronError):
+                pt.parse_duration(bad)
+
 
 @unittest.skipIf(zoneinfo is None, "needs zoneinfo")
 class TestCronOracle(unittest.TestCase):
+    """CronSpec against a brute-force oracle, on specs drawn from the grammar."""
+
     CASES = 10000 if STRESS else 1000
+
     CHAIN = 3                      # successive runs compared per case
+
     SURE_NS = 4 * 365 * 86400 * NS  # pt must find any run within 4 years
 
     def compare(self, rng, index, failures):
@@ -913,31 +1716,9 @@ class TestCronOracle(unittest.TestCase):
         self.assertRaises(OracleError, OracleSpec, "0 0 0 * * 7")   # 0-6 in 6 fields
 
 
-# --------------------------------------------------------------------------
-# 2. Issue 14, case by case
-# --------------------------------------------------------------------------
-
-def spec_runs(spec, t_ns, n):
-    out = []
-    for _ in range(n):
-        t_ns = spec.next_after(t_ns)
-        out.append(t_ns)
-        if t_ns is None:
-            break
-    return out
-
-
-def oracle_runs(text, tz, t_ns, n):
-    spec = OracleSpec(text)
-    out = []
-    for _ in range(n):
-        t_ns = oracle_next(spec, tz, t_ns)
-        out.append(t_ns)
-    return out
-
-
 @unittest.skipIf(zoneinfo is None, "needs zoneinfo")
-class TestCronIssue14(unittest.TestCase):
+class TestCronCases(unittest.TestCase):
+    """The edge cases of the grammar, each with its exact runs or refusal."""
 
     def setUp(self):
         self.utc = zoneinfo.ZoneInfo("UTC")
@@ -1109,135 +1890,8 @@ class TestCronIssue14(unittest.TestCase):
             self.fail("\n".join(problems))
 
 
-# --------------------------------------------------------------------------
-# 3. Invalid specs (also run through the HTTP API by the API tests)
-# --------------------------------------------------------------------------
-
-INVALID_SPECS = [
-    # only ASCII digits are numbers
-    ("0 0 \u00b2 * *", "superscript two in day of month"),
-    ("\u00b2 * * * *", "superscript two in minute"),
-    ("0 0 0 \u00b2 * *", "superscript two, 6 fields"),
-    ("\u0663 * * * *", "Arabic-Indic three in minute"),
-    ("\uff13 * * * *", "full-width three in minute"),
-    ("0 \u0967 * * *", "Devanagari one in hour"),
-    ("*/\u0663 * * * *", "non-ASCII step"),
-    ("1-\u0663 * * * *", "non-ASCII range end"),
-    ("0 0 * * \u0661", "non-ASCII day of week"),
-    ("@every \u0661h", "Arabic-Indic digit in a duration"),
-    ("@every \u00b2h", "superscript digit in a duration"),
-    ("@every \uff13s", "full-width digit in a duration"),
-    # overflows
-    ("@every 99999999999h", "duration overflows 64-bit ns"),
-    ("@every 2562048h", "above Go's maximum duration"),
-    ("@every 2562047h47m16.854775808s", "one ns above Go's maximum duration"),
-    ("@every 9223372036854775808ns", "2**63 ns"),
-    ("@every 99999999999999999999s", "integer part overflows"),
-    ("99999999999999999999 * * * *", "huge minute"),
-    # empty list items (robfig/cron would skip them; issue 14 and pt refuse them)
-    ("1,,2 * * * *", "empty list item"),
-    (",5 * * * *", "leading empty list item"),
-    ("5, * * * *", "trailing empty list item"),
-    ("0 0 0 * * 1,", "trailing empty list item, 6 fields"),
-    # reversed ranges
-    ("5-1 * * * *", "reversed minute range"),
-    ("0 0 20-10 * *", "reversed day-of-month range"),
-    ("0 0 * dec-jan *", "reversed month names"),
-    ("0 0 0 * * fri-mon", "reversed day names"),
-    ("0 0 5-1/2 * *", "reversed range with a step"),
-    # zero / bad steps
-    ("*/0 * * * *", "zero step"),
-    ("0 0 1-10/0 * *", "zero step on a range"),
-    ("0 0 0 * * 1/0", "zero step in day of week"),
-    ("*/ * * * *", "empty step"),
-    ("*/x * * * *", "non-numeric step"),
-    ("1/2/3 * * * *", "two slashes"),
-    ("*/-1 * * * *", "negative step"),
-    # unknown names
-    ("0 0 * foo *", "unknown month name"),
-    ("0 0 * * funday", "unknown day name"),
-    ("0 0 * january *", "full month name"),
-    ("0 0 * * monday", "full day name"),
-    ("0 0 mon * *", "day name in day of month"),
-    ("0 0 * * jan", "month name in day of week"),
-    ("jan * * * *", "month name in minute"),
-    ("@fortnightly", "unknown descriptor"),
-    ("@", "bare @"),
-    # @every syntax
-    ("@every1h", "missing @every space"),
-    ("@every1.5h", "missing @every space"),
-    ("@every", "no duration"),
-    ("@every ", "empty duration"),
-    ("@every 1", "missing unit"),
-    ("@every 1d", "unknown unit d"),
-    ("@every 1H", "unknown unit H"),
-    ("@every .h", "no digits"),
-    ("@every 1h 30m", "space inside a duration"),
-    ("@every 1.2.3s", "two decimal points"),
-    ("@every 1e3s", "exponent"),
-    # durations below 1s
-    ("@every 999ms", "below 1s"),
-    ("@every 999999999ns", "1 ns below 1s"),
-    ("@every 0.5s", "below 1s, decimal"),
-    ("@every 0s", "zero"),
-    ("@every 0", "zero without unit"),
-    ("@every -1h", "negative"),
-    ("@every -0.5s", "negative, below 1s"),
-    # above the maximum
-    ("@every 2562047h47m17s", "above Go's maximum duration"),
-    ("@every 106752d", "days are not a Go unit"),
-    # field counts
-    ("", "empty spec"),
-    ("   ", "blank spec"),
-    ("* * * *", "four fields"),
-    ("*", "one field"),
-    ("* * * * * * *", "seven fields"),
-    ("0 0 0 1 1 * 2030", "seven fields with a year"),
-    # out of range values
-    ("60 * * * *", "minute 60"),
-    ("* 24 * * *", "hour 24"),
-    ("* * 0 * *", "day of month 0"),
-    ("* * 32 * *", "day of month 32"),
-    ("* * * 0 *", "month 0"),
-    ("* * * 13 *", "month 13"),
-    ("* * * * 8", "day of week 8"),
-    ("60 * * * * *", "second 60, 6 fields"),
-    ("0 0 0 * * 7", "day of week 7 in 6 fields (robfig/cron's range is 0-6)"),
-    ("0-60 * * * *", "range end out of range"),
-    ("0 0 0-5 * *", "range start below day-of-month minimum"),
-    ("-1 * * * *", "negative minute"),
-    # garbage
-    ("a b c d e", "letters"),
-    ("1-2-3 * * * *", "two dashes"),
-    ("* * * * mon-", "dangling dash"),
-    ("*-5 * * * *", "star as a range start (crontab refuses it)"),
-    ("** * * * *", "double star"),
-    ("1.5 * * * *", "decimal minute"),
-    ("CRON_TZ=Not/AZone 0 0 * * *", "unknown time zone"),
-]
-
-# Valid under robfig/cron and SPEC: steps beyond the range simply give one value.
-VALID_SPECS = [
-    ("*/70 * * * *", "step beyond the minute range: minute 0 only"),
-    ("5/100 * * * *", "N/step beyond the range: minute 5 only"),
-    ("0 0 1-10/40 * *", "range step beyond the range"),
-    ("0 0 0 * * 1/9", "day-of-week step beyond the range: Monday only"),
-    ("0 0 * * 7", "7 = Sunday in 5 fields"),
-    ("0 0 ? * MON-fri", "? and mixed-case names"),
-    ("@every 1s", "the minimum @every"),
-    ("@every 2562047h47m16.854775807s", "the maximum @every"),
-]
-
-# Valid syntax that matches no time in the next 5 years: a 400 at the API,
-# None from next_after.
-NO_MATCH_SPECS = [
-    ("0 0 30 2 *", "February 30th"),
-    ("0 0 0 31 4,6,9,11 *", "31st of a 30-day month"),
-    ("0 0 0 31 2 ?", "February 31st, 6 fields"),
-]
-
-
 class TestInvalidSpecs(unittest.TestCase):
+    """Every invalid spec is refused with a CronError naming what is wrong."""
 
     def test_invalid_specs_raise_cron_error(self):
         problems = []
@@ -1278,8 +1932,8 @@ class TestInvalidSpecs(unittest.TestCase):
 
 
 class TestCronApi(unittest.TestCase):
-    """Issue 14 over HTTP: every invalid spec is a 400 with a message on every path
-    that takes one, never a 500; the cases of the issue with their exact answers."""
+    """Cron specs over HTTP: every invalid spec is a 400 with a message on every path
+    that takes one, never a 500; the edge cases with their exact answers."""
 
     def test_run_now_on_a_cron_leaves_its_schedule(self):
         with receiver() as rx, running_daemon() as d:
@@ -1336,186 +1990,14 @@ class TestCronApi(unittest.TestCase):
                                                        "schedule": "@every1h"})[0], 400)
 
 
-class TestTaskModel(unittest.TestCase):
-    def test_json_round_trip_and_types(self):
-        task = pt.Task("ab" * 16, "http://x/y", b"\x00\xff", 201, "", next_run=5,
-                       last_error_body=b"oops", last_error_status_code=500, tries=2)
-        doc = task.to_json()
-        self.assertEqual(doc["payload"], b64(b"\x00\xff"))
-        self.assertEqual(doc["last_error_body"], b64(b"oops"))
-        back = pt.Task.from_json(json.loads(json.dumps(doc)))
-        self.assertEqual(back.to_json(), doc)
-
-    def test_encoded_task_is_what_the_json_module_writes(self):
-        # encode_task formats each field by its kind; the stdlib encoder of the
-        # task's dict is the oracle, over random values of every field
-        rng = random.Random(7)
-        texts = ["", "plain", 'q"uote\\', "line\nbreak\x00\x1f", "é\u2028\U0001f600", "</script>"]
-        pick = {
-            "string": lambda: rng.choice(texts),
-            "integer": lambda: rng.choice([0, 1, -7, 2 ** 63, True, 3.5]),
-            "time": lambda: rng.choice([0, 1_764_000_000_000_000_000, 12.25]),
-            "number": lambda: rng.choice([0.1, 3600, 1e-7, 2.5]),
-            "bytes": lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(9))),
-            "object": lambda: {rng.choice(texts): rng.choice(texts) for _ in range(3)},
-            "list": lambda: rng.choice([[], [{"at": 1, "error": None}], [None, "x", 1.5]]),
-        }
-        for _ in range(3000 if STRESS else 300):
-            task = pt.Task(pt.new_id(), "http://x/y")
-            for field in pt.TASK_FIELDS:
-                nullable = field.default is None and field.kind != "list" and rng.random() < 0.3
-                setattr(task, field.name, None if nullable else pick[field.kind]())
-            expected = json.dumps(task.to_json(), separators=(",", ":")).encode()
-            self.assertEqual(pt.encode_task(task), expected)
-
-    def test_original_layout_record(self):
-        original = {"id": "0123456789ab", "url": "http://a/b", "payload": b64(b"{}"),
-                    "expected": 0, "schedule": "", "next_run": 1600000000000000000,
-                    "tries": 3, "last_error_body": None, "last_error_status_code": 0}
-        task = pt.Task.from_json(original)
-        self.assertEqual((task.expected, task.payload, task.tries), (200, b"{}", 3))
-        self.assertEqual(task.next_scheduled_run, 1600000000000000000)
-
-    def test_cron_id_is_sha1_of_url_payload_schedule(self):
-        self.assertEqual(pt.cron_id("http://a/b", b"xyz", "@daily"),
-                         hashlib.sha1(b"http://a/bxyz@daily").hexdigest())
-
-    def test_ids(self):
-        self.assertRegex(pt.new_id(), r"^[0-9a-f]{32}$")
-        self.assertRegex(pt.new_id(6), r"^[0-9a-f]{12}$")
-
-
-class TestBackoff(unittest.TestCase):
-    def dispatcher(self, **kw):
-        return pt.Dispatcher(None, None, None, rng=random.Random(7), **kw)
-
-    def test_exponential_with_jitter_and_cap(self):
-        d = self.dispatcher(min_backoff=1.0, max_backoff=86400.0)
-        for tries in range(1, 12):
-            base = 4.0 ** (tries - 1)
-            for _ in range(20):
-                delay = d.backoff(tries)
-                self.assertGreaterEqual(delay, min(base * 0.7, 86400))
-                self.assertLessEqual(delay, min(base * 1.3, 86400))
-        self.assertEqual(d.backoff(40), 86400.0)
-
-    def test_jitter_goes_both_ways(self):
-        d = self.dispatcher(min_backoff=10.0)
-        delays = [d.backoff(1) for _ in range(200)]
-        self.assertTrue(any(x < 10 for x in delays) and any(x > 10 for x in delays))
-
-    def test_retry_after_is_a_floor_still_capped(self):
-        d = self.dispatcher(min_backoff=1.0, max_backoff=100.0)
-        self.assertGreaterEqual(d.backoff(1, retry_after=30), 30)
-        self.assertEqual(d.backoff(1, retry_after=1000), 100.0)
-
-    def test_parse_retry_after(self):
-        self.assertEqual(pt.parse_retry_after("120", 0), 120.0)
-        self.assertAlmostEqual(pt.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT",
-                                                    1445412470.0), 10.0)
-        self.assertIsNone(pt.parse_retry_after("soon", 0))
-        self.assertIsNone(pt.parse_retry_after(None, 0))
-
-
-class FakeClock:
-    """An injected wall clock (Unix ns) that only moves when told."""
-
-    def __init__(self, start):
-        self.now = start
-
-    def __call__(self):
-        return self.now
-
-
-class TestPolicy(unittest.TestCase):
-    """Dispatcher.decide: what an outcome does to a task, with an injected clock."""
-
-    T0 = ts("2026-01-01T00:00:00+00:00")
-
-    def setUp(self):
-        self.clock = FakeClock(self.T0)
-        self.d = pt.Dispatcher(None, None, None, max_tries=3, min_backoff=1.0,
-                               max_backoff=3600.0, clock=self.clock, rng=random.Random(1),
-                               cron_tz=UTC)
-
-    def outcome(self, status, body=b""):
-        return pt.Outcome(status, body, self.clock.now, 0.01, None, "r" * 12)
-
-    def test_retry_then_dead(self):
-        task = pt.Task("a" * 32, "http://x/", next_run=self.T0)
-        buried = []
-        self.assertEqual(self.d.decide(task, self.outcome(500, b"e"), buried), ("waiting", []))
-        self.assertTrue(0.7e9 <= task.next_run - self.T0 <= 1.3e9)
-        self.assertEqual((task.tries, task.last_error_status_code, task.last_error_body),
-                         (1, 500, b"e"))
-        self.d.decide(task, self.outcome(500), buried)
-        self.assertTrue(2.8e9 <= task.next_run - self.T0 <= 5.2e9)  # 4 s +/- 30 %
-        self.assertEqual(self.d.decide(task, self.outcome(-1, b"refused"), buried), ("dead", []))
-        self.assertEqual(len(buried), 1)
-        self.assertEqual([a["status"] for a in task.attempts], [500, 500, -1])
-
-    def test_per_task_max_tries_and_410(self):
-        task = pt.Task("a" * 32, "http://x/", max_tries=1)
-        self.assertEqual(self.d.decide(task, self.outcome(500), [])[0], "dead")
-        task = pt.Task("b" * 32, "http://x/")
-        self.assertEqual(self.d.decide(task, self.outcome(410), [])[0], "dead")
-        task = pt.Task("c" * 32, "http://x/", expected=410)
-        self.assertEqual(self.d.decide(task, self.outcome(410), [])[0], "success")
-
-    def test_attempt_history_keeps_ten(self):
-        d = pt.Dispatcher(None, None, None, max_tries=50, clock=self.clock, rng=random.Random(1))
-        task = pt.Task("a" * 32, "http://x/")
-        for _ in range(15):
-            d.decide(task, self.outcome(500, b"x" * 1000), [])
-        self.assertEqual(len(task.attempts), 10)
-        self.assertEqual(len(task.attempts[-1]["error"]), pt.ATTEMPT_ERROR_LIMIT)
-
-    def test_cron_success_coalesces_missed_runs(self):
-        occurrence = self.T0
-        task = pt.Task("c" * 40, "http://x/", schedule="*/5 * * * *", next_run=occurrence)
-        self.clock.now = occurrence + 17 * 60 * 10 ** 9  # the daemon was down 17 minutes
-        table, copies = self.d.decide(task, self.outcome(200), [])
-        self.assertEqual(table, "waiting")
-        self.assertEqual(task.next_run, occurrence + 20 * 60 * 10 ** 9)  # one run, then 00:20
-        self.assertEqual((task.tries, task.next_scheduled_run), (0, task.next_run))
-        self.assertEqual(copies[0][0], "success")
-        self.assertEqual((copies[0][1].cron_id, copies[0][1].schedule), (task.id, ""))
-        self.assertNotEqual(copies[0][1].id, task.id)
-
-    def test_a_cron_run_by_hand_keeps_its_next_occurrence(self):
-        """POST /tasks/<id>/run on a cron is a run more, not the next one: the
-        occurrence it was waiting for still comes (as Cloud Scheduler's force run)."""
-        occurrence = self.T0 + 3600 * 10 ** 9  # 01:00, an hour away
-        task = pt.Task("c" * 40, "http://x/", schedule="0 * * * *", next_run=self.T0,
-                       next_scheduled_run=occurrence)  # as run_now leaves it
-        for status, table in ((200, "success"), (500, "dead")):
-            d = pt.Dispatcher(None, None, None, max_tries=1, clock=self.clock,
-                              rng=random.Random(1), cron_tz=UTC)
-            task.next_run = self.T0
-            self.assertEqual(d.decide(task, self.outcome(status), [])[1][0][0], table)
-            self.assertEqual((task.next_run, task.next_scheduled_run), (occurrence, occurrence))
-        self.clock.now = occurrence  # and that occurrence, when it comes, goes on as ever
-        self.d.decide(task, self.outcome(200), [])
-        self.assertEqual(task.next_run, occurrence + 3600 * 10 ** 9)
-
-    def test_cron_failure_retries_but_never_past_next_occurrence(self):
-        task = pt.Task("c" * 40, "http://x/", schedule="* * * * *", next_run=self.T0)
-        d = pt.Dispatcher(None, None, None, max_tries=12, min_backoff=20.0, clock=self.clock,
-                          rng=random.Random(1), cron_tz=UTC)
-        buried = []
-        self.assertEqual(d.decide(task, self.outcome(500), buried), ("waiting", []))
-        self.assertEqual(task.tries, 1)  # a retry 14-26 s later, before 00:01
-        self.clock.now = task.next_run
-        table, copies = d.decide(task, self.outcome(500), buried)  # next: 56-104 s, too late
-        self.assertEqual(table, "waiting")
-        self.assertEqual(copies[0][0], "dead")
-        self.assertEqual(copies[0][1].tries, 2)
-        self.assertEqual(task.next_run, self.T0 + 60 * 10 ** 9)
-        self.assertEqual(task.tries, 0)
-        self.assertEqual(len(buried), 1)
+# --------------------------------------------------------------------------
+# Storage: the ordered index, journal, group commit, snapshots, recovery
+# --------------------------------------------------------------------------
 
 
 class TestSortedKeys(unittest.TestCase):
+    """The ordered index of the tables, against a sorted list."""
+
     def test_against_a_sorted_list(self):
         rng = random.Random(SEED_UNIT)
         keys, model = pt.SortedKeys(), []
@@ -1546,7 +2028,325 @@ class TestSortedKeys(unittest.TestCase):
                 self.assertEqual(keys.after(probe, limit), [k for k in model if k > probe][:limit])
 
 
+class TestStorage(unittest.TestCase):
+    """The Store: journal, group commit, snapshots, recovery, caps."""
+
+    def test_the_data_directory_records_its_format(self):
+        """Nothing said what an older daemon does with a newer data directory."""
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "data")
+        with running_daemon(data_dir=data) as d:
+            task_id = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/t", "delay_s": 600})[
+                2]["id"]
+        with open(os.path.join(data, "format")) as f:
+            self.assertEqual(f.read(), "poussetaches data format %d\n" % pt.FORMAT_VERSION)
+        # a newer format: refused, naming both, nothing touched
+        with open(os.path.join(data, "format"), "w") as f:
+            f.write("poussetaches data format 99\n")
+        before = sorted(os.listdir(data))
+        daemon = pt.Daemon(host="127.0.0.1", port=0, data_dir=data)
+        with self.assertRaises(pt.ConfigError) as ctx:
+            daemon.start()
+        self.assertIn("is of format 99, newer than the format %d" % pt.FORMAT_VERSION,
+                      str(ctx.exception))
+        self.assertEqual(sorted(os.listdir(data)), before)
+        # an older one: copied aside, then upgraded, the tasks kept
+        with open(os.path.join(data, "format"), "w") as f:
+            f.write("poussetaches data format 1\n")
+        with self.assertLogs("poussetaches", "WARNING") as logs:
+            with running_daemon(data_dir=data, paused=True) as d:
+                self.assertEqual(call(d.url, "GET", "/tasks/" + task_id)[0], 200)
+        self.assertIn("from format 1 to %d" % pt.FORMAT_VERSION, "\n".join(logs.output))
+        with open(os.path.join(data + ".format-1", "format")) as f:
+            self.assertEqual(f.read(), "poussetaches data format 1\n")
+        with open(os.path.join(data, "format")) as f:
+            self.assertEqual(f.read(), "poussetaches data format %d\n" % pt.FORMAT_VERSION)
+        with open(os.path.join(data, "format"), "w") as f:
+            f.write("hello\n")
+        with self.assertRaises(pt.ConfigError):
+            pt.Daemon(host="127.0.0.1", port=0, data_dir=data).start()
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="pt-store-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def store(self):
+        return pt.Store(self.dir, pt.DueQueue())
+
+    def task(self, n=0):
+        return pt.Task(pt.new_id(), "http://127.0.0.1:1/%d" % n, b"p%d" % n, next_run=n)
+
+    def test_group_commit_writes_queued_records_at_once(self):
+        journal = pt.Journal(self.dir, 1)
+        tickets = [journal.append({"op": "del", "id": str(i)}) for i in range(10)]
+        journal.start()  # the writer finds all ten waiting: one write, one fsync
+        for t in tickets:
+            t.wait()
+        self.assertEqual((journal.records, journal.commits), (10, 1))
+        journal.close()
+
+    def test_concurrent_adds_share_fsyncs(self):
+        s = self.store()
+        s.start()
+        threads = [threading.Thread(target=s.add, args=(self.task(i),)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        self.assertEqual(s.counts()["waiting"], 40)
+        self.assertLessEqual(s.journal.commits, 40)
+        s.close()
+
+    def test_recovery_from_journal_and_snapshot(self):
+        s = self.store()
+        s.start()
+        tasks = [self.task(i) for i in range(5)]
+        for t in tasks:
+            s.add(t)
+        s.snapshot()
+        s.add(self.task(9))
+        s.delete(tasks[0].id)
+        s.close()
+        names = sorted(os.listdir(self.dir))
+        self.assertIn("snapshot.json", names)
+        self.assertEqual(len([n for n in names if n.startswith("journal")]), 1)
+        again = self.store()
+        self.assertEqual(again.counts()["waiting"], 5)
+        self.assertIsNone(again.get(tasks[0].id)[1])
+        self.assertEqual(again.recovery["snapshot_tasks"], 5)
+        self.assertEqual(again.recovery["journal_records"], 2)
+
+    def test_snapshot_versions(self):
+        task = self.task(7)
+        task.last_error_body, task.attempts = b"oops", [{"status": 500}]
+        with open(os.path.join(self.dir, "snapshot.json"), "w") as f:  # version 1: objects
+            json.dump({"version": 1, "journal": 1, "waiting": [task.to_json()]}, f)
+        self.assertEqual(self.store().get(task.id)[1], task.to_json())
+        s = self.store()
+        s.start()
+        s.snapshot()  # version 2: rows in a declared order
+        s.close()
+        with open(os.path.join(self.dir, "snapshot.json")) as f:
+            doc = json.load(f)
+        self.assertEqual((doc["version"], tuple(doc["fields"])), (2, pt.TASK_NAMES))
+        self.assertEqual(self.store().get(task.id)[1], task.to_json())
+
+    def test_files_are_private(self):
+        s = self.store()
+        s.start()
+        s.add(self.task())
+        s.snapshot()
+        s.close()
+        for name in os.listdir(self.dir):
+            self.assertEqual(os.stat(os.path.join(self.dir, name)).st_mode & 0o077, 0, name)
+
+    def write_journal(self, n):
+        s = self.store()
+        s.start()
+        ids = []
+        for i in range(n):
+            t = self.task(i)
+            s.add(t)
+            ids.append(t.id)
+        s.close()
+        name = [n for n in os.listdir(self.dir) if n.startswith("journal")][0]
+        return os.path.join(self.dir, name), ids
+
+    def test_torn_last_record_is_dropped(self):
+        path, ids = self.write_journal(3)
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            last_len = len(f.read().split(b"\n")[-2]) + 1
+        for cut in (1, last_len // 2, last_len - 1):
+            with self.subTest(cut=cut):
+                with open(path, "r+b") as f:
+                    f.truncate(size - cut)
+                with self.assertLogs("poussetaches", "WARNING") as logs:
+                    s = self.store()
+                self.assertEqual(s.counts()["waiting"], 2)
+                self.assertEqual(s.recovery["torn_records"], 1)
+                self.assertTrue(any("torn" in line for line in logs.output))
+                for task_id in ids[:2]:
+                    self.assertIsNotNone(s.get(task_id)[1])
+
+    def test_corrupt_middle_record_is_skipped_and_counted(self):
+        path, ids = self.write_journal(3)
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+        lines[1] = lines[1][:40] + (b"X" if lines[1][40:41] != b"X" else b"Y") + lines[1][41:]
+        with open(path, "wb") as f:
+            f.write(b"\n".join(lines))
+        with self.assertLogs("poussetaches", "WARNING"):
+            s = self.store()
+        self.assertEqual(s.recovery["corrupt_records"], 1)
+        self.assertIsNotNone(s.get(ids[0])[1])
+        self.assertIsNone(s.get(ids[1])[1])
+        self.assertIsNotNone(s.get(ids[2])[1])
+
+    def test_import_original_layout(self):
+        ns = 1700000000 * 10 ** 9
+        for table, n in (("waiting", 3), ("dead", 2), ("success", 1)):
+            os.makedirs(os.path.join(self.dir, table))
+            for i in range(n):
+                task_id = "%s%02d" % (table[:2], i)
+                with open(os.path.join(self.dir, table, task_id), "w") as f:
+                    json.dump({"id": task_id, "url": "http://127.0.0.1:9/%s" % table,
+                               "payload": b64(b"hello"), "expected": 200,
+                               "schedule": "", "next_run": ns + i, "tries": i,
+                               "last_error_body": b64(b"err") if table == "dead" else None,
+                               "last_error_status_code": 500 if table == "dead" else 0}, f)
+        with open(os.path.join(self.dir, "waiting", "broken"), "w") as f:
+            f.write("{not json")
+        with self.assertLogs("poussetaches", "INFO") as logs:
+            s = self.store()
+        # the line counts what the tables then hold
+        self.assertTrue(any("3 waiting (0 cron, 0 of them restored from their last run), "
+                            "1 success, 2 dead" in line for line in logs.output), logs.output)
+        self.assertEqual(s.counts(), {"waiting": 3, "success": 1, "dead": 2, "cron": 0})
+        state, doc = s.get("de01")
+        self.assertEqual((state, doc["tries"], doc["last_error_status_code"]), ("dead", 1, 500))
+        self.assertEqual(base64.b64decode(doc["payload"]), b"hello")
+        s.start()
+        s.snapshot()
+        s.close()
+        self.assertTrue(os.path.isdir(os.path.join(self.dir, "waiting")))  # left as it was,
+        self.assertEqual(len(os.listdir(os.path.join(self.dir, "waiting"))), 3)  # less the
+        self.assertEqual(os.listdir(os.path.join(self.dir, "import-rejected", "waiting")),
+                         ["broken"])                                  # file set aside
+        again = self.store()  # imported once: the snapshot holds them now
+        self.assertEqual(again.recovery["imported"], 0)
+        self.assertEqual(again.counts()["waiting"], 3)
+
+    def test_second_daemon_is_refused(self):
+        with running_daemon(data_dir=os.path.join(self.dir, "d")):
+            second = pt.Daemon(port=0, data_dir=os.path.join(self.dir, "d"))
+            with self.assertRaises(pt.LockedError) as ctx:
+                second.start()
+            self.assertIn("another poussetaches", str(ctx.exception))
+
+    def test_disk_error_gives_503_and_recovers(self):
+        broken = threading.Event()
+
+        class BrokenFS(pt.FileSystem):
+            def __init__(self, flag):
+                self.flag = flag
+
+            def open(self, path, flags, mode=0o777):
+                if self.flag.is_set():
+                    raise OSError(28, "No space left on device")
+                return os.open(path, flags, mode)
+
+        with receiver() as rx, running_daemon(data_dir=os.path.join(self.dir, "d"),
+                                              fs=BrokenFS(broken)) as d:
+            ok = call(d.url, "POST", "/", {"url": rx.url()})
+            self.assertEqual(ok[0], 201)
+            rx.wait_for(1)  # delivered and settled: the waiting table is empty again
+            wait_until(lambda: call(d.url, "GET", "/")[2]["waiting"] == 0, what="settled")
+            broken.set()
+            d.store.journal._close_quietly()  # the next write must reopen the file, and fails
+            status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/lost")})
+            self.assertEqual(status, 503)
+            self.assertIn("No space left", doc["error"])
+            self.assertIs(call(d.url, "GET", "/")[2]["healthy"], False)
+            self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 0)
+            broken.clear()
+            status, _, _ = call(d.url, "POST", "/", {"url": rx.url()})
+            self.assertEqual(status, 201)
+            self.assertIs(call(d.url, "GET", "/")[2]["healthy"], True)
+            rx.wait_for(2)
+            self.assertNotIn("/lost", [g["path"] for g in rx.got])
+
+    def test_fsync_failure_after_an_early_delivery_takes_the_change_back(self):
+        # A new task is dispatched once written, while its fsync runs.  When that
+        # fsync fails, the answer is a 503 and the task does not stay: not even
+        # as the retry its early attempt settled as.  A named cron whose
+        # replacement fails keeps its old schedule, and that schedule still runs.
+        failing = []   # [wait first for the early attempt to settle?]: the next fsync fails
+
+        class FailingFsync(pt.FileSystem):
+            def fsync(self, fd):
+                if failing:
+                    if failing.pop():  # the attempt was made and settled (not in flight)
+                        wait_until(lambda: rx.got and not d.store.in_flight(), poll=0.005,
+                                   what="the early attempt")
+                    raise OSError(5, "Input/output error")
+                os.fsync(fd)
+
+        with receiver() as rx, running_daemon(fs=FailingFsync(), max_tries=5,
+                                              min_backoff=30, max_backoff=30) as d:
+            rx.answers["/retry"] = [(500, b"not yet")]
+            failing.append(True)
+            status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/retry")})
+            self.assertEqual((status, "Input/output error" in doc["error"]), (503, True))
+            self.assertEqual(rx.wait_for(1, path="/retry")[0]["path"], "/retry")
+            self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 0)
+
+            cron = {"url": rx.url("/old"), "schedule": "@every 1s", "name": "digest"}
+            self.assertEqual(call(d.url, "POST", "/", cron)[0], 201)
+            failing.append(False)
+            status, _, _ = call(d.url, "POST", "/", dict(cron, url=rx.url("/new"),
+                                                         schedule="@every 1h"))
+            self.assertEqual(status, 503)
+            tasks = call(d.url, "GET", "/cron")[2]["tasks"]
+            self.assertEqual([(t["url"], t["schedule"]) for t in tasks],
+                             [(rx.url("/old"), "@every 1s")])
+            rx.wait_for(1, path="/old")  # the old schedule is still on the due queue
+
+    def test_success_and_dead_tables_are_capped(self):
+        """The quotas covered the waiting table only: 60 tasks of 900 KB under
+        --max-stored-bytes 1000000 ended as 30 success and 30 dead records, RSS
+        up 60 MB, the data dir up 138 MB.  Each table now has a record and a
+        byte cap; the oldest records go, logged and counted in /metrics."""
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "d")
+        caps = dict(keep_success=100, max_success_bytes=2500, keep_dead=3,
+                    max_dead_bytes=10 ** 6, max_stored_bytes=1000)
+        with receiver() as rx, self.assertLogs("poussetaches", "WARNING") as logs:
+            rx.answers["/gone"] = [(410, b"")] * 10
+            with running_daemon(data_dir=data, **caps) as d:
+                ok = []
+                for n in range(1, 5):  # one at a time: two 900-byte payloads waiting are a 507
+                    ok.append(call(d.url, "POST", "/", {"url": rx.url("/ok"),
+                                                        "payload": b64(b"s" * 900)})[2]["id"])
+                    rx.wait_for(n, path="/ok")
+                    wait_until(lambda: call(d.url, "GET", "/")[2]["waiting"] == 0,
+                               what="the task settled")
+                wait_until(lambda: call(d.url, "GET", "/")[2]["success"] == 2 and
+                           d.store.dropped["success", "bytes"] == 2, what="success trimmed")
+                gone = [call(d.url, "POST", "/", {"url": rx.url("/gone"),
+                                                  "payload": b64(b"d" * 10)})[2]["id"]
+                        for _ in range(5)]
+                wait_until(lambda: d.store.dropped["dead", "records"] == 2, what="dead trimmed")
+                kept = {t["id"] for t in call(d.url, "GET", "/dead")[2]["tasks"]}
+                self.assertEqual(kept, set(gone[2:]))  # the newest three
+                self.assertEqual({t["id"] for t in call(d.url, "GET", "/success")[2]["tasks"]},
+                                 set(ok[2:]))
+                self.assertEqual(d.store.table_bytes, {"success": 1800, "dead": 30})
+                metrics = call(d.url, "GET", "/metrics")[2].decode()
+                self.assertIn('poussetaches_records_dropped_total{table="dead",cap="records"} 2',
+                              metrics)
+                self.assertIn('poussetaches_records_dropped_total{table="success",cap="bytes"} 2',
+                              metrics)
+                self.assertIn('poussetaches_table_bytes{table="success"} 1800', metrics)
+            with running_daemon(data_dir=data, **caps) as d:  # the same after a restart
+                self.assertEqual({t["id"] for t in call(d.url, "GET", "/dead")[2]["tasks"]},
+                                 set(gone[2:]))
+                self.assertEqual(d.store.table_bytes, {"success": 1800, "dead": 30})
+        dropped = [m for m in logs.output if "dead table over its cap of 3 records" in m]
+        self.assertEqual(len(dropped), 2, logs.output)
+        self.assertIn(gone[0], dropped[0])
+
+
+# --------------------------------------------------------------------------
+# Scheduling: the due-time queue, queues, ordering keys, priorities
+# --------------------------------------------------------------------------
+
+
 class TestDueQueue(unittest.TestCase):
+    """The due-time queue: order, waits, holds, sizes, queues and rates."""
+
     def test_order_and_ties(self):
         q = pt.DueQueue()
         q.put_task(3, "c", 0)
@@ -1694,248 +2494,273 @@ class TestDueQueue(unittest.TestCase):
         self.assertEqual(q.get(False)[2], "b")
 
 
+class TestQueues(unittest.TestCase):
+    """Queues: their settings and lag, ordering keys, priorities, held tasks."""
+
+    def test_a_held_task_says_why(self):
+        """Tasks held behind an ordering key's head showed "-" and a past next run,
+        and a queue's lag turned red with no reason given."""
+        with receiver() as rx, running_daemon(paused=True, min_backoff=60, max_backoff=60,
+                                              grace=0.1) as d:
+            rx.answers["/slow"] = [(200, b"", {}, 2.0)]
+            rx.answers["/fails"] = [(500, b"no")]
+
+            def push(path, **extra):
+                return call(d.url, "POST", "/", dict({"url": rx.url(path)}, **extra))[2]["id"]
+
+            def held(task_id):
+                return call(d.url, "GET", "/tasks/" + task_id)[2]["held"]
+            first = push("/fails", ordering_key="k")
+            second = push("/x", ordering_key="k")
+            slow = push("/slow", queue="one")
+            behind = push("/x", queue="one")
+            self.assertEqual(held(second), "dispatching is paused (POST /resume)")
+            call(d.url, "PUT", "/queues/one", {"concurrency": 1, "paused": True})
+            call(d.url, "POST", "/resume")
+            self.assertEqual(held(behind), "its queue one is paused")
+            wait_until(lambda: call(d.url, "GET", "/tasks/" + first)[2]["tries"] == 1,
+                       what="the head's first failure")
+            self.assertIsNone(held(first))  # not due: its retry is a minute away
+            self.assertEqual(held(second), "its ordering key 'k' runs task %s first" % first)
+            call(d.url, "POST", "/queues/one/resume")
+            wait_until(lambda: d.store.in_flight() == 1 and
+                       call(d.url, "GET", "/tasks/" + slow)[2]["tries"] == 0, poll=0.02,
+                       what="the slow task under way")
+            self.assertEqual(held(behind), "its queue one is at its concurrency (1 under way)")
+            self.assertIsNone(held(slow))  # on its way, not held
+            for _ in range(5):
+                d.dispatcher.breakers.record("http://down.example:80", True)
+            task = call(d.url, "POST", "/", {"url": "http://down.example/t"})
+            self.assertEqual(task[0], 201)
+            self.assertRegex(held(task[2]["id"]),
+                             r"^the circuit for http://down\.example:80 is open")
+            # a page of a listing says it for each task; a whole listing stays the original's
+            page = call(d.url, "GET", "/waiting?limit=10")[2]["tasks"]
+            self.assertIn(("its ordering key 'k' runs task %s first" % first),
+                          [t["held"] for t in page])
+            self.assertNotIn("held", call(d.url, "GET", "/waiting")[2]["tasks"][0])
+            code, out, _ = TestCli.run_cli(self, "--url", d.url, "show", second)
+            self.assertIn("held:                   its ordering key 'k' runs task", out)
+
+    def test_paused_and_saturated_queues_do_not_block_others(self):
+        with receiver() as rx, running_daemon(workers=4) as d:
+            self.assertEqual(call(d.url, "POST", "/queues/held/pause")[0], 200)
+            status, _, q = call(d.url, "PUT", "/queues/slow", {"concurrency": 1})
+            self.assertEqual((status, q["settings"]), (200, {"concurrency": 1}))
+            rx.answers["/slow"] = [(200, b"", {}, 1.0)]
+            for i in range(2):
+                call(d.url, "POST", "/", {"url": rx.url("/held"), "queue": "held"})
+                call(d.url, "POST", "/", {"url": rx.url("/slow"), "queue": "slow"})
+            wait_until(lambda: call(d.url, "GET", "/queues/slow")[2]["in_flight"] == 1,
+                       what="a slow task under way", poll=0.02)
+            for i in range(5):
+                call(d.url, "POST", "/", {"url": rx.url("/fast"), "queue": "fast"})
+            rx.wait_for(5, path="/fast")
+            # the slow queue is saturated (its first task still runs) and the paused one
+            # holds its tasks, yet the fast ones went through
+            slow = call(d.url, "GET", "/queues/slow")[2]
+            self.assertEqual((slow["in_flight"], slow["waiting"]), (1, 2))
+            self.assertEqual(len([g for g in rx.got if g["path"] == "/held"]), 0)
+            held = call(d.url, "GET", "/queues/held")[2]
+            self.assertEqual((held["waiting"], held["due"], held["settings"]),
+                             (2, 2, {"paused": True}))
+            self.assertGreaterEqual(held["oldest_due_age_s"], 0)
+            self.assertEqual(call(d.url, "POST", "/queues/held/resume")[0], 200)
+            rx.wait_for(2, path="/held")
+            got = [g["at"] for g in rx.wait_for(2, path="/slow")]
+            self.assertGreaterEqual(got[1] - got[0], 0.9)  # one /slow at a time
+
+    def test_per_queue_rate(self):
+        with receiver() as rx, running_daemon(workers=4) as d:
+            call(d.url, "PUT", "/queues/partner", {"rate": 20, "burst": 1})
+            started = time.time()
+            for i in range(20):
+                call(d.url, "POST", "/", {"url": rx.url("/partner"), "queue": "partner"})
+                call(d.url, "POST", "/", {"url": rx.url("/free")})
+            free = rx.wait_for(20, path="/free")
+            partner = rx.wait_for(20, path="/partner", timeout=WAIT)
+            span = partner[-1]["at"] - partner[0]["at"]
+            self.assertGreater(span, 0.8)   # 20 at 20/s, burst 1: about 0.95 s
+            self.assertLess(span, 2.5)
+            # the other queue is not throttled: all of it is done before half of the partner's
+            self.assertLess(free[-1]["at"], partner[10]["at"])
+            self.assertLess(free[-1]["at"] - started, 2.0)
+
+    def test_ordering_keys(self):
+        with receiver() as rx, running_daemon(workers=4, max_tries=5,
+                                              min_backoff=0.02, max_backoff=0.05) as d:
+            for key in range(5):
+                rx.answers["/k%d/0" % key] = [(500, b"no"), (500, b"no"), (200, b"")]
+            for i in range(10):
+                for key in range(5):
+                    call(d.url, "POST", "/", {"url": rx.url("/k%d/%d" % (key, i)),
+                                              "ordering_key": "k%d" % key, "json": i})
+            rx.wait_for(50 + 10)  # 50 tasks, each key's first failing twice
+            wait_until(lambda: call(d.url, "GET", "/")[2]["waiting"] == 0, what="all done")
+            for key in range(5):
+                mine = [g for g in rx.got if g["path"].startswith("/k%d/" % key)]
+                order = [int(g["path"].split("/")[2]) for g in mine]
+                firsts = [i for i, n in enumerate(order) if n != 0]
+                self.assertEqual(order[firsts[0]:], list(range(1, 10)), order)  # in order
+                self.assertEqual(order[:3], [0, 0, 0])
+            # a dead head releases its key
+            rx.answers["/dies"] = [(500, b"no")]
+            call(d.url, "POST", "/", {"url": rx.url("/dies"), "ordering_key": "x",
+                                      "max_tries": 1})
+            call(d.url, "POST", "/", {"url": rx.url("/after-death"), "ordering_key": "x"})
+            rx.wait_for(1, path="/after-death")
+            self.assertEqual(call(d.url, "GET", "/")[2]["dead"], 1)
+
+    def test_the_head_leaves_while_the_next_task_is_fsynced(self):
+        # B is written while A is its key's head (so not scheduled then), and A
+        # succeeds while B's fsync runs: B must still be scheduled.
+        hold = []
+
+        class SlowFsync(pt.FileSystem):
+            def fsync(self, fd):
+                if hold:
+                    hold.pop()
+                    wait_until(lambda: d.store.counts()["success"] == 1, poll=0.005,
+                               what="the head to succeed")
+                os.fsync(fd)
+
+        with receiver() as rx, running_daemon(fs=SlowFsync()) as d:
+            rx.answers["/a"] = [(200, b"", {}, 0.3)]
+            call(d.url, "POST", "/", {"url": rx.url("/a"), "ordering_key": "k"})
+            wait_until(lambda: d.store.in_flight() == 1, poll=0.005, what="A in flight")
+            hold.append(True)
+            self.assertEqual(call(d.url, "POST", "/", {"url": rx.url("/b"),
+                                                       "ordering_key": "k"})[0], 201)
+            rx.wait_for(1, path="/b")
+
+    def test_no_overlap_within_a_key(self):
+        with receiver() as rx, running_daemon(workers=4) as d:
+            rx.answers["/o"] = [(200, b"", {}, 0.15)]
+            for i in range(4):
+                call(d.url, "POST", "/", {"url": rx.url("/o"), "ordering_key": "same"})
+            got = rx.wait_for(4, path="/o")
+            gaps = [b["at"] - a["at"] for a, b in zip(got, got[1:])]
+            self.assertTrue(all(gap >= 0.14 for gap in gaps), gaps)
+
+    def test_priority_then_fifo(self):
+        with receiver() as rx, running_daemon(workers=1, paused=True) as d:
+            rng = random.Random(SEED_UNIT)
+            sent = []
+            for i in range(30):
+                priority = rng.choice([-5, 0, 0, 3, 10])
+                call(d.url, "POST", "/", {"url": rx.url("/p/%d" % i), "priority": priority})
+                sent.append((priority, i))
+            call(d.url, "POST", "/resume")
+            got = [int(g["path"].split("/")[2]) for g in rx.wait_for(30)]
+            expected = [i for _, i in sorted(sent, key=lambda pi: (-pi[0], pi[1]))]
+            self.assertEqual(got, expected)
+            status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/x"), "priority": 101})
+            self.assertEqual((status, doc["field"]), (400, "priority"))
+
+    def test_queue_calls_and_bad_settings(self):
+        with running_daemon(paused=True) as d:
+            for body, field in (({"rate": 0}, "rate"), ({"concurrency": 1.5}, "concurrency"),
+                                ({"paused": "yes"}, "paused"), ({"bogus": 1}, "bogus"),
+                                ({"min_backoff": 5, "max_backoff": 1}, "min_backoff")):
+                status, _, doc = call(d.url, "PUT", "/queues/q", body)
+                self.assertEqual((status, doc.get("field")), (400, field), body)
+            self.assertEqual(call(d.url, "PUT", "/queues/Bad!", {})[0], 400)
+            self.assertEqual(call(d.url, "GET", "/queues/none")[0], 404)
+            call(d.url, "PUT", "/queues/q", {"rate": 5, "max_tries": 3})
+            status, _, q = call(d.url, "PUT", "/queues/q", {"rate": None, "timeout_s": 5})
+            self.assertEqual(q["settings"], {"max_tries": 3, "timeout_s": 5})
+            # null is the default, on either side of the backoff pair (a 500 before)
+            for body, settings in (({"min_backoff": 1, "max_backoff": None},
+                                    {"min_backoff": 1}),
+                                   ({"min_backoff": None, "max_backoff": 2}, {"max_backoff": 2}),
+                                   ({"max_backoff": None}, {})):
+                status, _, q = call(d.url, "PUT", "/queues/n", body)
+                self.assertEqual((status, q["settings"]), (200, settings), body)
+            call(d.url, "DELETE", "/queues/n")
+            call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x", "queue": "q"})
+            self.assertEqual(call(d.url, "DELETE", "/queues/q")[0], 409)
+            names = [q["name"] for q in call(d.url, "GET", "/queues")[2]["queues"]]
+            self.assertEqual(names, ["default", "q"])
+            self.assertEqual(call(d.url, "PUT", "/queues/q", {},
+                                  headers={"Sec-Fetch-Site": "cross-site"})[0], 403)
+            call(d.url, "DELETE", "/waiting")  # 405, harmless
+            call(d.url, "DELETE", "/tasks/" + call(d.url, "GET", "/waiting?queue=q")[2]
+                 ["tasks"][0]["id"])
+            self.assertEqual(call(d.url, "DELETE", "/queues/q")[0], 200)
+            self.assertEqual(call(d.url, "GET", "/queues/q")[0], 404)
+
+    def test_queue_policy_and_state_survive_a_crash(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "d")
+        with receiver() as rx:
+            daemon = DaemonProcess(data, "--paused")
+            try:
+                call(daemon.url, "PUT", "/queues/slow", {"concurrency": 1, "max_tries": 1})
+                call(daemon.url, "POST", "/queues/slow/pause")
+                for i in range(3):
+                    call(daemon.url, "POST", "/", {"url": rx.url("/s/%d" % i), "queue": "slow",
+                                                   "ordering_key": "k"})
+            finally:
+                daemon.kill()
+            again = DaemonProcess(data)
+            try:
+                q = call(again.url, "GET", "/queues/slow")[2]
+                self.assertEqual(q["settings"], {"concurrency": 1, "max_tries": 1, "paused": True})
+                self.assertEqual(q["waiting"], 3)
+                call(again.url, "POST", "/queues/slow/resume")
+                got = [g["path"] for g in rx.wait_for(3)]
+                self.assertEqual(got, ["/s/0", "/s/1", "/s/2"])
+                call(again.url, "POST", "/", {"url": rx.url("/snap"), "queue": "slow",
+                                              "delay_s": 60})
+            finally:
+                self.assertEqual(again.terminate(), 0)  # a final snapshot
+            third = DaemonProcess(data, "--paused")
+            try:
+                q = call(third.url, "GET", "/queues/slow")[2]
+                self.assertEqual((q["settings"], q["waiting"]),
+                                 ({"concurrency": 1, "max_tries": 1}, 1))
+            finally:
+                third.terminate()
+
+    def test_a_queue_goes_with_its_last_task_unless_it_has_settings(self):
+        data = os.path.join(tempfile.mkdtemp(prefix="pt-test-"), "data")
+        self.addCleanup(shutil.rmtree, os.path.dirname(data), True)
+        names = lambda d: [q["name"] for q in call(d.url, "GET", "/queues")[2]["queues"]]
+        with running_daemon(data, paused=True) as d:
+            call(d.url, "POST", "/queues/held/pause")
+            ids = [call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/", "queue": q}
+                        )[2]["id"] for q in ("held", "mail", "mail", "news")]
+            self.assertEqual(names(d), ["default", "held", "mail", "news"])
+            for task_id in ids[:3]:
+                call(d.url, "DELETE", "/tasks/" + task_id)
+            self.assertEqual(names(d), ["default", "held", "news"])
+        with running_daemon(data, paused=True) as d:  # the journal replayed says the same
+            self.assertEqual(names(d), ["default", "held", "news"])
+            call(d.url, "DELETE", "/tasks/" + ids[3])
+            self.assertEqual(names(d), ["default", "held"])
+
+    def test_held_tasks_cost_nothing_per_dispatch(self):
+        q = pt.DueQueue()
+        for n in range(100):
+            q.configure("held-%d" % n, paused=True)
+            for i in range(100):
+                q.put_task(0, "h-%d-%d" % (n, i), 0, "held-%d" % n)
+        q.put_task(0, "free", 0, "default")
+        entry = q.get_due()  # moves every due entry to its ready heap, once
+        self.assertEqual(entry[2], "free")
+        # the 100 paused queues are not even looked at
+        self.assertEqual([name for name, gate in q._gates.items() if gate.listed], [])
+
+
 # --------------------------------------------------------------------------
-# The HTTP API of the original (SPEC 1) and input validation
+# Delivery: attempts, retries, https, breakers, hooks
 # --------------------------------------------------------------------------
 
-TASK_KEYS = {"id": str, "url": str, "payload": str, "expected": int, "schedule": str,
-             "next_scheduled_run": int, "next_run": int, "tries": int, "last_run": int,
-             "last_error_status_code": int}
-
-
-class TestApi(unittest.TestCase):
-    def setUp(self):
-        self.rx = Receiver()
-        self.addCleanup(self.rx.close)
-        self.ctx = running_daemon(paused=True)
-        self.d = self.ctx.__enter__()
-        self.addCleanup(self.ctx.__exit__, None, None, None)
-
-    def push(self, **fields):
-        body = {"url": self.rx.url(), "payload": b64(b"{}"), "expected": 200,
-                "schedule": "", "delay": 0}
-        body.update(fields)
-        return call(self.d.url, "POST", "/", body)
-
-    def assert_task_shape(self, task):
-        for key, kind in TASK_KEYS.items():
-            self.assertIsInstance(task[key], kind, key)
-        self.assertIn("last_error_body", task)
-
-    def test_status(self):
-        status, _, doc = call(self.d.url, "GET", "/")
-        self.assertEqual(status, 200)
-        self.assertIs(doc["paused"], True)
-        self.assertIsInstance(doc["in_flight"], int)
-
-    def test_enqueue_answers_201_with_id_header_and_task(self):
-        status, headers, doc = self.push(payload=b64(b'{"a": 1}'), expected=202, delay=2)
-        self.assertEqual(status, 201)
-        self.assertRegex(headers["Poussetaches-Task-ID"], r"^[0-9a-f]{32}$")
-        self.assertEqual(doc["id"], headers["Poussetaches-Task-ID"])
-        self.assert_task_shape(doc)
-        self.assertEqual((doc["expected"], doc["tries"], doc["last_run"]), (202, 0, 0))
-        self.assertIsNone(doc["last_error_body"])
-        self.assertEqual(doc["last_error_status_code"], 0)
-        self.assertAlmostEqual(doc["next_run"] / 1e9, time.time() + 120, delta=10)
-
-    def test_defaults_of_a_minimal_task(self):
-        status, _, doc = call(self.d.url, "POST", "/", {"url": self.rx.url()})
-        self.assertEqual(status, 201)
-        self.assertEqual((doc["payload"], doc["expected"], doc["schedule"]), ("", 200, ""))
-        status, _, doc = self.push(payload=None, expected=0)
-        self.assertEqual((status, doc["payload"], doc["expected"]), (201, "", 200))
-
-    def test_listings_sorted_by_next_run(self):
-        ids = [self.push(delay=d)[1]["Poussetaches-Task-ID"] for d in (3, 1, 2)]
-        status, _, doc = call(self.d.url, "GET", "/waiting")
-        self.assertEqual(status, 200)
-        self.assertEqual([t["id"] for t in doc["tasks"]], [ids[1], ids[2], ids[0]])
-        self.assertEqual(doc["total"], 3)
-        for task in doc["tasks"]:
-            self.assert_task_shape(task)
-        for table in ("success", "dead", "cron"):
-            status, _, doc = call(self.d.url, "GET", "/" + table)
-            self.assertEqual((status, doc["tasks"]), (200, []))
-
-    def test_paging(self):
-        for d in range(5):
-            self.push(delay=d)
-        _, _, doc = call(self.d.url, "GET", "/waiting?limit=2&offset=1")
-        self.assertEqual((len(doc["tasks"]), doc["total"]), (2, 5))
-        _, _, full = call(self.d.url, "GET", "/waiting")
-        self.assertEqual([t["id"] for t in doc["tasks"]], [t["id"] for t in full["tasks"][1:3]])
-        for bad in ("limit=-1", "limit=abc", "limit=100001", "offset=x"):
-            status, _, doc = call(self.d.url, "GET", "/waiting?" + bad)
-            self.assertEqual(status, 400, bad)
-            self.assertIn(bad.split("=")[0], doc["error"])
-
-    def test_cron_table_dedup_and_delete(self):
-        status, headers, doc = self.push(schedule="*/5 * * * *", payload=b64(b"p"))
-        self.assertEqual(status, 201)
-        expected_id = hashlib.sha1(self.rx.url().encode() + b"p" + b"*/5 * * * *").hexdigest()
-        self.assertEqual(headers["Poussetaches-Task-ID"], expected_id)
-        status, headers, again = self.push(schedule="*/5 * * * *", payload=b64(b"p"))
-        self.assertEqual((status, headers["Poussetaches-Task-ID"]), (200, expected_id))
-        self.push()  # a plain task is in waiting, not in cron
-        _, _, cron = call(self.d.url, "GET", "/cron")
-        self.assertEqual([t["id"] for t in cron["tasks"]], [expected_id])
-        _, _, waiting = call(self.d.url, "GET", "/waiting")
-        self.assertEqual(waiting["total"], 2)
-        self.assertEqual(doc["next_run"] % (300 * 10 ** 9), 0)
-        status, _, doc = call(self.d.url, "DELETE", "/cron")
-        self.assertEqual((status, doc["deleted"]), (200, 1))
-        _, _, waiting = call(self.d.url, "GET", "/waiting")
-        self.assertEqual(waiting["total"], 1)
-
-    def test_pause_resume(self):
-        self.push()
-        self.assertEqual(call(self.d.url, "POST", "/resume")[0], 200)
-        self.rx.wait_for(1)
-        self.assertEqual(call(self.d.url, "POST", "/pause")[0], 200)
-        self.assertIs(call(self.d.url, "GET", "/")[2]["paused"], True)
-        self.push()
-        status, _, waiting = call(self.d.url, "GET", "/waiting")
-        self.assertEqual(waiting["total"], 1)  # held while paused; the API still accepts
-        call(self.d.url, "POST", "/resume")
-        self.rx.wait_for(2)
-
-    def test_unknown_path_and_wrong_method(self):
-        status, _, doc = call(self.d.url, "GET", "/nope")
-        self.assertEqual(status, 404)
-        self.assertIn("/nope", doc["error"])
-        status, headers, doc = call(self.d.url, "PUT", "/waiting")
-        self.assertEqual(status, 405)
-        self.assertEqual(headers["Allow"], "GET")
-        self.assertIn("error", doc)
-        status, headers, _ = call(self.d.url, "GET", "/pause")
-        self.assertEqual((status, headers["Allow"]), (405, "POST"))
-        status, headers, _ = call(self.d.url, "DELETE", "/")
-        self.assertEqual((status, headers["Allow"]), (405, "GET, POST"))
-
-    def test_bad_input_is_a_400_naming_the_field(self):
-        url = self.rx.url()
-        cases = [
-            (b"{not json", "invalid JSON"),
-            (b"[1, 2]", "JSON object"),
-            (b'"text"', "JSON object"),
-            (b"", "JSON object"),
-            (b'{"url": "http://a/", "delay": NaN}', "NaN"),
-            (b'{"url": "http://a/", "delay": Infinity}', "Infinity"),
-            (b"\xff\xfe", "UTF-8"),
-            (json.dumps({}).encode(), "url is required"),
-            (json.dumps({"url": 5}).encode(), "url must be"),
-            (json.dumps({"url": ""}).encode(), "url must be"),
-            (json.dumps({"url": "ftp://x/y"}).encode(), "http:// or https://"),
-            (json.dumps({"url": "file:///etc/passwd"}).encode(), "http:// or https://"),
-            (json.dumps({"url": "/relative"}).encode(), "http:// or https://"),
-            (json.dumps({"url": "http://a b/"}).encode(), "spaces"),
-            (json.dumps({"url": "http://x:99999/"}).encode(), "url is not a valid URL"),
-            (json.dumps({"url": url, "payload": "!!!"}).encode(), "payload is not valid"),
-            (json.dumps({"url": url, "payload": 5}).encode(), "payload must be"),
-            (json.dumps({"url": url, "expected": 99}).encode(), "expected"),
-            (json.dumps({"url": url, "expected": 600}).encode(), "expected"),
-            (json.dumps({"url": url, "expected": "200"}).encode(), "expected"),
-            (json.dumps({"url": url, "expected": True}).encode(), "expected"),
-            (json.dumps({"url": url, "delay": -1}).encode(), "delay must be"),
-            (json.dumps({"url": url, "delay": 1.5}).encode(), "delay must be"),
-            (json.dumps({"url": url, "delay": "5"}).encode(), "delay must be"),
-            (json.dumps({"url": url, "schedule": 5}).encode(), "schedule must be"),
-            (json.dumps({"url": url, "schedule": "61 * * * *"}).encode(),
-             "schedule: invalid cron spec '61 * * * *': minute field: 61 is out of range"),
-            (json.dumps({"url": url, "schedule": "0 0 30 2 *"}).encode(), "matches no time"),
-            (json.dumps({"url": url, "bogus": 1}).encode(), "unknown field(s): bogus"),
-        ]
-        for raw, message in cases:
-            with self.subTest(raw=raw):
-                status, headers, doc = call(self.d.url, "POST", "/", raw=raw)
-                self.assertEqual(status, 400)
-                self.assertEqual(headers["Content-Type"], "application/json")
-                self.assertIn(message, doc["error"])
-        # the daemon carries on
-        self.assertEqual(self.push()[0], 201)
-
-    def test_oversized_body_413_without_reading(self):
-        with socket.create_connection(("127.0.0.1", self.d.port), timeout=WAIT) as s:
-            s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 50000000\r\n\r\n")
-            answer = s.recv(4096)
-        self.assertTrue(answer.startswith(b"HTTP/1.1 413"), answer[:40])
-        self.assertIn(b'"error"', answer)
-
-    def raw(self, data):
-        with socket.create_connection(("127.0.0.1", self.d.port), timeout=WAIT) as s:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-            chunks = []
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    return b"".join(chunks)
-                chunks.append(chunk)
-
-    def test_request_framing(self):
-        cases = [
-            (b"GET / HTTP/2.0\r\n\r\n", b"HTTP/1.1 505"),
-            (b"GET / HTTX/1.1\r\n\r\n", b"HTTP/1.1 400"),
-            (b"GET /\r\n\r\n", b"HTTP/1.1 400"),
-            (b"GET / HTTP/1.1\r\nNo colon here\r\n\r\n", b"HTTP/1.1 400"),
-            (b"GET / HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n", b"HTTP/1.1 400"),
-            (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", b"HTTP/1.1 400"),
-            (b"GET / HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", b"HTTP/1.1 431"),
-            (b"GET / HTTP/1.1\r\nX-A: " + b"a" * 70000 + b"\r\n\r\n", b"HTTP/1.1 431"),
-        ]
-        for request, status in cases:
-            with self.subTest(request=request[:60]):
-                answer = self.raw(request)
-                self.assertTrue(answer.startswith(status), answer[:80])
-                self.assertIn(b'{"error":', answer)
-        # HTTP/1.0 closes after one answer; 1.1 keeps going; a header repeated the same is fine
-        answer = self.raw(b"GET / HTTP/1.0\r\n\r\nGET / HTTP/1.0\r\n\r\n")
-        self.assertEqual(answer.count(b"HTTP/1.1 200"), 1)
-        answer = self.raw(b"GET / HTTP/1.1\r\nHost: localhost\r\nhost: localhost\r\n\r\n"
-                          b"GET /waiting HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        self.assertEqual(answer.count(b"HTTP/1.1 200"), 2)
-
-    def test_an_unneeded_body_is_drained_not_reset(self):
-        # found by the 50,000-case fuzz: GET with a body used to close with the
-        # body unread, and the reset could destroy the answer in flight
-        for _ in range(5):
-            self.push()
-        conn = http.client.HTTPConnection("127.0.0.1", self.d.port, timeout=WAIT)
-        for _ in range(20):
-            conn.request("GET", "/waiting", body=b'{"some": "body"}' * 50)
-            resp = conn.getresponse()
-            self.assertEqual(resp.status, 200)
-            self.assertEqual(json.loads(resp.read())["total"], 5)
-            self.assertFalse(resp.will_close)  # drained: the connection goes on
-        conn.close()
-        with socket.create_connection(("127.0.0.1", self.d.port), timeout=WAIT) as s:
-            s.sendall(b"GET /waiting HTTP/1.1\r\nHost: localhost\r\nContent-Length: 50000000\r\n\r\n"
-                      + b"x" * 300000)
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                answer += s.recv(65536)
-        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:40])  # answered, then closed
-
-    def test_keep_alive_serves_many_requests_on_one_connection(self):
-        conn = http.client.HTTPConnection("127.0.0.1", self.d.port, timeout=WAIT)
-        started = time.monotonic()
-        for _ in range(20):
-            conn.request("POST", "/", body=json.dumps({"url": self.rx.url()}),
-                         headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            resp.read()
-            self.assertEqual(resp.status, 201)
-        conn.close()
-        # 20 answers stalled by Nagle + delayed ACK would take 20 x 40 ms
-        self.assertLess(time.monotonic() - started, 0.8)
-
-
-# --------------------------------------------------------------------------
-# Delivery and retries, against a real receiver
-# --------------------------------------------------------------------------
 
 class TestDelivery(unittest.TestCase):
+    """Deliveries to a real receiver: the request, retries, time-outs, outcomes."""
+
     def setUp(self):
         self.rx = Receiver()
         self.addCleanup(self.rx.close)
@@ -2236,10 +3061,6 @@ class TestDelivery(unittest.TestCase):
             self.assertGreaterEqual(span, 0.55)  # 3 gaps of 0.2 s, less clock slack
 
 
-# --------------------------------------------------------------------------
-# The API beyond the original (SPEC 2), extra delivery rules, security (SPEC 5)
-# --------------------------------------------------------------------------
-
 class TestHttps(unittest.TestCase):
     """Deliveries over https: one deadline for the whole attempt, kept-alive
     connections, certificates verified.  The certificate is made at run time."""
@@ -2340,7 +3161,303 @@ class TestHttps(unittest.TestCase):
             self.assertEqual(state["got"], [])
 
 
+class TestBreakerAndHooks(unittest.TestCase):
+    """The circuit breaker of an origin that is down, and the dead-task hook."""
+
+    def test_app_restart_does_not_burn_retries(self):
+        rx = RestartableReceiver()
+        self.addCleanup(rx.close)
+        rx.down()
+        # probes a quarter of a second apart, not a second: the same story, 4 times faster
+        self.addCleanup(setattr, pt, "BREAKER_FIRST_PROBE", pt.BREAKER_FIRST_PROBE)
+        pt.BREAKER_FIRST_PROBE = 0.25
+        with running_daemon(max_tries=12, min_backoff=0.2, max_backoff=0.5, workers=4) as d:
+            for i in range(50):
+                call(d.url, "POST", "/", {"url": rx.url("/t/%d" % i)})
+            first = wait_until(lambda: call(d.url, "GET", "/")[2]["breakers"], what="breaker open")
+            self.assertEqual(call(d.url, "GET", "/")[2]["open_breakers"],
+                             ["http://127.0.0.1:%s" % rx.base.rsplit(":", 1)[1]])
+            # the app stays down (a deploy) until a probe has failed: the breaker backs off
+            wait_until(lambda: call(d.url, "GET", "/")[2]["breakers"][0]["next_probe"]
+                       != first[0]["next_probe"], what="a failed probe")
+            rx.up()
+            rx.wait_for(50, timeout=30)
+            wait_until(lambda: call(d.url, "GET", "/success")[2]["total"] == 50, timeout=30,
+                       what="50 successes")
+            tasks = call(d.url, "GET", "/success")[2]["tasks"]
+            self.assertEqual(call(d.url, "GET", "/dead")[2]["total"], 0)
+            failed = sum(t["tries"] - 1 for t in tasks)
+            # without a breaker, the outage (two probes, 0.75 s) of 0.2-0.5 s retries would
+            # cost a few tries per task (~100 in all)
+            self.assertLessEqual(failed, 20, [t["tries"] for t in tasks])
+            self.assertLessEqual(max(t["tries"] for t in tasks), 6)
+            self.assertEqual(call(d.url, "GET", "/")[2]["open_breakers"], [])
+
+    def test_500_does_not_open_the_breaker(self):
+        breakers = pt.Breakers(pt.DueQueue())
+        for _ in range(10):
+            breakers.record("http://a:80", False)
+        self.assertEqual(breakers.open_origins(), [])
+        for _ in range(5):
+            breakers.record("http://a:80", True)
+        self.assertEqual(breakers.open_origins(), ["http://a:80"])
+        self.assertFalse(breakers.admit("http://a:80", (0, 0, "t", 0, "default", 0)))
+        self.assertTrue(breakers.admit("http://b:80", (0, 0, "t", 0)))
+        breakers.record("http://a:80", False)
+        self.assertEqual(breakers.open_origins(), [])
+
+    def test_on_dead_notifies_once_per_dead_task(self):
+        with receiver() as rx:
+            rx.answers["/t"] = [(500, b"")]
+            with running_daemon(max_tries=2, on_dead=rx.url("/hook")) as d:
+                _, _, doc = call(d.url, "POST", "/", {"url": rx.url("/t")})
+                hook = rx.wait_for(1, path="/hook")[0]
+                self.assertEqual(hook["json"]["id"], doc["id"])
+                self.assertEqual(hook["json"]["tries"], 2)
+                call(d.url, "POST", "/", {"url": rx.url("/t2"), "delay_s": 0.3})
+                rx.answers["/t2"] = [(200, b"")]
+                rx.wait_for(1, path="/t2")
+            self.assertEqual(len([g for g in rx.got if g["path"] == "/hook"]), 1)
+
+
+# --------------------------------------------------------------------------
+# HTTP API: the original's calls, task calls, batches and filters, malformed input
+# --------------------------------------------------------------------------
+
+
+class TestApi(unittest.TestCase):
+    """The original's HTTP calls: status, enqueue, listings, cron, pause."""
+
+    def setUp(self):
+        self.rx = Receiver()
+        self.addCleanup(self.rx.close)
+        self.ctx = running_daemon(paused=True)
+        self.d = self.ctx.__enter__()
+        self.addCleanup(self.ctx.__exit__, None, None, None)
+
+    def push(self, **fields):
+        body = {"url": self.rx.url(), "payload": b64(b"{}"), "expected": 200,
+                "schedule": "", "delay": 0}
+        body.update(fields)
+        return call(self.d.url, "POST", "/", body)
+
+    def assert_task_shape(self, task):
+        for key, kind in TASK_KEYS.items():
+            self.assertIsInstance(task[key], kind, key)
+        self.assertIn("last_error_body", task)
+
+    def test_status(self):
+        status, _, doc = call(self.d.url, "GET", "/")
+        self.assertEqual(status, 200)
+        self.assertIs(doc["paused"], True)
+        self.assertIsInstance(doc["in_flight"], int)
+
+    def test_enqueue_answers_201_with_id_header_and_task(self):
+        status, headers, doc = self.push(payload=b64(b'{"a": 1}'), expected=202, delay=2)
+        self.assertEqual(status, 201)
+        self.assertRegex(headers["Poussetaches-Task-ID"], r"^[0-9a-f]{32}$")
+        self.assertEqual(doc["id"], headers["Poussetaches-Task-ID"])
+        self.assert_task_shape(doc)
+        self.assertEqual((doc["expected"], doc["tries"], doc["last_run"]), (202, 0, 0))
+        self.assertIsNone(doc["last_error_body"])
+        self.assertEqual(doc["last_error_status_code"], 0)
+        self.assertAlmostEqual(doc["next_run"] / 1e9, time.time() + 120, delta=10)
+
+    def test_defaults_of_a_minimal_task(self):
+        status, _, doc = call(self.d.url, "POST", "/", {"url": self.rx.url()})
+        self.assertEqual(status, 201)
+        self.assertEqual((doc["payload"], doc["expected"], doc["schedule"]), ("", 200, ""))
+        status, _, doc = self.push(payload=None, expected=0)
+        self.assertEqual((status, doc["payload"], doc["expected"]), (201, "", 200))
+
+    def test_listings_sorted_by_next_run(self):
+        ids = [self.push(delay=d)[1]["Poussetaches-Task-ID"] for d in (3, 1, 2)]
+        status, _, doc = call(self.d.url, "GET", "/waiting")
+        self.assertEqual(status, 200)
+        self.assertEqual([t["id"] for t in doc["tasks"]], [ids[1], ids[2], ids[0]])
+        self.assertEqual(doc["total"], 3)
+        for task in doc["tasks"]:
+            self.assert_task_shape(task)
+        for table in ("success", "dead", "cron"):
+            status, _, doc = call(self.d.url, "GET", "/" + table)
+            self.assertEqual((status, doc["tasks"]), (200, []))
+
+    def test_paging(self):
+        for d in range(5):
+            self.push(delay=d)
+        _, _, doc = call(self.d.url, "GET", "/waiting?limit=2&offset=1")
+        self.assertEqual((len(doc["tasks"]), doc["total"]), (2, 5))
+        _, _, full = call(self.d.url, "GET", "/waiting")
+        self.assertEqual([t["id"] for t in doc["tasks"]], [t["id"] for t in full["tasks"][1:3]])
+        for bad in ("limit=-1", "limit=abc", "limit=100001", "offset=x"):
+            status, _, doc = call(self.d.url, "GET", "/waiting?" + bad)
+            self.assertEqual(status, 400, bad)
+            self.assertIn(bad.split("=")[0], doc["error"])
+
+    def test_cron_table_dedup_and_delete(self):
+        status, headers, doc = self.push(schedule="*/5 * * * *", payload=b64(b"p"))
+        self.assertEqual(status, 201)
+        expected_id = hashlib.sha1(self.rx.url().encode() + b"p" + b"*/5 * * * *").hexdigest()
+        self.assertEqual(headers["Poussetaches-Task-ID"], expected_id)
+        status, headers, again = self.push(schedule="*/5 * * * *", payload=b64(b"p"))
+        self.assertEqual((status, headers["Poussetaches-Task-ID"]), (200, expected_id))
+        self.push()  # a plain task is in waiting, not in cron
+        _, _, cron = call(self.d.url, "GET", "/cron")
+        self.assertEqual([t["id"] for t in cron["tasks"]], [expected_id])
+        _, _, waiting = call(self.d.url, "GET", "/waiting")
+        self.assertEqual(waiting["total"], 2)
+        self.assertEqual(doc["next_run"] % (300 * 10 ** 9), 0)
+        status, _, doc = call(self.d.url, "DELETE", "/cron")
+        self.assertEqual((status, doc["deleted"]), (200, 1))
+        _, _, waiting = call(self.d.url, "GET", "/waiting")
+        self.assertEqual(waiting["total"], 1)
+
+    def test_pause_resume(self):
+        self.push()
+        self.assertEqual(call(self.d.url, "POST", "/resume")[0], 200)
+        self.rx.wait_for(1)
+        self.assertEqual(call(self.d.url, "POST", "/pause")[0], 200)
+        self.assertIs(call(self.d.url, "GET", "/")[2]["paused"], True)
+        self.push()
+        status, _, waiting = call(self.d.url, "GET", "/waiting")
+        self.assertEqual(waiting["total"], 1)  # held while paused; the API still accepts
+        call(self.d.url, "POST", "/resume")
+        self.rx.wait_for(2)
+
+    def test_unknown_path_and_wrong_method(self):
+        status, _, doc = call(self.d.url, "GET", "/nope")
+        self.assertEqual(status, 404)
+        self.assertIn("/nope", doc["error"])
+        status, headers, doc = call(self.d.url, "PUT", "/waiting")
+        self.assertEqual(status, 405)
+        self.assertEqual(headers["Allow"], "GET")
+        self.assertIn("error", doc)
+        status, headers, _ = call(self.d.url, "GET", "/pause")
+        self.assertEqual((status, headers["Allow"]), (405, "POST"))
+        status, headers, _ = call(self.d.url, "DELETE", "/")
+        self.assertEqual((status, headers["Allow"]), (405, "GET, POST"))
+
+    def test_bad_input_is_a_400_naming_the_field(self):
+        url = self.rx.url()
+        cases = [
+            (b"{not json", "invalid JSON"),
+            (b"[1, 2]", "JSON object"),
+            (b'"text"', "JSON object"),
+            (b"", "JSON object"),
+            (b'{"url": "http://a/", "delay": NaN}', "NaN"),
+            (b'{"url": "http://a/", "delay": Infinity}', "Infinity"),
+            (b"\xff\xfe", "UTF-8"),
+            (json.dumps({}).encode(), "url is required"),
+            (json.dumps({"url": 5}).encode(), "url must be"),
+            (json.dumps({"url": ""}).encode(), "url must be"),
+            (json.dumps({"url": "ftp://x/y"}).encode(), "http:// or https://"),
+            (json.dumps({"url": "file:///etc/passwd"}).encode(), "http:// or https://"),
+            (json.dumps({"url": "/relative"}).encode(), "http:// or https://"),
+            (json.dumps({"url": "http://a b/"}).encode(), "spaces"),
+            (json.dumps({"url": "http://x:99999/"}).encode(), "url is not a valid URL"),
+            (json.dumps({"url": url, "payload": "!!!"}).encode(), "payload is not valid"),
+            (json.dumps({"url": url, "payload": 5}).encode(), "payload must be"),
+            (json.dumps({"url": url, "expected": 99}).encode(), "expected"),
+            (json.dumps({"url": url, "expected": 600}).encode(), "expected"),
+            (json.dumps({"url": url, "expected": "200"}).encode(), "expected"),
+            (json.dumps({"url": url, "expected": True}).encode(), "expected"),
+            (json.dumps({"url": url, "delay": -1}).encode(), "delay must be"),
+            (json.dumps({"url": url, "delay": 1.5}).encode(), "delay must be"),
+            (json.dumps({"url": url, "delay": "5"}).encode(), "delay must be"),
+            (json.dumps({"url": url, "schedule": 5}).encode(), "schedule must be"),
+            (json.dumps({"url": url, "schedule": "61 * * * *"}).encode(),
+             "schedule: invalid cron spec '61 * * * *': minute field: 61 is out of range"),
+            (json.dumps({"url": url, "schedule": "0 0 30 2 *"}).encode(), "matches no time"),
+            (json.dumps({"url": url, "bogus": 1}).encode(), "unknown field(s): bogus"),
+        ]
+        for raw, message in cases:
+            with self.subTest(raw=raw):
+                status, headers, doc = call(self.d.url, "POST", "/", raw=raw)
+                self.assertEqual(status, 400)
+                self.assertEqual(headers["Content-Type"], "application/json")
+                self.assertIn(message, doc["error"])
+        # the daemon carries on
+        self.assertEqual(self.push()[0], 201)
+
+    def test_oversized_body_413_without_reading(self):
+        with socket.create_connection(("127.0.0.1", self.d.port), timeout=WAIT) as s:
+            s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 50000000\r\n\r\n")
+            answer = s.recv(4096)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413"), answer[:40])
+        self.assertIn(b'"error"', answer)
+
+    def raw(self, data):
+        with socket.create_connection(("127.0.0.1", self.d.port), timeout=WAIT) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            chunks = []
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+
+    def test_request_framing(self):
+        cases = [
+            (b"GET / HTTP/2.0\r\n\r\n", b"HTTP/1.1 505"),
+            (b"GET / HTTX/1.1\r\n\r\n", b"HTTP/1.1 400"),
+            (b"GET /\r\n\r\n", b"HTTP/1.1 400"),
+            (b"GET / HTTP/1.1\r\nNo colon here\r\n\r\n", b"HTTP/1.1 400"),
+            (b"GET / HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n", b"HTTP/1.1 400"),
+            (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", b"HTTP/1.1 400"),
+            (b"GET / HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", b"HTTP/1.1 431"),
+            (b"GET / HTTP/1.1\r\nX-A: " + b"a" * 70000 + b"\r\n\r\n", b"HTTP/1.1 431"),
+        ]
+        for request, status in cases:
+            with self.subTest(request=request[:60]):
+                answer = self.raw(request)
+                self.assertTrue(answer.startswith(status), answer[:80])
+                self.assertIn(b'{"error":', answer)
+        # HTTP/1.0 closes after one answer; 1.1 keeps going; a header repeated the same is fine
+        answer = self.raw(b"GET / HTTP/1.0\r\n\r\nGET / HTTP/1.0\r\n\r\n")
+        self.assertEqual(answer.count(b"HTTP/1.1 200"), 1)
+        answer = self.raw(b"GET / HTTP/1.1\r\nHost: localhost\r\nhost: localhost\r\n\r\n"
+                          b"GET /waiting HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        self.assertEqual(answer.count(b"HTTP/1.1 200"), 2)
+
+    def test_an_unneeded_body_is_drained_not_reset(self):
+        # found by the 50,000-case fuzz: GET with a body used to close with the
+        # body unread, and the reset could destroy the answer in flight
+        for _ in range(5):
+            self.push()
+        conn = http.client.HTTPConnection("127.0.0.1", self.d.port, timeout=WAIT)
+        for _ in range(20):
+            conn.request("GET", "/waiting", body=b'{"some": "body"}' * 50)
+            resp = conn.getresponse()
+            self.assertEqual(resp.status, 200)
+            self.assertEqual(json.loads(resp.read())["total"], 5)
+            self.assertFalse(resp.will_close)  # drained: the connection goes on
+        conn.close()
+        with socket.create_connection(("127.0.0.1", self.d.port), timeout=WAIT) as s:
+            s.sendall(b"GET /waiting HTTP/1.1\r\nHost: localhost\r\nContent-Length: 50000000\r\n\r\n"
+                      + b"x" * 300000)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += s.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:40])  # answered, then closed
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.d.port, timeout=WAIT)
+        started = time.monotonic()
+        for _ in range(20):
+            conn.request("POST", "/", body=json.dumps({"url": self.rx.url()}),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            self.assertEqual(resp.status, 201)
+        conn.close()
+        # 20 answers stalled by Nagle + delayed ACK would take 20 x 40 ms
+        self.assertLess(time.monotonic() - started, 0.8)
+
+
 class TestTaskCalls(unittest.TestCase):
+    """One task's calls: get, cancel, run now or redrive, retry and purge."""
+
     def setUp(self):
         self.rx = Receiver()
         self.addCleanup(self.rx.close)
@@ -2484,10 +3601,175 @@ class TestTaskCalls(unittest.TestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer[:40])
         self.assertIn(b"Content-Length", answer)
 
+    def test_redrive_respects_the_quotas(self):
+        with running_daemon(paused=True, max_waiting=3, max_stored_bytes=1000, max_tries=1) as d:
+            ids = [call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/x"})[2]["id"]
+                   for _ in range(2)]
+            status, _, doc = call(d.url, "POST", "/tasks/%s/run" % ids[0],
+                                  {"payload": b64(b"x" * 2000)})
+            self.assertEqual(status, 507, doc)
+            self.assertEqual(call(d.url, "POST", "/tasks/%s/run" % ids[0],
+                                  {"payload": b64(b"x" * 900)})[0], 200)
+            self.assertEqual(d.store.waiting_bytes, 900)
+            call(d.url, "POST", "/resume")
+            wait_until(lambda: call(d.url, "GET", "/")[2]["dead"] == 2, what="two dead")
+            call(d.url, "POST", "/pause")
+            for _ in range(2):
+                call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/y", "delay_s": 60})
+            self.assertEqual(call(d.url, "POST", "/dead/retry")[0], 507)  # 2 + 2 > 3
+            self.assertEqual(call(d.url, "POST", "/tasks/%s/run" % ids[1])[0], 200)  # 3 fit
+            self.assertEqual(call(d.url, "GET", "/")[2]["waiting"], 3)
 
-def urllib_quote(text):
-    import urllib.parse
-    return urllib.parse.quote(text, safe="")
+
+class TestBatchesCronsAndFilters(unittest.TestCase):
+    """POST /batch, named crons replaced in place, and the listings' filters."""
+
+    def test_batch(self):
+        with receiver() as rx, running_daemon(paused=True) as d:
+            body = {"tasks": [{"url": rx.url("/b/%d" % i)} for i in range(5)]
+                    + [{"url": rx.url("/b/key"), "idempotency_key": "k1"}] * 2}
+            status, _, doc = call(d.url, "POST", "/batch", body)
+            self.assertEqual(status, 201)
+            self.assertEqual([t["created"] for t in doc["tasks"]], [True] * 6 + [False])
+            self.assertEqual(doc["tasks"][5]["id"], doc["tasks"][6]["id"])
+            status, _, doc = call(d.url, "POST", "/batch", body)  # again: the keyed one is a twin
+            self.assertEqual([t["created"] for t in doc["tasks"]], [True] * 5 + [False] * 2)
+            bad = {"tasks": [{"url": rx.url("/ok")}, {"url": rx.url("/ok"), "max_tries": 0}]}
+            status, _, doc = call(d.url, "POST", "/batch", bad)
+            self.assertEqual((status, doc["index"], doc["field"]), (400, 1, "max_tries"))
+            self.assertEqual(call(d.url, "GET", "/")[2]["waiting"], 11)  # nothing of it
+            for wrong in ({}, {"tasks": []}, {"tasks": [{}] * 1001}, {"tasks": {}},
+                          {"tasks": [1]}, {"tasks": [{"url": rx.url("/")}], "x": 1}):
+                self.assertEqual(call(d.url, "POST", "/batch", wrong)[0], 400, wrong)
+            self.assertEqual(call(d.url, "POST", "/batch", body,
+                                  headers={"Origin": "http://evil.example"})[0], 403)
+
+    def test_batch_is_on_disk_before_the_answer(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        daemon = DaemonProcess(os.path.join(tmp, "d"), "--paused")
+        try:
+            body = {"tasks": [{"url": "http://127.0.0.1:9/b/%d" % i} for i in range(1000)]}
+            status, _, doc = call(daemon.url, "POST", "/batch", body)
+            self.assertEqual(status, 201)
+        finally:
+            daemon.kill()  # right after the answer
+        ids = {t["id"] for t in doc["tasks"]}
+        again = DaemonProcess(os.path.join(tmp, "d"), "--paused")
+        try:
+            listed = {t["id"] for t in call(again.url, "GET", "/waiting")[2]["tasks"]}
+        finally:
+            again.terminate()
+        self.assertEqual(listed, ids)
+
+    def test_named_cron_replaces_in_place(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "d")
+        with running_daemon(data_dir=data, paused=True) as d:
+            first = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/digest", "name": "digest",
+                                              "schedule": "0 7 * * *"})
+            self.assertEqual(first[0], 201)
+            same = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/digest", "name": "digest",
+                                             "schedule": "0 7 * * *"})
+            self.assertEqual((same[0], same[2].get("replaced")), (200, None))
+            new = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/digest", "name": "digest",
+                                            "schedule": "0 8 * * *"})
+            self.assertEqual((new[0], new[2]["id"], new[2]["replaced"]),
+                             (200, first[2]["id"], True))
+            crons = call(d.url, "GET", "/cron")[2]["tasks"]
+            self.assertEqual([(c["id"], c["schedule"]) for c in crons],
+                             [(first[2]["id"], "0 8 * * *")])
+            self.assertNotEqual(crons[0]["next_run"], first[2]["next_run"])
+            self.assertEqual(call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x",
+                                                       "name": "n"})[2]["field"], "name")
+        # the replacement is one journal record: a restart finds exactly one cron
+        with running_daemon(data_dir=data, paused=True) as d:
+            crons = call(d.url, "GET", "/cron")[2]["tasks"]
+            self.assertEqual([c["schedule"] for c in crons], ["0 8 * * *"])
+
+    def test_a_replacement_outlives_the_old_definitions_attempt(self):
+        # the old definition's attempt, in flight during the replacement, settles
+        # after it: the replacement stays (its version is above the old one's)
+        with receiver() as rx, running_daemon() as d:
+            rx.answers["/old"] = [(200, b"", {}, 0.3)]
+            cron = {"url": rx.url("/old"), "name": "digest", "schedule": "@every 1h"}
+            status, _, old = call(d.url, "POST", "/", cron)
+            self.assertEqual(status, 201)
+            self.assertEqual(call(d.url, "POST", "/tasks/%s/run" % old["id"])[0], 200)  # now
+            wait_until(lambda: d.store.in_flight() == 1, poll=0.01, what="the old attempt")
+            new = call(d.url, "POST", "/", dict(cron, url=rx.url("/new"), schedule="@every 2h"))
+            self.assertEqual((new[0], new[2]["replaced"]), (200, True))
+            rx.wait_for(1, path="/old")
+            wait_until(lambda: d.store.in_flight() == 0, poll=0.01, what="its settling")
+            crons = call(d.url, "GET", "/cron")[2]["tasks"]
+            self.assertEqual([(c["url"], c["schedule"]) for c in crons],
+                             [(rx.url("/new"), "@every 2h")])
+            # a batch naming one cron twice: the second definition, and no error
+            twice = call(d.url, "POST", "/batch", {"tasks": [
+                dict(cron, schedule="@every 4h"), dict(cron, schedule="@every 3h")]})
+            self.assertEqual(twice[0], 201, twice[2])
+            crons = call(d.url, "GET", "/cron")[2]["tasks"]
+            self.assertEqual([c["schedule"] for c in crons], ["@every 3h"])
+
+    def test_filters_and_prefixes(self):
+        with running_daemon(paused=True) as d:
+            ids = {}
+            for name, body in (("a", {"url": "http://127.0.0.1:9/mail/1", "queue": "mail"}),
+                               ("b", {"url": "http://127.0.0.1:9/mail/2", "queue": "mail",
+                                      "idempotency_key": "Order-77"}),
+                               ("c", {"url": "http://127.0.0.1:9/sitemap"})):
+                ids[name] = call(d.url, "POST", "/", body)[2]["id"]
+            get = lambda q: call(d.url, "GET", "/waiting?" + q)[2]
+            self.assertEqual(get("queue=mail")["total"], 2)
+            self.assertEqual(get("url_prefix=" + urllib_quote("http://127.0.0.1:9/site"))["total"], 1)
+            self.assertEqual([t["id"] for t in get("q=order-77")["tasks"]], [ids["b"]])
+            self.assertEqual(get("queue=mail&limit=1&offset=1")["total"], 2)
+            self.assertEqual(len(get("queue=mail&limit=1&offset=1")["tasks"]), 1)
+            self.assertEqual(call(d.url, "GET", "/waiting?bogus=1")[0], 400)
+            self.assertEqual(call(d.url, "GET", "/dead?queue=mail")[2]["total"], 0)
+            status, _, doc = call(d.url, "GET", "/tasks/" + ids["a"][:8])
+            self.assertEqual((status, doc["id"]), (200, ids["a"]))
+            status, _, doc = call(d.url, "GET", "/tasks/" + ids["a"][:5])  # no task has that id
+            self.assertEqual((status, "at least 6" in doc["error"]), (404, True))
+            # an ambiguous prefix: find two ids that share one
+            more = [call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/%d" % i})[2]["id"]
+                    for i in range(300)]
+            firsts = collections.Counter(i[:6] for i in more + list(ids.values()))
+            shared = [p for p, n in firsts.items() if n > 1]
+            if shared:
+                self.assertEqual(call(d.url, "GET", "/tasks/" + shared[0])[0], 409)
+            self.assertEqual(call(d.url, "GET", "/tasks/" + "0" * 31)[0], 404)
+
+    def test_an_unknown_query_parameter_is_refused_by_every_call(self):
+        """A mistyped filter (``?queue=`` on a retry, ``?url-prefix=``) must not widen
+        a retry or a purge to every task: every call refuses what it does not take,
+        before doing anything."""
+        with running_daemon(max_tries=1) as d:
+            dead = [call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/%s" % q, "queue": q}
+                         )[2]["id"] for q in ("qa", "qa", "qb")]
+            wait_until(lambda: call(d.url, "GET", "/dead")[2]["total"] == 3, what="3 dead")
+            task = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x", "delay_s": 3600,
+                                             "queue": "mail"})[2]["id"]
+            for route in pt.Api.ROUTES:
+                path = route.pattern.replace("{id}", task).replace("{name}", "mail")
+                for query in ("bogus=1", "queue=qa&url-prefix=x")[:1 if route.params else 2]:
+                    status, _, doc = call(d.url, route.method, path + "?" + query,
+                                          {} if route.method in ("POST", "PUT") else None)
+                    self.assertEqual(status, 400, (route.method, path, query, doc))
+                    self.assertIn("unknown query parameter(s): ", doc["error"])
+                    self.assertIn("use " + route.params[0][0] if route.params
+                                  else "this call takes none", doc["error"])
+            # nothing was done: no retry, no purge, no cancel, no pause
+            self.assertEqual(sorted(t["id"] for t in call(d.url, "GET", "/dead")[2]["tasks"]),
+                             sorted(dead))
+            self.assertEqual(call(d.url, "GET", "/tasks/" + task)[2]["state"], "waiting")
+            self.assertFalse(call(d.url, "GET", "/")[2]["paused"])
+            self.assertFalse(call(d.url, "GET", "/queues/mail")[2]["settings"].get("paused"))
+            # and the filters that are there still work
+            status, _, doc = call(d.url, "POST", "/dead/retry?url_prefix=" +
+                                  urllib_quote("http://127.0.0.1:9/qb"))
+            self.assertEqual((status, doc["requeued"]), (200, 1))
 
 
 class TestMalformed(unittest.TestCase):
@@ -2648,8 +3930,65 @@ class TestMalformed(unittest.TestCase):
             # the receiver records the request before it answers: wait for the outcome
             wait_until(lambda: call(d.url, "GET", "/waiting")[2]["total"] == 0, what="done")
 
+    def test_no_500_before_the_checks_and_origin_form_only(self):
+        errors = ErrorRecords()
+        logging.getLogger("poussetaches").addHandler(errors)
+        self.addCleanup(logging.getLogger("poussetaches").removeHandler, errors)
+        with running_daemon() as d:
+            evil = b"Host: evil.example\r\nSec-Fetch-Site: cross-site\r\n"
+            for line, status in ((b"GET //[ HTTP/1.1\r\n" + evil, b"403"),
+                                 (b"GET http://[/ HTTP/1.1\r\n" + evil, b"403"),
+                                 (b"GET http://evil/waiting HTTP/1.1\r\nHost: localhost\r\n", b"400"),
+                                 (b"GET //evil/waiting HTTP/1.1\r\nHost: localhost\r\n", b"400"),
+                                 (b"POST\x85/pause HTTP/1.1\r\nHost: localhost\r\n", b"400"),
+                                 (b"GET  /waiting HTTP/1.1\r\nHost: localhost\r\n", b"400"),
+                                 (b"GET / HTTP/1.1\r\nHost: localhost\r\n"
+                                  b"Sec-Fetch-Site: cross-site, none\r\n", b"403"),
+                                 # two Origins, or two Sec-Fetch-Sites: which one would count?
+                                 (b"POST /pause HTTP/1.1\r\nHost: localhost\r\nOrigin: "
+                                  b"http://localhost\r\nOrigin: http://evil.example\r\n",
+                                  b"400"),
+                                 (b"POST /pause HTTP/1.1\r\nHost: localhost\r\nSec-Fetch-"
+                                  b"Site: none\r\nSec-Fetch-Site: cross-site\r\n", b"400")):
+                with self.subTest(line=line):
+                    answer = raw_exchange(d.port, line + b"Connection: close\r\n\r\n")
+                    self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), answer[:80])
+            self.assertFalse(call(d.url, "GET", "/")[2]["paused"])
+        self.assertEqual(errors.records, [])
+
+    def test_huge_integers_and_control_characters_are_400(self):
+        with receiver() as rx, running_daemon() as d:
+            url = json.dumps(rx.url("/x"))
+            for text in ('{"url": %s, "delay_s": 1%s}' % (url, "0" * 400),
+                         '{"url": %s, "timeout_s": 1%s}' % (url, "0" * 400),
+                         '{"url": %s, "max_tries": 1%s}' % (url, "0" * 400)):
+                self.assertEqual(call(d.url, "POST", "/", raw=text.encode())[0], 400)
+            for value in ("a\x01b", "a\x0bb", "a\x7fb", "a\x1fb"):
+                status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/x"),
+                                                           "headers": {"X-A": value}})
+                self.assertEqual((status, doc.get("field")), (400, "headers"))
+            self.assertEqual(call(d.url, "POST", "/", {"url": rx.url("/x"),
+                                                       "headers": {"X-A": "caf\u00e9 \t ok"}})[0], 201)
+
+    def test_a_refused_large_body_is_not_read(self):
+        with running_daemon() as d:
+            with socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) as s:
+                s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nOrigin: http://evil.example\r\n"
+                          b"Content-Length: 10000000\r\n\r\n")
+                started = time.monotonic()
+                answer = s.recv(4096)  # answered at once, without the 10 MB
+            self.assertTrue(answer.startswith(b"HTTP/1.1 403"), answer[:60])
+            self.assertLess(time.monotonic() - started, 5.0)
+
+
+# --------------------------------------------------------------------------
+# Security: keys, signatures, browsers, DNS rebinding, limits
+# --------------------------------------------------------------------------
+
 
 class TestSecurity(unittest.TestCase):
+    """Keys and signatures: who may call the API, and where the key goes."""
+
     def test_header_names_a_server_reads_as_ours_are_refused(self):
         """WSGI servers read Poussetaches_Auth_Key as Poussetaches-Auth-Key (both are
         HTTP_POUSSETACHES_AUTH_KEY); a task's own webhook-* headers would shadow
@@ -2742,47 +4081,6 @@ class TestSecurity(unittest.TestCase):
                          sorted(["/tasks/100%25", "/tasks/caf%C3%A9", "/tasks/x?next=%2Fa;b",
                                  "/tasks/.x"]))
 
-    def test_every_option_is_declared_once_for_every_consumer(self):
-        """OPTIONS drives the Daemon's keywords, the range checks, serve's flags and
-        the environment: each flag is in serve --help, each default passes its own
-        check, an out-of-range value is refused naming the flag, and a setting
-        nobody declared is a TypeError."""
-        help_text = " ".join(subprocess.run(  # one line per word: argparse wraps lines
-            [sys.executable, pt.__file__, "serve", "--help"], capture_output=True,
-            text=True).stdout.split())
-        pt.Settings.checked()  # every default passes its own check
-        for option in pt.OPTIONS:
-            if option.flag:
-                self.assertIn(option.flag + " ", help_text)
-                if option.env:
-                    self.assertIn("env " + option.env, help_text)
-        with self.assertRaises(pt.ConfigError) as ctx:
-            pt.Settings.checked(max_connections=0)
-        self.assertEqual(str(ctx.exception), "--max-connections must be 1-100000")
-        with self.assertRaises(pt.ConfigError) as ctx:
-            pt.Settings.checked(head_timeout=601)
-        self.assertEqual(str(ctx.exception), "head_timeout must be > 0 and <= 600 seconds")
-        self.assertRaises(pt.ConfigError, pt.Settings.checked, workers="4")  # not a number
-        self.assertRaises(pt.ConfigError, pt.Settings.checked, workers=True)
-        self.assertRaises(TypeError, pt.Daemon, wokers=4)
-        # serve: flags over the environment, lists from comma-separated variables
-        env = {"POUSSETACHES_WORKERS": "7", "POUSSETACHES_ALLOWED_URLS": "http://a/, http://b/",
-               "POUSSETACHES_AUTH_KEY": "", "POUSSETACHES_API_KEY": ""}
-        with mock.patch.dict(os.environ, env):
-            values = pt._serve_settings(pt.build_parser().parse_args(["serve", "--rate", "3"]))
-        self.assertEqual((values["workers"], values["rate"], values["allow_urls"],
-                          values["auth_key"], values["api_key"]),
-                         (7, 3.0, ["http://a/", "http://b/"], "", None))
-        self.assertEqual(set(values) - {o.name for o in pt.OPTIONS}, set())
-
-    def test_bad_config_is_refused(self):
-        for kwargs in ({"workers": 0}, {"fsync": "sometimes"}, {"allow_urls": ["ftp://x"]},
-                       {"max_tries": 0}, {"rate": -1}, {"min_backoff": 5, "max_backoff": 1},
-                       {"max_per_address": 0}, {"head_timeout": 0}, {"keep_dead": -1},
-                       {"max_dead_bytes": -1}, {"max_success_bytes": -1}):
-            with self.subTest(**kwargs), self.assertRaises(pt.ConfigError):
-                pt.Daemon(port=0, data_dir="unused", **kwargs)
-
     def test_secrets_never_in_logs_or_answers(self):
         logger = logging.getLogger("poussetaches")
         old = logger.level
@@ -2813,38 +4111,10 @@ class TestSecurity(unittest.TestCase):
                 self.assertEqual(mode, 0o600, name)
 
 
-def raw_exchange(port, data, timeout=WAIT):
-    """Send raw bytes on a fresh connection, half-close, read every byte until the
-    daemon closes: returns the whole answer (one or more responses)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-class ErrorRecords(logging.Handler):
-    """Collects the daemon's ERROR records (a traceback in the log is a bug)."""
-
-    def __init__(self):
-        super().__init__(logging.ERROR)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 class TestSafeByDefault(unittest.TestCase):
-    """Issue 9: every finding of the attacker's pass, replayed as a request, with
-    its refusal; each followed by a normal task that must still be delivered."""
+    """Safe by default against the operator's browser and other local processes:
+    each attack replayed as a request, with its refusal, each followed by a normal
+    task that must still be delivered."""
 
     def setUp(self):
         self.errors = ErrorRecords()
@@ -3380,497 +4650,6 @@ class TestSafeByDefault(unittest.TestCase):
             self.assertIn("frame-ancestors 'none'", headers["Content-Security-Policy"])
             self.assertEqual(headers["X-Frame-Options"], "DENY")
 
-
-# --------------------------------------------------------------------------
-# The drop-in: the original's data directory, its client, its defaults
-# --------------------------------------------------------------------------
-
-ORIGINAL_FIELDS = ("id", "url", "payload", "expected", "schedule", "next_scheduled_run",
-                   "next_run", "tries", "last_run", "last_error_body", "last_error_status_code")
-
-
-def original_file(url, payload=None, expected=200, schedule="", next_run=0,
-                  next_scheduled_run=None, tries=0, last_run=0, last_error_body=None,
-                  last_error_status_code=0, task_id=None):
-    """One task file as the Go daemon writes it: json.Marshal of its struct
-    (compact, fields in struct order, []byte as base64 or null, times in int ns,
-    no newline); named by the bare id: 32 hex, or sha1(url + payload + schedule)."""
-    raw = b"" if payload is None else payload
-    if task_id is None:
-        task_id = (hashlib.sha1(url.encode() + raw + schedule.encode()).hexdigest() if schedule
-                   else os.urandom(16).hex())
-    values = (task_id, url, None if payload is None else b64(payload), expected, schedule,
-              next_run if next_scheduled_run is None else next_scheduled_run, next_run, tries,
-              last_run, None if last_error_body is None else b64(last_error_body),
-              last_error_status_code)
-    return task_id, json.dumps(dict(zip(ORIGINAL_FIELDS, values)), separators=(",", ":")).encode()
-
-
-def write_original(data_dir, files):
-    """files: [(folder, (id, bytes))]; folders 0700, files 0644, as the original."""
-    for folder in ("dead", "waiting", "success"):
-        os.makedirs(os.path.join(data_dir, folder), 0o700, exist_ok=True)
-    for folder, (task_id, data) in files:
-        path = os.path.join(data_dir, folder, task_id)
-        with open(path, "wb") as f:
-            f.write(data)
-        os.chmod(path, 0o644)
-
-
-def expand_like_the_original(doc):
-    """The steps the original client's _expand_task takes on a listing entry,
-    raising where it raises (strict UTF-8 decode of the error body, float
-    timestamps, a missing last_run key)."""
-    doc = dict(doc)
-    try:
-        doc["payload"] = json.loads(base64.b64decode(doc["payload"]))
-    except json.JSONDecodeError:
-        doc["payload"] = base64.b64decode(doc["payload"]).decode()
-    if doc["last_error_body"]:
-        doc["last_error_body"] = base64.b64decode(doc["last_error_body"]).decode()
-    doc["next_run"] = datetime.fromtimestamp(float(doc["next_run"] / 1e9))
-    if doc["last_run"]:
-        doc["last_run"] = datetime.fromtimestamp(float(doc["last_run"] / 1e9))
-    else:
-        del doc["last_run"]
-    for key in ("id", "expected", "schedule", "tries", "url", "last_error_status_code"):
-        doc[key]  # GetTask reads these: a KeyError here would crash microblog.pub's page
-    return doc
-
-
-def original_push(api_url, url, payload, expected=200, schedule="", delay=0):
-    """What the original client's push() sends: always the five fields."""
-    body = {"url": url, "payload": b64(json.dumps(payload).encode()), "expected": expected,
-            "schedule": schedule, "delay": delay}
-    return call(api_url, "POST", "/", body)
-
-
-class TestDropIn(unittest.TestCase):
-    """Issue 10: a microblog.pub instance moves over from the original daemon."""
-
-    def test_migration_keeps_crons_and_counts_what_it_holds(self):
-        tmp = tempfile.mkdtemp(prefix="pt-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        data = os.path.join(tmp, "poussetaches_data")
-        s, now = 10 ** 9, time.time_ns()
-        with receiver() as rx:
-            app = rx.base
-            # the hourly cleanup has run: its schedule in waiting/ (overdue by a second,
-            # so it runs as soon as dispatch starts), its last run in success/
-            slot = now - now % s - s
-            cleanup, sched = original_file(app + "/task/cleanup", b"{}", schedule="@every 1h",
-                                           next_run=slot, last_run=slot - 3600 * s)
-            _, last = original_file(app + "/task/cleanup", b"{}", schedule="@every 1h",
-                                    next_run=slot - 3600 * s, tries=2,
-                                    last_run=slot - 3600 * s + 150 * 10 ** 6,
-                                    last_error_body=b"connection refused",
-                                    last_error_status_code=-1)
-            # a cron the original dropped from waiting/ at a restart: only success/ has it
-            dropped, only_run = original_file(app + "/task/refresh", b"{}", schedule="@every 1h",
-                                              next_run=now - 1800 * s, tries=1,
-                                              last_run=now - 1800 * s)
-            # a dead task with a multi-byte traceback, a mid-retry one, a plain one
-            trace = ("Traceback (most recent call last):\n  \u00e9\u00e8 \u2713\n"
-                     "ValueError: caf\u00e9 \u2603\n").encode()
-            dead_id, dead = original_file(app + "/task/process", b'{"iri": "x"}', tries=11,
-                                          next_run=now - 60 * s, last_run=now - 60 * s,
-                                          last_error_body=trace, last_error_status_code=500)
-            retry_id, retry = original_file(app + "/task/send", b'{"to": 1}', tries=3,
-                                            next_run=now + 3600 * s, last_run=now - 16 * s,
-                                            last_error_body=b"Post http://web:5005/task/send: "
-                                            b"dial tcp: connect: connection refused",
-                                            last_error_status_code=-1)
-            plain_id, plain = original_file(app + "/task/plain", None, next_run=now + 7200 * s)
-            done_id, done = original_file(app + "/task/done", b"[]", tries=1,
-                                          next_run=now - 99 * s, last_run=now - 99 * s)
-            files = [("waiting", (cleanup, sched)), ("success", (cleanup, last)),
-                     ("success", (dropped, only_run)), ("dead", (dead_id, dead)),
-                     ("waiting", (retry_id, retry)), ("waiting", (plain_id, plain)),
-                     ("success", (done_id, done))]
-            write_original(data, files)
-            before = {(f, i): d for f, (i, d) in files}
-            os.chmod(data, 0o755)  # the original's folder mode: not writable by others
-            with self.assertLogs("poussetaches", "INFO") as logs:
-                with running_daemon(data_dir=data, paused=True) as d:
-                    tables = {t: call(d.url, "GET", "/" + t)[2] for t in
-                              ("waiting", "success", "dead", "cron")}
-            line = [m for m in logs.output if "imported" in m]
-            self.assertEqual(len(line), 1, logs.output)
-            counts = {t: tables[t]["total"] for t in tables}
-            self.assertEqual(counts, {"waiting": 4, "cron": 2, "success": 3, "dead": 1})
-            self.assertIn("4 waiting (2 cron, 1 of them restored from their last run), "
-                          "3 success, 1 dead", line[0])
-            self.migration_line = line[0]
-            cron = {t["id"]: t for t in tables["cron"]["tasks"]}
-            self.assertEqual(set(cron), {cleanup, dropped})
-            self.assertEqual(cron[cleanup]["next_run"], slot)
-            self.assertGreater(cron[dropped]["next_run"], now)  # restored: computed from now
-            runs = {t["cron_id"]: t for t in tables["success"]["tasks"] if t["cron_id"]}
-            self.assertEqual(set(runs), {cleanup, dropped})
-            self.assertNotIn(runs[cleanup]["id"], (cleanup, dropped))
-            self.assertEqual(runs[cleanup]["tries"], 2)
-            for table in tables.values():
-                for doc in table["tasks"]:
-                    expand_like_the_original(doc)  # the admin page parses every entry
-            dead_doc = tables["dead"]["tasks"][0]
-            self.assertEqual(base64.b64decode(dead_doc["last_error_body"]), trace)
-            # the app starts and re-registers its cron, exactly as the original client does
-            with running_daemon(data_dir=data) as d:
-                status, headers, _ = original_push(d.url, app + "/task/cleanup", {},
-                                                   schedule="@every 1h")
-                self.assertIn(status, (200, 201))
-                self.assertEqual(headers["Poussetaches-Task-ID"], cleanup)
-                self.assertEqual(call(d.url, "GET", "/cron")[2]["total"], 2)
-                self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 4)
-                # the overdue cleanup runs; its schedule goes on an hour later
-                got = rx.wait_for(1, path="/task/cleanup")
-                self.assertEqual(got[0]["json"]["payload"], b64(b"{}"))
-                after = wait_until(lambda: call(d.url, "GET", "/tasks/" + cleanup)[2]
-                                   if call(d.url, "GET", "/tasks/" + cleanup)[2]["next_run"]
-                                   > now + 3000 * s else None, what="the next cleanup")
-                self.assertEqual(after["schedule"], "@every 1h")
-                self.assertEqual(after["state"], "waiting")
-            # the old folders are untouched
-            for (folder, task_id), data_bytes in before.items():
-                with open(os.path.join(data, folder, task_id), "rb") as f:
-                    self.assertEqual(f.read(), data_bytes)
-
-    def test_a_run_record_never_stops_a_schedule(self):
-        # success/<id> under the cron's own id, no schedule anywhere: the re-post creates it
-        tmp = tempfile.mkdtemp(prefix="pt-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        data = os.path.join(tmp, "data")
-        with running_daemon(data_dir=data, paused=True) as d:
-            url = "http://127.0.0.1:1/task/cleanup"
-            task_id = hashlib.sha1(url.encode() + b"{}" + b"@every 1h").hexdigest()
-            record = pt.Task(task_id, url, b"{}", tries=1)
-            with d.store._lock:
-                ticket = d.store._put("success", record)
-            ticket.wait()
-            status, headers, _ = original_push(d.url, url, {}, schedule="@every 1h")
-            self.assertEqual((status, headers["Poussetaches-Task-ID"]), (201, task_id))
-            self.assertEqual(call(d.url, "GET", "/cron")[2]["total"], 1)
-
-    def test_listing_without_limit_returns_every_task(self):
-        with running_daemon(paused=True, fsync="never") as d:
-            client = pt.PousseTaches(d.url, "http://127.0.0.1:1")
-            self.addCleanup(client.close)
-            for i in range(1500):
-                client.push({"n": i}, "/t/%d" % i, delay_s=(1500 - i) * 0.1 + 60)
-            for path in ("/waiting", "/waiting?offset=10"):
-                status, headers, doc = call(d.url, "GET", path)
-                self.assertEqual(status, 200)
-                self.assertEqual(headers["Transfer-Encoding"], "chunked")
-                tasks = [expand_like_the_original(t) for t in doc["tasks"]]
-                self.assertEqual(doc["total"], 1500)
-                self.assertEqual(len(tasks), 1500 if path == "/waiting" else 1490)
-                self.assertEqual([t["next_run"] for t in tasks], sorted(t["next_run"] for t in tasks))
-            self.assertEqual({t["payload"]["n"] for t in
-                              (expand_like_the_original(t) for t in doc["tasks"])},
-                             set(range(1490)))
-            self.assertEqual(len(client.get_waiting()), 1500)
-            self.assertEqual(len(call(d.url, "GET", "/waiting?limit=100")[2]["tasks"]), 100)
-            # the latest first, on request: streamed in pieces, or paged, or filtered
-            everything = [t["id"] for t in call(d.url, "GET", "/waiting")[2]["tasks"]]
-            latest = [t["id"] for t in call(d.url, "GET", "/waiting?order=desc")[2]["tasks"]]
-            self.assertEqual(latest, everything[::-1])
-            pages = [t["id"] for offset in range(0, 1500, 600) for t in call(
-                d.url, "GET", "/waiting?order=desc&limit=600&offset=%d" % offset)[2]["tasks"]]
-            self.assertEqual(pages, latest)
-            matching = [t["id"] for t in call(d.url, "GET", "/waiting?order=desc&offset=2&q=/t/1")[
-                2]["tasks"]]
-            ones = {t["id"] for t in call(d.url, "GET", "/waiting?q=/t/1")[2]["tasks"]}
-            self.assertEqual(matching, [i for i in latest if i in ones][2:])
-            status, _, doc = call(d.url, "GET", "/waiting?order=newest")
-            self.assertEqual((status, doc["error"]), (400, "order must be asc or desc, not 'newest'"))
-            # HTTP/1.0 gets the same without chunks, closed at the end
-            answer = raw_exchange(d.port, b"GET /cron HTTP/1.0\r\n\r\n")
-            self.assertTrue(answer.endswith(b'"tasks":[]}\n'), answer[-60:])
-
-    def test_a_payload_wrapped_by_base64_is_taken_as_the_original_took_it(self):
-        """Go's decoder skips CR and LF, so the original took a payload from `base64`
-        (76-column lines), as shell scripts make them; MIME encoding is the oracle."""
-        data = bytes(range(256)) * 3
-        with running_daemon(paused=True) as d:
-            for text in (base64.encodebytes(data).decode(),
-                         base64.encodebytes(data).decode().replace("\n", "\r\n")):
-                status, _, doc = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x",
-                                                           "payload": text})
-                self.assertEqual(status, 201, doc)
-                self.assertEqual(base64.b64decode(doc["payload"]), data)
-            status, _, doc = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x",
-                                                       "payload": "YWJj\n!"})
-            self.assertEqual((status, doc["field"]), (400, "payload"))
-
-    def test_original_defaults(self):
-        d = pt.Daemon(port=0, data_dir="unused")
-        self.assertEqual((pt.DEFAULT_TIMEOUT, pt.DEFAULT_MAX_TRIES, pt.DEFAULT_MAX_BODY),
-                         (600.0, 11, 16 << 20))
-        self.assertEqual(d._delivery.timeout, 600.0)
-        with receiver() as rx, running_daemon(min_backoff=0.001, max_backoff=0.01) as d:
-            rx.answers["/fail"] = [(500, b"no")]
-            task_id = call(d.url, "POST", "/", {"url": rx.url("/fail")})[2]["id"]
-            dead = wait_until(lambda: call(d.url, "GET", "/tasks/" + task_id)[2]
-                              if call(d.url, "GET", "/tasks/" + task_id)[2]["state"] == "dead"
-                              else None, what="dead")
-            self.assertEqual((dead["tries"], len(rx.wait_for(11, path="/fail"))), (11, 11))
-            # 10 MB of payload is accepted and delivered; 17 MB is a 413
-            big = os.urandom(10 * 10 ** 6)
-            status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/big"), "payload": b64(big)})
-            self.assertEqual(status, 201)
-            got = rx.wait_for(1, path="/big")[0]
-            self.assertEqual(base64.b64decode(got["json"]["payload"]), big)
-            with socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) as s:
-                s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
-                          % (17 * 10 ** 6) + b"x" * 65536)
-                answer = s.recv(4096)
-            self.assertTrue(answer.startswith(b"HTTP/1.1 413"), answer[:40])
-            self.assertIn(b"--max-body", answer)
-
-    def test_a_long_task_runs_once(self):
-        # the original had no time-out; ours is 600 s: a handler slower than the
-        # old 30 s is delivered once (scaled: 2 s against a 3 s time-out here,
-        # the real 35 s against the default in the stress set)
-        slow, limit = (35, None) if STRESS else (1.0, 1.5)
-        with receiver() as rx, running_daemon() as d:
-            rx.answers["/slow"] = [(200, b"", {}, slow)]
-            body = {"url": rx.url("/slow")}
-            if limit:
-                body["timeout_s"] = limit
-            task_id = call(d.url, "POST", "/", body)[2]["id"]
-            done = wait_until(lambda: call(d.url, "GET", "/tasks/" + task_id)[2]
-                              if call(d.url, "GET", "/tasks/" + task_id)[2]["state"] == "success"
-                              else None, timeout=slow + WAIT, what="success")
-            self.assertEqual((done["tries"], done["last_error_status_code"]), (1, 200))
-            self.assertEqual(len(rx.got), 1)
-
-    def test_error_body_head_and_tail_at_utf8_boundaries(self):
-        # 20 KB of two- and three-byte characters; the useful line is the last one
-        text = ("Traceback (most recent call last):\n" + "\u00e9\u20ac" * 4000
-                + "\nValueError: the useful line \u2603\n")
-        body = text.encode()
-        self.assertGreater(len(body), 20000)
-        stored = pt.clip_error_body(body)
-        self.assertLessEqual(len(stored), 16 * 1024 + 40)
-        decoded = stored.decode("utf-8")  # strict, as the original client decodes it
-        self.assertTrue(decoded.endswith("ValueError: the useful line \u2603\n"))
-        self.assertTrue(decoded.startswith("Traceback (most recent call last):\n"))
-        self.assertIn("bytes cut ...]", decoded)
-        head, _, tail = stored.partition(b"\n[...")
-        self.assertTrue(body.startswith(head) and body.endswith(tail.partition(b"]\n")[2]))
-        for n in range(16 * 1024 - 8, 16 * 1024 + 16):  # every cut point near the limit
-            for unit in ("\u00e9", "\u20ac", "\U0001f600"):
-                sample = (unit * n).encode()[:n + 3]
-                sample = sample[:len(sample) - len(sample) % len(unit.encode())]
-                sample.decode()
-                pt.clip_error_body(sample).decode("utf-8")
-        self.assertEqual(pt.clip_error_body(b"short"), b"short")
-        # an answer cut by the 64 KiB read may end inside a character: the stored body
-        # ends before it, as the stdlib's incremental decoder (the oracle) stops there
-        import codecs
-        mixed = "a\u00e9\u20ac\U0001f600".encode()
-        for n in range(len(mixed) * 3 + 1):
-            for size in (n, 40000 + n):
-                cut = (mixed * (size // len(mixed) + 1))[:size]
-                whole = codecs.getincrementaldecoder("utf-8")().decode(cut, final=False)
-                if size < 16 * 1024:
-                    self.assertEqual(pt.clip_error_body(cut), whole.encode(), n)
-                else:
-                    stored = pt.clip_error_body(cut).decode("utf-8")
-                    self.assertTrue(whole.endswith(stored.rpartition(" bytes cut ...]\n")[2]))
-        with receiver() as rx, running_daemon(max_tries=1) as d:
-            rx.answers["/trace"] = [(500, body)]
-            task_id = call(d.url, "POST", "/", {"url": rx.url("/trace")})[2]["id"]
-            dead = wait_until(lambda: call(d.url, "GET", "/dead")[2]["tasks"], what="dead")[0]
-            self.assertEqual(dead["id"], task_id)
-            self.assertEqual(expand_like_the_original(dead)["last_error_body"], decoded)
-
-    def test_success_shows_the_success(self):
-        with receiver() as rx, running_daemon() as d:
-            rx.answers["/flaky"] = [(503, b"down"), (200, b"")]
-            task_id = call(d.url, "POST", "/", {"url": rx.url("/flaky")})[2]["id"]
-            done = wait_until(lambda: call(d.url, "GET", "/tasks/" + task_id)[2]
-                              if call(d.url, "GET", "/tasks/" + task_id)[2]["state"] == "success"
-                              else None, what="success")
-            self.assertEqual((done["last_error_status_code"], done["last_error_body"]), (200, None))
-            self.assertEqual([a["status"] for a in done["attempts"]], [503, 200])
-            self.assertEqual(done["attempts"][0]["error"], "down")
-
-
-class TestAttackerFindings(unittest.TestCase):
-    """The second attacker's pass (after issue 9's fixes), each finding replayed."""
-
-    def test_imported_tasks_are_checked_like_enqueues(self):
-        tmp = tempfile.mkdtemp(prefix="pt-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        data = os.path.join(tmp, "data")
-        with receiver() as rx:
-            smuggle = "b\r\n\r\n" + "POST /comments HTTP/1.1\r\nHost: app\r\nContent-Length: 120\r\n\r\n"
-            files = [("waiting", original_file(rx.url("/task"), task_id="steal")),
-                     ("waiting", original_file(rx.url("/task?x HTTP/1.1\r\nX-Injected: yes"),
-                                               task_id="crlfurl")),
-                     ("waiting", original_file(rx.url("/task"), task_id="..%2fdead")),
-                     ("waiting", original_file("javascript:alert(1)", task_id="js")),
-                     ("waiting", original_file(rx.url("/good"), task_id="good"))]
-            write_original(data, files)
-            for task_id, headers in (("steal", {"X-A": smuggle}), ("evilhost", {"Host": "evil"})):
-                path = os.path.join(data, "waiting", task_id)
-                doc = json.loads(original_file(rx.url("/task"), task_id=task_id)[1])
-                doc["headers"] = headers
-                with open(path, "w") as f:
-                    json.dump(doc, f)
-            # each field checked as an enqueue checks it: these crashed every start
-            # (an unhashable queue) or retried for ever (a negative time-out)
-            bad_fields = {"badqueue": {"queue": ["BAD"]}, "pathqueue": {"queue": "Q Q/../x"},
-                          "negtimeout": {"timeout_s": -5}, "notries": {"max_tries": 0},
-                          "bigprio": {"priority": 10 ** 6}, "negtries": {"tries": -5},
-                          "strtime": {"next_run": "soon"}, "badkey": {"ordering_key": 7},
-                          "badattempts": {"attempts": [1, 2]}, "hugetime": {"created": 1e30},
-                          "badexpected": {"expected": 99}}
-            for task_id, fields in bad_fields.items():
-                path = os.path.join(data, "waiting", task_id)
-                doc = json.loads(original_file(rx.url("/task"), task_id=task_id)[1])
-                doc.update(fields)
-                with open(path, "w") as f:
-                    json.dump(doc, f)
-            with open(os.path.join(data, "dead", "notjson"), "w") as f:
-                f.write("[1, 2")
-            os.mkfifo(os.path.join(data, "waiting", "fifo"))  # must not hang the start
-            with self.assertLogs("poussetaches", "WARNING") as logs:
-                with running_daemon(data_dir=data, auth_key="s3cr3t",
-                                    allow_urls=[rx.url("/task"), rx.url("/good")]) as d:
-                    rx.wait_for(1, path="/good")
-                    self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 0)
-                    names = [q["name"] for q in call(d.url, "GET", "/queues")[2]["queues"]]
-                    self.assertEqual(names, ["default"])
-            skipped = [m for m in logs.output if "import: skipped" in m]
-            self.assertEqual(len(skipped), 7 + len(bad_fields), logs.output)
-            for task_id in bad_fields:
-                line = [m for m in skipped if "waiting/%s:" % task_id in m]
-                self.assertEqual(len(line), 1, task_id)
-                self.assertIn("moved to import-rejected/waiting/" + task_id, line[0])
-            self.assertEqual([g["path"] for g in rx.got], ["/good"])
-            rejected = os.path.join(data, "import-rejected")
-            self.assertEqual(sorted(os.listdir(os.path.join(rejected, "waiting"))),
-                             sorted(["steal", "crlfurl", "..%2fdead", "js", "evilhost", "fifo"]
-                                    + list(bad_fields)))
-            self.assertEqual(os.listdir(os.path.join(rejected, "dead")), ["notjson"])
-            self.assertEqual(os.listdir(os.path.join(data, "waiting")), ["good"])
-
-    def test_no_500_before_the_checks_and_origin_form_only(self):
-        errors = ErrorRecords()
-        logging.getLogger("poussetaches").addHandler(errors)
-        self.addCleanup(logging.getLogger("poussetaches").removeHandler, errors)
-        with running_daemon() as d:
-            evil = b"Host: evil.example\r\nSec-Fetch-Site: cross-site\r\n"
-            for line, status in ((b"GET //[ HTTP/1.1\r\n" + evil, b"403"),
-                                 (b"GET http://[/ HTTP/1.1\r\n" + evil, b"403"),
-                                 (b"GET http://evil/waiting HTTP/1.1\r\nHost: localhost\r\n", b"400"),
-                                 (b"GET //evil/waiting HTTP/1.1\r\nHost: localhost\r\n", b"400"),
-                                 (b"POST\x85/pause HTTP/1.1\r\nHost: localhost\r\n", b"400"),
-                                 (b"GET  /waiting HTTP/1.1\r\nHost: localhost\r\n", b"400"),
-                                 (b"GET / HTTP/1.1\r\nHost: localhost\r\n"
-                                  b"Sec-Fetch-Site: cross-site, none\r\n", b"403"),
-                                 # two Origins, or two Sec-Fetch-Sites: which one would count?
-                                 (b"POST /pause HTTP/1.1\r\nHost: localhost\r\nOrigin: "
-                                  b"http://localhost\r\nOrigin: http://evil.example\r\n",
-                                  b"400"),
-                                 (b"POST /pause HTTP/1.1\r\nHost: localhost\r\nSec-Fetch-"
-                                  b"Site: none\r\nSec-Fetch-Site: cross-site\r\n", b"400")):
-                with self.subTest(line=line):
-                    answer = raw_exchange(d.port, line + b"Connection: close\r\n\r\n")
-                    self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), answer[:80])
-            self.assertFalse(call(d.url, "GET", "/")[2]["paused"])
-        self.assertEqual(errors.records, [])
-
-    def test_huge_integers_and_control_characters_are_400(self):
-        with receiver() as rx, running_daemon() as d:
-            url = json.dumps(rx.url("/x"))
-            for text in ('{"url": %s, "delay_s": 1%s}' % (url, "0" * 400),
-                         '{"url": %s, "timeout_s": 1%s}' % (url, "0" * 400),
-                         '{"url": %s, "max_tries": 1%s}' % (url, "0" * 400)):
-                self.assertEqual(call(d.url, "POST", "/", raw=text.encode())[0], 400)
-            for value in ("a\x01b", "a\x0bb", "a\x7fb", "a\x1fb"):
-                status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/x"),
-                                                           "headers": {"X-A": value}})
-                self.assertEqual((status, doc.get("field")), (400, "headers"))
-            self.assertEqual(call(d.url, "POST", "/", {"url": rx.url("/x"),
-                                                       "headers": {"X-A": "caf\u00e9 \t ok"}})[0], 201)
-
-    def test_success_and_dead_tables_are_capped(self):
-        """The quotas covered the waiting table only: 60 tasks of 900 KB under
-        --max-stored-bytes 1000000 ended as 30 success and 30 dead records, RSS
-        up 60 MB, the data dir up 138 MB.  Each table now has a record and a
-        byte cap; the oldest records go, logged and counted in /metrics."""
-        tmp = tempfile.mkdtemp(prefix="pt-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        data = os.path.join(tmp, "d")
-        caps = dict(keep_success=100, max_success_bytes=2500, keep_dead=3,
-                    max_dead_bytes=10 ** 6, max_stored_bytes=1000)
-        with receiver() as rx, self.assertLogs("poussetaches", "WARNING") as logs:
-            rx.answers["/gone"] = [(410, b"")] * 10
-            with running_daemon(data_dir=data, **caps) as d:
-                ok = []
-                for n in range(1, 5):  # one at a time: two 900-byte payloads waiting are a 507
-                    ok.append(call(d.url, "POST", "/", {"url": rx.url("/ok"),
-                                                        "payload": b64(b"s" * 900)})[2]["id"])
-                    rx.wait_for(n, path="/ok")
-                    wait_until(lambda: call(d.url, "GET", "/")[2]["waiting"] == 0,
-                               what="the task settled")
-                wait_until(lambda: call(d.url, "GET", "/")[2]["success"] == 2 and
-                           d.store.dropped["success", "bytes"] == 2, what="success trimmed")
-                gone = [call(d.url, "POST", "/", {"url": rx.url("/gone"),
-                                                  "payload": b64(b"d" * 10)})[2]["id"]
-                        for _ in range(5)]
-                wait_until(lambda: d.store.dropped["dead", "records"] == 2, what="dead trimmed")
-                kept = {t["id"] for t in call(d.url, "GET", "/dead")[2]["tasks"]}
-                self.assertEqual(kept, set(gone[2:]))  # the newest three
-                self.assertEqual({t["id"] for t in call(d.url, "GET", "/success")[2]["tasks"]},
-                                 set(ok[2:]))
-                self.assertEqual(d.store.table_bytes, {"success": 1800, "dead": 30})
-                metrics = call(d.url, "GET", "/metrics")[2].decode()
-                self.assertIn('poussetaches_records_dropped_total{table="dead",cap="records"} 2',
-                              metrics)
-                self.assertIn('poussetaches_records_dropped_total{table="success",cap="bytes"} 2',
-                              metrics)
-                self.assertIn('poussetaches_table_bytes{table="success"} 1800', metrics)
-            with running_daemon(data_dir=data, **caps) as d:  # the same after a restart
-                self.assertEqual({t["id"] for t in call(d.url, "GET", "/dead")[2]["tasks"]},
-                                 set(gone[2:]))
-                self.assertEqual(d.store.table_bytes, {"success": 1800, "dead": 30})
-        dropped = [m for m in logs.output if "dead table over its cap of 3 records" in m]
-        self.assertEqual(len(dropped), 2, logs.output)
-        self.assertIn(gone[0], dropped[0])
-
-    def test_redrive_respects_the_quotas(self):
-        with running_daemon(paused=True, max_waiting=3, max_stored_bytes=1000, max_tries=1) as d:
-            ids = [call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/x"})[2]["id"]
-                   for _ in range(2)]
-            status, _, doc = call(d.url, "POST", "/tasks/%s/run" % ids[0],
-                                  {"payload": b64(b"x" * 2000)})
-            self.assertEqual(status, 507, doc)
-            self.assertEqual(call(d.url, "POST", "/tasks/%s/run" % ids[0],
-                                  {"payload": b64(b"x" * 900)})[0], 200)
-            self.assertEqual(d.store.waiting_bytes, 900)
-            call(d.url, "POST", "/resume")
-            wait_until(lambda: call(d.url, "GET", "/")[2]["dead"] == 2, what="two dead")
-            call(d.url, "POST", "/pause")
-            for _ in range(2):
-                call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/y", "delay_s": 60})
-            self.assertEqual(call(d.url, "POST", "/dead/retry")[0], 507)  # 2 + 2 > 3
-            self.assertEqual(call(d.url, "POST", "/tasks/%s/run" % ids[1])[0], 200)  # 3 fit
-            self.assertEqual(call(d.url, "GET", "/")[2]["waiting"], 3)
-
-    def test_a_refused_large_body_is_not_read(self):
-        with running_daemon() as d:
-            with socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) as s:
-                s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nOrigin: http://evil.example\r\n"
-                          b"Content-Length: 10000000\r\n\r\n")
-                started = time.monotonic()
-                answer = s.recv(4096)  # answered at once, without the 10 MB
-            self.assertTrue(answer.startswith(b"HTTP/1.1 403"), answer[:60])
-            self.assertLess(time.monotonic() - started, 5.0)
-
     @unittest.skipUnless(socket.has_ipv6, "this Python has no IPv6")
     def test_ipv6_loopback(self):
         try:
@@ -3893,573 +4672,14 @@ class TestAttackerFindings(unittest.TestCase):
             daemon.stop()
 
 
-class TestQueues(unittest.TestCase):
-    """Issue 12: queues, ordering keys, priorities, batches, named crons, filters."""
-
-    def test_a_held_task_says_why(self):
-        """Tasks held behind an ordering key's head showed "-" and a past next run,
-        and a queue's lag turned red with no reason given."""
-        with receiver() as rx, running_daemon(paused=True, min_backoff=60, max_backoff=60,
-                                              grace=0.1) as d:
-            rx.answers["/slow"] = [(200, b"", {}, 2.0)]
-            rx.answers["/fails"] = [(500, b"no")]
-
-            def push(path, **extra):
-                return call(d.url, "POST", "/", dict({"url": rx.url(path)}, **extra))[2]["id"]
-
-            def held(task_id):
-                return call(d.url, "GET", "/tasks/" + task_id)[2]["held"]
-            first = push("/fails", ordering_key="k")
-            second = push("/x", ordering_key="k")
-            slow = push("/slow", queue="one")
-            behind = push("/x", queue="one")
-            self.assertEqual(held(second), "dispatching is paused (POST /resume)")
-            call(d.url, "PUT", "/queues/one", {"concurrency": 1, "paused": True})
-            call(d.url, "POST", "/resume")
-            self.assertEqual(held(behind), "its queue one is paused")
-            wait_until(lambda: call(d.url, "GET", "/tasks/" + first)[2]["tries"] == 1,
-                       what="the head's first failure")
-            self.assertIsNone(held(first))  # not due: its retry is a minute away
-            self.assertEqual(held(second), "its ordering key 'k' runs task %s first" % first)
-            call(d.url, "POST", "/queues/one/resume")
-            wait_until(lambda: d.store.in_flight() == 1 and
-                       call(d.url, "GET", "/tasks/" + slow)[2]["tries"] == 0, poll=0.02,
-                       what="the slow task under way")
-            self.assertEqual(held(behind), "its queue one is at its concurrency (1 under way)")
-            self.assertIsNone(held(slow))  # on its way, not held
-            for _ in range(5):
-                d.dispatcher.breakers.record("http://down.example:80", True)
-            task = call(d.url, "POST", "/", {"url": "http://down.example/t"})
-            self.assertEqual(task[0], 201)
-            self.assertRegex(held(task[2]["id"]),
-                             r"^the circuit for http://down\.example:80 is open")
-            # a page of a listing says it for each task; a whole listing stays the original's
-            page = call(d.url, "GET", "/waiting?limit=10")[2]["tasks"]
-            self.assertIn(("its ordering key 'k' runs task %s first" % first),
-                          [t["held"] for t in page])
-            self.assertNotIn("held", call(d.url, "GET", "/waiting")[2]["tasks"][0])
-            code, out, _ = TestCli.run_cli(self, "--url", d.url, "show", second)
-            self.assertIn("held:                   its ordering key 'k' runs task", out)
-
-    def test_paused_and_saturated_queues_do_not_block_others(self):
-        with receiver() as rx, running_daemon(workers=4) as d:
-            self.assertEqual(call(d.url, "POST", "/queues/held/pause")[0], 200)
-            status, _, q = call(d.url, "PUT", "/queues/slow", {"concurrency": 1})
-            self.assertEqual((status, q["settings"]), (200, {"concurrency": 1}))
-            rx.answers["/slow"] = [(200, b"", {}, 1.0)]
-            for i in range(2):
-                call(d.url, "POST", "/", {"url": rx.url("/held"), "queue": "held"})
-                call(d.url, "POST", "/", {"url": rx.url("/slow"), "queue": "slow"})
-            wait_until(lambda: call(d.url, "GET", "/queues/slow")[2]["in_flight"] == 1,
-                       what="a slow task under way", poll=0.02)
-            for i in range(5):
-                call(d.url, "POST", "/", {"url": rx.url("/fast"), "queue": "fast"})
-            rx.wait_for(5, path="/fast")
-            # the slow queue is saturated (its first task still runs) and the paused one
-            # holds its tasks, yet the fast ones went through
-            slow = call(d.url, "GET", "/queues/slow")[2]
-            self.assertEqual((slow["in_flight"], slow["waiting"]), (1, 2))
-            self.assertEqual(len([g for g in rx.got if g["path"] == "/held"]), 0)
-            held = call(d.url, "GET", "/queues/held")[2]
-            self.assertEqual((held["waiting"], held["due"], held["settings"]),
-                             (2, 2, {"paused": True}))
-            self.assertGreaterEqual(held["oldest_due_age_s"], 0)
-            self.assertEqual(call(d.url, "POST", "/queues/held/resume")[0], 200)
-            rx.wait_for(2, path="/held")
-            got = [g["at"] for g in rx.wait_for(2, path="/slow")]
-            self.assertGreaterEqual(got[1] - got[0], 0.9)  # one /slow at a time
-
-    def test_per_queue_rate(self):
-        with receiver() as rx, running_daemon(workers=4) as d:
-            call(d.url, "PUT", "/queues/partner", {"rate": 20, "burst": 1})
-            started = time.time()
-            for i in range(20):
-                call(d.url, "POST", "/", {"url": rx.url("/partner"), "queue": "partner"})
-                call(d.url, "POST", "/", {"url": rx.url("/free")})
-            free = rx.wait_for(20, path="/free")
-            partner = rx.wait_for(20, path="/partner", timeout=WAIT)
-            span = partner[-1]["at"] - partner[0]["at"]
-            self.assertGreater(span, 0.8)   # 20 at 20/s, burst 1: about 0.95 s
-            self.assertLess(span, 2.5)
-            # the other queue is not throttled: all of it is done before half of the partner's
-            self.assertLess(free[-1]["at"], partner[10]["at"])
-            self.assertLess(free[-1]["at"] - started, 2.0)
-
-    def test_ordering_keys(self):
-        with receiver() as rx, running_daemon(workers=4, max_tries=5,
-                                              min_backoff=0.02, max_backoff=0.05) as d:
-            for key in range(5):
-                rx.answers["/k%d/0" % key] = [(500, b"no"), (500, b"no"), (200, b"")]
-            for i in range(10):
-                for key in range(5):
-                    call(d.url, "POST", "/", {"url": rx.url("/k%d/%d" % (key, i)),
-                                              "ordering_key": "k%d" % key, "json": i})
-            rx.wait_for(50 + 10)  # 50 tasks, each key's first failing twice
-            wait_until(lambda: call(d.url, "GET", "/")[2]["waiting"] == 0, what="all done")
-            for key in range(5):
-                mine = [g for g in rx.got if g["path"].startswith("/k%d/" % key)]
-                order = [int(g["path"].split("/")[2]) for g in mine]
-                firsts = [i for i, n in enumerate(order) if n != 0]
-                self.assertEqual(order[firsts[0]:], list(range(1, 10)), order)  # in order
-                self.assertEqual(order[:3], [0, 0, 0])
-            # a dead head releases its key
-            rx.answers["/dies"] = [(500, b"no")]
-            call(d.url, "POST", "/", {"url": rx.url("/dies"), "ordering_key": "x",
-                                      "max_tries": 1})
-            call(d.url, "POST", "/", {"url": rx.url("/after-death"), "ordering_key": "x"})
-            rx.wait_for(1, path="/after-death")
-            self.assertEqual(call(d.url, "GET", "/")[2]["dead"], 1)
-
-    def test_the_head_leaves_while_the_next_task_is_fsynced(self):
-        # B is written while A is its key's head (so not scheduled then), and A
-        # succeeds while B's fsync runs: B must still be scheduled.
-        hold = []
-
-        class SlowFsync(pt.FileSystem):
-            def fsync(self, fd):
-                if hold:
-                    hold.pop()
-                    wait_until(lambda: d.store.counts()["success"] == 1, poll=0.005,
-                               what="the head to succeed")
-                os.fsync(fd)
-
-        with receiver() as rx, running_daemon(fs=SlowFsync()) as d:
-            rx.answers["/a"] = [(200, b"", {}, 0.3)]
-            call(d.url, "POST", "/", {"url": rx.url("/a"), "ordering_key": "k"})
-            wait_until(lambda: d.store.in_flight() == 1, poll=0.005, what="A in flight")
-            hold.append(True)
-            self.assertEqual(call(d.url, "POST", "/", {"url": rx.url("/b"),
-                                                       "ordering_key": "k"})[0], 201)
-            rx.wait_for(1, path="/b")
-
-    def test_no_overlap_within_a_key(self):
-        with receiver() as rx, running_daemon(workers=4) as d:
-            rx.answers["/o"] = [(200, b"", {}, 0.15)]
-            for i in range(4):
-                call(d.url, "POST", "/", {"url": rx.url("/o"), "ordering_key": "same"})
-            got = rx.wait_for(4, path="/o")
-            gaps = [b["at"] - a["at"] for a, b in zip(got, got[1:])]
-            self.assertTrue(all(gap >= 0.14 for gap in gaps), gaps)
-
-    def test_priority_then_fifo(self):
-        with receiver() as rx, running_daemon(workers=1, paused=True) as d:
-            rng = random.Random(SEED_UNIT)
-            sent = []
-            for i in range(30):
-                priority = rng.choice([-5, 0, 0, 3, 10])
-                call(d.url, "POST", "/", {"url": rx.url("/p/%d" % i), "priority": priority})
-                sent.append((priority, i))
-            call(d.url, "POST", "/resume")
-            got = [int(g["path"].split("/")[2]) for g in rx.wait_for(30)]
-            expected = [i for _, i in sorted(sent, key=lambda pi: (-pi[0], pi[1]))]
-            self.assertEqual(got, expected)
-            status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/x"), "priority": 101})
-            self.assertEqual((status, doc["field"]), (400, "priority"))
-
-    def test_batch(self):
-        with receiver() as rx, running_daemon(paused=True) as d:
-            body = {"tasks": [{"url": rx.url("/b/%d" % i)} for i in range(5)]
-                    + [{"url": rx.url("/b/key"), "idempotency_key": "k1"}] * 2}
-            status, _, doc = call(d.url, "POST", "/batch", body)
-            self.assertEqual(status, 201)
-            self.assertEqual([t["created"] for t in doc["tasks"]], [True] * 6 + [False])
-            self.assertEqual(doc["tasks"][5]["id"], doc["tasks"][6]["id"])
-            status, _, doc = call(d.url, "POST", "/batch", body)  # again: the keyed one is a twin
-            self.assertEqual([t["created"] for t in doc["tasks"]], [True] * 5 + [False] * 2)
-            bad = {"tasks": [{"url": rx.url("/ok")}, {"url": rx.url("/ok"), "max_tries": 0}]}
-            status, _, doc = call(d.url, "POST", "/batch", bad)
-            self.assertEqual((status, doc["index"], doc["field"]), (400, 1, "max_tries"))
-            self.assertEqual(call(d.url, "GET", "/")[2]["waiting"], 11)  # nothing of it
-            for wrong in ({}, {"tasks": []}, {"tasks": [{}] * 1001}, {"tasks": {}},
-                          {"tasks": [1]}, {"tasks": [{"url": rx.url("/")}], "x": 1}):
-                self.assertEqual(call(d.url, "POST", "/batch", wrong)[0], 400, wrong)
-            self.assertEqual(call(d.url, "POST", "/batch", body,
-                                  headers={"Origin": "http://evil.example"})[0], 403)
-
-    def test_batch_is_on_disk_before_the_answer(self):
-        tmp = tempfile.mkdtemp(prefix="pt-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        daemon = DaemonProcess(os.path.join(tmp, "d"), "--paused")
-        try:
-            body = {"tasks": [{"url": "http://127.0.0.1:9/b/%d" % i} for i in range(1000)]}
-            status, _, doc = call(daemon.url, "POST", "/batch", body)
-            self.assertEqual(status, 201)
-        finally:
-            daemon.kill()  # right after the answer
-        ids = {t["id"] for t in doc["tasks"]}
-        again = DaemonProcess(os.path.join(tmp, "d"), "--paused")
-        try:
-            listed = {t["id"] for t in call(again.url, "GET", "/waiting")[2]["tasks"]}
-        finally:
-            again.terminate()
-        self.assertEqual(listed, ids)
-
-    def test_named_cron_replaces_in_place(self):
-        tmp = tempfile.mkdtemp(prefix="pt-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        data = os.path.join(tmp, "d")
-        with running_daemon(data_dir=data, paused=True) as d:
-            first = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/digest", "name": "digest",
-                                              "schedule": "0 7 * * *"})
-            self.assertEqual(first[0], 201)
-            same = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/digest", "name": "digest",
-                                             "schedule": "0 7 * * *"})
-            self.assertEqual((same[0], same[2].get("replaced")), (200, None))
-            new = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/digest", "name": "digest",
-                                            "schedule": "0 8 * * *"})
-            self.assertEqual((new[0], new[2]["id"], new[2]["replaced"]),
-                             (200, first[2]["id"], True))
-            crons = call(d.url, "GET", "/cron")[2]["tasks"]
-            self.assertEqual([(c["id"], c["schedule"]) for c in crons],
-                             [(first[2]["id"], "0 8 * * *")])
-            self.assertNotEqual(crons[0]["next_run"], first[2]["next_run"])
-            self.assertEqual(call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x",
-                                                       "name": "n"})[2]["field"], "name")
-        # the replacement is one journal record: a restart finds exactly one cron
-        with running_daemon(data_dir=data, paused=True) as d:
-            crons = call(d.url, "GET", "/cron")[2]["tasks"]
-            self.assertEqual([c["schedule"] for c in crons], ["0 8 * * *"])
-
-    def test_a_replacement_outlives_the_old_definitions_attempt(self):
-        # the old definition's attempt, in flight during the replacement, settles
-        # after it: the replacement stays (its version is above the old one's)
-        with receiver() as rx, running_daemon() as d:
-            rx.answers["/old"] = [(200, b"", {}, 0.3)]
-            cron = {"url": rx.url("/old"), "name": "digest", "schedule": "@every 1s"}
-            self.assertEqual(call(d.url, "POST", "/", cron)[0], 201)
-            wait_until(lambda: d.store.in_flight() == 1, poll=0.01, what="the old attempt")
-            new = call(d.url, "POST", "/", dict(cron, url=rx.url("/new"), schedule="@every 1h"))
-            self.assertEqual((new[0], new[2]["replaced"]), (200, True))
-            rx.wait_for(1, path="/old")
-            wait_until(lambda: d.store.in_flight() == 0, poll=0.01, what="its settling")
-            crons = call(d.url, "GET", "/cron")[2]["tasks"]
-            self.assertEqual([(c["url"], c["schedule"]) for c in crons],
-                             [(rx.url("/new"), "@every 1h")])
-            # a batch naming one cron twice: the second definition, and no error
-            twice = call(d.url, "POST", "/batch", {"tasks": [
-                dict(cron, schedule="@every 2h"), dict(cron, schedule="@every 3h")]})
-            self.assertEqual(twice[0], 201, twice[2])
-            crons = call(d.url, "GET", "/cron")[2]["tasks"]
-            self.assertEqual([c["schedule"] for c in crons], ["@every 3h"])
-
-    def test_filters_and_prefixes(self):
-        with running_daemon(paused=True) as d:
-            ids = {}
-            for name, body in (("a", {"url": "http://127.0.0.1:9/mail/1", "queue": "mail"}),
-                               ("b", {"url": "http://127.0.0.1:9/mail/2", "queue": "mail",
-                                      "idempotency_key": "Order-77"}),
-                               ("c", {"url": "http://127.0.0.1:9/sitemap"})):
-                ids[name] = call(d.url, "POST", "/", body)[2]["id"]
-            get = lambda q: call(d.url, "GET", "/waiting?" + q)[2]
-            self.assertEqual(get("queue=mail")["total"], 2)
-            self.assertEqual(get("url_prefix=" + urllib_quote("http://127.0.0.1:9/site"))["total"], 1)
-            self.assertEqual([t["id"] for t in get("q=order-77")["tasks"]], [ids["b"]])
-            self.assertEqual(get("queue=mail&limit=1&offset=1")["total"], 2)
-            self.assertEqual(len(get("queue=mail&limit=1&offset=1")["tasks"]), 1)
-            self.assertEqual(call(d.url, "GET", "/waiting?bogus=1")[0], 400)
-            self.assertEqual(call(d.url, "GET", "/dead?queue=mail")[2]["total"], 0)
-            status, _, doc = call(d.url, "GET", "/tasks/" + ids["a"][:8])
-            self.assertEqual((status, doc["id"]), (200, ids["a"]))
-            status, _, doc = call(d.url, "GET", "/tasks/" + ids["a"][:5])  # no task has that id
-            self.assertEqual((status, "at least 6" in doc["error"]), (404, True))
-            # an ambiguous prefix: find two ids that share one
-            more = [call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/%d" % i})[2]["id"]
-                    for i in range(300)]
-            firsts = collections.Counter(i[:6] for i in more + list(ids.values()))
-            shared = [p for p, n in firsts.items() if n > 1]
-            if shared:
-                self.assertEqual(call(d.url, "GET", "/tasks/" + shared[0])[0], 409)
-            self.assertEqual(call(d.url, "GET", "/tasks/" + "0" * 31)[0], 404)
-
-    def test_queue_calls_and_bad_settings(self):
-        with running_daemon(paused=True) as d:
-            for body, field in (({"rate": 0}, "rate"), ({"concurrency": 1.5}, "concurrency"),
-                                ({"paused": "yes"}, "paused"), ({"bogus": 1}, "bogus"),
-                                ({"min_backoff": 5, "max_backoff": 1}, "min_backoff")):
-                status, _, doc = call(d.url, "PUT", "/queues/q", body)
-                self.assertEqual((status, doc.get("field")), (400, field), body)
-            self.assertEqual(call(d.url, "PUT", "/queues/Bad!", {})[0], 400)
-            self.assertEqual(call(d.url, "GET", "/queues/none")[0], 404)
-            call(d.url, "PUT", "/queues/q", {"rate": 5, "max_tries": 3})
-            status, _, q = call(d.url, "PUT", "/queues/q", {"rate": None, "timeout_s": 5})
-            self.assertEqual(q["settings"], {"max_tries": 3, "timeout_s": 5})
-            # null is the default, on either side of the backoff pair (a 500 before)
-            for body, settings in (({"min_backoff": 1, "max_backoff": None},
-                                    {"min_backoff": 1}),
-                                   ({"min_backoff": None, "max_backoff": 2}, {"max_backoff": 2}),
-                                   ({"max_backoff": None}, {})):
-                status, _, q = call(d.url, "PUT", "/queues/n", body)
-                self.assertEqual((status, q["settings"]), (200, settings), body)
-            call(d.url, "DELETE", "/queues/n")
-            call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x", "queue": "q"})
-            self.assertEqual(call(d.url, "DELETE", "/queues/q")[0], 409)
-            names = [q["name"] for q in call(d.url, "GET", "/queues")[2]["queues"]]
-            self.assertEqual(names, ["default", "q"])
-            self.assertEqual(call(d.url, "PUT", "/queues/q", {},
-                                  headers={"Sec-Fetch-Site": "cross-site"})[0], 403)
-            call(d.url, "DELETE", "/waiting")  # 405, harmless
-            call(d.url, "DELETE", "/tasks/" + call(d.url, "GET", "/waiting?queue=q")[2]
-                 ["tasks"][0]["id"])
-            self.assertEqual(call(d.url, "DELETE", "/queues/q")[0], 200)
-            self.assertEqual(call(d.url, "GET", "/queues/q")[0], 404)
-
-    def test_queue_policy_and_state_survive_a_crash(self):
-        tmp = tempfile.mkdtemp(prefix="pt-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        data = os.path.join(tmp, "d")
-        with receiver() as rx:
-            daemon = DaemonProcess(data, "--paused")
-            try:
-                call(daemon.url, "PUT", "/queues/slow", {"concurrency": 1, "max_tries": 1})
-                call(daemon.url, "POST", "/queues/slow/pause")
-                for i in range(3):
-                    call(daemon.url, "POST", "/", {"url": rx.url("/s/%d" % i), "queue": "slow",
-                                                   "ordering_key": "k"})
-            finally:
-                daemon.kill()
-            again = DaemonProcess(data)
-            try:
-                q = call(again.url, "GET", "/queues/slow")[2]
-                self.assertEqual(q["settings"], {"concurrency": 1, "max_tries": 1, "paused": True})
-                self.assertEqual(q["waiting"], 3)
-                call(again.url, "POST", "/queues/slow/resume")
-                got = [g["path"] for g in rx.wait_for(3)]
-                self.assertEqual(got, ["/s/0", "/s/1", "/s/2"])
-                call(again.url, "POST", "/", {"url": rx.url("/snap"), "queue": "slow",
-                                              "delay_s": 60})
-            finally:
-                self.assertEqual(again.terminate(), 0)  # a final snapshot
-            third = DaemonProcess(data, "--paused")
-            try:
-                q = call(third.url, "GET", "/queues/slow")[2]
-                self.assertEqual((q["settings"], q["waiting"]),
-                                 ({"concurrency": 1, "max_tries": 1}, 1))
-            finally:
-                third.terminate()
-
-    def test_cli(self):
-        run_cli = TestCli.run_cli
-        with running_daemon(paused=True) as d:
-            env = {"POUSSETACHES_URL": d.url}
-            code, out, err = run_cli(self, "push", "http://127.0.0.1:9/m", "--queue", "mail",
-                                     "--ordering-key", "u1", "--priority", "7", env=env)
-            self.assertEqual((code, err), (0, ""))
-            task = call(d.url, "GET", "/tasks/" + out.strip())[2]
-            self.assertEqual((task["queue"], task["ordering_key"], task["priority"]),
-                             ("mail", "u1", 7))
-            lines = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
-            self.addCleanup(os.unlink, lines.name)
-            with lines:
-                for i in range(3):
-                    lines.write(json.dumps({"url": "http://127.0.0.1:9/f/%d" % i,
-                                            "queue": "mail"}) + "\n")
-            code, out, err = run_cli(self, "push", "--from-file", lines.name, env=env)
-            self.assertEqual((code, len(out.split())), (0, 3))
-            code, out, _ = run_cli(self, "ls", "waiting", "--queue", "mail", "-q", "/f/", env=env)
-            self.assertIn("3 of 3 waiting tasks", out)
-            self.assertEqual(run_cli(self, "queue", "set", "mail", "--rate", "2",
-                                     "--concurrency", "1", env=env)[0], 0)
-            code, out, _ = run_cli(self, "queue", "show", "mail", env=env)
-            self.assertIn("settings:  rate 2.0, concurrency 1\n", out)
-            self.assertIn("tasks:     4 waiting, 0 cron, 4 due, 0 in flight\n", out)
-            code, out, _ = run_cli(self, "queue", "set", "mail", "--rate", "default", env=env)
-            self.assertIn("settings:  concurrency 1\n", out)  # unlimited again
-            code, _, err = run_cli(self, "queue", "set", "mail", "--rate", "fast", env=env)
-            self.assertEqual(code, 2)
-            self.assertIn("invalid float value: 'fast'", err)
-            self.assertEqual(run_cli(self, "queue", "set", "mail", "--rate", "2", env=env)[0], 0)
-            self.assertEqual(run_cli(self, "queue", "pause", "mail", env=env)[0], 0)
-            code, out, _ = run_cli(self, "queue", "ls", env=env)
-            self.assertTrue(out.startswith("QUEUE"))
-            self.assertIn("paused=True", out)
-            code, out, err = run_cli(self, "queue", "rm", "mail", env=env)
-            self.assertEqual(code, 1)
-            self.assertIn("409", err)
-            self.assertEqual(len(err.splitlines()), 1)
-            code, _, err = run_cli(self, "push", env=env)
-            self.assertEqual((code, err), (1, "poussetaches: error: push needs a URL (or "
-                                               "--from-file FILE)\n"))
-
-    def test_queue_metrics(self):
-        with receiver() as rx, running_daemon() as d:
-            call(d.url, "POST", "/queues/held/pause")
-            call(d.url, "POST", "/", {"url": rx.url("/h"), "queue": "held"})
-            call(d.url, "POST", "/", {"url": rx.url("/m"), "queue": "mail"})
-            rx.wait_for(1, path="/m")
-            # a queue without tasks or settings of its own is forgotten (30,000 one-task
-            # queues would otherwise stay in every answer of /queues and /metrics)
-            wait_until(lambda: call(d.url, "GET", "/queues/mail")[0] == 404, what="mail gone")
-            _, _, text = call(d.url, "GET", "/metrics")
-            types, samples = parse_prometheus(text.decode())
-            m = lambda name, **labels: samples[("poussetaches_" + name,
-                                                tuple(sorted(labels.items())))]
-            self.assertEqual((m("queue_waiting", queue="held"), m("queue_due", queue="held")),
-                             (1, 1))
-            self.assertNotIn(("poussetaches_queue_waiting", (("queue", "mail"),)), samples)
-            self.assertEqual(m("queue_attempts_total", queue="mail", outcome="success"), 1)
-            self.assertEqual(m("queue_in_flight", queue="held"), 0)
-            self.assertGreaterEqual(m("queue_oldest_due_age_seconds", queue="held"), 0)
-            self.assertEqual(types["poussetaches_queue_attempts_total"], "counter")
-
-    def test_a_queue_goes_with_its_last_task_unless_it_has_settings(self):
-        data = os.path.join(tempfile.mkdtemp(prefix="pt-test-"), "data")
-        self.addCleanup(shutil.rmtree, os.path.dirname(data), True)
-        names = lambda d: [q["name"] for q in call(d.url, "GET", "/queues")[2]["queues"]]
-        with running_daemon(data, paused=True) as d:
-            call(d.url, "POST", "/queues/held/pause")
-            ids = [call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/", "queue": q}
-                        )[2]["id"] for q in ("held", "mail", "mail", "news")]
-            self.assertEqual(names(d), ["default", "held", "mail", "news"])
-            for task_id in ids[:3]:
-                call(d.url, "DELETE", "/tasks/" + task_id)
-            self.assertEqual(names(d), ["default", "held", "news"])
-        with running_daemon(data, paused=True) as d:  # the journal replayed says the same
-            self.assertEqual(names(d), ["default", "held", "news"])
-            call(d.url, "DELETE", "/tasks/" + ids[3])
-            self.assertEqual(names(d), ["default", "held"])
-
-    def test_held_tasks_cost_nothing_per_dispatch(self):
-        q = pt.DueQueue()
-        for n in range(100):
-            q.configure("held-%d" % n, paused=True)
-            for i in range(100):
-                q.put_task(0, "h-%d-%d" % (n, i), 0, "held-%d" % n)
-        q.put_task(0, "free", 0, "default")
-        entry = q.get_due()  # moves every due entry to its ready heap, once
-        self.assertEqual(entry[2], "free")
-        # the 100 paused queues are not even looked at
-        self.assertEqual([name for name, gate in q._gates.items() if gate.listed], [])
-
-    def test_an_unknown_query_parameter_is_refused_by_every_call(self):
-        """A mistyped filter (``?queue=`` on a retry, ``?url-prefix=``) must not widen
-        a retry or a purge to every task: every call refuses what it does not take,
-        before doing anything."""
-        with running_daemon(max_tries=1) as d:
-            dead = [call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/%s" % q, "queue": q}
-                         )[2]["id"] for q in ("qa", "qa", "qb")]
-            wait_until(lambda: call(d.url, "GET", "/dead")[2]["total"] == 3, what="3 dead")
-            task = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x", "delay_s": 3600,
-                                             "queue": "mail"})[2]["id"]
-            for route in pt.Api.ROUTES:
-                path = route.pattern.replace("{id}", task).replace("{name}", "mail")
-                for query in ("bogus=1", "queue=qa&url-prefix=x")[:1 if route.params else 2]:
-                    status, _, doc = call(d.url, route.method, path + "?" + query,
-                                          {} if route.method in ("POST", "PUT") else None)
-                    self.assertEqual(status, 400, (route.method, path, query, doc))
-                    self.assertIn("unknown query parameter(s): ", doc["error"])
-                    self.assertIn("use " + route.params[0][0] if route.params
-                                  else "this call takes none", doc["error"])
-            # nothing was done: no retry, no purge, no cancel, no pause
-            self.assertEqual(sorted(t["id"] for t in call(d.url, "GET", "/dead")[2]["tasks"]),
-                             sorted(dead))
-            self.assertEqual(call(d.url, "GET", "/tasks/" + task)[2]["state"], "waiting")
-            self.assertFalse(call(d.url, "GET", "/")[2]["paused"])
-            self.assertFalse(call(d.url, "GET", "/queues/mail")[2]["settings"].get("paused"))
-            # and the filters that are there still work
-            status, _, doc = call(d.url, "POST", "/dead/retry?url_prefix=" +
-                                  urllib_quote("http://127.0.0.1:9/qb"))
-            self.assertEqual((status, doc["requeued"]), (200, 1))
-
-
-class RestartableReceiver(Receiver):
-    """A receiver that can go down and come back on the same port."""
-
-    def down(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-    def up(self):
-        handler = self.server.RequestHandlerClass
-        port = int(self.base.rsplit(":", 1)[1])
-        self.server = QuietServer(("127.0.0.1", port), handler)
-        # shutdown() is noticed at socketserver's next poll: keep it short, tests stop many
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,),
-                                       daemon=True)
-        self.thread.start()
-
-
-class TestBreakerAndHooks(unittest.TestCase):
-    def test_app_restart_does_not_burn_retries(self):
-        rx = RestartableReceiver()
-        self.addCleanup(rx.close)
-        rx.down()
-        # probes a quarter of a second apart, not a second: the same story, 4 times faster
-        self.addCleanup(setattr, pt, "BREAKER_FIRST_PROBE", pt.BREAKER_FIRST_PROBE)
-        pt.BREAKER_FIRST_PROBE = 0.25
-        with running_daemon(max_tries=12, min_backoff=0.2, max_backoff=0.5, workers=4) as d:
-            for i in range(50):
-                call(d.url, "POST", "/", {"url": rx.url("/t/%d" % i)})
-            first = wait_until(lambda: call(d.url, "GET", "/")[2]["breakers"], what="breaker open")
-            self.assertEqual(call(d.url, "GET", "/")[2]["open_breakers"],
-                             ["http://127.0.0.1:%s" % rx.base.rsplit(":", 1)[1]])
-            # the app stays down (a deploy) until a probe has failed: the breaker backs off
-            wait_until(lambda: call(d.url, "GET", "/")[2]["breakers"][0]["next_probe"]
-                       != first[0]["next_probe"], what="a failed probe")
-            rx.up()
-            rx.wait_for(50, timeout=30)
-            wait_until(lambda: call(d.url, "GET", "/success")[2]["total"] == 50, timeout=30,
-                       what="50 successes")
-            tasks = call(d.url, "GET", "/success")[2]["tasks"]
-            self.assertEqual(call(d.url, "GET", "/dead")[2]["total"], 0)
-            failed = sum(t["tries"] - 1 for t in tasks)
-            # without a breaker, the outage (two probes, 0.75 s) of 0.2-0.5 s retries would
-            # cost a few tries per task (~100 in all)
-            self.assertLessEqual(failed, 20, [t["tries"] for t in tasks])
-            self.assertLessEqual(max(t["tries"] for t in tasks), 6)
-            self.assertEqual(call(d.url, "GET", "/")[2]["open_breakers"], [])
-
-    def test_500_does_not_open_the_breaker(self):
-        breakers = pt.Breakers(pt.DueQueue())
-        for _ in range(10):
-            breakers.record("http://a:80", False)
-        self.assertEqual(breakers.open_origins(), [])
-        for _ in range(5):
-            breakers.record("http://a:80", True)
-        self.assertEqual(breakers.open_origins(), ["http://a:80"])
-        self.assertFalse(breakers.admit("http://a:80", (0, 0, "t", 0, "default", 0)))
-        self.assertTrue(breakers.admit("http://b:80", (0, 0, "t", 0)))
-        breakers.record("http://a:80", False)
-        self.assertEqual(breakers.open_origins(), [])
-
-    def test_on_dead_notifies_once_per_dead_task(self):
-        with receiver() as rx:
-            rx.answers["/t"] = [(500, b"")]
-            with running_daemon(max_tries=2, on_dead=rx.url("/hook")) as d:
-                _, _, doc = call(d.url, "POST", "/", {"url": rx.url("/t")})
-                hook = rx.wait_for(1, path="/hook")[0]
-                self.assertEqual(hook["json"]["id"], doc["id"])
-                self.assertEqual(hook["json"]["tries"], 2)
-                call(d.url, "POST", "/", {"url": rx.url("/t2"), "delay_s": 0.3})
-                rx.answers["/t2"] = [(200, b"")]
-                rx.wait_for(1, path="/t2")
-            self.assertEqual(len([g for g in rx.got if g["path"] == "/hook"]), 1)
-
-
 # --------------------------------------------------------------------------
-# Operating it: the client, the CLI, metrics, OpenAPI, the dashboard
+# Client: PousseTaches, the async client, task functions and their endpoint, testing
 # --------------------------------------------------------------------------
-
-class FakeFlaskRequest:
-    """What a Flask/Werkzeug request offers parse(): headers and get_data()."""
-
-    def __init__(self, headers, body):
-        self.headers = headers
-        self._body = body
-
-    def get_data(self):
-        return self._body
-
-
-class FakeDjangoRequest:
-    """What a Django request offers parse(): META (HTTP_* keys) and body."""
-
-    def __init__(self, headers, body):
-        self.META = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()}
-        self.META["CONTENT_TYPE"] = "application/json"
-        self.body = body
 
 
 class TestClient(unittest.TestCase):
+    """The PousseTaches client against a real daemon."""
+
     def setUp(self):
         self.rx = Receiver()
         self.addCleanup(self.rx.close)
@@ -4582,6 +4802,8 @@ class TestClient(unittest.TestCase):
 
 
 class TestAsyncClient(unittest.TestCase):
+    """AsyncPousseTaches against a real daemon, from one loop or several."""
+
     def test_async_client_under_asyncio_run(self):
         import asyncio
         key = "whsec_" + b64(b"a" * 24)
@@ -4812,45 +5034,6 @@ class TestAsyncClient(unittest.TestCase):
                 client.push_many([{"payload": 1, "path": "/p"}, {"payload": 1, "path": "/p",
                                                                   "max_tries": 0}])
             self.assertIn("tasks[1]", str(ctx.exception))
-
-
-# --------------------------------------------------------------------------
-# The app side: task functions, their endpoint, eager mode, testing_daemon,
-# key rotation
-# --------------------------------------------------------------------------
-
-KEY = "whsec_" + b64(b"t" * 24)
-
-
-class QuietWSGIHandler(pt._QuietWSGIHandler):
-    pass
-
-
-@contextlib.contextmanager
-def serving_wsgi(app):
-    """A wsgiref server (one thread per request) on 127.0.0.1:0 serving ``app``;
-    yields its base URL."""
-    server = pt._TestWSGIServer(("127.0.0.1", 0), QuietWSGIHandler)
-    server.set_app(app)
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield "http://127.0.0.1:%d" % server.server_port
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(WAIT)
-
-
-def envelope_of(payload, tries=1, req_id="0123456789ab"):
-    return json.dumps({"payload": b64(json.dumps(payload).encode()), "tries": tries,
-                       "req_id": req_id}).encode()
-
-
-def signed_headers(key, body, task_id="t1", stamp=None):
-    stamp = int(time.time()) if stamp is None else stamp
-    return {"webhook-id": task_id, "webhook-timestamp": str(stamp),
-            "webhook-signature": pt.sign(key, task_id, stamp, body)}
 
 
 class TestTaskFunctions(unittest.TestCase):
@@ -5432,11 +5615,6 @@ class TestTaskEndpointDetails(unittest.TestCase):
             self.assertLessEqual(sockets(), before)
 
 
-async def asyncio_sleep0():
-    import asyncio
-    await asyncio.sleep(0)
-
-
 class TestEager(unittest.TestCase):
     """Eager mode: pushes run in-process, through the same JSON round trip."""
 
@@ -5655,7 +5833,59 @@ class TestKeyRotation(unittest.TestCase):
         self.assertIn("POUSSETACHES_NEXT_AUTH_KEY needs POUSSETACHES_AUTH_KEY", out.stderr)
 
 
+# --------------------------------------------------------------------------
+# Daemon settings and the CLI
+# --------------------------------------------------------------------------
+
+
+class TestSettings(unittest.TestCase):
+    """The daemon's settings: declared once, checked at construction."""
+
+    def test_every_option_is_declared_once_for_every_consumer(self):
+        """OPTIONS drives the Daemon's keywords, the range checks, serve's flags and
+        the environment: each flag is in serve --help, each default passes its own
+        check, an out-of-range value is refused naming the flag, and a setting
+        nobody declared is a TypeError."""
+        help_text = " ".join(subprocess.run(  # one line per word: argparse wraps lines
+            [sys.executable, pt.__file__, "serve", "--help"], capture_output=True,
+            text=True).stdout.split())
+        pt.Settings.checked()  # every default passes its own check
+        for option in pt.OPTIONS:
+            if option.flag:
+                self.assertIn(option.flag + " ", help_text)
+                if option.env:
+                    self.assertIn("env " + option.env, help_text)
+        with self.assertRaises(pt.ConfigError) as ctx:
+            pt.Settings.checked(max_connections=0)
+        self.assertEqual(str(ctx.exception), "--max-connections must be 1-100000")
+        with self.assertRaises(pt.ConfigError) as ctx:
+            pt.Settings.checked(head_timeout=601)
+        self.assertEqual(str(ctx.exception), "head_timeout must be > 0 and <= 600 seconds")
+        self.assertRaises(pt.ConfigError, pt.Settings.checked, workers="4")  # not a number
+        self.assertRaises(pt.ConfigError, pt.Settings.checked, workers=True)
+        self.assertRaises(TypeError, pt.Daemon, wokers=4)
+        # serve: flags over the environment, lists from comma-separated variables
+        env = {"POUSSETACHES_WORKERS": "7", "POUSSETACHES_ALLOWED_URLS": "http://a/, http://b/",
+               "POUSSETACHES_AUTH_KEY": "", "POUSSETACHES_API_KEY": ""}
+        with mock.patch.dict(os.environ, env):
+            values = pt._serve_settings(pt.build_parser().parse_args(["serve", "--rate", "3"]))
+        self.assertEqual((values["workers"], values["rate"], values["allow_urls"],
+                          values["auth_key"], values["api_key"]),
+                         (7, 3.0, ["http://a/", "http://b/"], "", None))
+        self.assertEqual(set(values) - {o.name for o in pt.OPTIONS}, set())
+
+    def test_bad_config_is_refused(self):
+        for kwargs in ({"workers": 0}, {"fsync": "sometimes"}, {"allow_urls": ["ftp://x"]},
+                       {"max_tries": 0}, {"rate": -1}, {"min_backoff": 5, "max_backoff": 1},
+                       {"max_per_address": 0}, {"head_timeout": 0}, {"keep_dead": -1},
+                       {"max_dead_bytes": -1}, {"max_success_bytes": -1}):
+            with self.subTest(**kwargs), self.assertRaises(pt.ConfigError):
+                pt.Daemon(port=0, data_dir="unused", **kwargs)
+
+
 class TestCli(unittest.TestCase):
+    """The poussetaches command: each command, its output and its errors."""
+
     def test_push_takes_every_enqueue_field(self):
         """Each enqueue field is a push flag (its Param's), or one of the few a flag
         cannot be as is: the URL (an argument), the payload (--json, --payload-file),
@@ -5975,149 +6205,48 @@ class TestCli(unittest.TestCase):
                               capture_output=True, timeout=WAIT)
         self.assertEqual(proc.stdout.decode().strip(), "poussetaches " + pt.__version__)
 
-
-class TestOperatorWeek(unittest.TestCase):
-    """Issue 13: logs with fields, a CLI without tracebacks, health, metrics."""
-
-    run_cli = TestCli.run_cli
-
-    def test_delivery_logs_at_info_with_fields(self):
-        logger = logging.getLogger("poussetaches")
-        with receiver() as rx, running_daemon(min_backoff=5.0, max_backoff=5.0) as d:
-            rx.answers["/bad"] = [(500, b"Traceback...\nKeyError: 'user'")]
-            rx.answers["/gone"] = [(410, b"")]
-            with self.assertLogs("poussetaches", "INFO") as logs:
-                ok = call(d.url, "POST", "/", {"url": rx.url("/ok")})[2]["id"]
-                bad = call(d.url, "POST", "/", {"url": rx.url("/bad"), "queue": "mail"})[2]["id"]
-                gone = call(d.url, "POST", "/", {"url": rx.url("/gone"), "queue": "mail"})[2]["id"]
-                rx.wait_for(1, path="/ok")
-                rx.wait_for(1, path="/bad")
-                wait_until(lambda: call(d.url, "GET", "/tasks/" + bad)[2]["tries"] == 1
-                           and call(d.url, "GET", "/tasks/" + ok)[2]["state"] == "success"
-                           and call(d.url, "GET", "/tasks/" + gone)[2]["state"] == "dead",
-                           what="the three outcomes")
-                # each line follows its outcome: wait for the lines themselves
-                wait_until(lambda: {ok, bad, gone} <= {
-                    getattr(r, "task_id", None) for r in logs.records
-                    if getattr(r, "event", "") == "delivery"} and any(
-                    getattr(r, "event", "") == "dead" for r in logs.records),
-                    what="the log lines", poll=0.05)
-        dead = [r for r in logs.records if getattr(r, "event", "") == "dead"]
-        self.assertEqual([(r.task_id, r.queue, r.status) for r in dead], [(gone, "mail", 410)])
-        records = {r.task_id: r for r in logs.records if getattr(r, "event", "") == "delivery"}
-        self.assertEqual(records[ok].levelno, logging.INFO)
-        self.assertIn(rx.url("/ok"), records[ok].getMessage())
-        self.assertEqual((records[ok].status, records[ok].url, records[ok].queue),
-                         (200, rx.url("/ok"), "default"))
-        self.assertIn("(queue mail)", records[bad].getMessage())  # SPEC 6: the queue, too
-        failed = records[bad]
-        self.assertEqual(failed.levelno, logging.WARNING)
-        self.assertIn("KeyError: 'user'", failed.getMessage())
-        self.assertIn("next attempt at", failed.getMessage())
-        doc = json.loads(pt.JSONFormatter().format(failed))
-        self.assertRegex(doc["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-        self.assertRegex(doc["next_run"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-        self.assertEqual((doc["level"], doc["event"], doc["task_id"], doc["queue"], doc["url"],
-                          doc["status"], doc["attempt"]),
-                         ("WARNING", "delivery", bad, "mail", rx.url("/bad"), 500, 1))
-        self.assertIsInstance(doc["duration_ms"], float)
-        self.assertIn("KeyError", doc["error"])
-        next_run = datetime.fromisoformat(doc["next_run"].replace("Z", "+00:00")).timestamp()
-        self.assertAlmostEqual(next_run, time.time() + 5, delta=3)
-        self.assertIs(logger.propagate, False)
-
-    def test_loading_line_before_recovery(self):
-        tmp = tempfile.mkdtemp(prefix="pt-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        data = os.path.join(tmp, "data")
-        with running_daemon(data_dir=data, paused=True) as d:
-            call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/x"})
-        with self.assertLogs("poussetaches", "INFO") as logs:
-            with running_daemon(data_dir=data, paused=True):
-                pass
-        loading = [i for i, m in enumerate(logs.output) if "loading snapshot.json" in m]
-        recovered = [i for i, m in enumerate(logs.output) if "recovered 1 waiting" in m]
-        self.assertTrue(loading and recovered and loading[0] < recovered[0], logs.output)
-
-    def test_healthz(self):
-        broken = threading.Event()
-
-        class BrokenFS(pt.FileSystem):
-            def open(self, path, flags, mode=0o777):
-                if broken.is_set():
-                    raise OSError(28, "No space left on device")
-                return os.open(path, flags, mode)
-
-        with running_daemon(api_key="k", fs=BrokenFS()) as d:
-            self.assertEqual(call(d.url, "GET", "/healthz")[:3:2], (200, {"ok": True}))
-            self.assertEqual(call(d.url, "GET", "/metrics")[0], 401)
-            broken.set()
-            d.store.journal._close_quietly()
-            auth = {"Authorization": "Bearer k"}
-            self.assertEqual(call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/"},
-                                  headers=auth)[0], 503)
-            status, _, doc = call(d.url, "GET", "/healthz")
-            self.assertEqual((status, doc["ok"]), (503, False))
-            self.assertNotIn("127.0.0.1:1", json.dumps(doc))
-            broken.clear()
-            self.assertEqual(call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/",
-                                                       "delay_s": 60}, headers=auth)[0], 201)
-            self.assertEqual(call(d.url, "GET", "/healthz")[0], 200)
-
-    def test_metrics_for_alerts(self):
-        shift = [0]  # the daemon's clock runs ahead by this many ns
-        clock = lambda: time.time_ns() + shift[0]
-        with receiver() as rx, running_daemon(paused=True, clock=clock) as d:
-            call(d.url, "POST", "/", {"url": rx.url("/a")})
-            call(d.url, "POST", "/", {"url": rx.url("/c"), "schedule": "@every 1h"})
-            shift[0] = 5 * 10 ** 9  # five seconds later, the one-off task is still not run
-            _, _, text = call(d.url, "GET", "/metrics")
-            types, samples = parse_prometheus(text.decode())
-            m = lambda name, **labels: samples[("poussetaches_" + name,
-                                                tuple(sorted(labels.items())))]
-            self.assertGreaterEqual(m("oldest_due_age_seconds"), 4.9)
-            self.assertLess(m("oldest_due_age_seconds"), 6.0)
-            self.assertEqual((m("tasks", table="waiting"), m("tasks", table="cron")), (1, 1))
-            # one meaning of "waiting" (one-off tasks), crons apart, in every view; the
-            # original's GET /waiting still lists both
-            status = call(d.url, "GET", "/")[2]
-            queues = call(d.url, "GET", "/queues")[2]["queues"]
-            self.assertEqual((status["waiting"], status["cron"]),
-                             (m("tasks", table="waiting"), m("tasks", table="cron")))
-            self.assertEqual((sum(q["waiting"] for q in queues), sum(q["cron"] for q in queues)),
-                             (1, 1))
-            self.assertEqual(sum(m("queue_waiting", queue=q["name"]) for q in queues), 1)
-            self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 2)
-            self.assertEqual([call(d.url, "GET", "/waiting?cron=" + c)[2]["total"]
-                              for c in ("false", "true")], [1, 1])
-            self.assertEqual(call(d.url, "GET", "/waiting?cron=yes")[0], 400)
-            code, out, _ = TestCli.run_cli(self, "--url", d.url, "ls", "waiting")
-            self.assertTrue(out.endswith("1 of 1 waiting tasks, the soonest first\n"), out)
-            code, out, _ = TestCli.run_cli(self, "--url", d.url, "status")
-            self.assertIn("tasks:     1 waiting, 1 cron,", out)
-            self.assertEqual(m("build_info", version=pt.__version__,
-                               python=sys.version.split()[0]), 1)
-            call(d.url, "POST", "/resume")
-            rx.wait_for(1, path="/a")
-            wait_until(lambda: call(d.url, "GET", "/success")[2]["total"], what="success")
-            _, _, text = call(d.url, "GET", "/metrics")
-            types, samples = parse_prometheus(text.decode())
-            origin = pt.origin_of(rx.url())
-            self.assertEqual(m("origin_attempts_total", origin=origin, outcome="success"), 1)
-            self.assertEqual(m("oldest_due_age_seconds"), 0)
-            self.assertEqual(types["poussetaches_origin_attempts_total"], "counter")
-
-    def test_status_shows_breakers_for_the_dashboard(self):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        url = "http://127.0.0.1:%d/down" % s.getsockname()[1]
-        s.close()
-        with running_daemon(max_tries=50) as d:
-            for _ in range(6):
-                call(d.url, "POST", "/", {"url": url})
-            doc = wait_until(lambda: call(d.url, "GET", "/")[2]["breakers"], what="a breaker")
-            self.assertEqual(doc[0]["origin"], pt.origin_of(url))
-            self.assertGreater(doc[0]["next_probe"], time.time_ns() - 10 ** 9)
+    def test_queue_commands(self):
+        run_cli = TestCli.run_cli
+        with running_daemon(paused=True) as d:
+            env = {"POUSSETACHES_URL": d.url}
+            code, out, err = run_cli(self, "push", "http://127.0.0.1:9/m", "--queue", "mail",
+                                     "--ordering-key", "u1", "--priority", "7", env=env)
+            self.assertEqual((code, err), (0, ""))
+            task = call(d.url, "GET", "/tasks/" + out.strip())[2]
+            self.assertEqual((task["queue"], task["ordering_key"], task["priority"]),
+                             ("mail", "u1", 7))
+            lines = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
+            self.addCleanup(os.unlink, lines.name)
+            with lines:
+                for i in range(3):
+                    lines.write(json.dumps({"url": "http://127.0.0.1:9/f/%d" % i,
+                                            "queue": "mail"}) + "\n")
+            code, out, err = run_cli(self, "push", "--from-file", lines.name, env=env)
+            self.assertEqual((code, len(out.split())), (0, 3))
+            code, out, _ = run_cli(self, "ls", "waiting", "--queue", "mail", "-q", "/f/", env=env)
+            self.assertIn("3 of 3 waiting tasks", out)
+            self.assertEqual(run_cli(self, "queue", "set", "mail", "--rate", "2",
+                                     "--concurrency", "1", env=env)[0], 0)
+            code, out, _ = run_cli(self, "queue", "show", "mail", env=env)
+            self.assertIn("settings:  rate 2.0, concurrency 1\n", out)
+            self.assertIn("tasks:     4 waiting, 0 cron, 4 due, 0 in flight\n", out)
+            code, out, _ = run_cli(self, "queue", "set", "mail", "--rate", "default", env=env)
+            self.assertIn("settings:  concurrency 1\n", out)  # unlimited again
+            code, _, err = run_cli(self, "queue", "set", "mail", "--rate", "fast", env=env)
+            self.assertEqual(code, 2)
+            self.assertIn("invalid float value: 'fast'", err)
+            self.assertEqual(run_cli(self, "queue", "set", "mail", "--rate", "2", env=env)[0], 0)
+            self.assertEqual(run_cli(self, "queue", "pause", "mail", env=env)[0], 0)
+            code, out, _ = run_cli(self, "queue", "ls", env=env)
+            self.assertTrue(out.startswith("QUEUE"))
+            self.assertIn("paused=True", out)
+            code, out, err = run_cli(self, "queue", "rm", "mail", env=env)
+            self.assertEqual(code, 1)
+            self.assertIn("409", err)
+            self.assertEqual(len(err.splitlines()), 1)
+            code, _, err = run_cli(self, "push", env=env)
+            self.assertEqual((code, err), (1, "poussetaches: error: push needs a URL (or "
+                                               "--from-file FILE)\n"))
 
     def test_cli_commands_and_errors(self):
         with receiver() as rx, running_daemon(paused=True) as d:
@@ -6191,65 +6320,13 @@ class TestOperatorWeek(unittest.TestCase):
         self.assertIn("neither", str(ctx.exception))
 
 
-def parse_prometheus(text):
-    """A small parser of the text exposition format 0.0.4: {(name, labels): value}."""
-    types, samples = {}, {}
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ", 3)
-            types[name] = kind
-            continue
-        if not line or line.startswith("#"):
-            continue
-        match = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$', line)
-        if match is None:
-            raise AssertionError("bad sample line: %r" % line)
-        name, labels, value = match.groups()
-        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
-        if family not in types:
-            raise AssertionError("sample %s has no # TYPE" % name)
-        labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', labels or "")))
-        samples[(name, labels)] = float(value)
-    return types, samples
+# --------------------------------------------------------------------------
+# Observability: logs, health, metrics, OpenAPI, the dashboard
+# --------------------------------------------------------------------------
 
 
-class TestOperate(unittest.TestCase):
-    def test_a_stop_ends_even_when_the_disk_refuses_its_last_record(self):
-        tmp = tempfile.mkdtemp(prefix="pt-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        with receiver() as rx:
-            rx.answers["/slow"] = [(200, b"", {}, 3.0)]
-            with self.assertLogs("poussetaches", "ERROR") as logs:
-                with running_daemon(data_dir=tmp, grace=0.2) as d:
-                    call(d.url, "POST", "/", {"url": rx.url("/slow")})
-                    wait_until(lambda: d.store.in_flight() == 1, what="under way", poll=0.01)
-
-                    def refused(*args):
-                        raise pt.PersistError("cannot write the journal: No space left")
-                    d.store.note_interrupted = refused
-            self.assertIn("could not record the interrupted attempt", "\n".join(logs.output))
-            with running_daemon(data_dir=tmp, paused=True) as d:  # the lock was released
-                self.assertEqual(call(d.url, "GET", "/")[2]["waiting"], 1)
-
-    def test_an_attempt_cut_off_by_a_stop_is_recorded(self):
-        """A SIGTERM during a 15 s task left no trace of that attempt: after the
-        restart, attempts listed only the second run."""
-        tmp = tempfile.mkdtemp(prefix="pt-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        with receiver() as rx:
-            rx.answers["/slow"] = [(200, b"", {}, 3.0)]
-            with self.assertLogs("poussetaches", "WARNING"):
-                with running_daemon(data_dir=tmp, grace=0.3) as d:
-                    task_id = call(d.url, "POST", "/", {"url": rx.url("/slow")})[2]["id"]
-                    wait_until(lambda: d.store.in_flight() == 1, what="the attempt under way",
-                               poll=0.01)
-            with running_daemon(data_dir=tmp, paused=True) as d:
-                task = call(d.url, "GET", "/tasks/" + task_id)[2]
-        self.assertEqual((task["state"], task["tries"], len(task["attempts"])), ("waiting", 0, 1))
-        attempt = task["attempts"][0]
-        self.assertEqual(attempt["status"], -1)
-        self.assertIn("interrupted", attempt["error"])
-        self.assertGreaterEqual(attempt["duration_ms"], 250)
+class TestObservability(unittest.TestCase):
+    """What an operator watches: logs, health, metrics, OpenAPI, the dashboard."""
 
     def test_metrics(self):
         with receiver() as rx, running_daemon() as d:
@@ -6400,7 +6477,7 @@ class TestOperate(unittest.TestCase):
         parser = Collect()
         parser.feed(text)
         self.assertEqual(parser.tags[0][0], "html")
-        # "Retry dead" became a per-tab action (issue 13): the actions bar holds it
+        # "Retry dead" is a per-tab action: the actions bar holds it
         self.assertLessEqual({"counts", "rows", "tabs", "toggle", "actions", "prev", "next",
                               "page"}, parser.ids)
         self.assertIn(("meta", {"name": "viewport",
@@ -6456,325 +6533,489 @@ class TestOperate(unittest.TestCase):
         doc = json.loads(pt.JSONFormatter().format(record))
         self.assertEqual((doc["level"], doc["message"]), ("WARNING", "task abc attempt 2 -> 500"))
 
+    def test_queue_metrics(self):
+        with receiver() as rx, running_daemon() as d:
+            call(d.url, "POST", "/queues/held/pause")
+            call(d.url, "POST", "/", {"url": rx.url("/h"), "queue": "held"})
+            call(d.url, "POST", "/", {"url": rx.url("/m"), "queue": "mail"})
+            rx.wait_for(1, path="/m")
+            # a queue without tasks or settings of its own is forgotten (30,000 one-task
+            # queues would otherwise stay in every answer of /queues and /metrics)
+            wait_until(lambda: call(d.url, "GET", "/queues/mail")[0] == 404, what="mail gone")
+            _, _, text = call(d.url, "GET", "/metrics")
+            types, samples = parse_prometheus(text.decode())
+            m = lambda name, **labels: samples[("poussetaches_" + name,
+                                                tuple(sorted(labels.items())))]
+            self.assertEqual((m("queue_waiting", queue="held"), m("queue_due", queue="held")),
+                             (1, 1))
+            self.assertNotIn(("poussetaches_queue_waiting", (("queue", "mail"),)), samples)
+            self.assertEqual(m("queue_attempts_total", queue="mail", outcome="success"), 1)
+            self.assertEqual(m("queue_in_flight", queue="held"), 0)
+            self.assertGreaterEqual(m("queue_oldest_due_age_seconds", queue="held"), 0)
+            self.assertEqual(types["poussetaches_queue_attempts_total"], "counter")
 
-# --------------------------------------------------------------------------
-# Storage: journal, group commit, snapshots, recovery
-# --------------------------------------------------------------------------
+    def test_delivery_logs_at_info_with_fields(self):
+        logger = logging.getLogger("poussetaches")
+        with receiver() as rx, running_daemon(min_backoff=5.0, max_backoff=5.0) as d:
+            rx.answers["/bad"] = [(500, b"Traceback...\nKeyError: 'user'")]
+            rx.answers["/gone"] = [(410, b"")]
+            with self.assertLogs("poussetaches", "INFO") as logs:
+                ok = call(d.url, "POST", "/", {"url": rx.url("/ok")})[2]["id"]
+                bad = call(d.url, "POST", "/", {"url": rx.url("/bad"), "queue": "mail"})[2]["id"]
+                gone = call(d.url, "POST", "/", {"url": rx.url("/gone"), "queue": "mail"})[2]["id"]
+                rx.wait_for(1, path="/ok")
+                rx.wait_for(1, path="/bad")
+                wait_until(lambda: call(d.url, "GET", "/tasks/" + bad)[2]["tries"] == 1
+                           and call(d.url, "GET", "/tasks/" + ok)[2]["state"] == "success"
+                           and call(d.url, "GET", "/tasks/" + gone)[2]["state"] == "dead",
+                           what="the three outcomes")
+                # each line follows its outcome: wait for the lines themselves
+                wait_until(lambda: {ok, bad, gone} <= {
+                    getattr(r, "task_id", None) for r in logs.records
+                    if getattr(r, "event", "") == "delivery"} and any(
+                    getattr(r, "event", "") == "dead" for r in logs.records),
+                    what="the log lines", poll=0.05)
+        dead = [r for r in logs.records if getattr(r, "event", "") == "dead"]
+        self.assertEqual([(r.task_id, r.queue, r.status) for r in dead], [(gone, "mail", 410)])
+        records = {r.task_id: r for r in logs.records if getattr(r, "event", "") == "delivery"}
+        self.assertEqual(records[ok].levelno, logging.INFO)
+        self.assertIn(rx.url("/ok"), records[ok].getMessage())
+        self.assertEqual((records[ok].status, records[ok].url, records[ok].queue),
+                         (200, rx.url("/ok"), "default"))
+        self.assertIn("(queue mail)", records[bad].getMessage())  # SPEC 6: the queue, too
+        failed = records[bad]
+        self.assertEqual(failed.levelno, logging.WARNING)
+        self.assertIn("KeyError: 'user'", failed.getMessage())
+        self.assertIn("next attempt at", failed.getMessage())
+        doc = json.loads(pt.JSONFormatter().format(failed))
+        self.assertRegex(doc["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        self.assertRegex(doc["next_run"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        self.assertEqual((doc["level"], doc["event"], doc["task_id"], doc["queue"], doc["url"],
+                          doc["status"], doc["attempt"]),
+                         ("WARNING", "delivery", bad, "mail", rx.url("/bad"), 500, 1))
+        self.assertIsInstance(doc["duration_ms"], float)
+        self.assertIn("KeyError", doc["error"])
+        next_run = datetime.fromisoformat(doc["next_run"].replace("Z", "+00:00")).timestamp()
+        self.assertAlmostEqual(next_run, time.time() + 5, delta=3)
+        self.assertIs(logger.propagate, False)
 
-class TestStorage(unittest.TestCase):
-    def test_the_data_directory_records_its_format(self):
-        """Nothing said what an older daemon does with a newer data directory."""
+    def test_loading_line_before_recovery(self):
         tmp = tempfile.mkdtemp(prefix="pt-test-")
         self.addCleanup(shutil.rmtree, tmp, True)
         data = os.path.join(tmp, "data")
-        with running_daemon(data_dir=data) as d:
-            task_id = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/t", "delay_s": 600})[
-                2]["id"]
-        with open(os.path.join(data, "format")) as f:
-            self.assertEqual(f.read(), "poussetaches data format %d\n" % pt.FORMAT_VERSION)
-        # a newer format: refused, naming both, nothing touched
-        with open(os.path.join(data, "format"), "w") as f:
-            f.write("poussetaches data format 99\n")
-        before = sorted(os.listdir(data))
-        daemon = pt.Daemon(host="127.0.0.1", port=0, data_dir=data)
-        with self.assertRaises(pt.ConfigError) as ctx:
-            daemon.start()
-        self.assertIn("is of format 99, newer than the format %d" % pt.FORMAT_VERSION,
-                      str(ctx.exception))
-        self.assertEqual(sorted(os.listdir(data)), before)
-        # an older one: copied aside, then upgraded, the tasks kept
-        with open(os.path.join(data, "format"), "w") as f:
-            f.write("poussetaches data format 1\n")
-        with self.assertLogs("poussetaches", "WARNING") as logs:
-            with running_daemon(data_dir=data, paused=True) as d:
-                self.assertEqual(call(d.url, "GET", "/tasks/" + task_id)[0], 200)
-        self.assertIn("from format 1 to %d" % pt.FORMAT_VERSION, "\n".join(logs.output))
-        with open(os.path.join(data + ".format-1", "format")) as f:
-            self.assertEqual(f.read(), "poussetaches data format 1\n")
-        with open(os.path.join(data, "format")) as f:
-            self.assertEqual(f.read(), "poussetaches data format %d\n" % pt.FORMAT_VERSION)
-        with open(os.path.join(data, "format"), "w") as f:
-            f.write("hello\n")
-        with self.assertRaises(pt.ConfigError):
-            pt.Daemon(host="127.0.0.1", port=0, data_dir=data).start()
-
-    def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix="pt-store-")
-        self.addCleanup(shutil.rmtree, self.dir, True)
-
-    def store(self):
-        return pt.Store(self.dir, pt.DueQueue())
-
-    def task(self, n=0):
-        return pt.Task(pt.new_id(), "http://127.0.0.1:1/%d" % n, b"p%d" % n, next_run=n)
-
-    def test_group_commit_writes_queued_records_at_once(self):
-        journal = pt.Journal(self.dir, 1)
-        tickets = [journal.append({"op": "del", "id": str(i)}) for i in range(10)]
-        journal.start()  # the writer finds all ten waiting: one write, one fsync
-        for t in tickets:
-            t.wait()
-        self.assertEqual((journal.records, journal.commits), (10, 1))
-        journal.close()
-
-    def test_concurrent_adds_share_fsyncs(self):
-        s = self.store()
-        s.start()
-        threads = [threading.Thread(target=s.add, args=(self.task(i),)) for i in range(40)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(WAIT)
-        self.assertEqual(s.counts()["waiting"], 40)
-        self.assertLessEqual(s.journal.commits, 40)
-        s.close()
-
-    def test_recovery_from_journal_and_snapshot(self):
-        s = self.store()
-        s.start()
-        tasks = [self.task(i) for i in range(5)]
-        for t in tasks:
-            s.add(t)
-        s.snapshot()
-        s.add(self.task(9))
-        s.delete(tasks[0].id)
-        s.close()
-        names = sorted(os.listdir(self.dir))
-        self.assertIn("snapshot.json", names)
-        self.assertEqual(len([n for n in names if n.startswith("journal")]), 1)
-        again = self.store()
-        self.assertEqual(again.counts()["waiting"], 5)
-        self.assertIsNone(again.get(tasks[0].id)[1])
-        self.assertEqual(again.recovery["snapshot_tasks"], 5)
-        self.assertEqual(again.recovery["journal_records"], 2)
-
-    def test_snapshot_versions(self):
-        task = self.task(7)
-        task.last_error_body, task.attempts = b"oops", [{"status": 500}]
-        with open(os.path.join(self.dir, "snapshot.json"), "w") as f:  # version 1: objects
-            json.dump({"version": 1, "journal": 1, "waiting": [task.to_json()]}, f)
-        self.assertEqual(self.store().get(task.id)[1], task.to_json())
-        s = self.store()
-        s.start()
-        s.snapshot()  # version 2: rows in a declared order
-        s.close()
-        with open(os.path.join(self.dir, "snapshot.json")) as f:
-            doc = json.load(f)
-        self.assertEqual((doc["version"], tuple(doc["fields"])), (2, pt.TASK_NAMES))
-        self.assertEqual(self.store().get(task.id)[1], task.to_json())
-
-    def test_files_are_private(self):
-        s = self.store()
-        s.start()
-        s.add(self.task())
-        s.snapshot()
-        s.close()
-        for name in os.listdir(self.dir):
-            self.assertEqual(os.stat(os.path.join(self.dir, name)).st_mode & 0o077, 0, name)
-
-    def write_journal(self, n):
-        s = self.store()
-        s.start()
-        ids = []
-        for i in range(n):
-            t = self.task(i)
-            s.add(t)
-            ids.append(t.id)
-        s.close()
-        name = [n for n in os.listdir(self.dir) if n.startswith("journal")][0]
-        return os.path.join(self.dir, name), ids
-
-    def test_torn_last_record_is_dropped(self):
-        path, ids = self.write_journal(3)
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            last_len = len(f.read().split(b"\n")[-2]) + 1
-        for cut in (1, last_len // 2, last_len - 1):
-            with self.subTest(cut=cut):
-                with open(path, "r+b") as f:
-                    f.truncate(size - cut)
-                with self.assertLogs("poussetaches", "WARNING") as logs:
-                    s = self.store()
-                self.assertEqual(s.counts()["waiting"], 2)
-                self.assertEqual(s.recovery["torn_records"], 1)
-                self.assertTrue(any("torn" in line for line in logs.output))
-                for task_id in ids[:2]:
-                    self.assertIsNotNone(s.get(task_id)[1])
-
-    def test_corrupt_middle_record_is_skipped_and_counted(self):
-        path, ids = self.write_journal(3)
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
-        lines[1] = lines[1][:40] + (b"X" if lines[1][40:41] != b"X" else b"Y") + lines[1][41:]
-        with open(path, "wb") as f:
-            f.write(b"\n".join(lines))
-        with self.assertLogs("poussetaches", "WARNING"):
-            s = self.store()
-        self.assertEqual(s.recovery["corrupt_records"], 1)
-        self.assertIsNotNone(s.get(ids[0])[1])
-        self.assertIsNone(s.get(ids[1])[1])
-        self.assertIsNotNone(s.get(ids[2])[1])
-
-    def test_import_original_layout(self):
-        ns = 1700000000 * 10 ** 9
-        for table, n in (("waiting", 3), ("dead", 2), ("success", 1)):
-            os.makedirs(os.path.join(self.dir, table))
-            for i in range(n):
-                task_id = "%s%02d" % (table[:2], i)
-                with open(os.path.join(self.dir, table, task_id), "w") as f:
-                    json.dump({"id": task_id, "url": "http://127.0.0.1:9/%s" % table,
-                               "payload": b64(b"hello"), "expected": 200,
-                               "schedule": "", "next_run": ns + i, "tries": i,
-                               "last_error_body": b64(b"err") if table == "dead" else None,
-                               "last_error_status_code": 500 if table == "dead" else 0}, f)
-        with open(os.path.join(self.dir, "waiting", "broken"), "w") as f:
-            f.write("{not json")
+        with running_daemon(data_dir=data, paused=True) as d:
+            call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/x"})
         with self.assertLogs("poussetaches", "INFO") as logs:
-            s = self.store()
-        # the line counts what the tables then hold (issue 10)
-        self.assertTrue(any("3 waiting (0 cron, 0 of them restored from their last run), "
-                            "1 success, 2 dead" in line for line in logs.output), logs.output)
-        self.assertEqual(s.counts(), {"waiting": 3, "success": 1, "dead": 2, "cron": 0})
-        state, doc = s.get("de01")
-        self.assertEqual((state, doc["tries"], doc["last_error_status_code"]), ("dead", 1, 500))
-        self.assertEqual(base64.b64decode(doc["payload"]), b"hello")
-        s.start()
-        s.snapshot()
-        s.close()
-        self.assertTrue(os.path.isdir(os.path.join(self.dir, "waiting")))  # left as it was,
-        self.assertEqual(len(os.listdir(os.path.join(self.dir, "waiting"))), 3)  # less the
-        self.assertEqual(os.listdir(os.path.join(self.dir, "import-rejected", "waiting")),
-                         ["broken"])                                  # file set aside
-        again = self.store()  # imported once: the snapshot holds them now
-        self.assertEqual(again.recovery["imported"], 0)
-        self.assertEqual(again.counts()["waiting"], 3)
+            with running_daemon(data_dir=data, paused=True):
+                pass
+        loading = [i for i, m in enumerate(logs.output) if "loading snapshot.json" in m]
+        recovered = [i for i, m in enumerate(logs.output) if "recovered 1 waiting" in m]
+        self.assertTrue(loading and recovered and loading[0] < recovered[0], logs.output)
 
-    def test_second_daemon_is_refused(self):
-        with running_daemon(data_dir=os.path.join(self.dir, "d")):
-            second = pt.Daemon(port=0, data_dir=os.path.join(self.dir, "d"))
-            with self.assertRaises(pt.LockedError) as ctx:
-                second.start()
-            self.assertIn("another poussetaches", str(ctx.exception))
-
-    def test_disk_error_gives_503_and_recovers(self):
+    def test_healthz(self):
         broken = threading.Event()
 
         class BrokenFS(pt.FileSystem):
-            def __init__(self, flag):
-                self.flag = flag
-
             def open(self, path, flags, mode=0o777):
-                if self.flag.is_set():
+                if broken.is_set():
                     raise OSError(28, "No space left on device")
                 return os.open(path, flags, mode)
 
-        with receiver() as rx, running_daemon(data_dir=os.path.join(self.dir, "d"),
-                                              fs=BrokenFS(broken)) as d:
-            ok = call(d.url, "POST", "/", {"url": rx.url()})
-            self.assertEqual(ok[0], 201)
-            rx.wait_for(1)  # delivered and settled: the waiting table is empty again
-            wait_until(lambda: call(d.url, "GET", "/")[2]["waiting"] == 0, what="settled")
+        with running_daemon(api_key="k", fs=BrokenFS()) as d:
+            self.assertEqual(call(d.url, "GET", "/healthz")[:3:2], (200, {"ok": True}))
+            self.assertEqual(call(d.url, "GET", "/metrics")[0], 401)
             broken.set()
-            d.store.journal._close_quietly()  # the next write must reopen the file, and fails
-            status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/lost")})
-            self.assertEqual(status, 503)
-            self.assertIn("No space left", doc["error"])
-            self.assertIs(call(d.url, "GET", "/")[2]["healthy"], False)
-            self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 0)
+            d.store.journal._close_quietly()
+            auth = {"Authorization": "Bearer k"}
+            self.assertEqual(call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/"},
+                                  headers=auth)[0], 503)
+            status, _, doc = call(d.url, "GET", "/healthz")
+            self.assertEqual((status, doc["ok"]), (503, False))
+            self.assertNotIn("127.0.0.1:1", json.dumps(doc))
             broken.clear()
-            status, _, _ = call(d.url, "POST", "/", {"url": rx.url()})
+            self.assertEqual(call(d.url, "POST", "/", {"url": "http://127.0.0.1:1/",
+                                                       "delay_s": 60}, headers=auth)[0], 201)
+            self.assertEqual(call(d.url, "GET", "/healthz")[0], 200)
+
+    def test_metrics_for_alerts(self):
+        shift = [0]  # the daemon's clock runs ahead by this many ns
+        clock = lambda: time.time_ns() + shift[0]
+        with receiver() as rx, running_daemon(paused=True, clock=clock) as d:
+            call(d.url, "POST", "/", {"url": rx.url("/a")})
+            call(d.url, "POST", "/", {"url": rx.url("/c"), "schedule": "@every 1h"})
+            shift[0] = 5 * 10 ** 9  # five seconds later, the one-off task is still not run
+            _, _, text = call(d.url, "GET", "/metrics")
+            types, samples = parse_prometheus(text.decode())
+            m = lambda name, **labels: samples[("poussetaches_" + name,
+                                                tuple(sorted(labels.items())))]
+            self.assertGreaterEqual(m("oldest_due_age_seconds"), 4.9)
+            self.assertLess(m("oldest_due_age_seconds"), 6.0)
+            self.assertEqual((m("tasks", table="waiting"), m("tasks", table="cron")), (1, 1))
+            # one meaning of "waiting" (one-off tasks), crons apart, in every view; the
+            # original's GET /waiting still lists both
+            status = call(d.url, "GET", "/")[2]
+            queues = call(d.url, "GET", "/queues")[2]["queues"]
+            self.assertEqual((status["waiting"], status["cron"]),
+                             (m("tasks", table="waiting"), m("tasks", table="cron")))
+            self.assertEqual((sum(q["waiting"] for q in queues), sum(q["cron"] for q in queues)),
+                             (1, 1))
+            self.assertEqual(sum(m("queue_waiting", queue=q["name"]) for q in queues), 1)
+            self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 2)
+            self.assertEqual([call(d.url, "GET", "/waiting?cron=" + c)[2]["total"]
+                              for c in ("false", "true")], [1, 1])
+            self.assertEqual(call(d.url, "GET", "/waiting?cron=yes")[0], 400)
+            code, out, _ = TestCli.run_cli(self, "--url", d.url, "ls", "waiting")
+            self.assertTrue(out.endswith("1 of 1 waiting tasks, the soonest first\n"), out)
+            code, out, _ = TestCli.run_cli(self, "--url", d.url, "status")
+            self.assertIn("tasks:     1 waiting, 1 cron,", out)
+            self.assertEqual(m("build_info", version=pt.__version__,
+                               python=sys.version.split()[0]), 1)
+            call(d.url, "POST", "/resume")
+            rx.wait_for(1, path="/a")
+            wait_until(lambda: call(d.url, "GET", "/success")[2]["total"], what="success")
+            _, _, text = call(d.url, "GET", "/metrics")
+            types, samples = parse_prometheus(text.decode())
+            origin = pt.origin_of(rx.url())
+            self.assertEqual(m("origin_attempts_total", origin=origin, outcome="success"), 1)
+            self.assertEqual(m("oldest_due_age_seconds"), 0)
+            self.assertEqual(types["poussetaches_origin_attempts_total"], "counter")
+
+    def test_status_shows_breakers_for_the_dashboard(self):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        url = "http://127.0.0.1:%d/down" % s.getsockname()[1]
+        s.close()
+        with running_daemon(max_tries=50) as d:
+            for _ in range(6):
+                call(d.url, "POST", "/", {"url": url})
+            doc = wait_until(lambda: call(d.url, "GET", "/")[2]["breakers"], what="a breaker")
+            self.assertEqual(doc[0]["origin"], pt.origin_of(url))
+            self.assertGreater(doc[0]["next_probe"], time.time_ns() - 10 ** 9)
+
+
+# --------------------------------------------------------------------------
+# The drop-in: the original's data directory, its client, its defaults
+# --------------------------------------------------------------------------
+
+
+class TestDropIn(unittest.TestCase):
+    """The drop-in: a microblog.pub instance moves over from the original daemon,
+    with its data directory, its client and its defaults."""
+
+    def test_migration_keeps_crons_and_counts_what_it_holds(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "poussetaches_data")
+        s, now = 10 ** 9, time.time_ns()
+        with receiver() as rx:
+            app = rx.base
+            # the hourly cleanup has run: its schedule in waiting/ (overdue by a second,
+            # so it runs as soon as dispatch starts), its last run in success/
+            slot = now - now % s - s
+            cleanup, sched = original_file(app + "/task/cleanup", b"{}", schedule="@every 1h",
+                                           next_run=slot, last_run=slot - 3600 * s)
+            _, last = original_file(app + "/task/cleanup", b"{}", schedule="@every 1h",
+                                    next_run=slot - 3600 * s, tries=2,
+                                    last_run=slot - 3600 * s + 150 * 10 ** 6,
+                                    last_error_body=b"connection refused",
+                                    last_error_status_code=-1)
+            # a cron the original dropped from waiting/ at a restart: only success/ has it
+            dropped, only_run = original_file(app + "/task/refresh", b"{}", schedule="@every 1h",
+                                              next_run=now - 1800 * s, tries=1,
+                                              last_run=now - 1800 * s)
+            # a dead task with a multi-byte traceback, a mid-retry one, a plain one
+            trace = ("Traceback (most recent call last):\n  \u00e9\u00e8 \u2713\n"
+                     "ValueError: caf\u00e9 \u2603\n").encode()
+            dead_id, dead = original_file(app + "/task/process", b'{"iri": "x"}', tries=11,
+                                          next_run=now - 60 * s, last_run=now - 60 * s,
+                                          last_error_body=trace, last_error_status_code=500)
+            retry_id, retry = original_file(app + "/task/send", b'{"to": 1}', tries=3,
+                                            next_run=now + 3600 * s, last_run=now - 16 * s,
+                                            last_error_body=b"Post http://web:5005/task/send: "
+                                            b"dial tcp: connect: connection refused",
+                                            last_error_status_code=-1)
+            plain_id, plain = original_file(app + "/task/plain", None, next_run=now + 7200 * s)
+            done_id, done = original_file(app + "/task/done", b"[]", tries=1,
+                                          next_run=now - 99 * s, last_run=now - 99 * s)
+            files = [("waiting", (cleanup, sched)), ("success", (cleanup, last)),
+                     ("success", (dropped, only_run)), ("dead", (dead_id, dead)),
+                     ("waiting", (retry_id, retry)), ("waiting", (plain_id, plain)),
+                     ("success", (done_id, done))]
+            write_original(data, files)
+            before = {(f, i): d for f, (i, d) in files}
+            os.chmod(data, 0o755)  # the original's folder mode: not writable by others
+            with self.assertLogs("poussetaches", "INFO") as logs:
+                with running_daemon(data_dir=data, paused=True) as d:
+                    tables = {t: call(d.url, "GET", "/" + t)[2] for t in
+                              ("waiting", "success", "dead", "cron")}
+            line = [m for m in logs.output if "imported" in m]
+            self.assertEqual(len(line), 1, logs.output)
+            counts = {t: tables[t]["total"] for t in tables}
+            self.assertEqual(counts, {"waiting": 4, "cron": 2, "success": 3, "dead": 1})
+            self.assertIn("4 waiting (2 cron, 1 of them restored from their last run), "
+                          "3 success, 1 dead", line[0])
+            self.migration_line = line[0]
+            cron = {t["id"]: t for t in tables["cron"]["tasks"]}
+            self.assertEqual(set(cron), {cleanup, dropped})
+            self.assertEqual(cron[cleanup]["next_run"], slot)
+            self.assertGreater(cron[dropped]["next_run"], now)  # restored: computed from now
+            runs = {t["cron_id"]: t for t in tables["success"]["tasks"] if t["cron_id"]}
+            self.assertEqual(set(runs), {cleanup, dropped})
+            self.assertNotIn(runs[cleanup]["id"], (cleanup, dropped))
+            self.assertEqual(runs[cleanup]["tries"], 2)
+            for table in tables.values():
+                for doc in table["tasks"]:
+                    expand_like_the_original(doc)  # the admin page parses every entry
+            dead_doc = tables["dead"]["tasks"][0]
+            self.assertEqual(base64.b64decode(dead_doc["last_error_body"]), trace)
+            # the app starts and re-registers its cron, exactly as the original client does
+            with running_daemon(data_dir=data) as d:
+                status, headers, _ = original_push(d.url, app + "/task/cleanup", {},
+                                                   schedule="@every 1h")
+                self.assertIn(status, (200, 201))
+                self.assertEqual(headers["Poussetaches-Task-ID"], cleanup)
+                self.assertEqual(call(d.url, "GET", "/cron")[2]["total"], 2)
+                self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 4)
+                # the overdue cleanup runs; its schedule goes on an hour later
+                got = rx.wait_for(1, path="/task/cleanup")
+                self.assertEqual(got[0]["json"]["payload"], b64(b"{}"))
+                after = wait_until(lambda: call(d.url, "GET", "/tasks/" + cleanup)[2]
+                                   if call(d.url, "GET", "/tasks/" + cleanup)[2]["next_run"]
+                                   > now + 3000 * s else None, what="the next cleanup")
+                self.assertEqual(after["schedule"], "@every 1h")
+                self.assertEqual(after["state"], "waiting")
+            # the old folders are untouched
+            for (folder, task_id), data_bytes in before.items():
+                with open(os.path.join(data, folder, task_id), "rb") as f:
+                    self.assertEqual(f.read(), data_bytes)
+
+    def test_a_run_record_never_stops_a_schedule(self):
+        # success/<id> under the cron's own id, no schedule anywhere: the re-post creates it
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "data")
+        with running_daemon(data_dir=data, paused=True) as d:
+            url = "http://127.0.0.1:1/task/cleanup"
+            task_id = hashlib.sha1(url.encode() + b"{}" + b"@every 1h").hexdigest()
+            record = pt.Task(task_id, url, b"{}", tries=1)
+            with d.store._lock:
+                ticket = d.store._put("success", record)
+            ticket.wait()
+            status, headers, _ = original_push(d.url, url, {}, schedule="@every 1h")
+            self.assertEqual((status, headers["Poussetaches-Task-ID"]), (201, task_id))
+            self.assertEqual(call(d.url, "GET", "/cron")[2]["total"], 1)
+
+    def test_listing_without_limit_returns_every_task(self):
+        with running_daemon(paused=True, fsync="never") as d:
+            client = pt.PousseTaches(d.url, "http://127.0.0.1:1")
+            self.addCleanup(client.close)
+            for i in range(1500):
+                client.push({"n": i}, "/t/%d" % i, delay_s=(1500 - i) * 0.1 + 60)
+            for path in ("/waiting", "/waiting?offset=10"):
+                status, headers, doc = call(d.url, "GET", path)
+                self.assertEqual(status, 200)
+                self.assertEqual(headers["Transfer-Encoding"], "chunked")
+                tasks = [expand_like_the_original(t) for t in doc["tasks"]]
+                self.assertEqual(doc["total"], 1500)
+                self.assertEqual(len(tasks), 1500 if path == "/waiting" else 1490)
+                self.assertEqual([t["next_run"] for t in tasks], sorted(t["next_run"] for t in tasks))
+            self.assertEqual({t["payload"]["n"] for t in
+                              (expand_like_the_original(t) for t in doc["tasks"])},
+                             set(range(1490)))
+            self.assertEqual(len(client.get_waiting()), 1500)
+            self.assertEqual(len(call(d.url, "GET", "/waiting?limit=100")[2]["tasks"]), 100)
+            # the latest first, on request: streamed in pieces, or paged, or filtered
+            everything = [t["id"] for t in call(d.url, "GET", "/waiting")[2]["tasks"]]
+            latest = [t["id"] for t in call(d.url, "GET", "/waiting?order=desc")[2]["tasks"]]
+            self.assertEqual(latest, everything[::-1])
+            pages = [t["id"] for offset in range(0, 1500, 600) for t in call(
+                d.url, "GET", "/waiting?order=desc&limit=600&offset=%d" % offset)[2]["tasks"]]
+            self.assertEqual(pages, latest)
+            matching = [t["id"] for t in call(d.url, "GET", "/waiting?order=desc&offset=2&q=/t/1")[
+                2]["tasks"]]
+            ones = {t["id"] for t in call(d.url, "GET", "/waiting?q=/t/1")[2]["tasks"]}
+            self.assertEqual(matching, [i for i in latest if i in ones][2:])
+            status, _, doc = call(d.url, "GET", "/waiting?order=newest")
+            self.assertEqual((status, doc["error"]), (400, "order must be asc or desc, not 'newest'"))
+            # HTTP/1.0 gets the same without chunks, closed at the end
+            answer = raw_exchange(d.port, b"GET /cron HTTP/1.0\r\n\r\n")
+            self.assertTrue(answer.endswith(b'"tasks":[]}\n'), answer[-60:])
+
+    def test_a_payload_wrapped_by_base64_is_taken_as_the_original_took_it(self):
+        """Go's decoder skips CR and LF, so the original took a payload from `base64`
+        (76-column lines), as shell scripts make them; MIME encoding is the oracle."""
+        data = bytes(range(256)) * 3
+        with running_daemon(paused=True) as d:
+            for text in (base64.encodebytes(data).decode(),
+                         base64.encodebytes(data).decode().replace("\n", "\r\n")):
+                status, _, doc = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x",
+                                                           "payload": text})
+                self.assertEqual(status, 201, doc)
+                self.assertEqual(base64.b64decode(doc["payload"]), data)
+            status, _, doc = call(d.url, "POST", "/", {"url": "http://127.0.0.1:9/x",
+                                                       "payload": "YWJj\n!"})
+            self.assertEqual((status, doc["field"]), (400, "payload"))
+
+    def test_original_defaults(self):
+        d = pt.Daemon(port=0, data_dir="unused")
+        self.assertEqual((pt.DEFAULT_TIMEOUT, pt.DEFAULT_MAX_TRIES, pt.DEFAULT_MAX_BODY),
+                         (600.0, 11, 16 << 20))
+        self.assertEqual(d._delivery.timeout, 600.0)
+        with receiver() as rx, running_daemon(min_backoff=0.001, max_backoff=0.01) as d:
+            rx.answers["/fail"] = [(500, b"no")]
+            task_id = call(d.url, "POST", "/", {"url": rx.url("/fail")})[2]["id"]
+            dead = wait_until(lambda: call(d.url, "GET", "/tasks/" + task_id)[2]
+                              if call(d.url, "GET", "/tasks/" + task_id)[2]["state"] == "dead"
+                              else None, what="dead")
+            self.assertEqual((dead["tries"], len(rx.wait_for(11, path="/fail"))), (11, 11))
+            # 10 MB of payload is accepted and delivered; 17 MB is a 413
+            big = os.urandom(10 * 10 ** 6)
+            status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/big"), "payload": b64(big)})
             self.assertEqual(status, 201)
-            self.assertIs(call(d.url, "GET", "/")[2]["healthy"], True)
-            rx.wait_for(2)
-            self.assertNotIn("/lost", [g["path"] for g in rx.got])
+            got = rx.wait_for(1, path="/big")[0]
+            self.assertEqual(base64.b64decode(got["json"]["payload"]), big)
+            with socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) as s:
+                s.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
+                          % (17 * 10 ** 6) + b"x" * 65536)
+                answer = s.recv(4096)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 413"), answer[:40])
+            self.assertIn(b"--max-body", answer)
 
-    def test_fsync_failure_after_an_early_delivery_takes_the_change_back(self):
-        # A new task is dispatched once written, while its fsync runs.  When that
-        # fsync fails, the answer is a 503 and the task does not stay: not even
-        # as the retry its early attempt settled as.  A named cron whose
-        # replacement fails keeps its old schedule, and that schedule still runs.
-        failing = []   # [wait first for the early attempt to settle?]: the next fsync fails
+    def test_a_long_task_runs_once(self):
+        # the original had no time-out; ours is 600 s: a handler slower than the
+        # old 30 s is delivered once (scaled: 2 s against a 3 s time-out here,
+        # the real 35 s against the default in the stress set)
+        slow, limit = (35, None) if STRESS else (1.0, 1.5)
+        with receiver() as rx, running_daemon() as d:
+            rx.answers["/slow"] = [(200, b"", {}, slow)]
+            body = {"url": rx.url("/slow")}
+            if limit:
+                body["timeout_s"] = limit
+            task_id = call(d.url, "POST", "/", body)[2]["id"]
+            done = wait_until(lambda: call(d.url, "GET", "/tasks/" + task_id)[2]
+                              if call(d.url, "GET", "/tasks/" + task_id)[2]["state"] == "success"
+                              else None, timeout=slow + WAIT, what="success")
+            self.assertEqual((done["tries"], done["last_error_status_code"]), (1, 200))
+            self.assertEqual(len(rx.got), 1)
 
-        class FailingFsync(pt.FileSystem):
-            def fsync(self, fd):
-                if failing:
-                    if failing.pop():  # the attempt was made and settled (not in flight)
-                        wait_until(lambda: rx.got and not d.store.in_flight(), poll=0.005,
-                                   what="the early attempt")
-                    raise OSError(5, "Input/output error")
-                os.fsync(fd)
+    def test_error_body_head_and_tail_at_utf8_boundaries(self):
+        # 20 KB of two- and three-byte characters; the useful line is the last one
+        text = ("Traceback (most recent call last):\n" + "\u00e9\u20ac" * 4000
+                + "\nValueError: the useful line \u2603\n")
+        body = text.encode()
+        self.assertGreater(len(body), 20000)
+        stored = pt.clip_error_body(body)
+        self.assertLessEqual(len(stored), 16 * 1024 + 40)
+        decoded = stored.decode("utf-8")  # strict, as the original client decodes it
+        self.assertTrue(decoded.endswith("ValueError: the useful line \u2603\n"))
+        self.assertTrue(decoded.startswith("Traceback (most recent call last):\n"))
+        self.assertIn("bytes cut ...]", decoded)
+        head, _, tail = stored.partition(b"\n[...")
+        self.assertTrue(body.startswith(head) and body.endswith(tail.partition(b"]\n")[2]))
+        for n in range(16 * 1024 - 8, 16 * 1024 + 16):  # every cut point near the limit
+            for unit in ("\u00e9", "\u20ac", "\U0001f600"):
+                sample = (unit * n).encode()[:n + 3]
+                sample = sample[:len(sample) - len(sample) % len(unit.encode())]
+                sample.decode()
+                pt.clip_error_body(sample).decode("utf-8")
+        self.assertEqual(pt.clip_error_body(b"short"), b"short")
+        # an answer cut by the 64 KiB read may end inside a character: the stored body
+        # ends before it, as the stdlib's incremental decoder (the oracle) stops there
+        import codecs
+        mixed = "a\u00e9\u20ac\U0001f600".encode()
+        for n in range(len(mixed) * 3 + 1):
+            for size in (n, 40000 + n):
+                cut = (mixed * (size // len(mixed) + 1))[:size]
+                whole = codecs.getincrementaldecoder("utf-8")().decode(cut, final=False)
+                if size < 16 * 1024:
+                    self.assertEqual(pt.clip_error_body(cut), whole.encode(), n)
+                else:
+                    stored = pt.clip_error_body(cut).decode("utf-8")
+                    self.assertTrue(whole.endswith(stored.rpartition(" bytes cut ...]\n")[2]))
+        with receiver() as rx, running_daemon(max_tries=1) as d:
+            rx.answers["/trace"] = [(500, body)]
+            task_id = call(d.url, "POST", "/", {"url": rx.url("/trace")})[2]["id"]
+            dead = wait_until(lambda: call(d.url, "GET", "/dead")[2]["tasks"], what="dead")[0]
+            self.assertEqual(dead["id"], task_id)
+            self.assertEqual(expand_like_the_original(dead)["last_error_body"], decoded)
 
-        with receiver() as rx, running_daemon(fs=FailingFsync(), max_tries=5,
-                                              min_backoff=30, max_backoff=30) as d:
-            rx.answers["/retry"] = [(500, b"not yet")]
-            failing.append(True)
-            status, _, doc = call(d.url, "POST", "/", {"url": rx.url("/retry")})
-            self.assertEqual((status, "Input/output error" in doc["error"]), (503, True))
-            self.assertEqual(rx.wait_for(1, path="/retry")[0]["path"], "/retry")
-            self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 0)
+    def test_success_shows_the_success(self):
+        with receiver() as rx, running_daemon() as d:
+            rx.answers["/flaky"] = [(503, b"down"), (200, b"")]
+            task_id = call(d.url, "POST", "/", {"url": rx.url("/flaky")})[2]["id"]
+            done = wait_until(lambda: call(d.url, "GET", "/tasks/" + task_id)[2]
+                              if call(d.url, "GET", "/tasks/" + task_id)[2]["state"] == "success"
+                              else None, what="success")
+            self.assertEqual((done["last_error_status_code"], done["last_error_body"]), (200, None))
+            self.assertEqual([a["status"] for a in done["attempts"]], [503, 200])
+            self.assertEqual(done["attempts"][0]["error"], "down")
 
-            cron = {"url": rx.url("/old"), "schedule": "@every 1s", "name": "digest"}
-            self.assertEqual(call(d.url, "POST", "/", cron)[0], 201)
-            failing.append(False)
-            status, _, _ = call(d.url, "POST", "/", dict(cron, url=rx.url("/new"),
-                                                         schedule="@every 1h"))
-            self.assertEqual(status, 503)
-            tasks = call(d.url, "GET", "/cron")[2]["tasks"]
-            self.assertEqual([(t["url"], t["schedule"]) for t in tasks],
-                             [(rx.url("/old"), "@every 1s")])
-            rx.wait_for(1, path="/old")  # the old schedule is still on the due queue
+    def test_imported_tasks_are_checked_like_enqueues(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "data")
+        with receiver() as rx:
+            smuggle = "b\r\n\r\n" + "POST /comments HTTP/1.1\r\nHost: app\r\nContent-Length: 120\r\n\r\n"
+            files = [("waiting", original_file(rx.url("/task"), task_id="steal")),
+                     ("waiting", original_file(rx.url("/task?x HTTP/1.1\r\nX-Injected: yes"),
+                                               task_id="crlfurl")),
+                     ("waiting", original_file(rx.url("/task"), task_id="..%2fdead")),
+                     ("waiting", original_file("javascript:alert(1)", task_id="js")),
+                     ("waiting", original_file(rx.url("/good"), task_id="good"))]
+            write_original(data, files)
+            for task_id, headers in (("steal", {"X-A": smuggle}), ("evilhost", {"Host": "evil"})):
+                path = os.path.join(data, "waiting", task_id)
+                doc = json.loads(original_file(rx.url("/task"), task_id=task_id)[1])
+                doc["headers"] = headers
+                with open(path, "w") as f:
+                    json.dump(doc, f)
+            # each field checked as an enqueue checks it: these crashed every start
+            # (an unhashable queue) or retried for ever (a negative time-out)
+            bad_fields = {"badqueue": {"queue": ["BAD"]}, "pathqueue": {"queue": "Q Q/../x"},
+                          "negtimeout": {"timeout_s": -5}, "notries": {"max_tries": 0},
+                          "bigprio": {"priority": 10 ** 6}, "negtries": {"tries": -5},
+                          "strtime": {"next_run": "soon"}, "badkey": {"ordering_key": 7},
+                          "badattempts": {"attempts": [1, 2]}, "hugetime": {"created": 1e30},
+                          "badexpected": {"expected": 99}}
+            for task_id, fields in bad_fields.items():
+                path = os.path.join(data, "waiting", task_id)
+                doc = json.loads(original_file(rx.url("/task"), task_id=task_id)[1])
+                doc.update(fields)
+                with open(path, "w") as f:
+                    json.dump(doc, f)
+            with open(os.path.join(data, "dead", "notjson"), "w") as f:
+                f.write("[1, 2")
+            os.mkfifo(os.path.join(data, "waiting", "fifo"))  # must not hang the start
+            with self.assertLogs("poussetaches", "WARNING") as logs:
+                with running_daemon(data_dir=data, auth_key="s3cr3t",
+                                    allow_urls=[rx.url("/task"), rx.url("/good")]) as d:
+                    rx.wait_for(1, path="/good")
+                    self.assertEqual(call(d.url, "GET", "/waiting")[2]["total"], 0)
+                    names = [q["name"] for q in call(d.url, "GET", "/queues")[2]["queues"]]
+                    self.assertEqual(names, ["default"])
+            skipped = [m for m in logs.output if "import: skipped" in m]
+            self.assertEqual(len(skipped), 7 + len(bad_fields), logs.output)
+            for task_id in bad_fields:
+                line = [m for m in skipped if "waiting/%s:" % task_id in m]
+                self.assertEqual(len(line), 1, task_id)
+                self.assertIn("moved to import-rejected/waiting/" + task_id, line[0])
+            self.assertEqual([g["path"] for g in rx.got], ["/good"])
+            rejected = os.path.join(data, "import-rejected")
+            self.assertEqual(sorted(os.listdir(os.path.join(rejected, "waiting"))),
+                             sorted(["steal", "crlfurl", "..%2fdead", "js", "evilhost", "fifo"]
+                                    + list(bad_fields)))
+            self.assertEqual(os.listdir(os.path.join(rejected, "dead")), ["notjson"])
+            self.assertEqual(os.listdir(os.path.join(data, "waiting")), ["good"])
 
 
 # --------------------------------------------------------------------------
-# Crash recovery with a real daemon process
+# Reliability: stops, crashes, faults, bad input, load (POUSSETACHES_STRESS=1: longer)
 # --------------------------------------------------------------------------
-
-class DaemonProcess:
-    """``python3 poussetaches.py serve`` in a subprocess, on a free port."""
-
-    def __init__(self, data_dir, *args, env=None):
-        cmd = [sys.executable, os.path.join(HERE, "poussetaches.py"), "serve", "--port", "0",
-               "--data-dir", data_dir, "--min-backoff", "0.05", "--max-backoff", "0.2"]
-        self.proc = subprocess.Popen(cmd + list(args), stderr=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, env=env, cwd=HERE)
-        self.lines = []
-        self.url = None
-        deadline = time.monotonic() + WAIT
-        for line in self.proc.stderr:
-            line = line.decode()
-            self.lines.append(line)
-            match = re.search(r"serving on (http://\S+)", line)
-            if match:
-                self.url = match.group(1)
-                break
-            if time.monotonic() > deadline:
-                break
-        if self.url is None:
-            self.proc.kill()
-            raise AssertionError("daemon did not start:\n" + "".join(self.lines))
-        self._drain = threading.Thread(target=self._read_rest, daemon=True)
-        self._drain.start()
-
-    def _read_rest(self):
-        for line in self.proc.stderr:
-            self.lines.append(line.decode())
-
-    def kill(self):
-        self.proc.send_signal(signal.SIGKILL)
-        return self._reap()
-
-    def terminate(self):
-        self.proc.send_signal(signal.SIGTERM)
-        return self._reap()
-
-    def _reap(self):
-        code = self.proc.wait(WAIT)
-        self._drain.join(WAIT)
-        self.proc.stderr.close()
-        return code
 
 
 class TestCrash(unittest.TestCase):
+    """Stops and crashes of a real daemon process, and what they leave."""
+
     def test_recovery_does_not_keep_a_heap_the_size_of_the_journal(self):
         """A daemon recovered from its journal held a heap about 2.5 times the
         journal (the file, its lines and every record were in memory at once,
@@ -6891,211 +7132,47 @@ class TestCrash(unittest.TestCase):
         finally:
             first.terminate()
 
+    def test_a_stop_ends_even_when_the_disk_refuses_its_last_record(self):
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        with receiver() as rx:
+            rx.answers["/slow"] = [(200, b"", {}, 3.0)]
+            with self.assertLogs("poussetaches", "ERROR") as logs:
+                with running_daemon(data_dir=tmp, grace=0.2) as d:
+                    call(d.url, "POST", "/", {"url": rx.url("/slow")})
+                    wait_until(lambda: d.store.in_flight() == 1, what="under way", poll=0.01)
 
-# --------------------------------------------------------------------------
-# Reliability: crashes, faults, bad input, load (POUSSETACHES_STRESS=1: longer)
-# --------------------------------------------------------------------------
+                    def refused(*args):
+                        raise pt.PersistError("cannot write the journal: No space left")
+                    d.store.note_interrupted = refused
+            self.assertIn("could not record the interrupted attempt", "\n".join(logs.output))
+            with running_daemon(data_dir=tmp, paused=True) as d:  # the lock was released
+                self.assertEqual(call(d.url, "GET", "/")[2]["waiting"], 1)
 
-SEED = int(os.environ.get("POUSSETACHES_SEED", "20261126"))
-
-
-def report(line):
-    """Figures of a reliability run, for the README and the closing note."""
-    sys.stderr.write("\n  [figures] %s\n" % line)
-
-
-class ForgetfulFS(pt.FileSystem):
-    """A file layer that models a power loss: only what was fsync'ed survives.
-
-    A file keeps the size it had at its last fsync; a created, renamed or
-    unlinked directory entry is durable only after an fsync of the directory.
-    ``power_loss()`` rewinds the real files to that state; after it every
-    call fails, as a machine that lost power does nothing more.
-    """
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.paths = {}        # fd -> path
-        self.durable = {}      # path -> size at its last fsync
-        self.dir_log = []      # directory changes since the last directory fsync
-        self.dead = False
-
-    def _alive(self):
-        if self.dead:
-            raise OSError(5, "power lost")
-
-    def open(self, path, flags, mode=0o777):
-        with self.lock:
-            self._alive()
-            existed = os.path.exists(path)
-            fd = os.open(path, flags, mode)
-            self.paths[fd] = path
-            if not existed:
-                self.dir_log.append(("create", path))
-                self.durable[path] = 0
-            elif path not in self.durable:
-                self.durable[path] = os.fstat(fd).st_size  # it was there before us
-            return fd
-
-    def write(self, fd, data):
-        with self.lock:
-            self._alive()
-            return os.write(fd, data)
-
-    def fsync(self, fd):
-        with self.lock:
-            self._alive()
-            os.fsync(fd)
-            self.durable[self.paths[fd]] = os.fstat(fd).st_size
-
-    def ftruncate(self, fd, size):
-        with self.lock:
-            self._alive()
-            os.ftruncate(fd, size)
-            path = self.paths[fd]
-            self.durable[path] = min(self.durable.get(path, 0), size)
-
-    def close(self, fd):
-        with self.lock:
-            self.paths.pop(fd, None)
-            os.close(fd)
-
-    def replace(self, src, dst):
-        with self.lock:
-            self._alive()
-            old = None
-            if os.path.exists(dst):
-                with open(dst, "rb") as f:
-                    old = f.read()[:self.durable.get(dst, 0)]
-            os.replace(src, dst)
-            self.dir_log.append(("replace", src, dst, old, self.durable.get(dst)))
-            self.durable[dst] = self.durable.pop(src, 0)
-
-    def unlink(self, path):
-        with self.lock:
-            self._alive()
-            with open(path, "rb") as f:
-                old = f.read()[:self.durable.get(path, 0)]
-            os.unlink(path)
-            self.dir_log.append(("unlink", path, old))
-            self.durable.pop(path, None)
-
-    def fsync_dir(self, path):
-        with self.lock:
-            self._alive()
-            super().fsync_dir(path)
-            self.dir_log = []
-
-    def power_loss(self):
-        with self.lock:
-            self.dead = True
-            for op in reversed(self.dir_log):
-                if op[0] == "create":
-                    if os.path.exists(op[1]):
-                        os.unlink(op[1])
-                    self.durable.pop(op[1], None)
-                elif op[0] == "replace":
-                    _, src, dst, old, old_size = op
-                    if os.path.exists(dst):
-                        os.replace(dst, src)
-                        self.durable[src] = self.durable.pop(dst, 0)
-                    if old is not None:
-                        with open(dst, "wb") as f:
-                            f.write(old)
-                        self.durable[dst] = len(old)
-                elif op[0] == "unlink":
-                    with open(op[1], "wb") as f:
-                        f.write(op[2])
-                    self.durable[op[1]] = len(op[2])
-            for path, size in self.durable.items():
-                if os.path.exists(path) and os.path.getsize(path) > size:
-                    os.truncate(path, size)
-
-
-class RawApp:
-    """A TCP server playing a misbehaving app; the path picks the misbehaviour."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.base = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.stop = threading.Event()
-        self.sent_bytes = 0
-        self.paths = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self):
-        self.stop.set()
-        self.sock.close()
-
-    def _accept(self):
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        try:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                head += chunk
-            path = head.split(b" ", 2)[1].decode()
-            self.paths.append(path)
-            if path == "/hang":
-                self.stop.wait(5)
-            elif path == "/reset":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Le")
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            elif path == "/garbage":
-                conn.sendall(b"NONSENSE GARBAGE\r\n\r\n")
-            elif path == "/huge":
-                conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 100000000\r\n\r\n")
-                block = b"z" * 65536
-                for _ in range(100000000 // len(block)):
-                    conn.sendall(block)
-                    self.sent_bytes += len(block)
-            elif path == "/redirect":
-                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:9/internal\r\n"
-                             b"Content-Length: 0\r\n\r\n")
-            elif path in ("/drip", "/drip-body"):
-                conn.sendall(b"HTTP/1.1 200 OK\r\n" + (b"Content-Length: 400\r\n\r\n"
-                                                          if path == "/drip-body" else b""))
-                for _ in range(400):
-                    if self.stop.wait(0.05):
-                        break
-                    conn.sendall(b"X")
-            elif path == "/huge-utf8":  # 90 KB: the 64 KiB read ends inside a character
-                conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 90000\r\n\r\n"
-                             + "\u20ac".encode() * 30000)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-
-def rss_bytes(pid="self"):
-    with open("/proc/%s/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def thread_count(pid):
-    with open("/proc/%s/status" % pid) as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-    return 0
+    def test_an_attempt_cut_off_by_a_stop_is_recorded(self):
+        """A SIGTERM during a 15 s task left no trace of that attempt: after the
+        restart, attempts listed only the second run."""
+        tmp = tempfile.mkdtemp(prefix="pt-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        with receiver() as rx:
+            rx.answers["/slow"] = [(200, b"", {}, 3.0)]
+            with self.assertLogs("poussetaches", "WARNING"):
+                with running_daemon(data_dir=tmp, grace=0.3) as d:
+                    task_id = call(d.url, "POST", "/", {"url": rx.url("/slow")})[2]["id"]
+                    wait_until(lambda: d.store.in_flight() == 1, what="the attempt under way",
+                               poll=0.01)
+            with running_daemon(data_dir=tmp, paused=True) as d:
+                task = call(d.url, "GET", "/tasks/" + task_id)[2]
+        self.assertEqual((task["state"], task["tries"], len(task["attempts"])), ("waiting", 0, 1))
+        attempt = task["attempts"][0]
+        self.assertEqual(attempt["status"], -1)
+        self.assertIn("interrupted", attempt["error"])
+        self.assertGreaterEqual(attempt["duration_ms"], 250)
 
 
 class TestReliability(unittest.TestCase):
+    """Crashes, faults, bad input and load, at stress sizes under POUSSETACHES_STRESS=1."""
+
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="pt-rel-")
         self.addCleanup(shutil.rmtree, self.dir, True)
