@@ -1659,9 +1659,10 @@ class Store:
             self.waiting_bytes += len(task.payload)
             self._order["cron" if task.schedule else "once"].add(key)
             index = self._by_queue.get(task.queue)
-            if index is None:  # the queue's first waiting task: the queue exists again
+            if index is None:  # the queue's first waiting task
                 index = self._by_queue[task.queue] = SortedKeys()
-                self._queues.setdefault(task.queue, {})
+            if task.queue not in self._queues:  # naming a queue creates it
+                self._queues[task.queue] = {}
             index.add(key)
             if task.ordering_key is not None:
                 self._keys.setdefault((task.queue, task.ordering_key),
@@ -1890,9 +1891,6 @@ class Store:
             if not isinstance(outcome, str):
                 results.append((outcome, "existing", encode_task(outcome)))
                 continue
-            if task.queue not in self._queues:  # naming a queue creates it
-                self._queues[task.queue] = {}
-                self.journal.append({"op": "queue", "name": task.queue, "settings": {}})
             old = self._tables["waiting"].get(task.id) if outcome == "replaced" else None
             if old is not None:
                 task.created = old.created
@@ -2130,6 +2128,8 @@ class Store:
             ticket = self.journal.append({"op": "queue", "name": name, "settings": settings})
             self._configure(name, settings)
             row = self._queue_rows(self.clock(), [name])[0]
+            if not settings and not self._by_queue.get(name):
+                self._forget_queue(name)  # as when its last task leaves
         ticket.wait()
         self._on_change()
         return row
@@ -2210,26 +2210,28 @@ class Store:
         with self._lock:
             self._inflight.pop(task.id, None)
             live = self._tables["waiting"].get(task.id)
-            if live is None:
-                return None
-            if live.version != task.version:
+            if live is None:  # cancelled during the attempt
+                table = None
+            elif live.version != task.version:
                 # redriven during the attempt: its new queue entry may have been
                 # skipped while this attempt was in flight, so queue it again
                 self._heads.pop((live.queue, live.ordering_key), None)
                 self._schedule(live)
-                return None
-            task.version = live.version + 1  # entries of the claimed version are stale now
-            for record_table, record in records:
-                self._put(record_table, record)
-            self._put(table, task)
-            if table == "waiting":
-                self._schedule(task)
-            self._release_heads()
-        # nobody waits for these records: at-least-once survives their loss,
-        # and the next snapshot has them anyway; but write them now (or let
-        # the thread that is writing take them along)
-        self.journal.flush(wait=False)
-        self._on_change()
+                table = None
+            else:
+                task.version = live.version + 1  # entries of the claimed version are stale
+                for record_table, record in records:
+                    self._put(record_table, record)
+                self._put(table, task)
+                if table == "waiting":
+                    self._schedule(task)
+                self._release_heads()
+        if table is not None:
+            # nobody waits for these records: at-least-once survives their loss,
+            # and the next snapshot has them anyway; but write them now (or let
+            # the thread that is writing take them along)
+            self.journal.flush(wait=False)
+        self._on_change()  # the attempt's end is a change too (drain() waits for it)
         return table
 
     # -- snapshots ------------------------------------------------------------
@@ -2882,8 +2884,9 @@ class _Bucket:
         self.tokens, self.stamp = self.burst, now
 
     def ready(self, now):
-        """Is a token there now?  (Refills first.)"""
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate / 1e9)
+        """Is a token there now?  (Refills first; a wall clock stepped back refills
+        nothing, and takes none away.)"""
+        self.tokens = min(self.burst, self.tokens + max(0, now - self.stamp) * self.rate / 1e9)
         self.stamp = now
         return self.tokens >= 1
 
@@ -2927,8 +2930,9 @@ class DueQueue(queue.PriorityQueue):
     breaks ties so that ids never compare.  Stale entries (a task cancelled or
     rescheduled since) are the caller's to skip, by comparing versions; the
     caller says ``done(queue)`` for every entry it took, which is also its
-    ``task_done``: ``qsize``, ``empty`` and ``join`` count every entry held,
-    due or not.  ``hold()`` pauses all dispatch, ``close()`` ends it.
+    ``task_done``: ``qsize`` and ``empty`` count every entry queued, due or
+    not, and ``join`` waits until every entry put was taken and done (an
+    entry a circuit breaker holds is out of the queue until put back).  ``hold()`` pauses all dispatch, ``close()`` ends it.
     """
 
     def __init__(self, clock=time.time_ns, rate=None, burst=None):
@@ -2952,12 +2956,16 @@ class DueQueue(queue.PriorityQueue):
 
     def _put(self, item):
         """``item``: ``(due_ns, task_id, version[, queue, priority])``."""
+        if not 3 <= len(item) <= 5:
+            raise TypeError("a DueQueue item is (due_ns, task_id, version[, queue, "
+                            "priority]); requeue a taken entry with put_entry")
         due_ns, task_id, version, *rest = item
         heapq.heappush(self.queue, (due_ns, next(self._seq), task_id, version) + (
             tuple(rest) + (DEFAULT_QUEUE, 0)[len(rest):]))
 
-    def _get(self, now):
-        """The best entry of the best runnable queue, or None (caller holds mutex)."""
+    def _pop_best(self, now):
+        """The best entry of the best runnable queue, or None (caller holds mutex).
+        (queue.Queue's own _get is not used: get waits for due times itself.)"""
         runnable = self._runnable
         while runnable:
             key, name = runnable[0]
@@ -3085,7 +3093,7 @@ class DueQueue(queue.PriorityQueue):
                         self._update(name, self._gates[name], now)
                 limited = self._bucket is not None and not self._bucket.ready(now)
                 if not self._held and not limited:
-                    entry = self._get(now)
+                    entry = self._pop_best(now)
                     if entry is not None:
                         if self._runnable or (self.queue and self.queue[0][0] <= now):
                             self.not_empty.notify()  # more may run: the next worker looks
@@ -3107,6 +3115,8 @@ class DueQueue(queue.PriorityQueue):
     def done(self, name):
         """An entry of queue ``name`` that get gave is finished (or skipped)."""
         with self.mutex:
+            if self.unfinished_tasks <= 0:
+                raise ValueError("done() called more times than entries were taken")
             gate = self._gate(name)
             gate.in_flight -= 1
             was = gate.listed is not None
@@ -4003,8 +4013,10 @@ class Api:
         if not allowed and not loopback and self.settings.api_key:
             return
         value = headers.get("Host")
-        if value is None or host_served(value, allowed, loopback):  # None: HTTP/1.0, no
-            return                                                  # browser sends that
+        if value is None:  # HTTP/1.0 without Host: no browser sends that
+            return
+        if len(value) <= 300 and host_served(value, allowed, loopback):  # a name, a port
+            return
         raise HTTPError(403, "Host %r is not this daemon's name: a DNS-rebinding page? (serve "
                         "other names with --allow-host NAME%s)" % (
                             value[:100], "" if loopback or allowed else
@@ -6471,10 +6483,11 @@ OPTIONS = (
             env="POUSSETACHES_DATA_DIR"),
     _option("workers", DEFAULT_WORKERS, int, _between(1, 256), "1-256", "delivery threads",
             env="POUSSETACHES_WORKERS"),
-    _option("rate", None, float, lambda v: v > 0, "a positive number of attempts per second",
+    _option("rate", None, float, _between(0.001, 1e6),
+            "0.001 to 1000000 attempts per second (0: unlimited)",
             "attempts per second, all tasks together; unlimited by default",
             env="POUSSETACHES_RATE"),
-    _option("burst", None, float, lambda v: v >= 1, "at least 1",
+    _option("burst", None, float, _between(1, 1e6), "1 to 1000000 (0: the default)",
             "token bucket size for --rate", env="POUSSETACHES_BURST"),
     _option("max_tries", DEFAULT_MAX_TRIES, int, _between(1, 100), "1-100",
             "attempts before a task is dead"),
@@ -6519,13 +6532,15 @@ OPTIONS = (
     _option("on_dead", None, str, help="POST a task's JSON here when it moves to dead",
             metavar="URL"),
     _option("paused", False, bool, help="start with dispatch paused"),
-    _option("snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL, float, lambda v: v > 0, "> 0",
+    _option("snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL, float, lambda v: 0 < v <= 86400,
+            "> 0 and <= 86400 seconds",
             "seconds between snapshots of the tables"),
-    _option("grace", DEFAULT_GRACE, float, lambda v: v >= 0, ">= 0",
+    _option("grace", DEFAULT_GRACE, float, _between(0, 86400), "0-86400 seconds",
             "seconds to let attempts finish at stop"),
     _option("head_timeout", DEFAULT_HEAD_TIMEOUT, float, lambda v: 0 < v <= 600,
             "> 0 and <= 600 seconds", flag=""),
-    _option("request_timeout", DEFAULT_REQUEST_TIMEOUT, float, lambda v: v > 0, "> 0", flag=""),
+    _option("request_timeout", DEFAULT_REQUEST_TIMEOUT, float, lambda v: 0 < v <= 86400,
+            "> 0 and <= 86400 seconds", flag=""),
     # secrets: from the environment only (checked below); an auth key set but empty is
     # sent empty, as the original does
     _option("auth_key", None, str, flag="", env="POUSSETACHES_AUTH_KEY"),
@@ -6556,13 +6571,13 @@ class Settings(collections.namedtuple("Settings",
                 continue
             number = {int: int, float: (int, float)}.get(option.kind)
             try:
-                ok = (number is None or isinstance(value, number)
-                      and not isinstance(value, bool)) and option.check(value)
-            except TypeError:
+                ok = (number is None or isinstance(value, number) and not isinstance(value, bool)
+                      and math.isfinite(value)) and option.check(value)
+            except (TypeError, OverflowError):
                 ok = False
             if not ok:
-                raise ConfigError("%s must be %s" % (
-                    option.flag or option.env or option.name, option.must))
+                raise ConfigError("%s must be %s, not %s" % (
+                    option.flag or option.env or option.name, option.must, repr(value)[:100]))
         if values["min_backoff"] > values["max_backoff"]:
             raise ConfigError("--min-backoff must be <= --max-backoff")
         if values["next_auth_key"] and not values["auth_key"]:
@@ -6929,11 +6944,13 @@ def build_parser():
     body.add_argument("--json", dest="payload_json", metavar="J",
                       help="the payload, as JSON text")
     body.add_argument("--payload-file", metavar="F", help="the payload, raw bytes of a file")
+    when = push.add_mutually_exclusive_group()  # the first run: one of the two
     for param in ENQUEUE_PARAMS:
         if param.description:
-            push.add_argument("--" + param.name.replace("_", "-"), dest=param.name,
-                              type=_PUSH_TYPES[str(param.schema["type"])],
-                              metavar=param.metavar, help=param.description)
+            (when if param.name in ("delay_s", "eta") else push).add_argument(
+                "--" + param.name.replace("_", "-"), dest=param.name,
+                type=_PUSH_TYPES[str(param.schema["type"])], metavar=param.metavar,
+                help=param.description)
     push.add_argument("--header", action="append", metavar="'NAME: VALUE'",
                       help="an extra header for the delivery; repeatable")
     push.add_argument("--print-task", action="store_true",
@@ -7371,6 +7388,8 @@ def _serve_settings(args):
             if option.kind is list and value is None:
                 value = [part.strip() for part in _env(option.env, "").split(",")
                          if part.strip()]
+            elif option.name in ("rate", "burst") and not value:
+                value = None  # --rate 0: unlimited, as it always was
             values[option.name] = value
         elif option.env:  # a secret; an auth key set but empty is sent empty (the original)
             values[option.name] = (os.environ.get(option.env) if option.name == "auth_key"

@@ -2492,6 +2492,14 @@ class TestDueQueue(unittest.TestCase):
         self.assertEqual(q.qsize(), 1)
         clock.now += NS // 2   # half a second at 2 a second: a token
         self.assertEqual(q.get(False)[2], "b")
+        # the wall clock stepped an hour back: the bucket refills from there, it does
+        # not owe an hour of tokens
+        clock.now -= 3600 * NS
+        q.put_task(clock.now, "c", 0)
+        self.assertRaises(queue.Empty, q.get, False)  # a worker's look at the new time
+        clock.now += NS // 2
+        self.assertEqual(q.get(False)[2], "c")
+        self.assertRaises(TypeError, q.put, (0, 0, "d", 0, "default", 0))  # a taken entry
 
 
 class TestQueues(unittest.TestCase):
@@ -2739,6 +2747,16 @@ class TestQueues(unittest.TestCase):
             self.assertEqual(names(d), ["default", "held", "news"])
             call(d.url, "DELETE", "/tasks/" + ids[3])
             self.assertEqual(names(d), ["default", "held"])
+            # settings given and taken back on an idle queue: gone at once, as at a restart
+            call(d.url, "POST", "/queues/idle/pause")
+            self.assertEqual(call(d.url, "POST", "/queues/idle/resume")[2]["settings"], {})
+            self.assertEqual(names(d), ["default", "held"])
+        with running_daemon(paused=True) as d:  # fresh: no snapshot under way
+            before = d.store.health()["records"]
+            for _ in range(3):  # naming a forgotten queue again costs no record of its own
+                call(d.url, "DELETE", "/tasks/" + call(d.url, "POST", "/", {
+                    "url": "http://127.0.0.1:9/", "queue": "mail"})[2]["id"])
+            self.assertEqual(d.store.health()["records"] - before, 6)  # a put, a del each
 
     def test_held_tasks_cost_nothing_per_dispatch(self):
         q = pt.DueQueue()
@@ -4991,7 +5009,7 @@ class TestAsyncClient(unittest.TestCase):
                     await client.push({}, "/c", schedule="@hourly")
                     calls["delete_cron"] = await client.delete_cron()
                     calls["resume_queue"] = await client.resume_queue("mail")
-                    await client.set_queue("spare")
+                    await client.set_queue("spare", rate=1)
                     calls["delete_queue"] = await client.delete_queue("spare")
                     calls["run"] = await client.run(calls["ids"][0], max_tries=7)
                     calls["cancel"] = await client.cancel(calls["ids"][1])
@@ -5710,6 +5728,16 @@ class TestEager(unittest.TestCase):
 class TestTestingDaemon(unittest.TestCase):
     """testing_daemon: an app's end-to-end test in a few lines, and drain()."""
 
+    def test_drain_sees_the_end_of_an_attempt_whose_task_was_cancelled(self):
+        with receiver() as rx, running_daemon() as d:
+            rx.answers["/slow"] = [(200, b"", {}, 1.0)]
+            task = call(d.url, "POST", "/", {"url": rx.url("/slow")})[2]["id"]
+            wait_until(lambda: d.store.in_flight() == 1, poll=0.01, what="the attempt")
+            self.assertEqual(call(d.url, "DELETE", "/tasks/" + task)[0], 200)
+            started = time.monotonic()
+            d.drain(timeout=10)
+            self.assertLess(time.monotonic() - started, 5)  # not the time-out
+
     def test_drain_waits_for_retries_and_the_client_comes_back(self):
         app = pt.PousseTaches("http://127.0.0.1:9", "http://app.invalid", auth_key="mine")
         app.eager = True
@@ -5857,10 +5885,16 @@ class TestSettings(unittest.TestCase):
                     self.assertIn("env " + option.env, help_text)
         with self.assertRaises(pt.ConfigError) as ctx:
             pt.Settings.checked(max_connections=0)
-        self.assertEqual(str(ctx.exception), "--max-connections must be 1-100000")
+        self.assertEqual(str(ctx.exception), "--max-connections must be 1-100000, not 0")
         with self.assertRaises(pt.ConfigError) as ctx:
             pt.Settings.checked(head_timeout=601)
-        self.assertEqual(str(ctx.exception), "head_timeout must be > 0 and <= 600 seconds")
+        self.assertEqual(str(ctx.exception),
+                         "head_timeout must be > 0 and <= 600 seconds, not 601")
+        # no infinity, nor a rate whose next token is past any clock (each one once
+        # killed a thread: the persister, the stop, or every worker)
+        for name, value in (("grace", float("inf")), ("snapshot_interval", float("inf")),
+                            ("rate", 1e-300), ("timeout", float("nan")), ("burst", 1e300)):
+            self.assertRaises(pt.ConfigError, pt.Settings.checked, **{name: value})
         self.assertRaises(pt.ConfigError, pt.Settings.checked, workers="4")  # not a number
         self.assertRaises(pt.ConfigError, pt.Settings.checked, workers=True)
         self.assertRaises(TypeError, pt.Daemon, wokers=4)
@@ -5872,6 +5906,10 @@ class TestSettings(unittest.TestCase):
         self.assertEqual((values["workers"], values["rate"], values["allow_urls"],
                           values["auth_key"], values["api_key"]),
                          (7, 3.0, ["http://a/", "http://b/"], "", None))
+        with mock.patch.dict(os.environ, {"POUSSETACHES_RATE": "0"}):  # 0: unlimited
+            values = pt._serve_settings(pt.build_parser().parse_args(["serve", "--burst", "0"]))
+        self.assertEqual((values["rate"], values["burst"]), (None, None))
+        pt.Settings.checked(**values)
         self.assertEqual(set(values) - {o.name for o in pt.OPTIONS}, set())
 
     def test_bad_config_is_refused(self):
@@ -5916,8 +5954,8 @@ class TestCli(unittest.TestCase):
                              ("nightly", "@daily"))
             code, out, err = self.run_cli("push", "http://127.0.0.1:9/x", "--url", d.url,
                                           "--delay-s", "5", "--eta", "1999999999")
-            self.assertEqual(code, 1)
-            self.assertIn("delay_s and eta are exclusive", err)
+            self.assertEqual(code, 2)
+            self.assertIn("argument --eta: not allowed with argument --delay-s", err)
 
     def run_cli(self, *args, env=None):
         """``poussetaches ARGS`` as the console script runs it (main() with the
